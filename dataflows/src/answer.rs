@@ -1,0 +1,67 @@
+//! The answers the dataflow maintains, as one record type so that a single sink can commit them
+//! and a single changelog can list them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Country, Minute};
+
+/// The views of SPEC §4, in the order their files are listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum View {
+    AdMinute,
+    CampaignMinute,
+    CountryMinute,
+    TopMinute,
+}
+
+impl View {
+    pub const ALL: [View; 4] = [View::AdMinute, View::CampaignMinute, View::CountryMinute, View::TopMinute];
+
+    /// The view's name in the changelog; its file is `{name}.csv`.
+    pub fn name(self) -> &'static str {
+        match self {
+            View::AdMinute => "ad_minute",
+            View::CampaignMinute => "campaign_minute",
+            View::CountryMinute => "country_minute",
+            View::TopMinute => "top_minute",
+        }
+    }
+}
+
+/// One row of one view. A changed answer is a retraction of its old row and an insertion of the
+/// new one; a top-K row is a membership: ad `ad` is in the minute's top K with `clicks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Answer {
+    AdMinute { minute: Minute, ad: u64, clicks: u64 },
+    CampaignMinute { minute: Minute, campaign: u64, clicks: u64 },
+    CountryMinute { minute: Minute, country: Country, ad: u64, clicks: u64 },
+    TopMinute { minute: Minute, ad: u64, clicks: u64 },
+}
+
+impl Answer {
+    pub fn view(&self) -> View {
+        match self {
+            Answer::AdMinute { .. } => View::AdMinute,
+            Answer::CampaignMinute { .. } => View::CampaignMinute,
+            Answer::CountryMinute { .. } => View::CountryMinute,
+            Answer::TopMinute { .. } => View::TopMinute,
+        }
+    }
+
+    /// The minute the answer is about; it is final once that minute is.
+    pub fn minute(&self) -> Minute {
+        match *self {
+            Answer::AdMinute { minute, .. }
+            | Answer::CampaignMinute { minute, .. }
+            | Answer::CountryMinute { minute, .. }
+            | Answer::TopMinute { minute, .. } => minute,
+        }
+    }
+}
+
+/// Everything the sink commits: answers, and what the sources report beside them.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SinkRecord {
+    Answer(Answer),
+    Note(crate::types::SourceNote),
+}

@@ -1,0 +1,40 @@
+//! The plan: plain configuration data that says what the dataflow maintains. Rendering reads it;
+//! nothing here knows about timely.
+
+/// What to maintain and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// How many ads each top-K keeps (SPEC: 100).
+    pub top_k: usize,
+    /// Hierarchical top-K: the number of hash buckets of ad_id at each level before the final
+    /// per-minute group, finest first. Each level keeps the top K of each bucket, so one click
+    /// re-sorts a bucket of about `ads_per_minute / buckets[0]` entries, then groups of
+    /// `K * buckets[i] / buckets[i+1]`, instead of every ad of the minute.
+    pub top_k_buckets: Vec<u32>,
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Plan { top_k: 100, top_k_buckets: vec![256, 16] }
+    }
+}
+
+impl Plan {
+    /// Checks the invariants rendering relies on.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.top_k == 0 || self.top_k > 1000 {
+            return Err(format!("top-K must be between 1 and 1000, not {}", self.top_k));
+        }
+        let mut previous = u32::MAX;
+        for &buckets in &self.top_k_buckets {
+            if !buckets.is_power_of_two() || buckets < 2 || buckets >= previous {
+                return Err(format!(
+                    "top-K bucket levels must be decreasing powers of two, at least 2: {:?}",
+                    self.top_k_buckets
+                ));
+            }
+            previous = buckets;
+        }
+        Ok(())
+    }
+}

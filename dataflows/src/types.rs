@@ -1,0 +1,181 @@
+//! The records that flow through the dataflow. All are small, `Copy`, and ordered so that the
+//! derived `Ord` is the order the SPEC asks for (tie-breaks, output sort order).
+
+use serde::{Deserialize, Serialize};
+
+/// Logical time: milliseconds since the Unix epoch, rounded down to the plan's tick.
+pub type Time = u64;
+/// `floor(ts / 60000)`: the tumbling one-minute window a click belongs to.
+pub type Minute = u32;
+
+pub const MINUTE_MS: u64 = 60_000;
+
+/// The minute of an event time.
+pub fn minute_of(ts_ms: u64) -> Minute {
+    (ts_ms / MINUTE_MS) as Minute
+}
+
+/// An IP address as one integer: IPv6 as is, IPv4 (and IPv4-mapped IPv6) in `::ffff:0:0/96`.
+/// Numeric order is the order used to break ties between disagreeing copies of a click.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Ip(pub u128);
+
+impl Ip {
+    pub fn from_std(ip: std::net::IpAddr) -> Ip {
+        match ip {
+            std::net::IpAddr::V4(v4) => Ip(v4.to_ipv6_mapped().to_bits()),
+            std::net::IpAddr::V6(v6) => Ip(v6.to_bits()),
+        }
+    }
+    pub fn to_std(self) -> std::net::IpAddr {
+        std::net::Ipv6Addr::from_bits(self.0).to_canonical()
+    }
+}
+
+impl std::fmt::Display for Ip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.to_std().fmt(f)
+    }
+}
+
+/// ISO 3166 alpha-2 code, upper case, packed big-endian so that numeric order is text order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Country(pub u16);
+
+impl Country {
+    /// Accepts exactly two ASCII letters, either case.
+    pub fn parse(bytes: &[u8]) -> Option<Country> {
+        match bytes {
+            [a, b] if a.is_ascii_alphabetic() && b.is_ascii_alphabetic() => Some(Country(
+                u16::from_be_bytes([a.to_ascii_uppercase(), b.to_ascii_uppercase()]),
+            )),
+            _ => None,
+        }
+    }
+    pub fn as_bytes(self) -> [u8; 2] {
+        self.0.to_be_bytes()
+    }
+}
+
+impl std::fmt::Display for Country {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b] = self.as_bytes();
+        write!(f, "{}{}", a as char, b as char)
+    }
+}
+
+/// What identifies one click: retries resend the same `(event_id, ts)`.
+/// `event` is the 128-bit XXH3 of the event_id bytes (a collision needs ~2^64 distinct ids).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ClickKey {
+    pub event: u128,
+    pub ts: u64,
+}
+
+/// Everything else about a click. Field order is the SPEC's tie-break order, so when copies of
+/// one click disagree, the derived `Ord` minimum is the copy that counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ClickAttrs {
+    pub ad: u64,
+    pub campaign: u64,
+    pub user: u64,
+    pub ip: Ip,
+    pub country: Country,
+}
+
+/// One delivery of a click, as read from a log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Click {
+    pub key: ClickKey,
+    pub attrs: ClickAttrs,
+}
+
+impl Click {
+    pub fn minute(&self) -> Minute {
+        minute_of(self.key.ts)
+    }
+}
+
+/// Why a line is not a click. The names are the `reason` column of `dead_letter.csv`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Reason {
+    /// The partition's header line is not a usable header; every line of it lands here.
+    BadHeader,
+    /// Over 4 KiB; only its first 4 KiB are kept in the dead letter.
+    LineTooLong,
+    InvalidUtf8,
+    EmptyLine,
+    /// Fewer fields than the header names.
+    MissingField,
+    /// More fields than the header names.
+    ExtraField,
+    BadEventId,
+    BadTs,
+    BadAdId,
+    BadCampaignId,
+    BadUserId,
+    BadIp,
+    BadCountry,
+    /// Older than allowed lateness (SPEC §2): a valid click that `run` does not count.
+    TooLate,
+    /// The file ended without a newline after this line; in replay it is never completed.
+    UnterminatedLine,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::BadHeader => "bad_header",
+            Reason::LineTooLong => "line_too_long",
+            Reason::InvalidUtf8 => "invalid_utf8",
+            Reason::EmptyLine => "empty_line",
+            Reason::MissingField => "missing_field",
+            Reason::ExtraField => "extra_field",
+            Reason::BadEventId => "bad_event_id",
+            Reason::BadTs => "bad_ts",
+            Reason::BadAdId => "bad_ad_id",
+            Reason::BadCampaignId => "bad_campaign_id",
+            Reason::BadUserId => "bad_user_id",
+            Reason::BadIp => "bad_ip",
+            Reason::BadCountry => "bad_country",
+            Reason::TooLate => "too_late",
+            Reason::UnterminatedLine => "unterminated_line",
+        }
+    }
+}
+
+/// A line that is not a click, with where it was and why. These flow in their own collection
+/// beside the clicks (an error collection), to the same sink.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub partition: u32,
+    pub offset: u64,
+    pub reason: Reason,
+    /// The line's bytes (at most 4 KiB of them), without its line end.
+    pub line: Vec<u8>,
+}
+
+/// How far a source has read one partition, and what it made of it (cumulative counters).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PartitionProgress {
+    pub partition: u32,
+    /// Byte offset just past the last line read.
+    pub offset: u64,
+    pub max_ts: Option<u64>,
+    /// Lines read after the header.
+    pub lines: u64,
+    /// Clicks accepted (duplicates included), of which `late` were behind the watermark.
+    pub accepted: u64,
+    pub late: u64,
+    pub too_late: u64,
+    /// Lines that are not clicks (every dead-letter reason but `too_late`).
+    pub malformed: u64,
+    pub finished: bool,
+}
+
+/// What the sources tell the sink besides clicks.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SourceNote {
+    Dead(DeadLetter),
+    Progress(PartitionProgress),
+}

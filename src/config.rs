@@ -1,0 +1,38 @@
+//! Parsing of the command line's value types.
+
+/// Parses a duration with a unit: `500ms`, `5s`, `5m`, `1h`, into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    if number.is_empty() {
+        return Err(format!("'{text}' is not a duration: expected a number and a unit, like 500ms, 5s, 5m or 1h"));
+    }
+    let number: u64 = number.parse().map_err(|_| format!("'{text}': the number is too large"))?;
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "" => return Err(format!("'{text}' needs a unit: ms, s, m or h (e.g. {text}s)")),
+        other => return Err(format!("'{text}': unknown unit '{other}', expected ms, s, m or h")),
+    };
+    number.checked_mul(scale).ok_or_else(|| format!("'{text}' is too long a duration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_ms;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("5s"), Ok(5_000));
+        assert_eq!(parse_duration_ms("5m"), Ok(300_000));
+        assert_eq!(parse_duration_ms("1h"), Ok(3_600_000));
+        assert_eq!(parse_duration_ms("0s"), Ok(0));
+        for bad in ["", "5", "s", "5x", "-5s", "5 s", "99999999999999999999s"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad} should not parse");
+        }
+    }
+}

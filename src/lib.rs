@@ -1,0 +1,10 @@
+//! clickagg: exact ad-click aggregation over partitioned logs, on timely and differential
+//! dataflow. The dataflow itself is the IO-free `clickagg_dataflows` crate; this crate holds
+//! what touches the world: sources, the sink, the generator and the command line.
+
+pub mod config;
+pub mod demo;
+pub mod generate;
+pub mod run;
+pub mod sink;
+pub mod source;

@@ -1,0 +1,180 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use clickagg::config::parse_duration_ms;
+use clickagg::demo::{demo, render_summary};
+use clickagg::generate::{generate, GenConfig};
+use clickagg::run::{run, RunConfig};
+
+/// Exact ad-click aggregation over partitioned logs, on timely and differential dataflow.
+#[derive(Parser)]
+#[command(name = "clickagg", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a small data set, aggregate it, and print a summary.
+    Demo {
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        #[arg(short, long, default_value_t = 2)]
+        workers: usize,
+        /// Keep the data and the output here instead of a temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Replay a directory of partitioned click logs and write the answers (SPEC §4).
+    Run(RunArgs),
+    /// Write synthetic click logs.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Directory of part-NNNNN.csv files.
+    #[arg(long)]
+    logs: PathBuf,
+    /// Output directory (created; its files are replaced).
+    #[arg(long)]
+    out: PathBuf,
+    /// Worker threads.
+    #[arg(short, long, default_value_t = 1)]
+    workers: usize,
+    /// The watermark trails each partition's newest event by this much.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_ms)]
+    watermark_delay: u64,
+    /// Rows older than their partition's newest event by more than this are too late.
+    #[arg(long, default_value = "5m", value_parser = parse_duration_ms)]
+    allowed_lateness: u64,
+    /// Logical time granularity; must divide a minute. Finer ticks give more, earlier updates.
+    #[arg(long, default_value = "1m", value_parser = parse_duration_ms)]
+    tick: u64,
+    /// How many ads each top-K keeps.
+    #[arg(long, default_value_t = 100)]
+    top_k: usize,
+    /// Print the summary when done.
+    #[arg(long)]
+    summary: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    #[arg(long, default_value_t = 8)]
+    partitions: u32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// default, hot-key (one ad takes half the clicks) or clean (no duplicates, late or bad rows).
+    #[arg(long, default_value = "default")]
+    preset: String,
+    /// Event times span this many minutes.
+    #[arg(long)]
+    minutes: Option<u64>,
+    #[arg(long)]
+    ads: Option<u64>,
+    #[arg(long)]
+    users: Option<u64>,
+    #[arg(long)]
+    zipf_exponent: Option<f64>,
+    #[arg(long)]
+    hot_ad_share: Option<f64>,
+    #[arg(long)]
+    viral_share: Option<f64>,
+    #[arg(long)]
+    bot_share: Option<f64>,
+    #[arg(long)]
+    duplicate_rate: Option<f64>,
+    #[arg(long)]
+    late_rate: Option<f64>,
+    #[arg(long)]
+    very_late_rate: Option<f64>,
+    #[arg(long)]
+    ipv6_share: Option<f64>,
+    #[arg(long)]
+    malformed_rate: Option<f64>,
+}
+
+impl GenerateArgs {
+    fn config(&self) -> Result<GenConfig, String> {
+        let mut c = GenConfig::preset(&self.preset)?;
+        c.events = self.events;
+        c.partitions = self.partitions;
+        c.seed = self.seed;
+        let set = |field: &mut f64, value: Option<f64>| {
+            if let Some(v) = value {
+                *field = v
+            }
+        };
+        set(&mut c.zipf_exponent, self.zipf_exponent);
+        set(&mut c.hot_ad_share, self.hot_ad_share);
+        set(&mut c.viral_share, self.viral_share);
+        set(&mut c.bot_share, self.bot_share);
+        set(&mut c.duplicate_rate, self.duplicate_rate);
+        set(&mut c.late_rate, self.late_rate);
+        set(&mut c.very_late_rate, self.very_late_rate);
+        set(&mut c.ipv6_share, self.ipv6_share);
+        set(&mut c.malformed_rate, self.malformed_rate);
+        c.minutes = self.minutes.unwrap_or(c.minutes);
+        c.ads = self.ads.unwrap_or(c.ads);
+        c.users = self.users.unwrap_or(c.users);
+        Ok(c)
+    }
+}
+
+fn main() -> ExitCode {
+    match execute(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clickagg: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> Result<(), String> {
+    match command {
+        Command::Demo { events, workers, dir } => {
+            let temp;
+            let dir = match dir {
+                Some(dir) => dir,
+                None => {
+                    temp = std::env::temp_dir().join(format!("clickagg-demo-{}", std::process::id()));
+                    temp.clone()
+                }
+            };
+            println!("clickagg demo: {events} generated clicks in 4 partitions, {workers} workers, under {}", dir.display());
+            let started = std::time::Instant::now();
+            let summary = demo(&dir, events, workers)?;
+            print!("{}", render_summary(&summary));
+            println!("done in {:.2?}; answers in {}", started.elapsed(), dir.join("out").display());
+            Ok(())
+        }
+        Command::Run(args) => {
+            let mut config = RunConfig::new(args.logs, args.out);
+            config.workers = args.workers;
+            config.rules.watermark_delay_ms = args.watermark_delay;
+            config.rules.allowed_lateness_ms = Some(args.allowed_lateness);
+            config.rules.tick_ms = args.tick;
+            config.plan.top_k = args.top_k;
+            let summary = run(&config)?;
+            if args.summary {
+                print!("{}", render_summary(&summary));
+            }
+            Ok(())
+        }
+        Command::Generate(args) => {
+            let config = args.config()?;
+            let lines = generate(&config, &args.out)?;
+            eprintln!("wrote {lines} lines in {} partitions to {}", config.partitions, args.out.display());
+            Ok(())
+        }
+    }
+}

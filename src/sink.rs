@@ -1,0 +1,258 @@
+//! The output sink (SPEC §4): applies the dataflow's updates in time order, appends them to the
+//! changelog, and writes each minute's answers to the view files once the minute is final, so
+//! that the files hold every answer ever made final, whatever the dataflow later forgets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use clickagg_dataflows::{
+    Answer, DeadLetter, EventTimeRules, Minute, PartitionProgress, SinkRecord, SourceNote, Time, View,
+};
+
+/// What a run saw, for the summary a human reads and for tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub partitions: Vec<PartitionProgress>,
+    /// Distinct clicks counted (the sum of `ad_minute.csv`).
+    pub clicks: u64,
+    pub minutes: u64,
+    /// The minute with the most clicks, its clicks, and its top 10 `(ad, clicks)`.
+    pub busiest_minute: Option<(Minute, u64, Vec<(u64, u64)>)>,
+    pub changelog_rows: u64,
+}
+
+impl Summary {
+    fn total(&self, f: impl Fn(&PartitionProgress) -> u64) -> u64 {
+        self.partitions.iter().map(f).sum()
+    }
+    pub fn lines(&self) -> u64 {
+        self.total(|p| p.lines)
+    }
+    pub fn accepted(&self) -> u64 {
+        self.total(|p| p.accepted)
+    }
+    pub fn late(&self) -> u64 {
+        self.total(|p| p.late)
+    }
+    pub fn too_late(&self) -> u64 {
+        self.total(|p| p.too_late)
+    }
+    pub fn malformed(&self) -> u64 {
+        self.total(|p| p.malformed)
+    }
+    /// Accepted deliveries that were copies of a click already counted.
+    pub fn duplicates(&self) -> u64 {
+        self.accepted() - self.clicks
+    }
+}
+
+/// Writes the output directory of `run`.
+pub struct OutputSink {
+    dir: PathBuf,
+    partition_names: Vec<String>,
+    rules: EventTimeRules,
+    changelog: BufWriter<File>,
+    views: Vec<(View, BufWriter<File>)>,
+    /// Updates not yet complete: the frontier has not passed their time.
+    pending: BTreeMap<Time, Vec<(Answer, isize)>>,
+    /// The current answers of minutes that are not final yet.
+    open_minutes: BTreeMap<Minute, HashMap<Answer, isize>>,
+    /// Minutes before this one are written out and closed.
+    closed_before: Minute,
+    dead_letters: Vec<DeadLetter>,
+    summary: Summary,
+    line: Vec<u8>,
+}
+
+fn create(path: &Path) -> io::Result<BufWriter<File>> {
+    File::create(path)
+        .map(|f| BufWriter::with_capacity(1 << 20, f))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))
+}
+
+impl OutputSink {
+    /// Creates (or empties) the output directory's files.
+    pub fn create(dir: &Path, partition_names: Vec<String>, rules: EventTimeRules) -> io::Result<OutputSink> {
+        std::fs::create_dir_all(dir.join("changelog"))
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot create output directory {}: {e}", dir.display())))?;
+        let mut changelog = create(&dir.join("changelog").join("updates.csv"))?;
+        changelog.write_all(b"time,view,key,value,diff\n")?;
+        let mut views = Vec::new();
+        for view in View::ALL {
+            let mut file = create(&dir.join(format!("{}.csv", view.name())))?;
+            file.write_all(match view {
+                View::AdMinute => b"minute,ad_id,clicks\n".as_slice(),
+                View::CampaignMinute => b"minute,campaign_id,clicks\n",
+                View::CountryMinute => b"minute,country,ad_id,clicks\n",
+                View::TopMinute => b"minute,rank,ad_id,clicks\n",
+            })?;
+            views.push((view, file));
+        }
+        let partitions = (0..partition_names.len() as u32)
+            .map(|partition| PartitionProgress { partition, ..Default::default() })
+            .collect();
+        Ok(OutputSink {
+            dir: dir.to_path_buf(),
+            partition_names,
+            rules,
+            changelog,
+            views,
+            pending: BTreeMap::new(),
+            open_minutes: BTreeMap::new(),
+            closed_before: 0,
+            dead_letters: Vec::new(),
+            summary: Summary { partitions, ..Default::default() },
+            line: Vec::with_capacity(256),
+        })
+    }
+
+    /// Takes one update from the dataflow; it is applied once the frontier passes its time.
+    pub fn absorb(&mut self, record: SinkRecord, time: Time, diff: isize) {
+        match record {
+            SinkRecord::Answer(answer) => self.pending.entry(time).or_default().push((answer, diff)),
+            SinkRecord::Note(SourceNote::Dead(dead)) => {
+                debug_assert_eq!(diff, 1);
+                self.dead_letters.push(dead)
+            }
+            SinkRecord::Note(SourceNote::Progress(progress)) => {
+                let known = &mut self.summary.partitions[progress.partition as usize];
+                if (progress.offset, progress.finished) >= (known.offset, known.finished) {
+                    *known = progress;
+                }
+            }
+        }
+    }
+
+    /// Applies every update at times before `frontier` (`None`: the input is complete) in time
+    /// order, and writes out the minutes that became final.
+    pub fn advance(&mut self, frontier: Option<Time>) -> io::Result<()> {
+        while let Some(entry) = self.pending.first_entry() {
+            if frontier.is_some_and(|f| *entry.key() >= f) {
+                break;
+            }
+            let (time, mut updates) = entry.remove_entry();
+            differential_dataflow::consolidation::consolidate(&mut updates);
+            for (answer, diff) in updates {
+                // A change to a closed minute can only be state retention forgetting it.
+                if answer.minute() < self.closed_before {
+                    continue;
+                }
+                self.write_change(time, &answer, diff)?;
+                let rows = self.open_minutes.entry(answer.minute()).or_default();
+                let count = rows.entry(answer).or_insert(0);
+                *count += diff;
+                if *count == 0 {
+                    rows.remove(&answer);
+                }
+            }
+        }
+        let close_before = match frontier {
+            Some(f) => self.rules.final_minutes_before(f),
+            None => Minute::MAX,
+        };
+        while let Some(entry) = self.open_minutes.first_entry() {
+            if *entry.key() >= close_before {
+                break;
+            }
+            let (minute, rows) = entry.remove_entry();
+            self.write_minute(minute, rows)?;
+        }
+        self.closed_before = self.closed_before.max(close_before);
+        Ok(())
+    }
+
+    fn write_change(&mut self, time: Time, answer: &Answer, diff: isize) -> io::Result<()> {
+        let line = &mut self.line;
+        line.clear();
+        let mut num = itoa::Buffer::new();
+        line.extend_from_slice(num.format(time).as_bytes());
+        line.push(b',');
+        line.extend_from_slice(answer.view().name().as_bytes());
+        line.push(b',');
+        let (minute, key, value) = match *answer {
+            Answer::AdMinute { minute, ad, clicks } => (minute, ad.to_string(), clicks),
+            Answer::CampaignMinute { minute, campaign, clicks } => (minute, campaign.to_string(), clicks),
+            Answer::CountryMinute { minute, country, ad, clicks } => (minute, format!("{country}/{ad}"), clicks),
+            Answer::TopMinute { minute, ad, clicks } => (minute, ad.to_string(), clicks),
+        };
+        line.extend_from_slice(num.format(minute).as_bytes());
+        line.push(b'/');
+        line.extend_from_slice(key.as_bytes());
+        line.push(b',');
+        line.extend_from_slice(num.format(value).as_bytes());
+        line.push(b',');
+        line.extend_from_slice(num.format(diff).as_bytes());
+        line.push(b'\n');
+        self.summary.changelog_rows += 1;
+        self.changelog.write_all(line)
+    }
+
+    /// Writes a final minute's rows to each view file, in the files' sort order.
+    fn write_minute(&mut self, minute: Minute, rows: HashMap<Answer, isize>) -> io::Result<()> {
+        let mut rows: Vec<Answer> = rows
+            .into_iter()
+            .map(|(answer, count)| {
+                assert_eq!(count, 1, "a view holds each answer once: {answer:?} x {count}");
+                answer
+            })
+            .collect();
+        rows.sort();
+        let mut top: Vec<(u64, u64)> = Vec::new();
+        let mut total = 0;
+        for answer in &rows {
+            let file = &mut self.views[answer.view() as usize].1;
+            match *answer {
+                Answer::AdMinute { ad, clicks, .. } => {
+                    total += clicks;
+                    writeln!(file, "{minute},{ad},{clicks}")?
+                }
+                Answer::CampaignMinute { campaign, clicks, .. } => writeln!(file, "{minute},{campaign},{clicks}")?,
+                Answer::CountryMinute { country, ad, clicks, .. } => writeln!(file, "{minute},{country},{ad},{clicks}")?,
+                Answer::TopMinute { ad, clicks, .. } => top.push((ad, clicks)),
+            }
+        }
+        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let file = &mut self.views[View::TopMinute as usize].1;
+        for (rank, (ad, clicks)) in top.iter().enumerate() {
+            writeln!(file, "{minute},{},{ad},{clicks}", rank + 1)?;
+        }
+        if total > 0 {
+            self.summary.clicks += total;
+            self.summary.minutes += 1;
+            if self.summary.busiest_minute.as_ref().is_none_or(|(_, best, _)| total > *best) {
+                top.truncate(10);
+                self.summary.busiest_minute = Some((minute, total, top));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is still open and the dead letters, and returns the run's summary.
+    pub fn finish(mut self) -> io::Result<Summary> {
+        self.advance(None)?;
+        self.changelog.flush()?;
+        for (_, file) in &mut self.views {
+            file.flush()?;
+        }
+        let mut file = create(&self.dir.join("dead_letter.csv"))?;
+        file.write_all(b"partition,offset,reason,line\n")?;
+        self.dead_letters.sort();
+        for dead in &self.dead_letters {
+            write!(file, "{},{},{},", self.partition_names[dead.partition as usize], dead.offset, dead.reason.as_str())?;
+            write_quoted(&mut file, &dead.line)?;
+            file.write_all(b"\n")?;
+        }
+        file.flush()?;
+        Ok(self.summary)
+    }
+}
+
+/// A CSV field in double quotes, any invalid UTF-8 replaced so the file stays text.
+pub fn write_quoted(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    let text = String::from_utf8_lossy(bytes);
+    out.write_all(b"\"")?;
+    out.write_all(text.replace('"', "\"\"").as_bytes())?;
+    out.write_all(b"\"")
+}

@@ -1,0 +1,155 @@
+//! Sources: each worker reads its share of the partition files, turns lines into clicks (or dead
+//! letters), and decides by the partition's own event-time rules when each click enters.
+
+pub mod parse;
+pub mod reader;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use clickagg_dataflows::{
+    Admission, Click, DeadLetter, EventTimeRules, PartitionClock, PartitionProgress, Reason, Time,
+};
+
+use parse::{Header, LineParser};
+use reader::{Line, LineReader};
+
+/// The partition files of a log directory, sorted by name: `part-*.csv`.
+pub fn list_partitions(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        format!("cannot read the log directory {}: {e} (pass --logs DIR with part-NNNNN.csv files)", dir.display())
+    })?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("part-") && name.ends_with(".csv") && entry.path().is_file() {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The name a partition is known by in outputs: its file name.
+pub fn partition_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+enum HeaderState {
+    Unread,
+    Good(LineParser),
+    Bad,
+}
+
+/// One partition being read by one worker.
+pub struct PartitionSource {
+    progress: PartitionProgress,
+    reader: LineReader<File>,
+    header: HeaderState,
+    clock: PartitionClock,
+}
+
+/// Where a source sends what it reads.
+pub trait SourceOutput {
+    fn click(&mut self, click: Click, time: Time);
+    fn dead_letter(&mut self, dead: DeadLetter, time: Time);
+}
+
+impl PartitionSource {
+    pub fn open(index: u32, path: &Path) -> Result<PartitionSource, String> {
+        let file = File::open(path).map_err(|e| format!("cannot open partition {}: {e}", path.display()))?;
+        Ok(PartitionSource {
+            progress: PartitionProgress { partition: index, ..Default::default() },
+            reader: LineReader::new(file, 0),
+            header: HeaderState::Unread,
+            clock: PartitionClock::default(),
+        })
+    }
+
+    pub fn progress(&self) -> PartitionProgress {
+        PartitionProgress { offset: self.reader.offset(), max_ts: self.clock.max_ts, ..self.progress }
+    }
+
+    /// Stops reading after an IO error: the partition no longer holds the watermark back.
+    pub fn give_up(&mut self) {
+        self.progress.finished = true;
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.progress.finished
+    }
+
+    /// The logical time before which this partition will send nothing more.
+    pub fn watermark(&self, rules: &EventTimeRules) -> Time {
+        if self.progress.finished {
+            Time::MAX
+        } else {
+            rules.partition_watermark(&self.clock)
+        }
+    }
+
+    /// Reads up to `max_lines` lines. At the end of a final file the partition is finished.
+    pub fn read_some(
+        &mut self,
+        rules: &EventTimeRules,
+        max_lines: usize,
+        file_is_final: bool,
+        out: &mut impl SourceOutput,
+    ) -> std::io::Result<()> {
+        let partition = self.progress.partition;
+        for _ in 0..max_lines {
+            let Some(line) = self.reader.next_line(file_is_final)? else {
+                if file_is_final {
+                    self.progress.finished = true;
+                }
+                return Ok(());
+            };
+            let (offset, bytes, verdict) = match line {
+                Line::Complete { offset, bytes } => (offset, bytes, None),
+                Line::TooLong { offset, prefix } => (offset, prefix, Some(Reason::LineTooLong)),
+                Line::Unterminated { offset, bytes } => (offset, bytes, Some(Reason::UnterminatedLine)),
+            };
+            if let HeaderState::Unread = self.header {
+                self.header = match (verdict, Header::parse(bytes)) {
+                    (None, Ok(header)) => HeaderState::Good(LineParser::new(header)),
+                    _ => {
+                        let reason = verdict.unwrap_or(Reason::BadHeader);
+                        let dead = DeadLetter { partition, offset, reason, line: bytes.to_vec() };
+                        self.progress.malformed += 1;
+                        out.dead_letter(dead, rules.partition_watermark(&self.clock));
+                        HeaderState::Bad
+                    }
+                };
+                continue;
+            }
+            self.progress.lines += 1;
+            let parsed = match (&mut self.header, verdict) {
+                (_, Some(reason)) => Err(reason),
+                (HeaderState::Good(parser), None) => parser.parse(bytes),
+                _ => Err(Reason::BadHeader),
+            };
+            match parsed {
+                Ok(click) => match rules.admit(&mut self.clock, click.key.ts) {
+                    Admission::Accepted { time, late } => {
+                        self.progress.accepted += 1;
+                        self.progress.late += late as u64;
+                        out.click(click, time);
+                    }
+                    Admission::TooLate => {
+                        self.progress.too_late += 1;
+                        let dead = DeadLetter { partition, offset, reason: Reason::TooLate, line: bytes.to_vec() };
+                        out.dead_letter(dead, rules.partition_watermark(&self.clock));
+                    }
+                },
+                Err(reason) => {
+                    self.progress.malformed += 1;
+                    let dead = DeadLetter { partition, offset, reason, line: bytes.to_vec() };
+                    out.dead_letter(dead, rules.partition_watermark(&self.clock));
+                }
+            }
+        }
+        Ok(())
+    }
+}
