@@ -103,9 +103,10 @@ impl LineParser {
     }
 }
 
-/// A decimal u64: ASCII digits only (no sign, no spaces), at least one, no overflow.
+/// A decimal u64: ASCII digits only (no sign, no spaces), at least one, no overflow;
+/// leading zeros are allowed.
 pub fn parse_u64(bytes: &[u8]) -> Option<u64> {
-    if bytes.is_empty() || bytes.len() > 20 {
+    if bytes.is_empty() {
         return None;
     }
     let mut value: u64 = 0;
@@ -164,6 +165,7 @@ mod tests {
             (b",1,2,3,4,1.2.3.4,US", Reason::BadEventId),
             (b"e,-1,2,3,4,1.2.3.4,US", Reason::BadTs),
             (b"e,1,99999999999999999999,3,4,1.2.3.4,US", Reason::BadAdId),
+            (b"e,1,18446744073709551616,3,4,1.2.3.4,US", Reason::BadAdId),
             (b"e,1,2,x,4,1.2.3.4,US", Reason::BadCampaignId),
             (b"e,1,2,3, 4,1.2.3.4,US", Reason::BadUserId),
             (b"e,1,2,3,4,1.2.3.256,US", Reason::BadIp),
@@ -174,6 +176,8 @@ mod tests {
         for (line, reason) in cases {
             assert_eq!(p.parse(line), Err(*reason), "{:?}", String::from_utf8_lossy(line));
         }
+        let padded = p.parse(b"e,000000000000000000000001,2,3,4,1.2.3.4,us").unwrap();
+        assert_eq!((padded.key.ts, padded.attrs.country.to_string()), (1, "US".to_string()));
         let long_id = format!("{},1,2,3,4,1.2.3.4,US", "x".repeat(65));
         assert_eq!(p.parse(long_id.as_bytes()), Err(Reason::BadEventId));
     }

@@ -100,7 +100,9 @@ impl<R: Read> LineReader<R> {
                 self.offset += (self.end - self.start) as u64;
                 self.start = self.end;
                 let bytes = &self.buffer[line_start..self.end];
-                let bytes = &bytes[..bytes.len().min(MAX_LINE_BYTES)];
+                if bytes.len() > MAX_LINE_BYTES {
+                    return Ok(Some(Line::TooLong { offset: line_offset, prefix: &bytes[..MAX_LINE_BYTES] }));
+                }
                 return Ok(Some(Line::Unterminated { offset: line_offset, bytes }));
             }
         }
@@ -162,5 +164,7 @@ mod tests {
         let just_over = [vec![b'y'; MAX_LINE_BYTES + 1], b"\n".to_vec()].concat();
         assert_eq!(lines(&just_over, true), ["0:long:4096"]);
         assert_eq!(lines(&vec![b'z'; 2 * BUFFER_BYTES], true), ["0:long:4096"]);
+        assert_eq!(lines(&vec![b'z'; MAX_LINE_BYTES + 1], true), ["0:long:4096"]);
+        assert_eq!(lines(&vec![b'z'; MAX_LINE_BYTES], true), [format!("0:partial:{}", "z".repeat(MAX_LINE_BYTES))]);
     }
 }
