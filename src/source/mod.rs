@@ -153,3 +153,60 @@ impl PartitionSource {
         Ok(())
     }
 }
+
+/// Counts from reading and parsing partitions with no dataflow: the floor `run` is measured
+/// against.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ParseCounts {
+    pub lines: u64,
+    pub accepted: u64,
+    pub dead: u64,
+}
+
+struct Tally<'a>(&'a mut ParseCounts);
+
+impl SourceOutput for Tally<'_> {
+    fn click(&mut self, click: Click, _time: Time) {
+        self.0.accepted += 1;
+        std::hint::black_box(click);
+    }
+    fn dead_letter(&mut self, dead: DeadLetter, _time: Time) {
+        self.0.dead += 1;
+        std::hint::black_box(dead);
+    }
+}
+
+/// Reads and parses every partition under `dir` with `threads` threads (partition `i` on thread
+/// `i % threads`, as `run` assigns them to workers), applying the same event-time rules.
+pub fn parse_only(dir: &Path, threads: usize, rules: &EventTimeRules) -> Result<ParseCounts, String> {
+    let paths = list_partitions(dir)?;
+    let results: Vec<Result<ParseCounts, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.max(1))
+            .map(|thread| {
+                let paths = &paths;
+                scope.spawn(move || {
+                    let mut counts = ParseCounts::default();
+                    for (i, path) in paths.iter().enumerate().skip(thread).step_by(threads.max(1)) {
+                        let mut source = PartitionSource::open(i as u32, path)?;
+                        while !source.is_finished() {
+                            source
+                                .read_some(rules, 50_000, true, &mut Tally(&mut counts))
+                                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+                        }
+                        counts.lines += source.progress().lines;
+                    }
+                    Ok(counts)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("parser thread panicked".into()))).collect()
+    });
+    let mut total = ParseCounts::default();
+    for counts in results {
+        let counts = counts?;
+        total.lines += counts.lines;
+        total.accepted += counts.accepted;
+        total.dead += counts.dead;
+    }
+    Ok(total)
+}

@@ -40,10 +40,22 @@ pub fn run_outputs(logs: &Path, workers: usize, config: &RefConfig, buckets: &[u
     run_config.rules.tick_ms = config.tick_ms;
     run_config.plan.top_k = config.top_k;
     run_config.plan.top_k_buckets = buckets.to_vec();
-    // Small batches, so that even tiny logs are read in many rounds and frontiers move often.
-    run_config.batch_lines = 7;
+    run_config.batch_lines = batch_lines_for(logs);
     run(&run_config).unwrap_or_else(|e| panic!("run failed: {e}"));
     read_outputs(out.path())
+}
+
+/// Small batches for small logs, so that they are read in many rounds and frontiers move
+/// often; the default for large ones.
+fn batch_lines_for(logs: &Path) -> usize {
+    let bytes: u64 = std::fs::read_dir(logs)
+        .map(|entries| entries.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0);
+    if bytes < 1 << 20 {
+        7
+    } else {
+        RunConfig::new(logs.into(), logs.into()).batch_lines
+    }
 }
 
 /// Asserts two output sets are equal file by file, showing the first differing line.
