@@ -1,5 +1,6 @@
 //! Per-minute counts (SPEC §3 answers 1 and 3).
 
+use differential_dataflow::operators::CountTotal;
 use differential_dataflow::VecCollection;
 
 use crate::types::{ClickAttrs, ClickKey, Country, Minute, Time};
@@ -27,17 +28,16 @@ pub fn minute_counts<'scope>(clicks: VecCollection<'scope, Time, (ClickKey, Clic
 ///
 /// Updates are consolidated inside the worker before they are exchanged (two-stage aggregation):
 /// a key that gets many clicks at one time, a viral ad, costs one update per batch, not one per
-/// click.
+/// click. Times are totally ordered, so `count_total` needs no arrangement of its output.
 pub fn count_named<'scope, K>(name: &str, keys: VecCollection<'scope, Time, K>) -> VecCollection<'scope, Time, (K, u64)>
 where
     K: differential_dataflow::ExchangeData + std::hash::Hash,
 {
-    keys.map(|key| (key, ()))
-        .consolidate_stream()
-        .reduce_named(name, |_key, input, output| {
-            // The one value is `()`; its accumulated multiplicity is the count.
-            let clicks: isize = input[0].1;
+    keys.consolidate_stream()
+        .arrange_by_self_named(&format!("Arrange: {name}"))
+        .count_total_core::<isize>()
+        .map(|(key, clicks)| {
             debug_assert!(clicks > 0);
-            output.push((clicks as u64, 1))
+            (key, clicks as u64)
         })
 }
