@@ -141,7 +141,23 @@ impl GenerateArgs {
     }
 }
 
+/// `mi_option_purge_delay` in mimalloc.h's option enum (the sys crate does not name it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 14 + 1;
+
+/// Freed pages go back to the kernel after 1 s instead of 10 ms: a replay frees and reallocates
+/// large batches continuously, and zeroing fresh pages was a fifth of its CPU time.
+fn tune_allocator() {
+    // SAFETY: plain calls into mimalloc's option table; the guard checks that the index really is
+    // the purge delay (its documented default is 10 ms) before changing it.
+    unsafe {
+        if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == 10 {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     match execute(Cli::parse().command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

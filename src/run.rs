@@ -166,8 +166,9 @@ pub fn run(config: &RunConfig) -> Result<Summary, String> {
             inputs.advance_to(frontier);
             worker.step();
             let behind = frontier.saturating_sub(config.max_ahead_ms);
+            // Park rather than spin: the other workers need the cores to catch up.
             while probe.less_than(&behind) {
-                worker.step();
+                worker.step_or_park(Some(std::time::Duration::from_millis(1)));
             }
         }
         for source in &sources {

@@ -2,7 +2,7 @@
 //! changelog, and writes each minute's answers to the view files once the minute is final, so
 //! that the files hold every answer ever made final, whatever the dataflow later forgets.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -57,8 +57,8 @@ pub struct OutputSink {
     views: Vec<(View, BufWriter<File>)>,
     /// Updates not yet complete: the frontier has not passed their time.
     pending: BTreeMap<Time, Vec<(Answer, isize)>>,
-    /// The current answers of minutes that are not final yet.
-    open_minutes: BTreeMap<Minute, HashMap<Answer, isize>>,
+    /// Every change applied to each minute that is not final yet; consolidated when it closes.
+    open_minutes: BTreeMap<Minute, Vec<(Answer, isize)>>,
     /// Minutes before this one are written out and closed.
     closed_before: Minute,
     dead_letters: Vec<DeadLetter>,
@@ -111,7 +111,10 @@ impl OutputSink {
     /// Takes one update from the dataflow; it is applied once the frontier passes its time.
     pub fn absorb(&mut self, record: SinkRecord, time: Time, diff: isize) {
         match record {
-            SinkRecord::Answer(answer) => self.pending.entry(time).or_default().push((answer, diff)),
+            SinkRecord::Answer(answer) => match self.pending.last_entry() {
+                Some(mut last) if *last.key() == time => last.get_mut().push((answer, diff)),
+                _ => self.pending.entry(time).or_default().push((answer, diff)),
+            },
             SinkRecord::Note(SourceNote::Dead(dead)) => {
                 debug_assert_eq!(diff, 1);
                 self.dead_letters.push(dead)
@@ -135,17 +138,14 @@ impl OutputSink {
             let (time, mut updates) = entry.remove_entry();
             differential_dataflow::consolidation::consolidate(&mut updates);
             for (answer, diff) in updates {
+                let minute = answer.minute();
                 // A change to a closed minute can only be state retention forgetting it.
-                if answer.minute() < self.closed_before {
+                if minute < self.closed_before {
                     continue;
                 }
-                self.write_change(time, &answer, diff)?;
-                let rows = self.open_minutes.entry(answer.minute()).or_default();
-                let count = rows.entry(answer).or_insert(0);
-                *count += diff;
-                if *count == 0 {
-                    rows.remove(&answer);
-                }
+                write_change(&mut self.changelog, &mut self.line, time, &answer, diff)?;
+                self.summary.changelog_rows += 1;
+                self.open_minutes.entry(minute).or_default().push((answer, diff));
             }
         }
         let close_before = match frontier {
@@ -163,42 +163,16 @@ impl OutputSink {
         Ok(())
     }
 
-    fn write_change(&mut self, time: Time, answer: &Answer, diff: isize) -> io::Result<()> {
-        let line = &mut self.line;
-        line.clear();
-        let mut num = itoa::Buffer::new();
-        line.extend_from_slice(num.format(time).as_bytes());
-        line.push(b',');
-        line.extend_from_slice(answer.view().name().as_bytes());
-        line.push(b',');
-        let (minute, key, value) = match *answer {
-            Answer::AdMinute { minute, ad, clicks } => (minute, ad.to_string(), clicks),
-            Answer::CampaignMinute { minute, campaign, clicks } => (minute, campaign.to_string(), clicks),
-            Answer::CountryMinute { minute, country, ad, clicks } => (minute, format!("{country}/{ad}"), clicks),
-            Answer::TopMinute { minute, ad, clicks } => (minute, ad.to_string(), clicks),
-        };
-        line.extend_from_slice(num.format(minute).as_bytes());
-        line.push(b'/');
-        line.extend_from_slice(key.as_bytes());
-        line.push(b',');
-        line.extend_from_slice(num.format(value).as_bytes());
-        line.push(b',');
-        line.extend_from_slice(num.format(diff).as_bytes());
-        line.push(b'\n');
-        self.summary.changelog_rows += 1;
-        self.changelog.write_all(line)
-    }
-
     /// Writes a final minute's rows to each view file, in the files' sort order.
-    fn write_minute(&mut self, minute: Minute, rows: HashMap<Answer, isize>) -> io::Result<()> {
-        let mut rows: Vec<Answer> = rows
+    fn write_minute(&mut self, minute: Minute, mut changes: Vec<(Answer, isize)>) -> io::Result<()> {
+        differential_dataflow::consolidation::consolidate(&mut changes);
+        let rows: Vec<Answer> = changes
             .into_iter()
             .map(|(answer, count)| {
                 assert_eq!(count, 1, "a view holds each answer once: {answer:?} x {count}");
                 answer
             })
             .collect();
-        rows.sort();
         let mut top: Vec<(u64, u64)> = Vec::new();
         let mut total = 0;
         for answer in &rows {
@@ -247,6 +221,35 @@ impl OutputSink {
         file.flush()?;
         Ok(self.summary)
     }
+}
+
+/// Appends one changelog line: `time,view,key,value,diff`, key columns joined by `/`.
+fn write_change(out: &mut impl Write, line: &mut Vec<u8>, time: Time, answer: &Answer, diff: isize) -> io::Result<()> {
+    let mut num = itoa::Buffer::new();
+    line.clear();
+    line.extend_from_slice(num.format(time).as_bytes());
+    line.push(b',');
+    line.extend_from_slice(answer.view().name().as_bytes());
+    line.push(b',');
+    line.extend_from_slice(num.format(answer.minute()).as_bytes());
+    line.push(b'/');
+    let (key, value) = match *answer {
+        Answer::AdMinute { ad, clicks, .. } => (ad, clicks),
+        Answer::CampaignMinute { campaign, clicks, .. } => (campaign, clicks),
+        Answer::CountryMinute { country, ad, clicks, .. } => {
+            line.extend_from_slice(&country.as_bytes());
+            line.push(b'/');
+            (ad, clicks)
+        }
+        Answer::TopMinute { ad, clicks, .. } => (ad, clicks),
+    };
+    line.extend_from_slice(num.format(key).as_bytes());
+    line.push(b',');
+    line.extend_from_slice(num.format(value).as_bytes());
+    line.push(b',');
+    line.extend_from_slice(num.format(diff).as_bytes());
+    line.push(b'\n');
+    out.write_all(line)
 }
 
 /// A CSV field in double quotes, any invalid UTF-8 replaced so the file stays text.

@@ -1,6 +1,9 @@
 //! Per-minute counts (SPEC §3 answers 1 and 3).
 
+use differential_dataflow::collection::AsCollection;
 use differential_dataflow::operators::CountTotal;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
 use differential_dataflow::VecCollection;
 
 use crate::types::{ClickAttrs, ClickKey, Country, Minute, Time};
@@ -33,11 +36,43 @@ pub fn count_named<'scope, K>(name: &str, keys: VecCollection<'scope, Time, K>) 
 where
     K: differential_dataflow::ExchangeData + std::hash::Hash,
 {
-    keys.consolidate_stream()
+    pre_aggregate(&format!("PreAggregate: {name}"), keys)
         .arrange_by_self_named(&format!("Arrange: {name}"))
         .count_total_core::<isize>()
         .map(|(key, clicks)| {
             debug_assert!(clicks > 0);
             (key, clicks as u64)
         })
+}
+
+/// Consolidates, inside the worker, everything one activation receives, before the exchange.
+///
+/// Upstream operators emit a completed time's updates in a burst, so one activation sees most of
+/// them: a key's many `+1`s at one time leave as one update. (`consolidate_stream` does this only
+/// within each small container.) Output goes under the least capability received, which is at or
+/// before every update's time.
+pub fn pre_aggregate<'scope, K>(name: &str, keys: VecCollection<'scope, Time, K>) -> VecCollection<'scope, Time, K>
+where
+    K: differential_dataflow::ExchangeData,
+{
+    let mut buffer: Vec<(K, Time, isize)> = Vec::new();
+    keys.inner
+        .unary(Pipeline, name, move |_, _| {
+            move |input, output| {
+                let mut least: Option<timely::dataflow::operators::Capability<Time>> = None;
+                input.for_each(|capability, data| {
+                    if let Some(capability) = capability.retain_least(0) {
+                        if least.as_ref().is_none_or(|l| capability.time() < l.time()) {
+                            least = Some(capability);
+                        }
+                    }
+                    buffer.append(data);
+                });
+                if let Some(capability) = least {
+                    differential_dataflow::consolidation::consolidate_updates(&mut buffer);
+                    output.session(&capability).give_iterator(buffer.drain(..));
+                }
+            }
+        })
+        .as_collection()
 }
