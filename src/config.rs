@@ -20,9 +20,32 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     number.checked_mul(scale).ok_or_else(|| format!("'{text}' is too long a duration"))
 }
 
+/// Parses a list of sliding windows, `1m,5m,60m` (or `1h`), into whole minutes.
+pub fn parse_windows(text: &str) -> Result<Vec<u32>, String> {
+    let mut windows = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let ms = parse_duration_ms(part)?;
+        if ms == 0 || ms % 60_000 != 0 || ms / 60_000 > u32::MAX as u64 {
+            return Err(format!("window '{part}' must be a whole number of minutes, at least one"));
+        }
+        windows.push((ms / 60_000) as u32);
+    }
+    Ok(windows)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_duration_ms;
+    use super::{parse_duration_ms, parse_windows};
+
+    #[test]
+    fn windows() {
+        assert_eq!(parse_windows("1m,5m,60m"), Ok(vec![1, 5, 60]));
+        assert_eq!(parse_windows("1h, 2m"), Ok(vec![60, 2]));
+        assert_eq!(parse_windows(""), Ok(vec![]));
+        assert!(parse_windows("30s").is_err());
+        assert!(parse_windows("0m").is_err());
+        assert!(parse_windows("5").is_err());
+    }
 
     #[test]
     fn durations() {

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clickagg::config::parse_duration_ms;
+use clickagg::config::{parse_duration_ms, parse_windows};
 use clickagg::demo::{demo, render_summary};
 use clickagg::generate::{generate, GenConfig};
 use clickagg::run::{run, RunConfig};
@@ -69,6 +69,10 @@ struct RunArgs {
     /// How many ads each top-K keeps.
     #[arg(long, default_value_t = 100)]
     top_k: usize,
+    /// Sliding windows: for each, the top K of the last M minutes (`top_window_{M}m.csv`).
+    // The full path keeps clap from treating a `Vec` as a repeated flag: one flag, one list.
+    #[arg(long, default_value = "1m,5m,60m", value_parser = parse_windows)]
+    windows: ::std::vec::Vec<u32>,
     /// Print the summary when done.
     #[arg(long)]
     summary: bool,
@@ -192,6 +196,7 @@ fn execute(command: Command) -> Result<(), String> {
             config.rules.allowed_lateness_ms = Some(args.allowed_lateness);
             config.rules.tick_ms = args.tick;
             config.plan.top_k = args.top_k;
+            config.plan.windows = args.windows;
             let summary = run(&config)?;
             if args.summary {
                 print!("{}", render_summary(&summary));

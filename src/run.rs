@@ -91,7 +91,7 @@ pub fn run(config: &RunConfig) -> Result<Summary, String> {
     let paths = list_partitions(&config.logs)?;
     let names: Vec<String> = paths.iter().map(|p| partition_name(p)).collect();
     // Fail before starting workers if the output cannot be written.
-    let sink = OutputSink::create(&config.out, names.clone(), config.rules).map_err(|e| e.to_string())?;
+    let sink = OutputSink::create(&config.out, names.clone(), config.rules, &config.plan.windows).map_err(|e| e.to_string())?;
     let sink = std::sync::Mutex::new(Some(sink));
     let config = config.clone();
 
@@ -106,7 +106,7 @@ pub fn run(config: &RunConfig) -> Result<Summary, String> {
         let mut inputs = worker.dataflow::<Time, _, _>(|scope| {
             let (clicks, deliveries) = scope.new_collection::<Click, isize>();
             let (notes, note_collection) = scope.new_collection::<SourceNote, isize>();
-            let rendered = render_clicks(deliveries, &config.plan);
+            let rendered = render_clicks(deliveries, &config.plan, &config.rules);
             let records = rendered.answers.map(SinkRecord::Answer).concat(note_collection.map(SinkRecord::Note));
             let sink = Rc::clone(&sink);
             let sink_error = Rc::clone(&sink_error);

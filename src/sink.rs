@@ -2,13 +2,13 @@
 //! changelog, and writes each minute's answers to the view files once the minute is final, so
 //! that the files hold every answer ever made final, whatever the dataflow later forgets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use clickagg_dataflows::{
-    Answer, DeadLetter, EventTimeRules, Minute, PartitionProgress, SinkRecord, SourceNote, Time, View,
+    minute_of, Answer, DeadLetter, EventTimeRules, Minute, PartitionProgress, SinkRecord, SourceNote, Time, View,
 };
 
 /// What a run saw, for the summary a human reads and for tests.
@@ -54,13 +54,25 @@ pub struct OutputSink {
     partition_names: Vec<String>,
     rules: EventTimeRules,
     changelog: BufWriter<File>,
-    views: Vec<(View, BufWriter<File>)>,
+    /// The per-minute views' files, in `View::PER_MINUTE` order.
+    views: Vec<BufWriter<File>>,
+    /// `top_window_{M}m.csv` for each window M.
+    window_files: BTreeMap<u32, BufWriter<File>>,
     /// Updates not yet complete: the frontier has not passed their time.
     pending: BTreeMap<Time, Vec<(Answer, isize)>>,
     /// Every change applied to each minute that is not final yet; consolidated when it closes.
     open_minutes: BTreeMap<Minute, Vec<(Answer, isize)>>,
     /// Minutes before this one are written out and closed.
     closed_before: Minute,
+    /// The current top K of each window: `(window, ad, clicks)`.
+    window_members: BTreeSet<(u32, u64, u64)>,
+    /// The next minute boundary whose window snapshot is due.
+    next_boundary: Option<Minute>,
+    /// Snapshots taken, held until a click at or after the minute before their boundary is seen:
+    /// the files stop at the last minute's end, which is only known then.
+    snapshots: VecDeque<(Minute, Vec<(u32, u64, u64)>)>,
+    /// The latest minute with a click so far.
+    last_minute: Option<Minute>,
     dead_letters: Vec<DeadLetter>,
     summary: Summary,
     line: Vec<u8>,
@@ -74,21 +86,32 @@ fn create(path: &Path) -> io::Result<BufWriter<File>> {
 
 impl OutputSink {
     /// Creates (or empties) the output directory's files.
-    pub fn create(dir: &Path, partition_names: Vec<String>, rules: EventTimeRules) -> io::Result<OutputSink> {
+    pub fn create(
+        dir: &Path,
+        partition_names: Vec<String>,
+        rules: EventTimeRules,
+        windows: &[u32],
+    ) -> io::Result<OutputSink> {
         std::fs::create_dir_all(dir.join("changelog"))
             .map_err(|e| io::Error::new(e.kind(), format!("cannot create output directory {}: {e}", dir.display())))?;
         let mut changelog = create(&dir.join("changelog").join("updates.csv"))?;
         changelog.write_all(b"time,view,key,value,diff\n")?;
         let mut views = Vec::new();
-        for view in View::ALL {
+        for view in View::PER_MINUTE {
             let mut file = create(&dir.join(format!("{}.csv", view.name())))?;
             file.write_all(match view {
                 View::AdMinute => b"minute,ad_id,clicks\n".as_slice(),
                 View::CampaignMinute => b"minute,campaign_id,clicks\n",
                 View::CountryMinute => b"minute,country,ad_id,clicks\n",
-                View::TopMinute => b"minute,rank,ad_id,clicks\n",
+                View::TopMinute | View::TopWindow => b"minute,rank,ad_id,clicks\n",
             })?;
-            views.push((view, file));
+            views.push(file);
+        }
+        let mut window_files = BTreeMap::new();
+        for &window in windows {
+            let mut file = create(&dir.join(format!("top_window_{window}m.csv")))?;
+            file.write_all(b"as_of,rank,ad_id,clicks\n")?;
+            window_files.insert(window, file);
         }
         let partitions = (0..partition_names.len() as u32)
             .map(|partition| PartitionProgress { partition, ..Default::default() })
@@ -99,9 +122,14 @@ impl OutputSink {
             rules,
             changelog,
             views,
+            window_files,
             pending: BTreeMap::new(),
             open_minutes: BTreeMap::new(),
             closed_before: 0,
+            window_members: BTreeSet::new(),
+            next_boundary: None,
+            snapshots: VecDeque::new(),
+            last_minute: None,
             dead_letters: Vec::new(),
             summary: Summary { partitions, ..Default::default() },
             line: Vec::with_capacity(256),
@@ -129,29 +157,62 @@ impl OutputSink {
     }
 
     /// Applies every update at times before `frontier` (`None`: the input is complete) in time
-    /// order, and writes out the minutes that became final.
+    /// order, and writes out the minutes that became final and the window snapshots that fell due.
     pub fn advance(&mut self, frontier: Option<Time>) -> io::Result<()> {
         while let Some(entry) = self.pending.first_entry() {
             if frontier.is_some_and(|f| *entry.key() >= f) {
                 break;
             }
             let (time, mut updates) = entry.remove_entry();
+            // Everything before `time` is applied: close and snapshot what that completes.
+            self.reach(time)?;
             differential_dataflow::consolidation::consolidate(&mut updates);
             for (answer, diff) in updates {
-                let minute = answer.minute();
-                // A change to a closed minute can only be state retention forgetting it.
-                if minute < self.closed_before {
-                    continue;
+                match answer.minute() {
+                    // A change to a closed minute can only be state retention forgetting it.
+                    Some(minute) if minute < self.closed_before => continue,
+                    Some(minute) => {
+                        self.open_minutes.entry(minute).or_default().push((answer, diff));
+                        if let Answer::AdMinute { .. } = answer {
+                            self.last_minute = self.last_minute.max(Some(minute));
+                        }
+                    }
+                    None => {
+                        if let Answer::TopWindow { window, ad, clicks } = answer {
+                            if diff > 0 {
+                                self.window_members.insert((window, ad, clicks));
+                            } else {
+                                self.window_members.remove(&(window, ad, clicks));
+                            }
+                        }
+                    }
                 }
                 write_change(&mut self.changelog, &mut self.line, time, &answer, diff)?;
                 self.summary.changelog_rows += 1;
-                self.open_minutes.entry(minute).or_default().push((answer, diff));
+            }
+            self.next_boundary.get_or_insert(minute_of(time) + 1);
+        }
+        match frontier {
+            Some(frontier) => self.reach(frontier),
+            None => {
+                self.close_minutes_before(Minute::MAX)?;
+                let last_boundary = self.last_minute.map_or(0, |m| m + 1);
+                self.take_snapshots_through(last_boundary);
+                self.write_snapshots(last_boundary)
             }
         }
-        let close_before = match frontier {
-            Some(f) => self.rules.final_minutes_before(f),
-            None => Minute::MAX,
-        };
+    }
+
+    /// Every update before `time` has been applied.
+    fn reach(&mut self, time: Time) -> io::Result<()> {
+        self.close_minutes_before(self.rules.final_minutes_before(time))?;
+        // Snapshot w holds the updates before w's first millisecond.
+        self.take_snapshots_through(minute_of(time));
+        let known = self.last_minute.map_or(0, |m| m + 1);
+        self.write_snapshots(known)
+    }
+
+    fn close_minutes_before(&mut self, close_before: Minute) -> io::Result<()> {
         while let Some(entry) = self.open_minutes.first_entry() {
             if *entry.key() >= close_before {
                 break;
@@ -163,21 +224,39 @@ impl OutputSink {
         Ok(())
     }
 
+    fn take_snapshots_through(&mut self, boundary: Minute) {
+        let Some(next) = self.next_boundary.as_mut() else { return };
+        while *next <= boundary {
+            self.snapshots.push_back((*next, self.window_members.iter().copied().collect()));
+            *next += 1;
+        }
+    }
+
+    /// Writes the snapshots of boundaries up to `through` (inclusive).
+    fn write_snapshots(&mut self, through: Minute) -> io::Result<()> {
+        while self.snapshots.front().is_some_and(|(boundary, _)| *boundary <= through) {
+            let (boundary, members) = self.snapshots.pop_front().expect("checked above");
+            for (&window, file) in &mut self.window_files {
+                let mut ranked: Vec<(u64, u64)> =
+                    members.iter().filter(|m| m.0 == window).map(|&(_, ad, clicks)| (ad, clicks)).collect();
+                ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                for (rank, (ad, clicks)) in ranked.iter().enumerate() {
+                    writeln!(file, "{boundary},{},{ad},{clicks}", rank + 1)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Writes a final minute's rows to each view file, in the files' sort order.
     fn write_minute(&mut self, minute: Minute, mut changes: Vec<(Answer, isize)>) -> io::Result<()> {
         differential_dataflow::consolidation::consolidate(&mut changes);
-        let rows: Vec<Answer> = changes
-            .into_iter()
-            .map(|(answer, count)| {
-                assert_eq!(count, 1, "a view holds each answer once: {answer:?} x {count}");
-                answer
-            })
-            .collect();
         let mut top: Vec<(u64, u64)> = Vec::new();
         let mut total = 0;
-        for answer in &rows {
-            let file = &mut self.views[answer.view() as usize].1;
-            match *answer {
+        for (answer, count) in changes {
+            assert_eq!(count, 1, "a view holds each answer once: {answer:?} x {count}");
+            let file = &mut self.views[answer.view() as usize];
+            match answer {
                 Answer::AdMinute { ad, clicks, .. } => {
                     total += clicks;
                     writeln!(file, "{minute},{ad},{clicks}")?
@@ -185,10 +264,11 @@ impl OutputSink {
                 Answer::CampaignMinute { campaign, clicks, .. } => writeln!(file, "{minute},{campaign},{clicks}")?,
                 Answer::CountryMinute { country, ad, clicks, .. } => writeln!(file, "{minute},{country},{ad},{clicks}")?,
                 Answer::TopMinute { ad, clicks, .. } => top.push((ad, clicks)),
+                Answer::TopWindow { .. } => unreachable!("window answers belong to no minute"),
             }
         }
         top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        let file = &mut self.views[View::TopMinute as usize].1;
+        let file = &mut self.views[View::TopMinute as usize];
         for (rank, (ad, clicks)) in top.iter().enumerate() {
             writeln!(file, "{minute},{},{ad},{clicks}", rank + 1)?;
         }
@@ -207,7 +287,7 @@ impl OutputSink {
     pub fn finish(mut self) -> io::Result<Summary> {
         self.advance(None)?;
         self.changelog.flush()?;
-        for (_, file) in &mut self.views {
+        for file in self.views.iter_mut().chain(self.window_files.values_mut()) {
             file.flush()?;
         }
         let mut file = create(&self.dir.join("dead_letter.csv"))?;
@@ -229,10 +309,20 @@ fn write_change(out: &mut impl Write, line: &mut Vec<u8>, time: Time, answer: &A
     line.clear();
     line.extend_from_slice(num.format(time).as_bytes());
     line.push(b',');
-    line.extend_from_slice(answer.view().name().as_bytes());
-    line.push(b',');
-    line.extend_from_slice(num.format(answer.minute()).as_bytes());
-    line.push(b'/');
+    match (answer.minute(), answer) {
+        (Some(minute), _) => {
+            line.extend_from_slice(answer.view().name().as_bytes());
+            line.push(b',');
+            line.extend_from_slice(num.format(minute).as_bytes());
+            line.push(b'/');
+        }
+        (None, Answer::TopWindow { window, .. }) => {
+            line.extend_from_slice(b"top_window_");
+            line.extend_from_slice(num.format(*window).as_bytes());
+            line.extend_from_slice(b"m,");
+        }
+        (None, _) => unreachable!("only window answers have no minute"),
+    }
     let (key, value) = match *answer {
         Answer::AdMinute { ad, clicks, .. } => (ad, clicks),
         Answer::CampaignMinute { campaign, clicks, .. } => (campaign, clicks),
@@ -241,7 +331,7 @@ fn write_change(out: &mut impl Write, line: &mut Vec<u8>, time: Time, answer: &A
             line.push(b'/');
             (ad, clicks)
         }
-        Answer::TopMinute { ad, clicks, .. } => (ad, clicks),
+        Answer::TopMinute { ad, clicks, .. } | Answer::TopWindow { ad, clicks, .. } => (ad, clicks),
     };
     line.extend_from_slice(num.format(key).as_bytes());
     line.push(b',');

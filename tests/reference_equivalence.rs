@@ -29,12 +29,14 @@ proptest! {
         tick_ms in prop::sample::select(vec![1_000u64, 10_000, 60_000]),
         top_k in prop::sample::select(vec![1usize, 3, 100]),
         buckets in prop::sample::select(vec![vec![], vec![4], vec![8, 2], vec![256, 16]]),
+        windows in prop::sample::select(vec![vec![], vec![1], vec![2, 3], vec![1, 5, 60]]),
     ) {
         let config = RefConfig {
             watermark_delay_ms: delay_s * 1_000,
             allowed_lateness_ms: Some(lateness_m * 60_000),
             tick_ms,
             top_k,
+            windows,
         };
         check(seed, 300, config, &buckets);
     }

@@ -12,10 +12,13 @@ pub enum View {
     CampaignMinute,
     CountryMinute,
     TopMinute,
+    /// The top K of the last M minutes, for each configured M.
+    TopWindow,
 }
 
 impl View {
-    pub const ALL: [View; 4] = [View::AdMinute, View::CampaignMinute, View::CountryMinute, View::TopMinute];
+    /// The views with one file each, their rows grouped by minute.
+    pub const PER_MINUTE: [View; 4] = [View::AdMinute, View::CampaignMinute, View::CountryMinute, View::TopMinute];
 
     /// The view's name in the changelog; its file is `{name}.csv`.
     pub fn name(self) -> &'static str {
@@ -24,6 +27,7 @@ impl View {
             View::CampaignMinute => "campaign_minute",
             View::CountryMinute => "country_minute",
             View::TopMinute => "top_minute",
+            View::TopWindow => "top_window",
         }
     }
 }
@@ -36,6 +40,8 @@ pub enum Answer {
     CampaignMinute { minute: Minute, campaign: u64, clicks: u64 },
     CountryMinute { minute: Minute, country: Country, ad: u64, clicks: u64 },
     TopMinute { minute: Minute, ad: u64, clicks: u64 },
+    /// Ad `ad` is in the top K of the last `window` minutes with `clicks`.
+    TopWindow { window: u32, ad: u64, clicks: u64 },
 }
 
 impl Answer {
@@ -45,16 +51,19 @@ impl Answer {
             Answer::CampaignMinute { .. } => View::CampaignMinute,
             Answer::CountryMinute { .. } => View::CountryMinute,
             Answer::TopMinute { .. } => View::TopMinute,
+            Answer::TopWindow { .. } => View::TopWindow,
         }
     }
 
-    /// The minute the answer is about; it is final once that minute is.
-    pub fn minute(&self) -> Minute {
+    /// The minute a per-minute answer is about; it is final once that minute is.
+    /// Sliding-window answers belong to no one minute.
+    pub fn minute(&self) -> Option<Minute> {
         match *self {
             Answer::AdMinute { minute, .. }
             | Answer::CampaignMinute { minute, .. }
             | Answer::CountryMinute { minute, .. }
-            | Answer::TopMinute { minute, .. } => minute,
+            | Answer::TopMinute { minute, .. } => Some(minute),
+            Answer::TopWindow { .. } => None,
         }
     }
 }

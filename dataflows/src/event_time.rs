@@ -73,6 +73,20 @@ impl EventTimeRules {
         admission
     }
 
+    /// Rounds up to a tick.
+    pub fn tick_up(&self, ms: u64) -> Time {
+        ms.div_ceil(self.tick_ms) * self.tick_ms
+    }
+
+    /// The logical time at which `minute` is final: from then on no row of it can arrive, so its
+    /// answers can be written and its state forgotten (see `final_minutes_before`).
+    /// `None` in reconciliation, where nothing is final before the end.
+    pub fn minute_final_at(&self, minute: crate::types::Minute) -> Option<Time> {
+        let lateness = self.allowed_lateness_ms?;
+        let end = (minute as u64 + 1) * crate::types::MINUTE_MS;
+        Some(self.tick_up(end + lateness.saturating_sub(self.watermark_delay_ms)))
+    }
+
     /// The last minute (exclusive bound) whose answers can no longer change once the frontier
     /// is at `frontier`: any row still to come has `ts >= min(frontier, frontier + delay - lateness)`.
     /// Reconciliation (no lateness bound) never finalises before the end.
@@ -119,6 +133,23 @@ mod tests {
         assert_eq!(rules.admit(&mut clock, 699_999), Admission::TooLate);
         let reconcile = EventTimeRules { allowed_lateness_ms: None, ..rules };
         assert!(matches!(reconcile.admit(&mut clock, 0), Admission::Accepted { late: true, .. }));
+    }
+
+    #[test]
+    fn a_minute_is_final_at_the_time_the_frontier_closes_it() {
+        for rules in [
+            EventTimeRules::default(),
+            EventTimeRules { tick_ms: 1_000, allowed_lateness_ms: Some(0), ..Default::default() },
+            EventTimeRules { tick_ms: 10_000, watermark_delay_ms: 7_000, allowed_lateness_ms: Some(125_000) },
+        ] {
+            for minute in [0u32, 7, 1_000] {
+                let at = rules.minute_final_at(minute).unwrap();
+                assert!(rules.final_minutes_before(at) > minute);
+                // and it is the first tick that does
+                assert!(rules.final_minutes_before(at - rules.tick_ms) <= minute);
+            }
+        }
+        assert_eq!(EventTimeRules { allowed_lateness_ms: None, ..Default::default() }.minute_final_at(3), None);
     }
 
     #[test]

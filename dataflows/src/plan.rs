@@ -11,11 +11,13 @@ pub struct Plan {
     /// re-sorts a bucket of about `ads_per_minute / buckets[0]` entries, then groups of
     /// `K * buckets[i] / buckets[i+1]`, instead of every ad of the minute.
     pub top_k_buckets: Vec<u32>,
+    /// The sliding windows, in minutes: for each M, the top K of the last M minutes.
+    pub windows: Vec<u32>,
 }
 
 impl Default for Plan {
     fn default() -> Self {
-        Plan { top_k: 100, top_k_buckets: vec![256, 16] }
+        Plan { top_k: 100, top_k_buckets: vec![256, 16], windows: vec![1, 5, 60] }
     }
 }
 
@@ -24,6 +26,12 @@ impl Plan {
     pub fn validate(&self) -> Result<(), String> {
         if self.top_k == 0 || self.top_k > 1000 {
             return Err(format!("top-K must be between 1 and 1000, not {}", self.top_k));
+        }
+        let mut windows = self.windows.clone();
+        windows.sort();
+        windows.dedup();
+        if windows.len() != self.windows.len() || windows.first() == Some(&0) {
+            return Err(format!("windows must be distinct and at least one minute: {:?}", self.windows));
         }
         let mut previous = u32::MAX;
         for &buckets in &self.top_k_buckets {

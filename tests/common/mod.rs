@@ -20,12 +20,20 @@ pub const OUTPUT_FILES: [&str; 6] = [
     "changelog/updates.csv",
 ];
 
+/// Every output file: the fixed ones and each `top_window_{M}m.csv`.
 pub fn read_outputs(out: &Path) -> BTreeMap<String, String> {
-    OUTPUT_FILES
-        .iter()
+    let mut names: Vec<String> = OUTPUT_FILES.iter().map(|n| n.to_string()).collect();
+    for entry in std::fs::read_dir(out).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name.starts_with("top_window_") {
+            names.push(name);
+        }
+    }
+    names
+        .into_iter()
         .map(|name| {
-            let text = std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("reading {name}: {e}"));
-            (name.to_string(), text)
+            let text = std::fs::read_to_string(out.join(&name)).unwrap_or_else(|e| panic!("reading {name}: {e}"));
+            (name, text)
         })
         .collect()
 }
@@ -40,6 +48,7 @@ pub fn run_outputs(logs: &Path, workers: usize, config: &RefConfig, buckets: &[u
     run_config.rules.tick_ms = config.tick_ms;
     run_config.plan.top_k = config.top_k;
     run_config.plan.top_k_buckets = buckets.to_vec();
+    run_config.plan.windows = config.windows.clone();
     run_config.batch_lines = batch_lines_for(logs);
     run(&run_config).unwrap_or_else(|e| panic!("run failed: {e}"));
     read_outputs(out.path())
@@ -60,6 +69,8 @@ fn batch_lines_for(logs: &Path) -> usize {
 
 /// Asserts two output sets are equal file by file, showing the first differing line.
 pub fn assert_same_outputs(expected: &BTreeMap<String, String>, actual: &BTreeMap<String, String>, what: &str) {
+    let names = |files: &BTreeMap<String, String>| files.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(expected), names(actual), "{what}: different output files");
     for (name, want) in expected {
         let got = actual.get(name).unwrap_or_else(|| panic!("{what}: {name} missing"));
         if want != got {

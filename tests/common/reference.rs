@@ -11,11 +11,19 @@ pub struct RefConfig {
     pub allowed_lateness_ms: Option<u64>,
     pub tick_ms: u64,
     pub top_k: usize,
+    /// Sliding windows, in minutes.
+    pub windows: Vec<u32>,
 }
 
 impl Default for RefConfig {
     fn default() -> Self {
-        RefConfig { watermark_delay_ms: 5_000, allowed_lateness_ms: Some(300_000), tick_ms: 60_000, top_k: 100 }
+        RefConfig {
+            watermark_delay_ms: 5_000,
+            allowed_lateness_ms: Some(300_000),
+            tick_ms: 60_000,
+            top_k: 100,
+            windows: vec![1, 5, 60],
+        }
     }
 }
 
@@ -99,6 +107,7 @@ enum Row {
     Campaign { minute: u64, campaign: u64, clicks: u64 },
     Country { minute: u64, country: String, ad: u64, clicks: u64 },
     Top { minute: u64, ad: u64, clicks: u64 },
+    Window { window: u32, ad: u64, clicks: u64 },
 }
 
 impl Row {
@@ -110,8 +119,38 @@ impl Row {
                 format!("{time},country_minute,{minute}/{country}/{ad},{clicks},{diff}")
             }
             Row::Top { minute, ad, clicks } => format!("{time},top_minute,{minute}/{ad},{clicks},{diff}"),
+            Row::Window { window, ad, clicks } => format!("{time},top_window_{window}m,{ad},{clicks},{diff}"),
         }
     }
+}
+
+fn top_k_of(per_ad: HashMap<u64, u64>, top_k: usize) -> Vec<(u64, u64)> {
+    let mut ranked: Vec<(u64, u64)> = per_ad.into_iter().filter(|(_, c)| *c > 0).collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked.truncate(top_k);
+    ranked
+}
+
+/// The top K of each window as of `time`: the clicks visible by then whose minute the window
+/// has not yet left (`(minute + M) * 60000 > time`).
+fn window_rows(time: u64, rows_of_minute: &BTreeMap<u64, BTreeSet<Row>>, config: &RefConfig) -> BTreeSet<Row> {
+    let mut rows = BTreeSet::new();
+    for &window in &config.windows {
+        let mut per_ad: HashMap<u64, u64> = HashMap::new();
+        for (minute, minute_rows) in rows_of_minute {
+            if (minute + window as u64) * 60_000 > time {
+                for row in minute_rows {
+                    if let Row::Ad { ad, clicks, .. } = row {
+                        *per_ad.entry(*ad).or_default() += clicks;
+                    }
+                }
+            }
+        }
+        for (ad, clicks) in top_k_of(per_ad, config.top_k) {
+            rows.insert(Row::Window { window, ad, clicks });
+        }
+    }
+    rows
 }
 
 fn minute_rows(minute: u64, clicks: &[&Attrs], top_k: usize) -> BTreeSet<Row> {
@@ -133,9 +172,7 @@ fn minute_rows(minute: u64, clicks: &[&Attrs], top_k: usize) -> BTreeSet<Row> {
     for ((country, ad), &clicks) in &per_country {
         rows.insert(Row::Country { minute, country: country.clone(), ad: *ad, clicks });
     }
-    let mut ranked: Vec<(u64, u64)> = per_ad.into_iter().collect();
-    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    for (ad, clicks) in ranked.into_iter().take(top_k) {
+    for (ad, clicks) in top_k_of(per_ad, top_k) {
         rows.insert(Row::Top { minute, ad, clicks });
     }
     rows
@@ -208,16 +245,30 @@ pub fn reference_outputs(dir: &Path, config: &RefConfig) -> BTreeMap<String, Str
         }
     }
 
-    // Walk the distinct times in order; at each, recompute the minutes that changed.
+    // Walk the distinct times in order (arrivals, and windows moving past a minute); at each,
+    // recompute the minutes that changed and every window's top K.
     let mut by_time: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     for (i, copy) in copies.iter().enumerate() {
         by_time.entry(copy.time).or_default().push(i);
+        for &window in &config.windows {
+            by_time.entry((copy.ts / 60_000 + window as u64) * 60_000).or_default();
+        }
     }
+    let first_minute = copies.iter().map(|c| c.ts / 60_000).min();
+    let last_minute = copies.iter().map(|c| c.ts / 60_000).max();
     let mut winner: HashMap<(Vec<u8>, u64), usize> = HashMap::new();
     let mut clicks_of_minute: BTreeMap<u64, HashMap<(Vec<u8>, u64), usize>> = BTreeMap::new();
     let mut rows_of_minute: BTreeMap<u64, BTreeSet<Row>> = BTreeMap::new();
+    let mut windows_now: BTreeSet<Row> = BTreeSet::new();
+    let mut snapshots: Vec<(u64, BTreeSet<Row>)> = Vec::new();
+    let mut next_boundary = first_minute.map_or(u64::MAX, |m| m + 1);
+    let boundary_end = last_minute.map_or(0, |m| m + 1);
     let mut changelog = vec!["time,view,key,value,diff".to_string()];
     for (time, arrived) in by_time {
+        while next_boundary <= boundary_end && next_boundary * 60_000 <= time {
+            snapshots.push((next_boundary, windows_now.clone()));
+            next_boundary += 1;
+        }
         let mut touched = BTreeSet::new();
         for i in arrived {
             let key = (copies[i].event_id.clone(), copies[i].ts);
@@ -238,8 +289,16 @@ pub fn reference_outputs(dir: &Path, config: &RefConfig) -> BTreeMap<String, Str
             changes.extend(new_rows.difference(&old_rows).map(|r| (r.clone(), 1)));
             rows_of_minute.insert(minute, new_rows);
         }
+        let new_windows = window_rows(time, &rows_of_minute, config);
+        changes.extend(windows_now.difference(&new_windows).map(|r| (r.clone(), -1)));
+        changes.extend(new_windows.difference(&windows_now).map(|r| (r.clone(), 1)));
+        windows_now = new_windows;
         changes.sort();
         changelog.extend(changes.iter().map(|(row, diff)| row.changelog(time, *diff)));
+    }
+    while next_boundary <= boundary_end {
+        snapshots.push((next_boundary, windows_now.clone()));
+        next_boundary += 1;
     }
 
     let mut files = BTreeMap::new();
@@ -255,12 +314,29 @@ pub fn reference_outputs(dir: &Path, config: &RefConfig) -> BTreeMap<String, Str
                 Row::Campaign { campaign: c, clicks, .. } => campaign.push(format!("{minute},{c},{clicks}")),
                 Row::Country { country: c, ad, clicks, .. } => country.push(format!("{minute},{c},{ad},{clicks}")),
                 Row::Top { ad, clicks, .. } => ranked.push((*ad, *clicks)),
+                Row::Window { .. } => unreachable!("window rows are not kept per minute"),
             }
         }
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         for (rank, (a, clicks)) in ranked.iter().enumerate() {
             top.push(format!("{minute},{},{a},{clicks}", rank + 1));
         }
+    }
+    for &window in &config.windows {
+        let mut lines = vec!["as_of,rank,ad_id,clicks".to_string()];
+        for (boundary, rows) in &snapshots {
+            let per_ad = rows
+                .iter()
+                .filter_map(|row| match row {
+                    Row::Window { window: w, ad, clicks } if *w == window => Some((*ad, *clicks)),
+                    _ => None,
+                })
+                .collect();
+            for (rank, (ad, clicks)) in top_k_of(per_ad, config.top_k).iter().enumerate() {
+                lines.push(format!("{boundary},{},{ad},{clicks}", rank + 1));
+            }
+        }
+        files.insert(format!("top_window_{window}m.csv"), lines.join("\n") + "\n");
     }
     let mut dead_file = vec!["partition,offset,reason,line".to_string()];
     dead_file.extend(dead);

@@ -27,7 +27,8 @@ pub fn minute_counts<'scope>(clicks: VecCollection<'scope, Time, (ClickKey, Clic
     MinuteCounts { ad, campaign, country }
 }
 
-/// Counts records per key, in an arrangement named `name`.
+/// Counts records per key (sums their multiplicities, which may be any weight), in an
+/// arrangement named `name`.
 ///
 /// Updates are consolidated inside the worker before they are exchanged (two-stage aggregation):
 /// a key that gets many clicks at one time, a viral ad, costs one update per batch, not one per

@@ -3,13 +3,15 @@
 
 pub mod counts;
 pub mod dedup;
+pub mod temporal;
 pub mod topk;
 
 use differential_dataflow::VecCollection;
 
 use crate::answer::Answer;
+use crate::event_time::EventTimeRules;
 use crate::plan::Plan;
-use crate::types::{Click, ClickAttrs, ClickKey, Time};
+use crate::types::{Click, ClickAttrs, ClickKey, Time, MINUTE_MS};
 
 /// The collections a rendered dataflow exposes.
 pub struct Rendered<'scope> {
@@ -20,8 +22,27 @@ pub struct Rendered<'scope> {
 }
 
 /// Renders the whole plan over the stream of click deliveries (duplicates included).
-pub fn render_clicks<'scope>(deliveries: VecCollection<'scope, Time, Click>, plan: &Plan) -> Rendered<'scope> {
+///
+/// With a lateness bound, every delivery is retracted again once its minute is final
+/// (`rules.minute_final_at`), so that de-duplication and per-minute state hold only the minutes
+/// that can still change; the sink has written those minutes' answers by then, and ignores the
+/// retractions.
+pub fn render_clicks<'scope>(
+    deliveries: VecCollection<'scope, Time, Click>,
+    plan: &Plan,
+    rules: &EventTimeRules,
+) -> Rendered<'scope> {
     let scope = deliveries.scope();
+    let rules = *rules;
+    let deliveries = match rules.allowed_lateness_ms {
+        Some(_) => scope.region_named("Retention", |inner| {
+            temporal::expiring("RetireFinalMinutes", deliveries.enter_region(inner), move |click: &Click, _| {
+                rules.minute_final_at(click.minute()).map(|expiry| (*click, expiry, 1))
+            })
+            .leave_region(scope)
+        }),
+        None => deliveries,
+    };
     let clicks = scope.region_named("Dedup", |inner| {
         dedup::distinct_clicks(deliveries.enter_region(inner)).leave_region(scope)
     });
@@ -37,6 +58,27 @@ pub fn render_clicks<'scope>(deliveries: VecCollection<'scope, Time, Click>, pla
         let per_ad = counts.ad.clone().enter_region(inner).map(|((minute, ad), clicks)| (minute, (ad, clicks)));
         topk::top_k("TopMinute", per_ad, plan).leave_region(scope)
     });
+    let top_window = scope.region_named("SlidingWindows", |inner| {
+        let windows = plan.windows.clone();
+        // A minute's count changes before it is final are its answer; later ones are retention
+        // forgetting it, which must not take it out of a window early. Each contribution
+        // leaves the window of M minutes when that window has moved past its minute.
+        let contributions = temporal::expiring(
+            "WindowContributions",
+            counts.ad.clone().enter_region(inner),
+            move |&((minute, ad), clicks), time| {
+                let current = rules.minute_final_at(minute).is_none_or(|final_at| time < final_at);
+                windows
+                    .iter()
+                    .filter(move |_| current)
+                    .map(move |&window| ((window, ad), (minute + window) as u64 * MINUTE_MS, clicks as isize))
+                    .collect::<Vec<_>>()
+            },
+        );
+        let window_counts = counts::count_named("WindowCounts", contributions);
+        let per_window = window_counts.map(|((window, ad), clicks)| (window, (ad, clicks)));
+        topk::top_k("TopWindow", per_window, plan).leave_region(scope)
+    });
 
     let answers = counts
         .ad
@@ -47,7 +89,8 @@ pub fn render_clicks<'scope>(deliveries: VecCollection<'scope, Time, Click>, pla
                 .country
                 .map(|((minute, country, ad), clicks)| Answer::CountryMinute { minute, country, ad, clicks }),
         )
-        .concat(top.map(|(minute, (ad, clicks))| Answer::TopMinute { minute, ad, clicks }));
+        .concat(top.map(|(minute, (ad, clicks))| Answer::TopMinute { minute, ad, clicks }))
+        .concat(top_window.map(|(window, (ad, clicks))| Answer::TopWindow { window, ad, clicks }));
 
     Rendered { clicks, answers }
 }

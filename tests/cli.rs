@@ -1,0 +1,55 @@
+//! The command line as a user runs it: the real binary, its flags, its errors and exit codes.
+
+use std::path::Path;
+use std::process::Command;
+
+fn clickagg(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_clickagg")).args(args).output().expect("the binary runs")
+}
+
+#[test]
+fn run_writes_every_file_and_honours_windows() {
+    let out = tempfile::tempdir().unwrap();
+    let out_dir = out.path().to_str().unwrap();
+    let result = clickagg(&["run", "--logs", "datasets/sample/logs", "--out", out_dir, "-w", "2", "--windows", "2m,3m", "--summary"]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let summary = String::from_utf8_lossy(&result.stdout);
+    assert!(summary.contains("too late") && summary.contains("busiest minute"), "{summary}");
+    for file in ["ad_minute.csv", "campaign_minute.csv", "country_minute.csv", "top_minute.csv", "dead_letter.csv",
+                 "changelog/updates.csv", "top_window_2m.csv", "top_window_3m.csv"] {
+        assert!(Path::new(out_dir).join(file).is_file(), "{file} missing");
+    }
+    assert!(!Path::new(out_dir).join("top_window_5m.csv").exists());
+}
+
+#[test]
+fn bad_flags_and_paths_are_clear_errors_not_panics() {
+    let out = tempfile::tempdir().unwrap();
+    let out_dir = out.path().to_str().unwrap();
+    for (args, needle) in [
+        (vec!["run", "--logs", "/nonexistent/logs", "--out", out_dir], "cannot read the log directory"),
+        (vec!["run", "--logs", "datasets/sample/logs", "--out", out_dir, "--windows", "30s"], "whole number of minutes"),
+        (vec!["run", "--logs", "datasets/sample/logs", "--out", out_dir, "--allowed-lateness", "5"], "needs a unit"),
+        (vec!["run", "--logs", "datasets/sample/logs", "--out", out_dir, "--tick", "7s"], "must divide a minute"),
+        (vec!["run", "--logs", "datasets/sample/logs", "--out", out_dir, "--top-k", "0"], "top-K"),
+        (vec!["run", "--logs", "datasets/sample/logs", "--out", "/proc/clickagg-cannot-write"], "cannot create"),
+    ] {
+        let result = clickagg(&args);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{args:?} should fail");
+        assert!(stderr.contains(needle), "{args:?}: expected '{needle}' in: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    }
+}
+
+#[test]
+fn generate_then_parse_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    let logs = logs.to_str().unwrap();
+    let result = clickagg(&["generate", "--out", logs, "--events", "5000", "--partitions", "3", "--preset", "hot-key"]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let result = clickagg(&["parse-only", "--logs", logs, "-w", "2"]);
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(result.status.success() && stdout.starts_with("lines "), "{stdout}");
+}
