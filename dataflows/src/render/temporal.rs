@@ -1,17 +1,24 @@
 //! Temporal operators: updates that undo themselves at a time computed from their data, the
-//! "retract later" idiom of Materialize's temporal filters. Future retractions wait in the
-//! arrangements' batchers until their time comes, so coarse times keep them few.
+//! "retract later" idiom of Materialize's temporal filters.
+
+use std::collections::BTreeMap;
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
 
 use crate::types::Time;
 
 /// For each update `(d, t, r)` and each `(e, expiry, w)` that `logic(&d, t)` yields, emits
 /// `(e, t, w·r)` and `(e, max(t, expiry), -w·r)`: `e` is in the output from `t` until `expiry`
 /// (never, when it arrives at or after `expiry`).
+///
+/// The retractions are held here, by time, and sent only once the input frontier reaches their
+/// time. Sent at once, they would wait in the next arrangement's batcher, which re-sorts every
+/// update it holds back each time it seals a batch: with minutes of retractions pending, that
+/// was a third of a replay's time. Times are coarse (ticks), so few capabilities are held.
 ///
 /// `logic` must be a pure function of its arguments, so that every worker count gives the same
 /// updates.
@@ -24,17 +31,34 @@ where
 {
     input
         .inner
-        .unary(Pipeline, name, move |_, _| {
-            move |input, output| {
+        .unary_frontier(Pipeline, name, move |_, _| {
+            let mut held: BTreeMap<Time, (Capability<Time>, Vec<(D2, Time, isize)>)> = BTreeMap::new();
+            move |(input, frontier), output| {
                 input.for_each(|capability, data| {
                     let mut session = output.session(&capability);
                     for (datum, time, diff) in data.drain(..) {
                         for (out, expiry, weight) in logic(&datum, time) {
+                            let expiry = time.max(expiry);
                             session.give((out.clone(), time, diff * weight));
-                            session.give((out, time.max(expiry), -diff * weight));
+                            let retraction = (out, expiry, -diff * weight);
+                            match held.get_mut(&expiry) {
+                                Some((_, pending)) => pending.push(retraction),
+                                None => {
+                                    let cap = capability.delayed(&expiry, 0);
+                                    held.insert(expiry, (cap, vec![retraction]));
+                                }
+                            }
                         }
                     }
                 });
+                // Release what is due: nothing earlier than the input frontier can still arrive.
+                while let Some(entry) = held.first_entry() {
+                    if frontier.frontier().first().is_some_and(|f| f < entry.key()) {
+                        break;
+                    }
+                    let (capability, mut pending) = entry.remove();
+                    output.session(&capability).give_container(&mut pending);
+                }
             }
         })
         .as_collection()
