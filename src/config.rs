@@ -33,9 +33,36 @@ pub fn parse_windows(text: &str) -> Result<Vec<u32>, String> {
     Ok(windows)
 }
 
+/// Reads a blocklist: one IP or CIDR network per line; blank lines and `#` comments ignored.
+pub fn read_blocklist(path: &std::path::Path) -> Result<Vec<clickagg_dataflows::IpNet>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read blocklist {}: {e}", path.display()))?;
+    let mut networks = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if !line.is_empty() {
+            networks.push(
+                clickagg_dataflows::IpNet::parse(line)
+                    .map_err(|e| format!("blocklist {} line {}: {e}", path.display(), number + 1))?,
+            );
+        }
+    }
+    Ok(networks)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{parse_duration_ms, parse_windows};
+    use super::{parse_duration_ms, parse_windows, read_blocklist};
+
+    #[test]
+    fn blocklists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("block.txt");
+        std::fs::write(&path, "# bots\n203.0.113.0/24\n\n2001:db8::1  # one host\n").unwrap();
+        assert_eq!(read_blocklist(&path).unwrap().len(), 2);
+        std::fs::write(&path, "10.0.0.0/8\n300.1.1.1\n").unwrap();
+        assert!(read_blocklist(&path).unwrap_err().contains("line 2"));
+        assert!(read_blocklist(&dir.path().join("missing")).unwrap_err().contains("cannot read blocklist"));
+    }
 
     #[test]
     fn windows() {

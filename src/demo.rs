@@ -31,6 +31,9 @@ pub fn render_summary(summary: &Summary) -> String {
     line(format!("late             {} (accepted after their minute was reported: corrections)", summary.late()));
     line(format!("too late         {} (beyond allowed lateness: dead letter, not counted)", summary.too_late()));
     line(format!("malformed        {} (dead letter)", summary.malformed()));
+    if summary.excluded > 0 {
+        line(format!("fraud excluded   {} (not billable; fraud_minute.csv)", summary.excluded));
+    }
     line(format!("changelog rows   {}", summary.changelog_rows));
     if let Some((minute, clicks, top)) = &summary.busiest_minute {
         line(format!("busiest minute   {minute} ({clicks} clicks); its top {}:", top.len()));

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clickagg::config::{parse_duration_ms, parse_windows};
+use clickagg::config::{parse_duration_ms, parse_windows, read_blocklist};
 use clickagg::demo::{demo, render_summary};
 use clickagg::generate::{generate, GenConfig};
 use clickagg::run::{run, RunConfig};
@@ -73,6 +73,13 @@ struct RunArgs {
     // The full path keeps clap from treating a `Vec` as a repeated flag: one flag, one list.
     #[arg(long, default_value = "1m,5m,60m", value_parser = parse_windows)]
     windows: ::std::vec::Vec<u32>,
+    /// Fraud rule: a click is not billable when its ip or its user_id has more clicks than this in
+    /// its minute (retroactively: the whole group leaves the billable counts).
+    #[arg(long)]
+    max_clicks_per_minute: Option<u64>,
+    /// Fraud rule: a file of IPs or CIDR networks, one per line, whose clicks are not billable.
+    #[arg(long)]
+    blocklist: Option<PathBuf>,
     /// Print the summary when done.
     #[arg(long)]
     summary: bool,
@@ -197,6 +204,10 @@ fn execute(command: Command) -> Result<(), String> {
             config.rules.tick_ms = args.tick;
             config.plan.top_k = args.top_k;
             config.plan.windows = args.windows;
+            config.plan.fraud.max_clicks_per_minute = args.max_clicks_per_minute;
+            if let Some(path) = &args.blocklist {
+                config.plan.fraud.blocklist = read_blocklist(path)?;
+            }
             let summary = run(&config)?;
             if args.summary {
                 print!("{}", render_summary(&summary));

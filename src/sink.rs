@@ -15,8 +15,10 @@ use clickagg_dataflows::{
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
     pub partitions: Vec<PartitionProgress>,
-    /// Distinct clicks counted (the sum of `ad_minute.csv`).
+    /// Distinct billable clicks counted (the sum of `ad_minute.csv`).
     pub clicks: u64,
+    /// Distinct clicks excluded by the fraud rules (the sum of `fraud_minute.csv`).
+    pub excluded: u64,
     pub minutes: u64,
     /// The minute with the most clicks, its clicks, and its top 10 `(ad, clicks)`.
     pub busiest_minute: Option<(Minute, u64, Vec<(u64, u64)>)>,
@@ -44,7 +46,7 @@ impl Summary {
     }
     /// Accepted deliveries that were copies of a click already counted.
     pub fn duplicates(&self) -> u64 {
-        self.accepted() - self.clicks
+        self.accepted() - self.clicks - self.excluded
     }
 }
 
@@ -71,7 +73,7 @@ pub struct OutputSink {
     /// Snapshots taken, held until a click at or after the minute before their boundary is seen:
     /// the files stop at the last minute's end, which is only known then.
     snapshots: VecDeque<(Minute, Vec<(u32, u64, u64)>)>,
-    /// The latest minute with a click so far.
+    /// The latest minute with an accepted click so far.
     last_minute: Option<Minute>,
     dead_letters: Vec<DeadLetter>,
     summary: Summary,
@@ -104,6 +106,7 @@ impl OutputSink {
                 View::CampaignMinute => b"minute,campaign_id,clicks\n",
                 View::CountryMinute => b"minute,country,ad_id,clicks\n",
                 View::TopMinute | View::TopWindow => b"minute,rank,ad_id,clicks\n",
+                View::FraudMinute => b"minute,ad_id,excluded_clicks\n",
             })?;
             views.push(file);
         }
@@ -173,7 +176,8 @@ impl OutputSink {
                     Some(minute) if minute < self.closed_before => continue,
                     Some(minute) => {
                         self.open_minutes.entry(minute).or_default().push((answer, diff));
-                        if let Answer::AdMinute { .. } = answer {
+                        // Every accepted click is counted billable or excluded.
+                        if let Answer::AdMinute { .. } | Answer::FraudMinute { .. } = answer {
                             self.last_minute = self.last_minute.max(Some(minute));
                         }
                     }
@@ -264,6 +268,10 @@ impl OutputSink {
                 Answer::CampaignMinute { campaign, clicks, .. } => writeln!(file, "{minute},{campaign},{clicks}")?,
                 Answer::CountryMinute { country, ad, clicks, .. } => writeln!(file, "{minute},{country},{ad},{clicks}")?,
                 Answer::TopMinute { ad, clicks, .. } => top.push((ad, clicks)),
+                Answer::FraudMinute { ad, clicks, .. } => {
+                    self.summary.excluded += clicks;
+                    writeln!(file, "{minute},{ad},{clicks}")?
+                }
                 Answer::TopWindow { .. } => unreachable!("window answers belong to no minute"),
             }
         }
@@ -331,7 +339,9 @@ fn write_change(out: &mut impl Write, line: &mut Vec<u8>, time: Time, answer: &A
             line.push(b'/');
             (ad, clicks)
         }
-        Answer::TopMinute { ad, clicks, .. } | Answer::TopWindow { ad, clicks, .. } => (ad, clicks),
+        Answer::TopMinute { ad, clicks, .. }
+        | Answer::FraudMinute { ad, clicks, .. }
+        | Answer::TopWindow { ad, clicks, .. } => (ad, clicks),
     };
     line.extend_from_slice(num.format(key).as_bytes());
     line.push(b',');

@@ -30,6 +30,8 @@ proptest! {
         top_k in prop::sample::select(vec![1usize, 3, 100]),
         buckets in prop::sample::select(vec![vec![], vec![4], vec![8, 2], vec![256, 16]]),
         windows in prop::sample::select(vec![vec![], vec![1], vec![2, 3], vec![1, 5, 60]]),
+        max_clicks_per_minute in prop::sample::select(vec![None, None, Some(1u64), Some(3)]),
+        blocklist in prop::sample::select(vec![vec![], vec![], vec!["10.0.0.0/31"], vec!["2001:db8::/32", "192.168.1.1"]]),
     ) {
         let config = RefConfig {
             watermark_delay_ms: delay_s * 1_000,
@@ -37,6 +39,8 @@ proptest! {
             tick_ms,
             top_k,
             windows,
+            max_clicks_per_minute,
+            blocklist: blocklist.into_iter().map(String::from).collect(),
         };
         check(seed, 300, config, &buckets);
     }

@@ -12,13 +12,16 @@ pub enum View {
     CampaignMinute,
     CountryMinute,
     TopMinute,
+    /// Clicks excluded by the fraud rules.
+    FraudMinute,
     /// The top K of the last M minutes, for each configured M.
     TopWindow,
 }
 
 impl View {
     /// The views with one file each, their rows grouped by minute.
-    pub const PER_MINUTE: [View; 4] = [View::AdMinute, View::CampaignMinute, View::CountryMinute, View::TopMinute];
+    pub const PER_MINUTE: [View; 5] =
+        [View::AdMinute, View::CampaignMinute, View::CountryMinute, View::TopMinute, View::FraudMinute];
 
     /// The view's name in the changelog; its file is `{name}.csv`.
     pub fn name(self) -> &'static str {
@@ -27,6 +30,7 @@ impl View {
             View::CampaignMinute => "campaign_minute",
             View::CountryMinute => "country_minute",
             View::TopMinute => "top_minute",
+            View::FraudMinute => "fraud_minute",
             View::TopWindow => "top_window",
         }
     }
@@ -40,6 +44,8 @@ pub enum Answer {
     CampaignMinute { minute: Minute, campaign: u64, clicks: u64 },
     CountryMinute { minute: Minute, country: Country, ad: u64, clicks: u64 },
     TopMinute { minute: Minute, ad: u64, clicks: u64 },
+    /// `clicks` of ad `ad` in `minute` were excluded by the fraud rules.
+    FraudMinute { minute: Minute, ad: u64, clicks: u64 },
     /// Ad `ad` is in the top K of the last `window` minutes with `clicks`.
     TopWindow { window: u32, ad: u64, clicks: u64 },
 }
@@ -51,6 +57,7 @@ impl Answer {
             Answer::CampaignMinute { .. } => View::CampaignMinute,
             Answer::CountryMinute { .. } => View::CountryMinute,
             Answer::TopMinute { .. } => View::TopMinute,
+            Answer::FraudMinute { .. } => View::FraudMinute,
             Answer::TopWindow { .. } => View::TopWindow,
         }
     }
@@ -62,7 +69,8 @@ impl Answer {
             Answer::AdMinute { minute, .. }
             | Answer::CampaignMinute { minute, .. }
             | Answer::CountryMinute { minute, .. }
-            | Answer::TopMinute { minute, .. } => Some(minute),
+            | Answer::TopMinute { minute, .. }
+            | Answer::FraudMinute { minute, .. } => Some(minute),
             Answer::TopWindow { .. } => None,
         }
     }

@@ -13,5 +13,6 @@ pub mod types;
 
 pub use answer::{Answer, SinkRecord, View};
 pub use event_time::{Admission, EventTimeRules, PartitionClock};
-pub use plan::Plan;
+pub use plan::{FraudRules, Plan};
+pub use render::fraud::IpNet;
 pub use types::*;

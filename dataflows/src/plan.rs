@@ -13,11 +13,28 @@ pub struct Plan {
     pub top_k_buckets: Vec<u32>,
     /// The sliding windows, in minutes: for each M, the top K of the last M minutes.
     pub windows: Vec<u32>,
+    /// Which clicks are not billable; with no rules, every click is.
+    pub fraud: FraudRules,
+}
+
+/// Fraud rules (off by default, so that every answer is exactly SPEC's).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FraudRules {
+    /// A click is not billable when its ip or its user_id has more clicks than this in its minute.
+    pub max_clicks_per_minute: Option<u64>,
+    /// A click from an address in one of these networks is not billable.
+    pub blocklist: Vec<crate::render::fraud::IpNet>,
+}
+
+impl FraudRules {
+    pub fn is_active(&self) -> bool {
+        self.max_clicks_per_minute.is_some() || !self.blocklist.is_empty()
+    }
 }
 
 impl Default for Plan {
     fn default() -> Self {
-        Plan { top_k: 100, top_k_buckets: vec![256, 16], windows: vec![1, 5, 60] }
+        Plan { top_k: 100, top_k_buckets: vec![256, 16], windows: vec![1, 5, 60], fraud: FraudRules::default() }
     }
 }
 

@@ -11,11 +11,12 @@ use clickagg::run::{run, RunConfig};
 use reference::RefConfig;
 
 /// The files a run writes, by path relative to the output directory.
-pub const OUTPUT_FILES: [&str; 6] = [
+pub const OUTPUT_FILES: [&str; 7] = [
     "ad_minute.csv",
     "campaign_minute.csv",
     "country_minute.csv",
     "top_minute.csv",
+    "fraud_minute.csv",
     "dead_letter.csv",
     "changelog/updates.csv",
 ];
@@ -49,6 +50,9 @@ pub fn run_outputs(logs: &Path, workers: usize, config: &RefConfig, buckets: &[u
     run_config.plan.top_k = config.top_k;
     run_config.plan.top_k_buckets = buckets.to_vec();
     run_config.plan.windows = config.windows.clone();
+    run_config.plan.fraud.max_clicks_per_minute = config.max_clicks_per_minute;
+    run_config.plan.fraud.blocklist =
+        config.blocklist.iter().map(|net| clickagg_dataflows::IpNet::parse(net).unwrap()).collect();
     run_config.batch_lines = batch_lines_for(logs);
     run(&run_config).unwrap_or_else(|e| panic!("run failed: {e}"));
     read_outputs(out.path())

@@ -13,6 +13,10 @@ pub struct RefConfig {
     pub top_k: usize,
     /// Sliding windows, in minutes.
     pub windows: Vec<u32>,
+    /// Fraud: more clicks than this per (minute, ip) or (minute, user) excludes them all.
+    pub max_clicks_per_minute: Option<u64>,
+    /// Fraud: IPs or CIDR networks whose clicks are excluded.
+    pub blocklist: Vec<String>,
 }
 
 impl Default for RefConfig {
@@ -23,6 +27,8 @@ impl Default for RefConfig {
             tick_ms: 60_000,
             top_k: 100,
             windows: vec![1, 5, 60],
+            max_clicks_per_minute: None,
+            blocklist: Vec::new(),
         }
     }
 }
@@ -107,6 +113,7 @@ enum Row {
     Campaign { minute: u64, campaign: u64, clicks: u64 },
     Country { minute: u64, country: String, ad: u64, clicks: u64 },
     Top { minute: u64, ad: u64, clicks: u64 },
+    Fraud { minute: u64, ad: u64, clicks: u64 },
     Window { window: u32, ad: u64, clicks: u64 },
 }
 
@@ -119,6 +126,7 @@ impl Row {
                 format!("{time},country_minute,{minute}/{country}/{ad},{clicks},{diff}")
             }
             Row::Top { minute, ad, clicks } => format!("{time},top_minute,{minute}/{ad},{clicks},{diff}"),
+            Row::Fraud { minute, ad, clicks } => format!("{time},fraud_minute,{minute}/{ad},{clicks},{diff}"),
             Row::Window { window, ad, clicks } => format!("{time},top_window_{window}m,{ad},{clicks},{diff}"),
         }
     }
@@ -153,7 +161,51 @@ fn window_rows(time: u64, rows_of_minute: &BTreeMap<u64, BTreeSet<Row>>, config:
     rows
 }
 
-fn minute_rows(minute: u64, clicks: &[&Attrs], top_k: usize) -> BTreeSet<Row> {
+/// Whether `ip` (as a mapped IPv6 number) is in `network` (`a.b.c.d[/n]` or `v6[/n]`).
+fn in_network(ip: u128, network: &str) -> bool {
+    let (address, bits) = match network.split_once('/') {
+        Some((a, b)) => (a, Some(b.parse::<u32>().unwrap())),
+        None => (network, None),
+    };
+    match address.parse::<IpAddr>().unwrap() {
+        IpAddr::V4(net) => {
+            let ip = std::net::Ipv6Addr::from(ip);
+            let Some(v4) = ip.to_ipv4_mapped() else { return false };
+            let bits = bits.unwrap_or(32);
+            bits == 0 || (u32::from(v4) >> (32 - bits)) == (u32::from(net) >> (32 - bits))
+        }
+        IpAddr::V6(net) => {
+            let bits = bits.unwrap_or(128);
+            bits == 0 || (ip >> (128 - bits)) == (u128::from(net) >> (128 - bits))
+        }
+    }
+}
+
+fn minute_rows(minute: u64, all_clicks: &[&Attrs], config: &RefConfig) -> BTreeSet<Row> {
+    let top_k = config.top_k;
+    let mut per_ip: HashMap<u128, u64> = HashMap::new();
+    let mut per_user: HashMap<u64, u64> = HashMap::new();
+    for (_, _, user, ip, _) in all_clicks.iter().copied() {
+        *per_ip.entry(*ip).or_default() += 1;
+        *per_user.entry(*user).or_default() += 1;
+    }
+    let excluded = |(_, _, user, ip, _): &Attrs| {
+        config.max_clicks_per_minute.is_some_and(|limit| per_ip[ip] > limit || per_user[user] > limit)
+            || config.blocklist.iter().any(|net| in_network(*ip, net))
+    };
+    let mut rows = BTreeSet::new();
+    let mut fraud: HashMap<u64, u64> = HashMap::new();
+    let mut clicks = Vec::new();
+    for attrs in all_clicks.iter().copied() {
+        if excluded(attrs) {
+            *fraud.entry(attrs.0).or_default() += 1;
+        } else {
+            clicks.push(attrs);
+        }
+    }
+    for (ad, clicks) in fraud {
+        rows.insert(Row::Fraud { minute, ad, clicks });
+    }
     let mut per_ad: HashMap<u64, u64> = HashMap::new();
     let mut per_campaign: HashMap<u64, u64> = HashMap::new();
     let mut per_country: HashMap<(String, u64), u64> = HashMap::new();
@@ -162,7 +214,6 @@ fn minute_rows(minute: u64, clicks: &[&Attrs], top_k: usize) -> BTreeSet<Row> {
         *per_campaign.entry(*campaign).or_default() += 1;
         *per_country.entry((country.clone(), *ad)).or_default() += 1;
     }
-    let mut rows = BTreeSet::new();
     for (&ad, &clicks) in &per_ad {
         rows.insert(Row::Ad { minute, ad, clicks });
     }
@@ -283,7 +334,7 @@ pub fn reference_outputs(dir: &Path, config: &RefConfig) -> BTreeMap<String, Str
         let mut changes: Vec<(Row, i64)> = Vec::new();
         for minute in touched {
             let attrs: Vec<&Attrs> = clicks_of_minute[&minute].values().map(|&i| &copies[i].attrs).collect();
-            let new_rows = minute_rows(minute, &attrs, config.top_k);
+            let new_rows = minute_rows(minute, &attrs, config);
             let old_rows = rows_of_minute.remove(&minute).unwrap_or_default();
             changes.extend(old_rows.difference(&new_rows).map(|r| (r.clone(), -1)));
             changes.extend(new_rows.difference(&old_rows).map(|r| (r.clone(), 1)));
@@ -306,6 +357,7 @@ pub fn reference_outputs(dir: &Path, config: &RefConfig) -> BTreeMap<String, Str
     let mut campaign = vec!["minute,campaign_id,clicks".to_string()];
     let mut country = vec!["minute,country,ad_id,clicks".to_string()];
     let mut top = vec!["minute,rank,ad_id,clicks".to_string()];
+    let mut fraud = vec!["minute,ad_id,excluded_clicks".to_string()];
     for (minute, rows) in &rows_of_minute {
         let mut ranked = Vec::new();
         for row in rows {
@@ -314,6 +366,7 @@ pub fn reference_outputs(dir: &Path, config: &RefConfig) -> BTreeMap<String, Str
                 Row::Campaign { campaign: c, clicks, .. } => campaign.push(format!("{minute},{c},{clicks}")),
                 Row::Country { country: c, ad, clicks, .. } => country.push(format!("{minute},{c},{ad},{clicks}")),
                 Row::Top { ad, clicks, .. } => ranked.push((*ad, *clicks)),
+                Row::Fraud { ad, clicks, .. } => fraud.push(format!("{minute},{ad},{clicks}")),
                 Row::Window { .. } => unreachable!("window rows are not kept per minute"),
             }
         }
@@ -345,6 +398,7 @@ pub fn reference_outputs(dir: &Path, config: &RefConfig) -> BTreeMap<String, Str
         ("campaign_minute.csv", campaign),
         ("country_minute.csv", country),
         ("top_minute.csv", top),
+        ("fraud_minute.csv", fraud),
         ("dead_letter.csv", dead_file),
         ("changelog/updates.csv", changelog),
     ] {

@@ -3,6 +3,7 @@
 
 pub mod counts;
 pub mod dedup;
+pub mod fraud;
 pub mod temporal;
 pub mod topk;
 
@@ -15,7 +16,8 @@ use crate::types::{Click, ClickAttrs, ClickKey, Time, MINUTE_MS};
 
 /// The collections a rendered dataflow exposes.
 pub struct Rendered<'scope> {
-    /// Distinct accepted clicks: one record per `(event_id, ts)`, with the attributes that count.
+    /// Distinct accepted clicks that are billable: one record per `(event_id, ts)`, with the
+    /// attributes that count (all distinct clicks when there are no fraud rules).
     pub clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>,
     /// Every answer of every view, for the sink.
     pub answers: VecCollection<'scope, Time, Answer>,
@@ -46,6 +48,14 @@ pub fn render_clicks<'scope>(
     let clicks = scope.region_named("Dedup", |inner| {
         dedup::distinct_clicks(deliveries.enter_region(inner)).leave_region(scope)
     });
+    let (clicks, excluded) = if plan.fraud.is_active() {
+        scope.region_named("Fraud", |inner| {
+            let billing = fraud::split_billable(clicks.enter_region(inner), &plan.fraud);
+            (billing.billable.leave_region(scope), Some(billing.excluded.leave_region(scope)))
+        })
+    } else {
+        (clicks, None)
+    };
     let counts = scope.region_named("MinuteCounts", |inner| {
         let counts = counts::minute_counts(clicks.clone().enter_region(inner));
         counts::MinuteCounts {
@@ -91,6 +101,15 @@ pub fn render_clicks<'scope>(
         )
         .concat(top.map(|(minute, (ad, clicks))| Answer::TopMinute { minute, ad, clicks }))
         .concat(top_window.map(|(window, (ad, clicks))| Answer::TopWindow { window, ad, clicks }));
+    let answers = match excluded {
+        Some(excluded) => answers.concat(scope.region_named("FraudMinute", |inner| {
+            let per_ad = excluded.enter_region(inner).map(|(key, attrs)| (crate::types::minute_of(key.ts), attrs.ad));
+            counts::count_named("FraudMinute", per_ad)
+                .map(|((minute, ad), clicks)| Answer::FraudMinute { minute, ad, clicks })
+                .leave_region(scope)
+        })),
+        None => answers,
+    };
 
     Rendered { clicks, answers }
 }
