@@ -105,8 +105,9 @@ impl OutputSink {
                 View::AdMinute => b"minute,ad_id,clicks\n".as_slice(),
                 View::CampaignMinute => b"minute,campaign_id,clicks\n",
                 View::CountryMinute => b"minute,country,ad_id,clicks\n",
-                View::TopMinute | View::TopWindow => b"minute,rank,ad_id,clicks\n",
+                View::TopMinute => b"minute,rank,ad_id,clicks\n",
                 View::FraudMinute => b"minute,ad_id,excluded_clicks\n",
+                View::TopWindow => unreachable!("window files are opened below, one per window"),
             })?;
             views.push(file);
         }
