@@ -244,10 +244,7 @@ impl OutputSink {
             for (&window, file) in &mut self.window_files {
                 let mut ranked: Vec<(u64, u64)> =
                     members.iter().filter(|m| m.0 == window).map(|&(_, ad, clicks)| (ad, clicks)).collect();
-                ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-                for (rank, (ad, clicks)) in ranked.iter().enumerate() {
-                    writeln!(file, "{boundary},{},{ad},{clicks}", rank + 1)?;
-                }
+                write_ranked(file, boundary, &mut ranked)?;
             }
         }
         Ok(())
@@ -276,11 +273,7 @@ impl OutputSink {
                 Answer::TopWindow { .. } => unreachable!("window answers belong to no minute"),
             }
         }
-        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        let file = &mut self.views[View::TopMinute as usize];
-        for (rank, (ad, clicks)) in top.iter().enumerate() {
-            writeln!(file, "{minute},{},{ad},{clicks}", rank + 1)?;
-        }
+        write_ranked(&mut self.views[View::TopMinute as usize], minute, &mut top)?;
         if total > 0 {
             self.summary.clicks += total;
             self.summary.minutes += 1;
@@ -310,6 +303,16 @@ impl OutputSink {
         file.flush()?;
         Ok(self.summary)
     }
+}
+
+/// Ranks `(ad, clicks)` by clicks descending, then ad ascending (SPEC §3), and writes
+/// `{at},{rank},{ad},{clicks}` rows.
+fn write_ranked(out: &mut impl Write, at: Minute, ranked: &mut [(u64, u64)]) -> io::Result<()> {
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    for (rank, (ad, clicks)) in ranked.iter().enumerate() {
+        writeln!(out, "{at},{},{ad},{clicks}", rank + 1)?;
+    }
+    Ok(())
 }
 
 /// Appends one changelog line: `time,view,key,value,diff`, key columns joined by `/`.
