@@ -14,7 +14,7 @@ pub fn demo(dir: &Path, events: u64, workers: usize) -> Result<Summary, String> 
     generate(&config, &logs)?;
     let mut run_config = RunConfig::new(logs, out);
     run_config.workers = workers;
-    run(&run_config)
+    run(&run_config)?.ok_or_else(|| "the run wrote no summary".to_string())
 }
 
 /// The summary as a human reads it.

@@ -2,6 +2,8 @@
 //! dataflow. The dataflow itself is the IO-free `clickagg_dataflows` crate; this crate holds
 //! what touches the world: sources, the sink, the generator and the command line.
 
+pub mod cluster;
+pub mod cluster_local;
 pub mod config;
 pub mod demo;
 pub mod generate;

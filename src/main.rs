@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use clickagg::cluster::{install_panic_recorder, read_hostfile, Cluster};
+use clickagg::cluster_local::cluster_local;
 use clickagg::config::{parse_duration_ms, parse_windows, read_blocklist};
 use clickagg::demo::{demo, render_summary};
 use clickagg::generate::{generate, GenConfig};
@@ -35,6 +37,19 @@ enum Command {
     },
     /// Replay a directory of partitioned click logs and write the answers (SPEC §4).
     Run(RunArgs),
+    /// Start a cluster of processes on 127.0.0.1 (free ports, a temporary hostfile) running
+    /// `run` with the arguments after `--`; for trying cluster mode on one machine.
+    ClusterLocal {
+        /// Processes to start.
+        #[arg(short = 'n', long, default_value_t = 2)]
+        processes: usize,
+        /// Worker threads per process.
+        #[arg(short, long, default_value_t = 1)]
+        workers: usize,
+        /// Arguments for `clickagg run`, e.g. `-- --logs LOGS --out OUT`.
+        #[arg(last = true, required = true)]
+        run_args: Vec<String>,
+    },
     /// Write synthetic click logs.
     Generate(GenerateArgs),
     /// Read and parse the logs with no dataflow: the floor that `run` is measured against.
@@ -46,17 +61,34 @@ enum Command {
     },
 }
 
+/// `-h` is the hostfile, as in timely's own `-w/-n/-p/-h`; help is `--help`.
 #[derive(Args)]
+#[command(disable_help_flag = true)]
 struct RunArgs {
-    /// Directory of part-NNNNN.csv files.
+    /// Directory of part-NNNNN.csv files (in a cluster, every process must see the same files).
     #[arg(long)]
     logs: PathBuf,
-    /// Output directory (created; its files are replaced).
+    /// Output directory (created; its files are replaced). Required on process 0 only.
     #[arg(long)]
-    out: PathBuf,
-    /// Worker threads.
+    out: Option<PathBuf>,
+    /// Worker threads per process (the same in every process of a cluster).
     #[arg(short, long, default_value_t = 1)]
     workers: usize,
+    /// Processes in the cluster.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    processes: usize,
+    /// This process's index, 0 to processes-1. Process 0 writes the answers.
+    #[arg(short = 'p', long, default_value_t = 0)]
+    process: usize,
+    /// host:port of every process, one per line in process order (needed when --processes > 1).
+    #[arg(short = 'h', long)]
+    hostfile: Option<PathBuf>,
+    /// Give up when a peer process has not connected within this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
+    connect_timeout: u64,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help)]
+    help: Option<bool>,
     /// The watermark trails each partition's newest event by this much.
     #[arg(long, default_value = "5s", value_parser = parse_duration_ms)]
     watermark_delay: u64,
@@ -167,8 +199,25 @@ fn tune_allocator() {
     }
 }
 
+/// The cluster this process belongs to, from `-n/-p/-h`; `None` for a single process.
+fn cluster_of(args: &RunArgs) -> Result<Option<Cluster>, String> {
+    if args.processes <= 1 && args.process == 0 {
+        return Ok(None);
+    }
+    let hostfile = args.hostfile.as_ref().ok_or("--processes > 1 needs --hostfile (-h) with each process's host:port")?;
+    let cluster = Cluster {
+        processes: args.processes,
+        process: args.process,
+        addresses: read_hostfile(hostfile)?,
+        connect_timeout: std::time::Duration::from_millis(args.connect_timeout),
+    };
+    cluster.validate()?;
+    Ok(Some(cluster))
+}
+
 fn main() -> ExitCode {
     tune_allocator();
+    install_panic_recorder();
     match execute(Cli::parse().command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -197,8 +246,11 @@ fn execute(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Run(args) => {
-            let mut config = RunConfig::new(args.logs, args.out);
+            let cluster = cluster_of(&args)?;
+            let mut config = RunConfig::new(args.logs, PathBuf::new());
+            config.out = args.out;
             config.workers = args.workers;
+            config.cluster = cluster;
             config.rules.watermark_delay_ms = args.watermark_delay;
             config.rules.allowed_lateness_ms = Some(args.allowed_lateness);
             config.rules.tick_ms = args.tick;
@@ -208,12 +260,14 @@ fn execute(command: Command) -> Result<(), String> {
             if let Some(path) = &args.blocklist {
                 config.plan.fraud.blocklist = read_blocklist(path)?;
             }
-            let summary = run(&config)?;
-            if args.summary {
-                print!("{}", render_summary(&summary));
+            match run(&config)? {
+                Some(summary) if args.summary => print!("{}", render_summary(&summary)),
+                Some(_) => {}
+                None => eprintln!("clickagg: process {} done", args.process),
             }
             Ok(())
         }
+        Command::ClusterLocal { processes, workers, run_args } => cluster_local(processes, workers, &run_args),
         Command::ParseOnly { logs, workers } => {
             let started = std::time::Instant::now();
             let counts = clickagg::source::parse_only(&logs, workers, &Default::default())?;

@@ -1,6 +1,7 @@
-//! `clickagg run`: one timely computation over all partitions. Each worker reads partitions
-//! `i, i+W, …`; its input frontier is the watermark of those partitions, so the computation's
-//! frontier is the watermark of SPEC §2. The sink lives on worker 0.
+//! `clickagg run`: one timely computation over all partitions, in one process or several. Each
+//! of the computation's W·N workers reads partitions `i, i+W·N, …`; its input frontier is the
+//! watermark of those partitions, so the computation's frontier is the watermark of SPEC §2.
+//! The sink lives on worker 0, in process 0.
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use clickagg_dataflows::{
     render::render_clicks, Click, DeadLetter, EventTimeRules, Plan, SinkRecord, SourceNote, Time,
 };
 
+use crate::cluster::{self, Cluster, Greeting};
 use crate::sink::{OutputSink, Summary};
 use crate::source::{list_partitions, partition_name, PartitionSource, SourceOutput};
 
@@ -23,8 +25,12 @@ use crate::source::{list_partitions, partition_name, PartitionSource, SourceOutp
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub logs: PathBuf,
-    pub out: PathBuf,
+    /// The output directory; only process 0 writes one.
+    pub out: Option<PathBuf>,
+    /// Worker threads in this process (the same in every process).
     pub workers: usize,
+    /// The other processes, when running as a cluster.
+    pub cluster: Option<Cluster>,
     pub rules: EventTimeRules,
     pub plan: Plan,
     /// Lines a worker reads from one partition before it lets the dataflow run.
@@ -38,8 +44,9 @@ impl RunConfig {
     pub fn new(logs: PathBuf, out: PathBuf) -> RunConfig {
         RunConfig {
             logs,
-            out,
+            out: Some(out),
             workers: 1,
+            cluster: None,
             rules: EventTimeRules::default(),
             plan: Plan::default(),
             batch_lines: 50_000,
@@ -52,10 +59,41 @@ impl RunConfig {
         if self.workers == 0 {
             return Err("--workers must be at least 1".into());
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+        }
+        if self.is_sink_process() && self.out.is_none() {
+            return Err("--out is required (on process 0, which writes the answers)".into());
+        }
         if self.rules.tick_ms == 0 || 60_000 % self.rules.tick_ms != 0 {
             return Err(format!("the tick ({} ms) must divide a minute", self.rules.tick_ms));
         }
         Ok(())
+    }
+
+    /// Process 0 holds the sink; the others only compute.
+    pub fn is_sink_process(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.process == 0)
+    }
+
+    /// The settings that change answers, in a form a person can compare: every process of a
+    /// cluster must have the same.
+    pub fn answer_settings(&self) -> String {
+        let list = |v: &[u32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+        let blocklist = format!("{:?}", self.plan.fraud.blocklist);
+        format!(
+            "watermark_delay_ms={} allowed_lateness_ms={:?} tick_ms={} top_k={} buckets={} windows={} \
+             max_clicks_per_minute={:?} blocklist={}:{:016x}",
+            self.rules.watermark_delay_ms,
+            self.rules.allowed_lateness_ms,
+            self.rules.tick_ms,
+            self.plan.top_k,
+            list(&self.plan.top_k_buckets),
+            list(&self.plan.windows),
+            self.plan.fraud.max_clicks_per_minute,
+            self.plan.fraud.blocklist.len(),
+            xxhash_rust::xxh3::xxh3_64(blocklist.as_bytes()),
+        )
     }
 }
 
@@ -85,20 +123,36 @@ impl Inputs {
     }
 }
 
-/// Replays the logs to their end and writes the output directory.
-pub fn run(config: &RunConfig) -> Result<Summary, String> {
+/// Replays the logs to their end and writes the output directory. Returns the summary on the
+/// process that holds the sink (process 0), `None` on the others.
+pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
     config.validate()?;
     let paths = list_partitions(&config.logs)?;
     let names: Vec<String> = paths.iter().map(|p| partition_name(p)).collect();
     // Fail before starting workers if the output cannot be written.
-    let sink = OutputSink::create(&config.out, names.clone(), config.rules, &config.plan.windows).map_err(|e| e.to_string())?;
-    let sink = std::sync::Mutex::new(Some(sink));
+    let sink = match (&config.out, config.is_sink_process()) {
+        (Some(out), true) => Some(
+            OutputSink::create(out, names.clone(), config.rules, &config.plan.windows).map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
+    let sink = std::sync::Mutex::new(sink);
+    let greeting = config.cluster.as_ref().map(|cluster| Greeting {
+        process: cluster.process,
+        processes: cluster.processes,
+        workers: config.workers,
+        settings: config.answer_settings(),
+        partitions: names.len(),
+        partitions_fingerprint: xxhash_rust::xxh3::xxh3_64(names.join("\n").as_bytes()),
+    });
+    let cluster = config.cluster.as_ref().zip(greeting.as_ref());
+    let sink_process = config.is_sink_process();
     let config = config.clone();
 
-    let guards = timely::execute(timely::Config::process(config.workers), move |worker| {
+    let guards = cluster::execute(config.workers, cluster, move |worker| {
         let index = worker.index();
         let peers = worker.peers();
-        let sink = if index == 0 { sink.lock().unwrap().take() } else { None };
+        let sink = if index == 0 { sink.lock().ok().and_then(|mut s| s.take()) } else { None };
         let sink = Rc::new(RefCell::new(sink));
         let sink_error: Rc<RefCell<Option<String>>> = Rc::new(RefCell::new(None));
         let mut probe = ProbeHandle::new();
@@ -185,10 +239,14 @@ pub fn run(config: &RunConfig) -> Result<Summary, String> {
         (summary, errors)
     })?;
 
+    // A lost peer makes timely's communication threads panic, and joining them panics again;
+    // either way the user gets one message saying what happened.
+    let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| guards.join()))
+        .map_err(|_| cluster::failure_message())?;
     let mut summary = None;
     let mut errors = Vec::new();
-    for result in guards.join() {
-        let (worker_summary, worker_errors) = result.map_err(|e| format!("a worker failed: {e}"))?;
+    for result in results {
+        let (worker_summary, worker_errors) = result.map_err(|_| cluster::failure_message())?;
         errors.extend(worker_errors);
         match worker_summary {
             Some(Ok(s)) => summary = Some(s),
@@ -199,5 +257,8 @@ pub fn run(config: &RunConfig) -> Result<Summary, String> {
     if !errors.is_empty() {
         return Err(errors.join("\n"));
     }
-    summary.ok_or_else(|| "worker 0 produced no summary".to_string())
+    match (summary, sink_process) {
+        (None, true) => Err("worker 0 produced no summary".to_string()),
+        (summary, _) => Ok(summary),
+    }
 }

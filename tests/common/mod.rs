@@ -54,7 +54,7 @@ pub fn run_outputs(logs: &Path, workers: usize, config: &RefConfig, buckets: &[u
     run_config.plan.fraud.blocklist =
         config.blocklist.iter().map(|net| clickagg_dataflows::IpNet::parse(net).unwrap()).collect();
     run_config.batch_lines = batch_lines_for(logs);
-    run(&run_config).unwrap_or_else(|e| panic!("run failed: {e}"));
+    run(&run_config).unwrap_or_else(|e| panic!("run failed: {e}")).expect("a summary");
     read_outputs(out.path())
 }
 
