@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""clickagg's benchmark harness: one command, figures in bench/RESULTS.md.
+
+    python3 bench/bench.py                 # everything, 10M events, medians of 3
+    python3 bench/bench.py --only cluster  # one group: floor, throughput, hotkey, cluster, duckdb
+    python3 bench/bench.py --events 1000000 --runs 1   # a quick look
+
+Data sets are generated once by `clickagg generate` and cached under --data (default
+bench/.data, or $CLICKAGG_BENCH_DATA); a set is regenerated only when its parameters change.
+Each figure is the median wall time of --runs runs, with the peak RSS of the process (the
+largest process, for a cluster). Events/s counts every line of the logs, dead-lettered ones
+included, because every line is read and parsed. The parse-only floor reads and parses every
+line with no dataflow; `run`'s ratio to it, at the same number of threads, is the overhead that
+is ours to close.
+
+Nothing here asserts: the harness reports and people judge. Timed tests lie on a busy machine.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# The harness copies the binary it built here, so that a rebuild during a long run cannot change it.
+BINARY = ROOT / "target" / "release" / "clickagg"
+GROUPS = ["floor", "throughput", "hotkey", "cluster", "duckdb"]
+
+
+def log(message):
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def measure(commands):
+    """Starts every command at once and waits for all; returns (seconds, peak RSS in bytes of the
+    largest process). Several commands are the processes of one cluster."""
+    started = time.monotonic()
+    processes = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands]
+    peak = 0
+    failures = []
+    for command, process in zip(commands, processes):
+        _, status, usage = os.wait4(process.pid, 0)
+        peak = max(peak, usage.ru_maxrss * 1024)
+        if status != 0:
+            failures.append(f"{' '.join(map(str, command))}: status {status}: {process.stderr.read().decode()[-2000:]}")
+        process.returncode = status
+    seconds = time.monotonic() - started
+    if failures:
+        raise SystemExit("a benchmarked command failed:\n" + "\n".join(failures))
+    return seconds, peak
+
+
+def repeat(name, commands, runs):
+    samples = []
+    for i in range(runs):
+        seconds, rss = measure(commands() if callable(commands) else commands)
+        log(f"{name}: run {i + 1}/{runs}: {seconds:.2f} s, {rss / 2**30:.2f} GiB")
+        samples.append((seconds, rss))
+    times = sorted(s for s, _ in samples)
+    return {"name": name, "median": statistics.median(times), "min": times[0], "max": times[-1],
+            "rss": max(r for _, r in samples), "runs": runs}
+
+
+def dataset(data_dir, name, events, preset):
+    """Generates a data set once; returns (path, lines)."""
+    path = data_dir / name
+    marker = path / ".bench.json"
+    wanted = {"events": events, "preset": preset, "partitions": 8, "seed": 1}
+    if marker.exists() and json.loads(marker.read_text()).get("params") == wanted:
+        return path, json.loads(marker.read_text())["lines"]
+    log(f"generating {name} ({events} events, preset {preset}) under {path}")
+    subprocess.run([BINARY, "generate", "--out", path, "--events", str(events), "--preset", preset,
+                    "--partitions", "8", "--seed", "1"], check=True)
+    lines = 0
+    for part in path.glob("part-*.csv"):
+        with open(part, "rb") as f:
+            lines += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")) - 1
+    marker.write_text(json.dumps({"params": wanted, "lines": lines}))
+    return path, lines
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def cluster_commands(logs, out, processes, workers, scratch):
+    def build():
+        hostfile = scratch / "hostfile"
+        hostfile.write_text("".join(f"127.0.0.1:{p}\n" for p in free_ports(processes)))
+        commands = []
+        for process in range(processes):
+            command = [BINARY, "run", "--logs", logs, "-w", str(workers), "-n", str(processes),
+                       "-p", str(process), "-h", hostfile]
+            if process == 0:
+                command += ["--out", out]
+            commands.append(command)
+        return commands
+    return build
+
+
+def duckdb_python(scratch_root):
+    """A virtual environment of the harness's own with DuckDB, made once."""
+    venv = scratch_root / "venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        log(f"installing DuckDB into {venv}")
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "duckdb"], check=True)
+    return python
+
+
+def machine():
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+        mem_gib = int(mem.split()[1]) / 2**20
+    except (OSError, StopIteration):
+        mem_gib = 0
+    return f"{os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB, {platform.system()} {platform.release()}"
+
+
+def commit():
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def render(results, lines, args):
+    by_name = {r["name"]: r for r in results}
+    floor = {1: by_name.get("parse-only, 1 thread"), 2: by_name.get("parse-only, 2 threads")}
+    rows = []
+    for r in results:
+        rate = r["lines"] / r["median"]
+        threads = r.get("threads")
+        ratio = ""
+        if threads in floor and floor[threads] and not r["name"].startswith("parse-only"):
+            ratio = f"{100 * floor[threads]['median'] / r['median']:.1f}%"
+        rows.append(f"| {r['name']} | {r['median']:.2f} | {r['min']:.2f}–{r['max']:.2f} | "
+                    f"{rate / 1e6:.2f}M | {ratio} | {r['rss'] / 2**30:.2f} |")
+    text = [
+        "# clickagg benchmark results",
+        "",
+        f"- Machine: {machine()}",
+        f"- Commit: {commit()}",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- Data: `clickagg generate --events {args.events} --partitions 8 --seed 1` "
+        f"(default and hot-key presets), {lines:,} lines each set including duplicates and bad rows",
+        f"- Each figure: median of {args.runs} run(s), wall seconds; RSS is the peak of the largest process.",
+        f"- Command: `python3 bench/bench.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        "| what | median s | range s | lines/s | of parse floor (same threads) | peak RSS GiB |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    def speed(name):
+        return by_name[name]["lines"] / by_name[name]["median"] if name in by_name else None
+    checks = []
+    w1, w2 = speed("run, 1×1 (processes × workers)"), speed("run, 1×2")
+    hot, duck = speed("run, 1×2, hot-key set"), speed("DuckDB 2 threads, batch job")
+    if w2:
+        checks.append(f"- 2 workers: {w2 / 1e6:.2f}M lines/s (target 2M/s)")
+    if w2 and floor[2]:
+        checks.append(f"- Share of the 2-thread parse floor: {100 * floor[2]['median'] / by_name['run, 1×2']['median']:.1f}% (target 20%)")
+    if w1 and w2:
+        checks.append(f"- 1 → 2 workers: {w2 / w1:.2f}× (target 1.7×)")
+    if hot and w2:
+        checks.append(f"- Hot-key set: {100 * hot / w2:.0f}% of the default set's speed (target within 15%)")
+    if duck and w2:
+        checks.append(f"- Against DuckDB with 2 threads: {w2 / duck:.2f}× (target 2×)")
+    if checks:
+        text += ["## Against the targets of issue 4", "", *checks, ""]
+    return "\n".join(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("CLICKAGG_BENCH_DATA", ROOT / "bench" / ".data")))
+    parser.add_argument("--only", default=",".join(GROUPS), help="comma-separated groups: " + ", ".join(GROUPS))
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = parser.parse_args()
+    groups = set(args.only.split(","))
+    if groups - set(GROUPS):
+        parser.error(f"unknown group(s) {sorted(groups - set(GROUPS))}; choose from {GROUPS}")
+
+    log("building clickagg (release)")
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    args.data.mkdir(parents=True, exist_ok=True)
+    global BINARY
+    frozen = args.data / "clickagg"
+    shutil.copy2(BINARY, frozen)
+    BINARY = frozen
+    default, lines = dataset(args.data, f"default-{args.events}", args.events, "default")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="clickagg-bench-") as scratch:
+        scratch = Path(scratch)
+        out = scratch / "out"
+
+        def add(result, threads, set_lines=lines):
+            result["threads"], result["lines"] = threads, set_lines
+            results.append(result)
+
+        if "floor" in groups or "throughput" in groups:
+            for threads in (1, 2):
+                add(repeat(f"parse-only, {threads} thread{'s' if threads > 1 else ''}",
+                           [[BINARY, "parse-only", "--logs", default, "-w", str(threads)]], args.runs), threads)
+        if "throughput" in groups or "cluster" in groups:
+            add(repeat("run, 1×1 (processes × workers)", [[BINARY, "run", "--logs", default, "--out", out, "-w", "1"]], args.runs), 1)
+            add(repeat("run, 1×2", [[BINARY, "run", "--logs", default, "--out", out, "-w", "2"]], args.runs), 2)
+        if "hotkey" in groups:
+            hot, hot_lines = dataset(args.data, f"hot-key-{args.events}", args.events, "hot-key")
+            add(repeat("run, 1×2, hot-key set", [[BINARY, "run", "--logs", hot, "--out", out, "-w", "2"]], args.runs), 2, hot_lines)
+        if "cluster" in groups:
+            add(repeat("run, 2×1 (two processes on loopback)", cluster_commands(default, out, 2, 1, scratch), args.runs), 2)
+        if "duckdb" in groups:
+            python = duckdb_python(args.data)
+            job = [python, ROOT / "bench" / "duckdb_job.py", "--logs", default, "--out", scratch / "duckdb", "--threads", "2"]
+            add(repeat("DuckDB 2 threads, batch job", [job], args.runs), 2)
+
+    report = render(results, lines, args)
+    args.results.write_text(report)
+    print(report)
+    log(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()

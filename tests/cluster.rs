@@ -1,0 +1,184 @@
+//! Cluster mode as an operator runs it: several `clickagg run` processes on loopback, joined
+//! by a hostfile, must write exactly what one process with one worker writes; and a cluster
+//! that cannot form or loses a member must say so and exit non-zero, never hang.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use clickagg::cluster_local::write_local_hostfile;
+use clickagg::generate::{generate, GenConfig};
+use common::{assert_same_outputs, read_outputs};
+
+fn clickagg() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_clickagg"))
+}
+
+/// Generated logs with every kind of row: duplicates, late, too late and malformed.
+fn logs(dir: &Path, events: u64, partitions: u32) -> String {
+    let logs = dir.join("logs");
+    let config = GenConfig { events, partitions, minutes: 30, seed: 7, ..GenConfig::default() };
+    generate(&config, &logs).unwrap();
+    logs.to_str().unwrap().to_string()
+}
+
+const SETTINGS: [&str; 6] = ["--windows", "1m,5m", "--max-clicks-per-minute", "25", "--allowed-lateness", "2m"];
+
+fn single_process_outputs(logs: &str, dir: &Path) -> std::collections::BTreeMap<String, String> {
+    let out = dir.join("single");
+    let result = clickagg().args(["run", "--logs", logs, "--out", out.to_str().unwrap(), "-w", "1"]).args(SETTINGS).output().unwrap();
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    read_outputs(&out)
+}
+
+/// Starts process `process` of `processes`, as the README tells an operator to.
+fn start(logs: &str, out: Option<&Path>, workers: usize, processes: usize, process: usize, hostfile: &Path, extra: &[&str]) -> Child {
+    let mut command = clickagg();
+    command.args(["run", "--logs", logs, "-w", &workers.to_string(), "-n", &processes.to_string()]);
+    command.args(["-p", &process.to_string(), "-h", hostfile.to_str().unwrap()]).args(SETTINGS).args(extra);
+    if let Some(out) = out {
+        command.arg("--out").arg(out);
+    }
+    command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Waits for a process, failing the test instead of hanging if it does not end.
+fn finish(child: Child, limit: Duration) -> Output {
+    let started = Instant::now();
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("a clickagg process did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn two_processes_of_two_workers_write_what_one_worker_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path(), 60_000, 5);
+    let expected = single_process_outputs(&logs, dir.path());
+    let dead = &expected["dead_letter.csv"];
+    for reason in ["too_late", "bad_ts"] {
+        assert!(dead.contains(reason), "the data set should have {reason} rows");
+    }
+    assert!(expected["changelog/updates.csv"].lines().any(|l| l.contains(",-1")), "the data set should cause corrections");
+
+    let hostfile = write_local_hostfile(dir.path(), 2).unwrap();
+    let out = dir.path().join("cluster");
+    // Process 1 first: the order processes start in must not matter. It needs no --out.
+    let second = start(&logs, None, 2, 2, 1, &hostfile, &[]);
+    let first = start(&logs, Some(&out), 2, 2, 0, &hostfile, &[]);
+    for (name, output) in [("process 0", finish(first, Duration::from_secs(120))), ("process 1", finish(second, Duration::from_secs(120)))] {
+        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    assert_same_outputs(&expected, &read_outputs(&out), "2 processes × 2 workers vs 1 × 1");
+}
+
+#[test]
+fn cluster_local_starts_a_working_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path(), 20_000, 4);
+    let expected = single_process_outputs(&logs, dir.path());
+    let out = dir.path().join("local");
+    let mut command = clickagg();
+    command.args(["cluster-local", "-n", "3", "-w", "1", "--", "--logs", &logs, "--out", out.to_str().unwrap()]).args(SETTINGS);
+    let output = finish(command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), Duration::from_secs(120));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_same_outputs(&expected, &read_outputs(&out), "cluster-local 3 × 1 vs 1 × 1");
+}
+
+#[test]
+fn a_killed_process_brings_the_others_down_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // Large enough that the run is still going when process 1 dies.
+    let logs = logs(dir.path(), 1_000_000, 4);
+    let hostfile = write_local_hostfile(dir.path(), 2).unwrap();
+    let out = dir.path().join("out");
+    let mut first = start(&logs, Some(&out), 1, 2, 0, &hostfile, &["--tick", "1s"]);
+    let mut second = start(&logs, None, 1, 2, 1, &hostfile, &["--tick", "1s"]);
+    // Wait until process 0 has joined the cluster, then kill process 1 as `kill -9` would.
+    let mut stderr = BufReader::new(first.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("connected") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "process 0 ended before connecting");
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let started = Instant::now();
+    let output = finish(first, Duration::from_secs(60));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(!output.status.success(), "process 0 should fail when a peer dies");
+    assert!(rest.contains("lost the connection to another process"), "unclear error: {rest}");
+    assert!(!rest.contains("panicked") && !rest.contains("abort"), "a panic reached the user: {rest}");
+    assert!(started.elapsed() < Duration::from_secs(30), "process 0 took {:?} to notice", started.elapsed());
+}
+
+#[test]
+fn processes_with_different_worker_counts_refuse_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path(), 2_000, 2);
+    let hostfile = write_local_hostfile(dir.path(), 2).unwrap();
+    let first = start(&logs, Some(&dir.path().join("out")), 2, 2, 0, &hostfile, &["--connect-timeout", "20s"]);
+    let second = start(&logs, None, 1, 2, 1, &hostfile, &["--connect-timeout", "20s"]);
+    for output in [finish(first, Duration::from_secs(60)), finish(second, Duration::from_secs(60))] {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(stderr.contains("every process must be given the same --workers"), "{stderr}");
+    }
+}
+
+#[test]
+fn processes_with_different_settings_refuse_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path(), 2_000, 2);
+    let hostfile = write_local_hostfile(dir.path(), 2).unwrap();
+    let first = start(&logs, Some(&dir.path().join("out")), 1, 2, 0, &hostfile, &["--top-k", "5"]);
+    let second = start(&logs, None, 1, 2, 1, &hostfile, &["--top-k", "6"]);
+    let output = finish(second, Duration::from_secs(60));
+    finish(first, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("different settings") && stderr.contains("top_k=6"), "{stderr}");
+}
+
+#[test]
+fn a_peer_that_never_starts_is_an_error_after_the_timeout_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path(), 2_000, 2);
+    let hostfile = write_local_hostfile(dir.path(), 3).unwrap();
+    let started = Instant::now();
+    let output = finish(start(&logs, Some(&dir.path().join("out")), 1, 3, 0, &hostfile, &["--connect-timeout", "1s"]), Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("process 1") && stderr.contains("process 2") && stderr.contains("never connected"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn cluster_flags_are_checked_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path(), 100, 1);
+    let hostfile = write_local_hostfile(dir.path(), 2).unwrap();
+    let h = hostfile.to_str().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["-n", "2", "-p", "0", "--out", o], "needs --hostfile"),
+        (vec!["-n", "2", "-p", "2", "-h", h, "--out", o], "out of range"),
+        (vec!["-n", "3", "-p", "0", "-h", h, "--out", o], "one host:port line per process"),
+        (vec!["-n", "2", "-p", "0", "-h", h], "--out is required"),
+        (vec!["-n", "2", "-p", "0", "-h", "/nonexistent/hosts", "--out", o], "cannot read the hostfile"),
+    ] {
+        let output = clickagg().args(["run", "--logs", &logs]).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains(needle), "{args:?}: expected {needle:?} in {stderr}");
+    }
+}
