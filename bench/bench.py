@@ -144,7 +144,7 @@ def commit():
     return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def render(results, lines, args):
+def render(results, lines, args, built_from):
     by_name = {r["name"]: r for r in results}
     floor = {1: by_name.get("parse-only, 1 thread"), 2: by_name.get("parse-only, 2 threads")}
     rows = []
@@ -160,7 +160,7 @@ def render(results, lines, args):
         "# clickagg benchmark results",
         "",
         f"- Machine: {machine()}",
-        f"- Commit: {commit()}",
+        f"- Commit: {built_from} (as built at the start of the run)",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- Data: `clickagg generate --events {args.events} --partitions 8 --seed 1` "
         f"(default and hot-key presets), {lines:,} lines each set including duplicates and bad rows",
@@ -206,6 +206,7 @@ def main():
 
     log("building clickagg (release)")
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    built_from = commit()
     args.data.mkdir(parents=True, exist_ok=True)
     global BINARY
     frozen = args.data / "clickagg"
@@ -238,7 +239,7 @@ def main():
             job = [python, ROOT / "bench" / "duckdb_job.py", "--logs", default, "--out", scratch / "duckdb", "--threads", "2"]
             add(repeat("DuckDB 2 threads, batch job", [job], args.runs), 2)
 
-    report = render(results, lines, args)
+    report = render(results, lines, args, built_from)
     args.results.write_text(report)
     print(report)
     log(f"wrote {args.results}")
