@@ -8,5 +8,7 @@ pub mod config;
 pub mod demo;
 pub mod generate;
 pub mod run;
+pub mod serve;
+pub mod shell;
 pub mod sink;
 pub mod source;

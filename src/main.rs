@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -14,6 +15,8 @@ use clickagg::config::{parse_duration_ms, parse_windows, read_blocklist};
 use clickagg::demo::{demo, render_summary};
 use clickagg::generate::{generate, GenConfig};
 use clickagg::run::{run, RunConfig};
+use clickagg::serve::{serve, ServingState, Settings};
+use clickagg::shell::{shell, Client};
 
 /// Exact ad-click aggregation over partitioned logs, on timely and differential dataflow.
 #[derive(Parser)]
@@ -49,6 +52,16 @@ enum Command {
         /// Arguments for `clickagg run`, e.g. `-- --logs LOGS --out OUT`.
         #[arg(last = true, required = true)]
         run_args: Vec<String>,
+    },
+    /// An interactive shell over a running server (`run --serve`): top, count, history,
+    /// watermark, partitions, watch. Reads commands from stdin when it is not a terminal.
+    Shell {
+        /// The server's host:port.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        connect: String,
+        /// The server's bearer token, if it needs one.
+        #[arg(long)]
+        token: Option<String>,
     },
     /// Write synthetic click logs.
     Generate(GenerateArgs),
@@ -115,6 +128,16 @@ struct RunArgs {
     /// Print the summary when done.
     #[arg(long)]
     summary: bool,
+    /// Serve the HTTP API and dashboard here (e.g. 127.0.0.1:8080) during the replay, and keep
+    /// serving its final answers afterwards until interrupted. Process 0 only.
+    #[arg(long)]
+    serve: Option<String>,
+    /// Require `Authorization: Bearer TOKEN` on the API (the dashboard takes it as #token=).
+    #[arg(long)]
+    token: Option<String>,
+    /// Threads answering HTTP requests.
+    #[arg(long, default_value_t = 4)]
+    http_threads: usize,
 }
 
 #[derive(Args)]
@@ -260,13 +283,45 @@ fn execute(command: Command) -> Result<(), String> {
             if let Some(path) = &args.blocklist {
                 config.plan.fraud.blocklist = read_blocklist(path)?;
             }
+            let serving = match &args.serve {
+                Some(_) if !config.is_sink_process() => {
+                    eprintln!("clickagg: process {}: --serve is for process 0, which holds the answers; ignored", args.process);
+                    None
+                }
+                Some(address) => {
+                    let names = clickagg::source::list_partitions(&config.logs)?
+                        .iter()
+                        .map(|p| clickagg::source::partition_name(p))
+                        .collect();
+                    let state = Arc::new(ServingState::new(Settings {
+                        top_k: config.plan.top_k,
+                        windows: config.plan.windows.clone(),
+                        partition_names: names,
+                        logs: config.logs.clone(),
+                        watermark_delay_ms: config.rules.watermark_delay_ms,
+                        allowed_lateness_ms: config.rules.allowed_lateness_ms,
+                    }));
+                    let server = serve(address, Arc::clone(&state), args.token.clone(), args.http_threads)?;
+                    eprintln!("clickagg: serving on http://{}/", server.address);
+                    Some(state)
+                }
+                None => None,
+            };
+            config.serving = serving.clone();
             match run(&config)? {
                 Some(summary) if args.summary => print!("{}", render_summary(&summary)),
                 Some(_) => {}
                 None => eprintln!("clickagg: process {} done", args.process),
             }
+            if serving.is_some() {
+                eprintln!("clickagg: replay complete; serving its answers until interrupted");
+                loop {
+                    std::thread::park();
+                }
+            }
             Ok(())
         }
+        Command::Shell { connect, token } => shell(&Client { address: connect, token }),
         Command::ClusterLocal { processes, workers, run_args } => cluster_local(processes, workers, &run_args),
         Command::ParseOnly { logs, workers } => {
             let started = std::time::Instant::now();

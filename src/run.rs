@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use differential_dataflow::input::{Input, InputSession};
 use timely::dataflow::channels::pact::Exchange;
@@ -18,6 +19,7 @@ use clickagg_dataflows::{
 };
 
 use crate::cluster::{self, Cluster, Greeting};
+use crate::serve::ServingState;
 use crate::sink::{OutputSink, Summary};
 use crate::source::{list_partitions, partition_name, PartitionSource, SourceOutput};
 
@@ -31,6 +33,8 @@ pub struct RunConfig {
     pub workers: usize,
     /// The other processes, when running as a cluster.
     pub cluster: Option<Cluster>,
+    /// Where the sink publishes the answers for the server, when serving.
+    pub serving: Option<Arc<ServingState>>,
     pub rules: EventTimeRules,
     pub plan: Plan,
     /// Lines a worker reads from one partition before it lets the dataflow run.
@@ -47,6 +51,7 @@ impl RunConfig {
             out: Some(out),
             workers: 1,
             cluster: None,
+            serving: None,
             rules: EventTimeRules::default(),
             plan: Plan::default(),
             batch_lines: 50_000,
@@ -131,9 +136,13 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
     let names: Vec<String> = paths.iter().map(|p| partition_name(p)).collect();
     // Fail before starting workers if the output cannot be written.
     let sink = match (&config.out, config.is_sink_process()) {
-        (Some(out), true) => Some(
-            OutputSink::create(out, names.clone(), config.rules, &config.plan.windows).map_err(|e| e.to_string())?,
-        ),
+        (Some(out), true) => {
+            let mut sink = OutputSink::create(out, names.clone(), config.rules, &config.plan.windows).map_err(|e| e.to_string())?;
+            if let Some(state) = &config.serving {
+                sink.serve_into(Arc::clone(state));
+            }
+            Some(sink)
+        }
         _ => None,
     };
     let sink = std::sync::Mutex::new(sink);

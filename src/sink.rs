@@ -6,10 +6,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clickagg_dataflows::{
     minute_of, Answer, DeadLetter, EventTimeRules, Minute, PartitionProgress, SinkRecord, SourceNote, Time, View,
 };
+
+use crate::serve::state::{Counters, ServingState};
 
 /// What a run saw, for the summary a human reads and for tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -78,6 +81,11 @@ pub struct OutputSink {
     dead_letters: Vec<DeadLetter>,
     summary: Summary,
     line: Vec<u8>,
+    /// The server's copy of the answers, when serving: fed what each advance applied.
+    serving: Option<Arc<ServingState>>,
+    applied: Vec<(Time, Answer, isize)>,
+    /// Window snapshots taken since the last publication, for the server.
+    new_snapshots: Vec<(Minute, BTreeMap<u32, Vec<(u64, u64)>>)>,
 }
 
 fn create(path: &Path) -> io::Result<BufWriter<File>> {
@@ -137,7 +145,15 @@ impl OutputSink {
             dead_letters: Vec::new(),
             summary: Summary { partitions, ..Default::default() },
             line: Vec::with_capacity(256),
+            serving: None,
+            applied: Vec::new(),
+            new_snapshots: Vec::new(),
         })
+    }
+
+    /// Publishes every advance to `state` too, for the server.
+    pub fn serve_into(&mut self, state: Arc<ServingState>) {
+        self.serving = Some(state);
     }
 
     /// Takes one update from the dataflow; it is applied once the frontier passes its time.
@@ -194,18 +210,31 @@ impl OutputSink {
                 }
                 write_change(&mut self.changelog, &mut self.line, time, &answer, diff)?;
                 self.summary.changelog_rows += 1;
+                if self.serving.is_some() {
+                    self.applied.push((time, answer, diff));
+                }
             }
             self.next_boundary.get_or_insert(minute_of(time) + 1);
         }
         match frontier {
-            Some(frontier) => self.reach(frontier),
+            Some(frontier) => self.reach(frontier)?,
             None => {
                 self.close_minutes_before(Minute::MAX)?;
                 let last_boundary = self.last_minute.map_or(0, |m| m + 1);
                 self.take_snapshots_through(last_boundary);
-                self.write_snapshots(last_boundary)
+                self.write_snapshots(last_boundary)?;
             }
         }
+        if let Some(state) = &self.serving {
+            let counters = Counters {
+                partitions: self.summary.partitions.clone(),
+                changelog_rows: self.summary.changelog_rows,
+                ..Default::default()
+            };
+            state.publish(frontier, &self.applied, std::mem::take(&mut self.new_snapshots), Some(counters));
+            self.applied.clear();
+        }
+        Ok(())
     }
 
     /// Every update before `time` has been applied.
@@ -233,6 +262,16 @@ impl OutputSink {
         let Some(next) = self.next_boundary.as_mut() else { return };
         while *next <= boundary {
             self.snapshots.push_back((*next, self.window_members.iter().copied().collect()));
+            if self.serving.is_some() {
+                let mut tops: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+                for &(window, ad, clicks) in &self.window_members {
+                    tops.entry(window).or_default().push((ad, clicks));
+                }
+                for top in tops.values_mut() {
+                    top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                }
+                self.new_snapshots.push((*next, tops));
+            }
             *next += 1;
         }
     }

@@ -1,0 +1,8 @@
+//! Serving: the answers the sink has applied, kept in memory ([`state`]), and the HTTP API and
+//! dashboard over them ([`http`]).
+
+pub mod http;
+pub mod state;
+
+pub use http::{serve, HttpServer};
+pub use state::{ServingState, Settings};

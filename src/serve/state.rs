@@ -1,0 +1,273 @@
+//! The answers as the sink has applied them, kept in memory for the server: every update of
+//! every view up to one frontier, so that each query reads one consistent watermark.
+//!
+//! The sink applies the dataflow's updates in time order and publishes them here once per
+//! frontier advance, under one write lock: a reader sees the state before or after an advance,
+//! never half of one. Like the output files, this state keeps every minute ever made final
+//! (retention retractions are not applied), so old minutes stay answerable.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::RwLock;
+use std::time::Instant;
+
+use clickagg_dataflows::{minute_of, Answer, Country, Minute, PartitionProgress, Time, MINUTE_MS};
+
+/// What one process has ingested, for `/v1/status` and `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    pub partitions: Vec<PartitionProgress>,
+    /// Distinct billable clicks applied (the sum of the ad counts).
+    pub billable: u64,
+    /// Distinct clicks excluded by the fraud rules.
+    pub excluded: u64,
+    pub changelog_rows: u64,
+}
+
+/// One update of one ad's count in one minute, as the changelog has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// The logical time of the update: the watermark at which it became visible.
+    pub time: Time,
+    pub clicks: u64,
+    pub diff: i64,
+}
+
+/// The materialized answers.
+#[derive(Debug, Default)]
+pub struct Materialized {
+    /// Every update before this time is applied (the sink's frontier); `None` before the first.
+    pub frontier: Option<Time>,
+    /// Set when the input is complete (a replay has ended): the answers stand as of the end of
+    /// the last minute read.
+    pub complete_at: Option<Time>,
+    pub ad: BTreeMap<Minute, HashMap<u64, u64>>,
+    pub campaign: BTreeMap<Minute, HashMap<u64, u64>>,
+    pub country: BTreeMap<(Minute, Country), HashMap<u64, u64>>,
+    /// The maintained top K of each minute, ranked.
+    pub top_minute: BTreeMap<Minute, BTreeSet<Ranked>>,
+    /// The maintained top K of the last M minutes as the dataflow holds it now.
+    pub window_members: BTreeMap<u32, BTreeSet<Ranked>>,
+    /// The top K of each window at the latest minute boundaries, as `top_window_{M}m.csv` has
+    /// them (a few are kept: the frontier can run ahead of the boundary answers stand at).
+    pub window_snapshots: BTreeMap<Minute, BTreeMap<u32, Vec<(u64, u64)>>>,
+    pub history: HashMap<(u64, Minute), Vec<HistoryEntry>>,
+    pub counters: Counters,
+    /// The latest minute with an accepted click.
+    pub last_minute: Option<Minute>,
+}
+
+/// `(clicks descending, ad ascending)`: a set of these iterates in SPEC §3's rank order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ranked {
+    pub neg_clicks: std::cmp::Reverse<u64>,
+    pub ad: u64,
+}
+
+impl Ranked {
+    pub fn new(ad: u64, clicks: u64) -> Ranked {
+        Ranked { neg_clicks: std::cmp::Reverse(clicks), ad }
+    }
+    pub fn clicks(&self) -> u64 {
+        self.neg_clicks.0
+    }
+}
+
+fn add(map: &mut HashMap<u64, u64>, key: u64, clicks: u64, diff: isize) {
+    // A count is a row: the old value's retraction and the new one's insertion arrive together,
+    // so a key holds at most one value once a time's updates are applied.
+    let entry = map.entry(key).or_insert(0);
+    if diff > 0 {
+        *entry = clicks;
+    } else if *entry == clicks {
+        map.remove(&key);
+    }
+}
+
+impl Materialized {
+    /// The minute boundary the answers stand at: `floor(watermark / 1 min)`.
+    pub fn boundary(&self) -> Option<Minute> {
+        self.watermark().map(minute_of)
+    }
+
+    /// The watermark the answers are exact as of.
+    pub fn watermark(&self) -> Option<Time> {
+        self.complete_at.or(self.frontier)
+    }
+
+    /// Applies one update at `time`. Within one time, the old row's retraction and the new row's
+    /// insertion may come in either order.
+    pub fn apply(&mut self, time: Time, answer: &Answer, diff: isize) {
+        match *answer {
+            Answer::AdMinute { minute, ad, clicks } => {
+                let map = self.ad.entry(minute).or_default();
+                add(map, ad, clicks, diff);
+                if map.is_empty() {
+                    self.ad.remove(&minute);
+                }
+                self.counters.billable = (self.counters.billable as i64 + diff as i64 * clicks as i64) as u64;
+                self.history.entry((ad, minute)).or_default().push(HistoryEntry { time, clicks, diff: diff as i64 });
+                self.last_minute = self.last_minute.max(Some(minute));
+            }
+            Answer::CampaignMinute { minute, campaign, clicks } => {
+                add(self.campaign.entry(minute).or_default(), campaign, clicks, diff)
+            }
+            Answer::CountryMinute { minute, country, ad, clicks } => {
+                add(self.country.entry((minute, country)).or_default(), ad, clicks, diff)
+            }
+            Answer::TopMinute { minute, ad, clicks } => {
+                let set = self.top_minute.entry(minute).or_default();
+                if diff > 0 {
+                    set.insert(Ranked::new(ad, clicks));
+                } else {
+                    set.remove(&Ranked::new(ad, clicks));
+                }
+            }
+            Answer::FraudMinute { minute, clicks, .. } => {
+                self.counters.excluded = (self.counters.excluded as i64 + diff as i64 * clicks as i64) as u64;
+                self.last_minute = self.last_minute.max(Some(minute));
+            }
+            Answer::TopWindow { window, ad, clicks } => {
+                let set = self.window_members.entry(window).or_default();
+                if diff > 0 {
+                    set.insert(Ranked::new(ad, clicks));
+                } else {
+                    set.remove(&Ranked::new(ad, clicks));
+                }
+            }
+        }
+    }
+
+    /// Clicks of `ad` (or of `campaign`) with minute in `[from, to)`, in `country` if given.
+    pub fn count(&self, subject: Subject, from: Minute, to: Minute, country: Option<Country>) -> Result<u64, String> {
+        let range = from..to.max(from);
+        Ok(match (subject, country) {
+            (Subject::Ad(ad), None) => self.ad.range(range).filter_map(|(_, ads)| ads.get(&ad)).sum(),
+            (Subject::Campaign(campaign), None) => {
+                self.campaign.range(range).filter_map(|(_, campaigns)| campaigns.get(&campaign)).sum()
+            }
+            (Subject::Ad(ad), Some(country)) => {
+                range.filter_map(|minute| self.country.get(&(minute, country))?.get(&ad)).sum()
+            }
+            (Subject::Campaign(_), Some(_)) => {
+                return Err("a campaign's count by country is not kept yet: ask per ad, or without country".into())
+            }
+        })
+    }
+
+    /// The `count` ads with most clicks over minutes `[from, to)`, in `country` if given,
+    /// computed from the per-minute counts.
+    pub fn top_over(&self, from: Minute, to: Minute, country: Option<Country>, count: usize) -> Vec<(u64, u64)> {
+        let mut sums: HashMap<u64, u64> = HashMap::new();
+        let mut absorb = |ads: &HashMap<u64, u64>| {
+            for (&ad, &clicks) in ads {
+                *sums.entry(ad).or_insert(0) += clicks;
+            }
+        };
+        match country {
+            None => self.ad.range(from..to.max(from)).for_each(|(_, ads)| absorb(ads)),
+            Some(c) => (from..to.max(from)).filter_map(|m| self.country.get(&(m, c))).for_each(absorb),
+        }
+        top_of(sums.into_iter().collect(), count)
+    }
+}
+
+/// The `count` best `(ad, clicks)` by clicks descending, then ad ascending.
+pub fn top_of(mut all: Vec<(u64, u64)>, count: usize) -> Vec<(u64, u64)> {
+    let rank = |a: &(u64, u64), b: &(u64, u64)| b.1.cmp(&a.1).then(a.0.cmp(&b.0));
+    if all.len() > count {
+        all.select_nth_unstable_by(count, rank);
+        all.truncate(count);
+    }
+    all.sort_by(rank);
+    all
+}
+
+/// What a count is of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subject {
+    Ad(u64),
+    Campaign(u64),
+}
+
+/// How many minute boundaries' window snapshots the server keeps.
+const SNAPSHOTS_KEPT: usize = 64;
+
+/// The state shared by the sink (one writer) and the server's threads (readers).
+#[derive(Debug)]
+pub struct ServingState {
+    pub answers: RwLock<Materialized>,
+    pub started: Instant,
+    /// The settings the answers were computed with, for `/v1/status`.
+    pub settings: Settings,
+}
+
+/// What the server needs to know of the run's configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub top_k: usize,
+    pub windows: Vec<u32>,
+    pub partition_names: Vec<String>,
+    pub logs: std::path::PathBuf,
+    pub watermark_delay_ms: u64,
+    pub allowed_lateness_ms: Option<u64>,
+}
+
+impl ServingState {
+    pub fn new(settings: Settings) -> ServingState {
+        ServingState { answers: RwLock::new(Materialized::default()), started: Instant::now(), settings }
+    }
+
+    /// Applies one frontier advance's updates atomically.
+    pub fn publish(
+        &self,
+        frontier: Option<Time>,
+        updates: &[(Time, Answer, isize)],
+        snapshots: Vec<(Minute, BTreeMap<u32, Vec<(u64, u64)>>)>,
+        counters: Option<Counters>,
+    ) {
+        let mut answers = self.answers.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (time, answer, diff) in updates {
+            answers.apply(*time, answer, *diff);
+        }
+        answers.window_snapshots.extend(snapshots);
+        while answers.window_snapshots.len() > SNAPSHOTS_KEPT {
+            answers.window_snapshots.pop_first();
+        }
+        if let Some(counters) = counters {
+            let (billable, excluded) = (answers.counters.billable, answers.counters.excluded);
+            answers.counters = Counters { billable, excluded, ..counters };
+        }
+        match frontier {
+            Some(frontier) => answers.frontier = Some(frontier),
+            None => {
+                let end = answers.last_minute.map_or(0, |m| (m as Time + 1) * MINUTE_MS);
+                answers.complete_at = Some(end);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_follow_retractions_and_ranges() {
+        let mut m = Materialized::default();
+        m.apply(60_000, &Answer::AdMinute { minute: 0, ad: 7, clicks: 2 }, 1);
+        m.apply(120_000, &Answer::AdMinute { minute: 0, ad: 7, clicks: 2 }, -1);
+        m.apply(120_000, &Answer::AdMinute { minute: 0, ad: 7, clicks: 3 }, 1);
+        m.apply(120_000, &Answer::AdMinute { minute: 1, ad: 7, clicks: 1 }, 1);
+        assert_eq!(m.count(Subject::Ad(7), 0, 1, None), Ok(3));
+        assert_eq!(m.count(Subject::Ad(7), 0, 2, None), Ok(4));
+        assert_eq!(m.count(Subject::Ad(7), 2, 0, None), Ok(0));
+        assert_eq!(m.counters.billable, 4);
+        assert_eq!(m.history[&(7, 0)].len(), 3);
+    }
+
+    #[test]
+    fn top_of_ranks_by_clicks_then_ad() {
+        assert_eq!(top_of(vec![(5, 1), (3, 9), (4, 9), (1, 2)], 3), vec![(3, 9), (4, 9), (1, 2)]);
+        assert_eq!(top_of(vec![(5, 1)], 10), vec![(5, 1)]);
+    }
+}

@@ -1,0 +1,246 @@
+//! `clickagg shell --connect HOST:PORT`: an interactive shell over a running server's API, for
+//! people who want to look inside without writing URLs. With a terminal it edits lines and
+//! keeps history; otherwise it reads commands from stdin, one per line, so it can be scripted.
+
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use serde_json::Value;
+
+const HELP: &str = "\
+commands:
+  top [WINDOW|minute M] [COUNT] [country XX]   top ads of the last WINDOW (e.g. 5m) or of minute M
+  count AD [FROM [TO]] [country XX]             clicks of an ad over minutes [FROM, TO) (default: the last minute)
+  campaign ID [FROM [TO]]                       clicks of a campaign
+  history AD MINUTE                             every update of that minute's count, with its time
+  watermark                                     the watermark every answer is exact as of
+  partitions                                    per partition: offset, max_ts, lag, counts
+  status                                        everything /v1/status says, as JSON
+  watch COMMAND                                 run COMMAND each time the watermark moves (Ctrl-C stops)
+  get PATH                                      any API path, raw JSON
+  help                                          this text
+  quit                                          leave
+minutes are numbers (floor(ts / 60000)) or RFC 3339 times";
+
+/// A connection target and optional bearer token.
+pub struct Client {
+    pub address: String,
+    pub token: Option<String>,
+}
+
+impl Client {
+    /// GETs `target` and returns the JSON body, or the server's error message.
+    pub fn get(&self, target: &str) -> Result<Value, String> {
+        let mut stream = TcpStream::connect(&self.address).map_err(|e| format!("cannot connect to {}: {e}", self.address))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+        let auth = self.token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let request = format!("GET {target} HTTP/1.1\r\nHost: {}\r\n{auth}Connection: close\r\n\r\n", self.address);
+        stream.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).map_err(|e| format!("reading the answer: {e}"))?;
+        let response = String::from_utf8_lossy(&response);
+        let (head, body) = response.split_once("\r\n\r\n").ok_or("the server sent no HTTP answer")?;
+        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or("the server sent no status")?;
+        let json: Value = serde_json::from_str(body).map_err(|e| format!("the server sent no JSON ({e})"))?;
+        if status == 200 {
+            Ok(json)
+        } else {
+            Err(format!("{status}: {}", json["error"].as_str().unwrap_or("error")))
+        }
+    }
+}
+
+/// Runs the shell until `quit` or end of input. Returns an error only if the server cannot be
+/// reached at all at start; a failing command prints its error and the shell goes on.
+pub fn shell(client: &Client) -> Result<(), String> {
+    let status = client.get("/v1/status")?;
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        println!("clickagg shell: {} (watermark {}); type help", client.address, status["watermark"]);
+        let mut editor = rustyline::DefaultEditor::new().map_err(|e| e.to_string())?;
+        let history = std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".clickagg_history"));
+        if let Some(path) = &history {
+            let _ = editor.load_history(path);
+        }
+        loop {
+            match editor.readline("clickagg> ") {
+                Ok(line) => {
+                    let _ = editor.add_history_entry(line.as_str());
+                    if !execute(client, line.trim(), &mut std::io::stdout()) {
+                        break;
+                    }
+                }
+                Err(rustyline::error::ReadlineError::Interrupted) => continue,
+                Err(_) => break,
+            }
+        }
+        if let Some(path) = &history {
+            let _ = editor.save_history(path);
+        }
+    } else {
+        for line in std::io::stdin().lock().lines() {
+            let line = line.map_err(|e| e.to_string())?;
+            if !execute(client, line.trim(), &mut std::io::stdout()) {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one command, writing its answer to `out`; false when the shell should end.
+pub fn execute(client: &Client, line: &str, out: &mut impl Write) -> bool {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let result = match words.as_slice() {
+        [] => Ok(String::new()),
+        ["quit" | "exit"] => return false,
+        ["help"] => Ok(HELP.to_string()),
+        ["watch", rest @ ..] if !rest.is_empty() => watch(client, &rest.join(" "), out, None),
+        words => answer(client, words),
+    };
+    let _ = match result {
+        Ok(text) if text.is_empty() => Ok(()),
+        Ok(text) => writeln!(out, "{text}"),
+        Err(e) => writeln!(out, "error: {e}"),
+    };
+    let _ = out.flush();
+    true
+}
+
+/// Re-runs `command` each time the watermark moves; `rounds` bounds it for tests.
+pub fn watch(client: &Client, command: &str, out: &mut impl Write, rounds: Option<usize>) -> Result<String, String> {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let mut last = None;
+    let mut shown = 0;
+    loop {
+        let watermark = client.get("/v1/status")?["watermark"].clone();
+        if last.as_ref() != Some(&watermark) {
+            writeln!(out, "-- watermark {watermark}\n{}", answer(client, &words)?).map_err(|e| e.to_string())?;
+            out.flush().map_err(|e| e.to_string())?;
+            last = Some(watermark);
+            shown += 1;
+            if rounds.is_some_and(|r| shown >= r) {
+                return Ok(String::new());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Splits off a trailing `country XX`.
+fn country<'a>(words: &'a [&'a str]) -> (&'a [&'a str], Option<&'a str>) {
+    match words {
+        [rest @ .., "country", c] => (rest, Some(c)),
+        _ => (words, None),
+    }
+}
+
+fn with_country(mut target: String, country: Option<&str>) -> String {
+    if let Some(c) = country {
+        target.push_str(if target.contains('?') { "&" } else { "?" });
+        target.push_str("country=");
+        target.push_str(c);
+    }
+    target
+}
+
+fn range(words: &[&str]) -> String {
+    match words {
+        [] => String::new(),
+        [from] => format!("?from={from}"),
+        [from, to, ..] => format!("?from={from}&to={to}"),
+    }
+}
+
+fn answer(client: &Client, words: &[&str]) -> Result<String, String> {
+    match words {
+        ["top", rest @ ..] => {
+            let (rest, country) = country(rest);
+            let mut query = Vec::new();
+            let mut rest = rest;
+            if let ["minute", m, more @ ..] = rest {
+                query.push(format!("minute={m}"));
+                rest = more;
+            } else if let [w, more @ ..] = rest {
+                if w.ends_with('m') || w.ends_with('h') {
+                    query.push(format!("window={w}"));
+                    rest = more;
+                }
+            }
+            if let [count, ..] = rest {
+                query.push(format!("count={count}"));
+            }
+            let target = with_country(format!("/v1/ads/popular_ads?{}", query.join("&")), country);
+            let json = client.get(&target)?;
+            let mut text = format!(
+                "top {} of minutes [{}, {}) as of watermark {} ({})\nrank  ad_id                 clicks",
+                json["ads"].as_array().map_or(0, |a| a.len()),
+                json["from_minute"],
+                json["to_minute"],
+                json["watermark"],
+                json["source"].as_str().unwrap_or("")
+            );
+            for ad in json["ads"].as_array().into_iter().flatten() {
+                text.push_str(&format!("\n{:>4}  {:<20} {:>7}", ad["rank"], ad["ad_id"], ad["clicks"]));
+            }
+            Ok(text)
+        }
+        ["count", ad, rest @ ..] => {
+            let (rest, country) = country(rest);
+            let json = client.get(&with_country(format!("/v1/ads/{ad}/aggregated_count{}", range(rest)), country))?;
+            Ok(format!(
+                "ad {ad}: {} clicks in minutes [{}, {}) as of watermark {}",
+                json["clicks"], json["from_minute"], json["to_minute"], json["watermark"]
+            ))
+        }
+        ["campaign", id, rest @ ..] => {
+            let (rest, country) = country(rest);
+            let json = client.get(&with_country(format!("/v1/campaigns/{id}/aggregated_count{}", range(rest)), country))?;
+            Ok(format!(
+                "campaign {id}: {} clicks in minutes [{}, {}) as of watermark {}",
+                json["clicks"], json["from_minute"], json["to_minute"], json["watermark"]
+            ))
+        }
+        ["history", ad, minute] => {
+            let json = client.get(&format!("/v1/ads/{ad}/history?minute={minute}"))?;
+            let mut text = format!("ad {ad}, minute {minute}: {} clicks now\ntime            clicks  diff", json["clicks"]);
+            for u in json["updates"].as_array().into_iter().flatten() {
+                text.push_str(&format!("\n{:<15} {:>6}  {:>+4}", u["time"], u["clicks"], u["diff"].as_i64().unwrap_or(0)));
+            }
+            Ok(text)
+        }
+        ["watermark"] => {
+            let json = client.get("/v1/status")?;
+            Ok(format!(
+                "watermark {} (minute {}){}",
+                json["watermark"],
+                json["as_of_minute"],
+                if json["complete"] == Value::Bool(true) { ", replay complete" } else { "" }
+            ))
+        }
+        ["partitions"] => {
+            let json = client.get("/v1/status")?;
+            let mut text = "partition         offset     lag_bytes  max_ts         lines     accepted  late    too_late  malformed".to_string();
+            for p in json["partitions"].as_array().into_iter().flatten() {
+                text.push_str(&format!(
+                    "\n{:<17} {:<10} {:<10} {:<14} {:<9} {:<9} {:<7} {:<9} {}",
+                    p["partition"].as_str().unwrap_or(""),
+                    p["offset"],
+                    p["lag_bytes"],
+                    p["max_ts"],
+                    p["lines"],
+                    p["accepted"],
+                    p["late"],
+                    p["too_late"],
+                    p["malformed"]
+                ));
+            }
+            Ok(text)
+        }
+        ["status"] => client.get("/v1/status").map(|j| serde_json::to_string_pretty(&j).unwrap_or_default()),
+        ["get", path] => client.get(path).map(|j| serde_json::to_string_pretty(&j).unwrap_or_default()),
+        [other, ..] => Err(format!("unknown command {other:?}; type help")),
+        [] => Ok(String::new()),
+    }
+}

@@ -1,0 +1,340 @@
+//! The HTTP API as a dashboard or billing job uses it: `clickagg run --serve` over generated
+//! logs, every answer compared with the reference model's files, and every bad request a clear
+//! 4xx that leaves the server answering.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clickagg::generate::{generate, GenConfig};
+use common::reference::{reference_outputs, RefConfig};
+use serde_json::Value;
+
+/// A `clickagg run --serve` process, killed when dropped.
+pub struct Served {
+    child: Child,
+    pub address: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `clickagg run --serve 127.0.0.1:0 args…` and waits until the replay is complete.
+pub fn serve_replay(logs: &Path, out: &Path, args: &[&str]) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
+        .args(["run", "--logs", logs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--serve", "127.0.0.1:0"])
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut address = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("clickagg ended before the replay completed");
+        }
+        if let Some(rest) = line.trim().strip_prefix("clickagg: serving on http://") {
+            address = Some(rest.trim_end_matches('/').to_string());
+        }
+        if line.contains("replay complete") {
+            break;
+        }
+    }
+    // Keep draining stderr so that the server never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    Served { child, address: address.expect("the server's address") }
+}
+
+/// One GET over a fresh connection: `(status, body)`.
+pub fn get(address: &str, target: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut request = format!("GET {target} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+pub fn get_json(address: &str, target: &str) -> Value {
+    let (status, body) = get(address, target, &[]);
+    assert_eq!(status, 200, "{target}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{target}: {e}: {body}"))
+}
+
+/// Rows of a CSV file, header dropped, fields split.
+fn rows(text: &str) -> Vec<Vec<String>> {
+    text.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect()
+}
+
+fn number(field: &str) -> u64 {
+    field.parse().unwrap()
+}
+
+/// The reference's answers in the shapes the API serves.
+struct Expected {
+    ad: HashMap<(u64, u64), u64>,
+    campaign: HashMap<(u64, u64), u64>,
+    country: HashMap<(u64, String, u64), u64>,
+    top_minute: BTreeMap<u64, Vec<(u64, u64)>>,
+    window_5m_last: (u64, Vec<(u64, u64)>),
+    last_minute: u64,
+    changelog: Vec<Vec<String>>,
+}
+
+fn expected(files: &BTreeMap<String, String>) -> Expected {
+    let ad: HashMap<_, _> = rows(&files["ad_minute.csv"]).iter().map(|r| ((number(&r[0]), number(&r[1])), number(&r[2]))).collect();
+    let campaign = rows(&files["campaign_minute.csv"]).iter().map(|r| ((number(&r[0]), number(&r[1])), number(&r[2]))).collect();
+    let country =
+        rows(&files["country_minute.csv"]).iter().map(|r| ((number(&r[0]), r[1].clone(), number(&r[2])), number(&r[3]))).collect();
+    let mut top_minute: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+    for r in rows(&files["top_minute.csv"]) {
+        top_minute.entry(number(&r[0])).or_default().push((number(&r[2]), number(&r[3])));
+    }
+    let mut windows: BTreeMap<u64, Vec<(u64, u64)>> = BTreeMap::new();
+    for r in rows(&files["top_window_5m.csv"]) {
+        windows.entry(number(&r[0])).or_default().push((number(&r[2]), number(&r[3])));
+    }
+    let window_5m_last = windows.into_iter().next_back().unwrap();
+    let last_minute = ad.keys().map(|k| k.0).max().unwrap();
+    Expected { ad, campaign, country, top_minute, window_5m_last, last_minute, changelog: rows(&files["changelog/updates.csv"]) }
+}
+
+fn logs(dir: &Path) -> std::path::PathBuf {
+    let logs = dir.join("logs");
+    let config = GenConfig { events: 40_000, partitions: 4, minutes: 20, ads: 300, seed: 11, ..GenConfig::default() };
+    generate(&config, &logs).unwrap();
+    logs
+}
+
+fn ads_of(json: &Value) -> Vec<(u64, u64)> {
+    json["ads"].as_array().unwrap().iter().map(|a| (a["ad_id"].as_u64().unwrap(), a["clicks"].as_u64().unwrap())).collect()
+}
+
+fn rank(mut all: Vec<(u64, u64)>, count: usize) -> Vec<(u64, u64)> {
+    all.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    all.truncate(count);
+    all
+}
+
+#[test]
+fn every_endpoint_answers_what_the_reference_model_computes() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path());
+    let files = reference_outputs(&logs, &RefConfig::default());
+    let want = expected(&files);
+    let served = serve_replay(&logs, &dir.path().join("out"), &["-w", "2"]);
+    let a = served.address.as_str();
+    let boundary = want.last_minute + 1;
+
+    // The watermark after a replay: the end of the last minute read.
+    let status = get_json(a, "/v1/status");
+    assert_eq!(status["as_of_minute"].as_u64(), Some(boundary));
+    assert_eq!(status["watermark"].as_u64(), Some(boundary * 60_000));
+    assert_eq!(status["complete"], Value::Bool(true));
+    let dead = rows(&files["dead_letter.csv"]);
+    let too_late = dead.iter().filter(|r| r[2] == "too_late").count() as u64;
+    assert_eq!(status["too_late"].as_u64(), Some(too_late));
+    assert_eq!(status["malformed"].as_u64(), Some(dead.len() as u64 - too_late));
+    assert_eq!(status["clicks"].as_u64(), Some(want.ad.values().sum::<u64>()));
+    assert_eq!(status["partitions"].as_array().unwrap().len(), 4);
+
+    // Counts: single minutes, ranges, the default (the last minute), by campaign, by country.
+    let mut checked = 0;
+    for (&(minute, ad), &clicks) in want.ad.iter().filter(|((m, ad), _)| (m + ad) % 37 == 0) {
+        let got = get_json(a, &format!("/v1/ads/{ad}/aggregated_count?from={minute}&to={}", minute + 1));
+        assert_eq!(got["clicks"].as_u64(), Some(clicks), "ad {ad} minute {minute}");
+        checked += 1;
+    }
+    assert!(checked > 20, "too few counts checked: {checked}");
+    let first = *want.ad.keys().map(|(m, _)| m).min().unwrap();
+    for ad in [1u64, 2, 3, 5, 8, 13, 21, 34] {
+        for (from, to) in [(first, boundary), (first + 3, first + 9), (boundary - 1, boundary)] {
+            let sum: u64 = (from..to).map(|m| want.ad.get(&(m, ad)).copied().unwrap_or(0)).sum();
+            let got = get_json(a, &format!("/v1/ads/{ad}/aggregated_count?from={from}&to={to}"));
+            assert_eq!(got["clicks"].as_u64(), Some(sum), "ad {ad} [{from},{to})");
+        }
+        let last = get_json(a, &format!("/v1/ads/{ad}/aggregated_count"));
+        assert_eq!(last["clicks"].as_u64(), Some(want.ad.get(&(boundary - 1, ad)).copied().unwrap_or(0)));
+        assert_eq!((last["from_minute"].as_u64(), last["to_minute"].as_u64()), (Some(boundary - 1), Some(boundary)));
+    }
+    for (&(minute, campaign), &clicks) in want.campaign.iter().take(40) {
+        let got = get_json(a, &format!("/v1/campaigns/{campaign}/aggregated_count?from={minute}&to={}", minute + 1));
+        assert_eq!(got["clicks"].as_u64(), Some(clicks), "campaign {campaign} minute {minute}");
+    }
+    for ((minute, country, ad), clicks) in want.country.iter().take(60) {
+        let got = get_json(a, &format!("/v1/ads/{ad}/aggregated_count?from={minute}&to={}&country={}", minute + 1, country.to_lowercase()));
+        assert_eq!(got["clicks"].as_u64(), Some(*clicks), "ad {ad} minute {minute} country {country}");
+    }
+    // RFC 3339 times mean the minute they fall in.
+    let (&(minute, ad), &clicks) = want.ad.iter().next().unwrap();
+    let from = format_rfc3339(minute * 60_000 + 1234);
+    let got = get_json(a, &format!("/v1/ads/{ad}/aggregated_count?from={from}&to={}", minute + 1));
+    assert_eq!(got["clicks"].as_u64(), Some(clicks));
+
+    // Top K: every minute (maintained), the last 5 minutes (the last snapshot of the file), and
+    // computed ones (a larger count, a country, an unconfigured window).
+    for (minute, top) in &want.top_minute {
+        let got = get_json(a, &format!("/v1/ads/popular_ads?minute={minute}&count=100"));
+        assert_eq!(&ads_of(&got), top, "top of minute {minute}");
+    }
+    let got = get_json(a, "/v1/ads/popular_ads?window=5m");
+    assert_eq!(want.window_5m_last.0, boundary);
+    assert_eq!(ads_of(&got), want.window_5m_last.1, "popular_ads window=5m");
+    assert_eq!(got["source"], "maintained");
+    for (window, count) in [(7u64, 1000usize), (60, 1000), (1, 3)] {
+        let from = boundary.saturating_sub(window);
+        let mut sums: HashMap<u64, u64> = HashMap::new();
+        for (&(m, ad), &c) in &want.ad {
+            if m >= from && m < boundary {
+                *sums.entry(ad).or_default() += c;
+            }
+        }
+        let got = get_json(a, &format!("/v1/ads/popular_ads?window={window}m&count={count}"));
+        assert_eq!(ads_of(&got), rank(sums.into_iter().collect(), count), "window {window}m count {count}");
+    }
+    let country = want.country.keys().next().unwrap().1.clone();
+    let mut sums: HashMap<u64, u64> = HashMap::new();
+    for ((m, c, ad), clicks) in &want.country {
+        if *c == country && *m + 5 >= boundary {
+            *sums.entry(*ad).or_default() += clicks;
+        }
+    }
+    let got = get_json(a, &format!("/v1/ads/popular_ads?window=5m&country={country}&count=50"));
+    assert_eq!(ads_of(&got), rank(sums.into_iter().collect(), 50), "window 5m in {country}");
+
+    // History: every changelog update of that (minute, ad), with its time.
+    let mut corrected = want
+        .changelog
+        .iter()
+        .filter(|r| r[1] == "ad_minute" && r[4] == "-1")
+        .map(|r| r[2].clone())
+        .collect::<Vec<_>>();
+    corrected.sort();
+    corrected.dedup();
+    assert!(!corrected.is_empty(), "the data set should have corrected counts");
+    for key in corrected.iter().take(10) {
+        let (minute, ad) = key.split_once('/').unwrap();
+        let want_updates: Vec<(u64, u64, i64)> = want
+            .changelog
+            .iter()
+            .filter(|r| r[1] == "ad_minute" && &r[2] == key)
+            .map(|r| (number(&r[0]), number(&r[3]), r[4].parse().unwrap()))
+            .collect();
+        let got = get_json(a, &format!("/v1/ads/{ad}/history?minute={minute}"));
+        let got_updates: Vec<(u64, u64, i64)> = got["updates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| (u["time"].as_u64().unwrap(), u["clicks"].as_u64().unwrap(), u["diff"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(got_updates, want_updates, "history of {key}");
+    }
+
+    // Metrics: Prometheus text with the same figures.
+    let (code, metrics) = get(a, "/metrics", &[]);
+    assert_eq!(code, 200);
+    assert!(metrics.contains(&format!("clickagg_clicks_total {}", want.ad.values().sum::<u64>())), "{metrics}");
+    assert!(metrics.contains(&format!("clickagg_watermark_ms {}", boundary * 60_000)));
+}
+
+/// `ms` since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`, with no date library.
+fn format_rfc3339(ms: u64) -> String {
+    let days = (ms / 86_400_000) as i64;
+    let rest = ms % 86_400_000;
+    // Civil date from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3_600_000,
+        rest / 60_000 % 60,
+        rest / 1000 % 60,
+        rest % 1000
+    )
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_server_keeps_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path());
+    let served = serve_replay(&logs, &dir.path().join("out"), &[]);
+    let a = served.address.as_str();
+    let long = format!("/v1/ads/1/aggregated_count?country={}", "x".repeat(10_000));
+    for (target, status, needle) in [
+        ("/v1/ads/abc/aggregated_count", 400, "ad_id must be"),
+        ("/v1/ads/1/aggregated_count?from=yesterday", 400, "RFC 3339"),
+        ("/v1/ads/1/aggregated_count?from=10&to=5", 400, "before"),
+        ("/v1/ads/1/aggregated_count?from=0&to=99999999", 400, "at most"),
+        ("/v1/ads/1/aggregated_count?country=USA", 400, "two ASCII letters"),
+        ("/v1/ads/1/aggregated_count?country=US&country=FR", 400, "more than once"),
+        ("/v1/ads/1/aggregated_count?colour=red", 400, "unknown parameter colour"),
+        ("/v1/ads/popular_ads?count=0", 400, "count must be"),
+        ("/v1/ads/popular_ads?count=1000000", 400, "count must be"),
+        ("/v1/ads/popular_ads?window=30s", 400, "window must be"),
+        ("/v1/ads/popular_ads?window=5m&minute=3", 400, "not both"),
+        ("/v1/ads/1/history", 400, "needs minute"),
+        ("/v1/nothing", 404, "no such endpoint"),
+        (long.as_str(), 414, "longer than"),
+    ] {
+        let (code, body) = get(a, target, &[]);
+        assert_eq!(code, status, "{target}: {body}");
+        let json: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{target}: not JSON ({e}): {body}"));
+        assert!(json["error"].as_str().unwrap().contains(needle), "{target}: {body}");
+    }
+    // Unknown ads are not errors: they have no clicks.
+    assert_eq!(get_json(a, "/v1/ads/999999999999/aggregated_count")["clicks"].as_u64(), Some(0));
+    assert_eq!(get_json(a, "/v1/status")["complete"], Value::Bool(true));
+}
+
+#[test]
+fn a_token_guards_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path());
+    let served = serve_replay(&logs, &dir.path().join("out"), &["--token", "s3cret"]);
+    let a = served.address.as_str();
+    assert_eq!(get(a, "/v1/status", &[]).0, 401);
+    assert_eq!(get(a, "/v1/status", &[("Authorization", "Bearer wrong")]).0, 401);
+    assert_eq!(get(a, "/v1/status", &[("Authorization", "Bearer s3cret")]).0, 200);
+    assert_eq!(get(a, "/metrics", &[]).0, 401);
+    // The page itself is public; it sends the token it is given in its address.
+    assert_eq!(get(a, "/", &[]).0, 200);
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_clickagg"))
+        .args(["run", "--logs", "datasets/sample/logs", "--out", dir.path().to_str().unwrap(), "--serve", &address])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("cannot serve on"), "{stderr}");
+}
