@@ -17,7 +17,7 @@ commands:
   watermark                                     the watermark every answer is exact as of
   partitions                                    per partition: offset, max_ts, lag, counts
   status                                        everything /v1/status says, as JSON
-  watch COMMAND                                 run COMMAND each time the watermark moves (Ctrl-C stops)
+  watch [N] COMMAND                             run COMMAND each time the watermark moves (N times, or until Ctrl-C)
   get PATH                                      any API path, raw JSON
   help                                          this text
   quit                                          leave
@@ -96,6 +96,9 @@ pub fn execute(client: &Client, line: &str, out: &mut impl Write) -> bool {
         [] => Ok(String::new()),
         ["quit" | "exit"] => return false,
         ["help"] => Ok(HELP.to_string()),
+        ["watch", n, rest @ ..] if !rest.is_empty() && n.parse::<usize>().is_ok() => {
+            watch(client, &rest.join(" "), out, n.parse().ok())
+        }
         ["watch", rest @ ..] if !rest.is_empty() => watch(client, &rest.join(" "), out, None),
         words => answer(client, words),
     };
@@ -125,6 +128,14 @@ pub fn watch(client: &Client, command: &str, out: &mut impl Write, rounds: Optio
             }
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A JSON scalar as text a column can pad (a JSON `Value` ignores width), strings unquoted.
+fn plain(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -182,7 +193,7 @@ fn answer(client: &Client, words: &[&str]) -> Result<String, String> {
                 json["source"].as_str().unwrap_or("")
             );
             for ad in json["ads"].as_array().into_iter().flatten() {
-                text.push_str(&format!("\n{:>4}  {:<20} {:>7}", ad["rank"], ad["ad_id"], ad["clicks"]));
+                text.push_str(&format!("\n{:>4}  {:<20} {:>7}", plain(&ad["rank"]), plain(&ad["ad_id"]), plain(&ad["clicks"])));
             }
             Ok(text)
         }
@@ -206,7 +217,7 @@ fn answer(client: &Client, words: &[&str]) -> Result<String, String> {
             let json = client.get(&format!("/v1/ads/{ad}/history?minute={minute}"))?;
             let mut text = format!("ad {ad}, minute {minute}: {} clicks now\ntime            clicks  diff", json["clicks"]);
             for u in json["updates"].as_array().into_iter().flatten() {
-                text.push_str(&format!("\n{:<15} {:>6}  {:>+4}", u["time"], u["clicks"], u["diff"].as_i64().unwrap_or(0)));
+                text.push_str(&format!("\n{:<15} {:>6}  {:>+4}", plain(&u["time"]), plain(&u["clicks"]), u["diff"].as_i64().unwrap_or(0)));
             }
             Ok(text)
         }
@@ -225,15 +236,15 @@ fn answer(client: &Client, words: &[&str]) -> Result<String, String> {
             for p in json["partitions"].as_array().into_iter().flatten() {
                 text.push_str(&format!(
                     "\n{:<17} {:<10} {:<10} {:<14} {:<9} {:<9} {:<7} {:<9} {}",
-                    p["partition"].as_str().unwrap_or(""),
-                    p["offset"],
-                    p["lag_bytes"],
-                    p["max_ts"],
-                    p["lines"],
-                    p["accepted"],
-                    p["late"],
-                    p["too_late"],
-                    p["malformed"]
+                    plain(&p["partition"]),
+                    plain(&p["offset"]),
+                    plain(&p["lag_bytes"]),
+                    plain(&p["max_ts"]),
+                    plain(&p["lines"]),
+                    plain(&p["accepted"]),
+                    plain(&p["late"]),
+                    plain(&p["too_late"]),
+                    plain(&p["malformed"])
                 ));
             }
             Ok(text)

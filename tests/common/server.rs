@@ -1,0 +1,75 @@
+//! A served replay for the tests that talk to the server: start it, wait for it, GET from it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// A `clickagg run --serve` process, killed when dropped.
+pub struct Served {
+    child: Child,
+    pub address: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `clickagg run --serve 127.0.0.1:0 args…` and waits until the replay is complete.
+pub fn serve_replay(logs: &Path, out: &Path, args: &[&str]) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
+        .args(["run", "--logs", logs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--serve", "127.0.0.1:0"])
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut address = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("clickagg ended before the replay completed");
+        }
+        if let Some(rest) = line.trim().strip_prefix("clickagg: serving on http://") {
+            address = Some(rest.trim_end_matches('/').to_string());
+        }
+        if line.contains("replay complete") {
+            break;
+        }
+    }
+    // Keep draining stderr so that the server never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    Served { child, address: address.expect("the server's address") }
+}
+
+/// One GET over a fresh connection: `(status, body)`.
+pub fn get(address: &str, target: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut request = format!("GET {target} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+pub fn get_json(address: &str, target: &str) -> Value {
+    let (status, body) = get(address, target, &[]);
+    assert_eq!(status, 200, "{target}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{target}: {e}: {body}"))
+}
+

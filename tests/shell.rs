@@ -1,0 +1,80 @@
+//! `clickagg shell` driven through stdin, as a script would: every command's answer must be
+//! the API's, and a bad command must be an error line, not the end of the session.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use clickagg::generate::{generate, GenConfig};
+use common::server::{get_json, serve_replay};
+
+fn shell(address: &str, script: &str) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
+        .args(["shell", "--connect", address])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn scripted_commands_answer_what_the_api_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    generate(&GenConfig { events: 20_000, partitions: 3, minutes: 15, ads: 200, seed: 5, ..GenConfig::default() }, &logs).unwrap();
+    let served = serve_replay(&logs, &dir.path().join("out"), &[]);
+    let a = served.address.as_str();
+
+    let status = get_json(a, "/v1/status");
+    let boundary = status["as_of_minute"].as_u64().unwrap();
+    let top = get_json(a, "/v1/ads/popular_ads?window=5m&count=3");
+    let best = top["ads"][0]["ad_id"].as_u64().unwrap();
+    let from = boundary - 10;
+    let count = get_json(a, &format!("/v1/ads/{best}/aggregated_count?from={from}&to={boundary}"))["clicks"].as_u64().unwrap();
+    let minute = boundary - 1;
+    let history = get_json(a, &format!("/v1/ads/{best}/history?minute={minute}"));
+    let top_minute = get_json(a, &format!("/v1/ads/popular_ads?minute={minute}&count=2&country=US"));
+
+    let script = format!(
+        "help\nwatermark\ntop 5m 3\ncount {best} {from} {boundary}\nhistory {best} {minute}\npartitions\n\
+         frobnicate\ncount notanumber\ntop minute {minute} 2 country US\nwatch 1 watermark\nquit\nwatermark\n"
+    );
+    let out = shell(a, &script);
+
+    assert!(out.contains("history AD MINUTE"), "help is missing: {out}");
+    assert!(out.contains(&format!("watermark {} (minute {boundary}), replay complete", boundary * 60_000)), "{out}");
+    for (rank, ad) in top["ads"].as_array().unwrap().iter().enumerate() {
+        let row = format!("{:>4}  {:<20} {:>7}", rank + 1, ad["ad_id"].to_string(), ad["clicks"].to_string());
+        assert!(out.contains(&row), "top row {row:?} missing: {out}");
+    }
+    assert!(out.contains(&format!("ad {best}: {count} clicks in minutes [{from}, {boundary})")), "{out}");
+    assert!(out.contains(&format!("ad {best}, minute {minute}: {} clicks now", history["clicks"])), "{out}");
+    let first_update = &history["updates"][0];
+    let update_row = format!("\n{:<15} {:>6}  {:>+4}", first_update["time"].to_string(), first_update["clicks"].to_string(), first_update["diff"].as_i64().unwrap());
+    assert!(out.contains(&update_row), "history row {update_row:?} missing: {out}");
+    assert!(out.contains("part-00002.csv"), "partitions missing: {out}");
+    assert!(out.contains("error: unknown command \"frobnicate\""), "{out}");
+    assert!(out.contains("error: 400: ad_id must be an unsigned integer"), "{out}");
+    for ad in top_minute["ads"].as_array().unwrap() {
+        assert!(out.contains(&format!("  {:<20} {:>7}", ad["ad_id"].to_string(), ad["clicks"].to_string())), "{out}");
+    }
+    assert!(out.contains(&format!("-- watermark {}", boundary * 60_000)), "watch printed nothing: {out}");
+    // `watermark` and `watch 1 watermark` answer; the `watermark` after `quit` does not.
+    assert_eq!(out.matches("), replay complete").count(), 2, "{out}");
+}
+
+#[test]
+fn an_unreachable_server_is_a_clear_error() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = free.local_addr().unwrap().to_string();
+    drop(free);
+    let output = Command::new(env!("CARGO_BIN_EXE_clickagg")).args(["shell", "--connect", &address]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("cannot connect"), "{stderr}");
+}
