@@ -135,9 +135,6 @@ struct RunArgs {
     /// Require `Authorization: Bearer TOKEN` on the API (the dashboard takes it as #token=).
     #[arg(long)]
     token: Option<String>,
-    /// Threads answering HTTP requests.
-    #[arg(long, default_value_t = 4)]
-    http_threads: usize,
 }
 
 #[derive(Args)]
@@ -301,7 +298,7 @@ fn execute(command: Command) -> Result<(), String> {
                         watermark_delay_ms: config.rules.watermark_delay_ms,
                         allowed_lateness_ms: config.rules.allowed_lateness_ms,
                     }));
-                    let server = serve(address, Arc::clone(&state), args.token.clone(), args.http_threads)?;
+                    let server = serve(address, Arc::clone(&state), args.token.clone())?;
                     eprintln!("clickagg: serving on http://{}/", server.address);
                     Some(state)
                 }

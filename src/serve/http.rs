@@ -5,15 +5,14 @@
 //! query strings; anything unexpected is a 4xx with a JSON body naming the problem.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use tiny_http::{Header, Method, Request, Response, Server, StatusCode};
 
 use clickagg_dataflows::{Country, Minute, MINUTE_MS};
 
+use super::listener::{listen, Request, Response};
 use super::state::{top_of, Materialized, ServingState, Subject};
 
 /// Longest accepted request target (path and query string), in bytes.
@@ -25,51 +24,23 @@ pub const MAX_SPAN_MINUTES: u64 = 7 * 24 * 60;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-/// A running server; dropping it does not stop it (its threads serve until the process ends).
+/// A running server; its threads serve until the process ends.
 pub struct HttpServer {
     pub address: std::net::SocketAddr,
 }
 
-/// Binds `address` and serves `state` from `threads` threads. Fails at once, with the reason,
-/// if the address cannot be bound.
-pub fn serve(address: &str, state: Arc<ServingState>, token: Option<String>, threads: usize) -> Result<HttpServer, String> {
-    let server = Server::http(address).map_err(|e| {
-        let hint = if e.to_string().contains("in use") { " (another process holds the port; choose another with --serve)" } else { "" };
+/// Binds `address` and serves `state`. Fails at once, with the reason, if the address cannot be
+/// bound.
+pub fn serve(address: &str, state: Arc<ServingState>, token: Option<String>) -> Result<HttpServer, String> {
+    let handler = move |request: &Request| {
+        let (status, content_type, body) = respond(request, &state, token.as_deref());
+        Response { status, content_type, body }
+    };
+    let local = listen(address, handler).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse { " (another process holds the port; choose another with --serve)" } else { "" };
         format!("cannot serve on {address}: {e}{hint}")
     })?;
-    let local = server.server_addr().to_ip().ok_or("the server is not on an IP address")?;
-    let server = Arc::new(server);
-    for _ in 0..threads.max(1) {
-        let server = Arc::clone(&server);
-        let state = Arc::clone(&state);
-        let token = token.clone();
-        std::thread::Builder::new()
-            .name("clickagg-http".into())
-            .spawn(move || {
-                for request in server.incoming_requests() {
-                    handle(request, &state, token.as_deref());
-                }
-            })
-            .map_err(|e| format!("starting the HTTP threads: {e}"))?;
-    }
     Ok(HttpServer { address: local })
-}
-
-fn handle(request: Request, state: &ServingState, token: Option<&str>) {
-    let (status, content_type, body) = respond(&request, state, token);
-    let length = body.len();
-    let response = Response::new(
-        StatusCode(status),
-        vec![
-            Header::from_bytes("Content-Type", content_type).expect("a valid header"),
-            Header::from_bytes("Cache-Control", "no-store").expect("a valid header"),
-        ],
-        Cursor::new(body.into_bytes()),
-        Some(length),
-        None,
-    );
-    // A client that went away is its own business.
-    let _ = request.respond(response);
 }
 
 /// An error answer: status and message.
@@ -80,11 +51,11 @@ fn bad(message: impl Into<String>) -> Failure {
 }
 
 fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16, &'static str, String) {
-    let url = request.url();
+    let url = request.target.as_str();
     if url.len() > MAX_URL_BYTES {
         return error(Failure(414, format!("the request target is longer than {MAX_URL_BYTES} bytes")));
     }
-    if *request.method() != Method::Get {
+    if request.method != "GET" {
         return error(Failure(405, "only GET is served".into()));
     }
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
@@ -93,7 +64,7 @@ fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16
     }
     if let Some(token) = token {
         let expected = format!("Bearer {token}");
-        let authorized = request.headers().iter().any(|h| h.field.equiv("Authorization") && h.value.as_str() == expected);
+        let authorized = request.header("authorization") == Some(expected.as_str());
         if !authorized {
             return error(Failure(401, "this server needs Authorization: Bearer <token>".into()));
         }
@@ -102,15 +73,41 @@ fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16
         Ok(params) => params,
         Err(e) => return error(bad(e)),
     };
-    let answers = state.answers.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let answers = state.read();
+    // `/v1/status` and `/metrics` carry uptime and lag: rendered each time.
+    let cacheable = path.starts_with("/v1/") && path != "/v1/status";
+    if cacheable {
+        let cached = state.responses.read().ok().and_then(|c| c.get(url).filter(|(v, _)| *v == answers.version).map(|(_, b)| b.clone()));
+        if let Some(body) = cached {
+            return (200, "application/json", body.to_string());
+        }
+    }
     let result = route(path, &params, &answers, state);
+    let version = answers.version;
     drop(answers);
     match result {
-        Ok(Body::Json(value)) => (200, "application/json", value.to_string()),
+        Ok(Body::Json(value)) => {
+            let body = value.to_string();
+            if cacheable {
+                if let Ok(mut cache) = state.responses.write() {
+                    if cache.len() >= MAX_CACHED_RESPONSES {
+                        cache.retain(|_, (v, _)| *v == version);
+                        if cache.len() >= MAX_CACHED_RESPONSES {
+                            cache.clear();
+                        }
+                    }
+                    cache.insert(url.to_string(), (version, Arc::new(body.clone())));
+                }
+            }
+            (200, "application/json", body)
+        }
         Ok(Body::Text(text)) => (200, "text/plain; version=0.0.4", text),
         Err(failure) => error(failure),
     }
 }
+
+/// Rendered responses kept for reuse; the cache is emptied of stale ones when it fills.
+const MAX_CACHED_RESPONSES: usize = 10_000;
 
 fn error(Failure(status, message): Failure) -> (u16, &'static str, String) {
     (status, "application/json", json!({ "error": message, "status": status }).to_string())

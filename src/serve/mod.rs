@@ -2,6 +2,7 @@
 //! dashboard over them ([`http`]).
 
 pub mod http;
+pub mod listener;
 pub mod state;
 
 pub use http::{serve, HttpServer};

@@ -2,12 +2,19 @@
 //! every view up to one frontier, so that each query reads one consistent watermark.
 //!
 //! The sink applies the dataflow's updates in time order and publishes them here once per
-//! frontier advance, under one write lock: a reader sees the state before or after an advance,
-//! never half of one. Like the output files, this state keeps every minute ever made final
-//! (retention retractions are not applied), so old minutes stay answerable.
+//! frontier advance: a reader sees the state before or after an advance, never half of one.
+//! Like the output files, this state keeps every minute ever made final (retention retractions
+//! are not applied), so old minutes stay answerable.
+//!
+//! There are two copies (the "left-right" scheme): the sink applies an advance to the copy no
+//! reader is directed to, points readers at it, then brings the other copy level. Applying a
+//! minute's updates takes tens of milliseconds during a replay; with one copy under a lock,
+//! every query in that time waited for it. Readers now wait only if they picked a copy just
+//! before the switch, and memory is twice the answers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 use clickagg_dataflows::{minute_of, Answer, Country, Minute, PartitionProgress, Time, MINUTE_MS};
@@ -54,6 +61,8 @@ pub struct Materialized {
     pub counters: Counters,
     /// The latest minute with an accepted click.
     pub last_minute: Option<Minute>,
+    /// How many advances have been published: answers with the same version are the same.
+    pub version: u64,
 }
 
 /// `(clicks descending, ad ascending)`: a set of these iterates in SPEC §3's rank order.
@@ -195,7 +204,12 @@ const SNAPSHOTS_KEPT: usize = 64;
 /// The state shared by the sink (one writer) and the server's threads (readers).
 #[derive(Debug)]
 pub struct ServingState {
-    pub answers: RwLock<Materialized>,
+    copies: [RwLock<Materialized>; 2],
+    /// Responses already rendered, by request target, with the version they were rendered at:
+    /// dashboards poll the same few queries, which change only when the watermark moves.
+    pub responses: RwLock<HashMap<String, (u64, std::sync::Arc<String>)>>,
+    /// The copy readers use.
+    active: AtomicUsize,
     pub started: Instant,
     /// The settings the answers were computed with, for `/v1/status`.
     pub settings: Settings,
@@ -214,7 +228,26 @@ pub struct Settings {
 
 impl ServingState {
     pub fn new(settings: Settings) -> ServingState {
-        ServingState { answers: RwLock::new(Materialized::default()), started: Instant::now(), settings }
+        ServingState {
+            copies: [RwLock::new(Materialized::default()), RwLock::new(Materialized::default())],
+            active: AtomicUsize::new(0),
+            responses: RwLock::new(HashMap::new()),
+            started: Instant::now(),
+            settings,
+        }
+    }
+
+    /// The answers as of one frontier, for as long as the guard is held.
+    pub fn read(&self) -> RwLockReadGuard<'_, Materialized> {
+        loop {
+            let copy = &self.copies[self.active.load(Ordering::Acquire)];
+            match copy.try_read() {
+                Ok(guard) => return guard,
+                // The sink is bringing this copy level after a switch: the other one is current.
+                Err(std::sync::TryLockError::WouldBlock) => std::thread::yield_now(),
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => return poisoned.into_inner(),
+            }
+        }
     }
 
     /// Applies one frontier advance's updates atomically.
@@ -225,23 +258,31 @@ impl ServingState {
         snapshots: Vec<(Minute, BTreeMap<u32, Vec<(u64, u64)>>)>,
         counters: Option<Counters>,
     ) {
-        let mut answers = self.answers.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (time, answer, diff) in updates {
-            answers.apply(*time, answer, *diff);
-        }
-        answers.window_snapshots.extend(snapshots);
-        while answers.window_snapshots.len() > SNAPSHOTS_KEPT {
-            answers.window_snapshots.pop_first();
-        }
-        if let Some(counters) = counters {
-            let (billable, excluded) = (answers.counters.billable, answers.counters.excluded);
-            answers.counters = Counters { billable, excluded, ..counters };
-        }
-        match frontier {
-            Some(frontier) => answers.frontier = Some(frontier),
-            None => {
-                let end = answers.last_minute.map_or(0, |m| (m as Time + 1) * MINUTE_MS);
-                answers.complete_at = Some(end);
+        let active = self.active.load(Ordering::Acquire);
+        for copy in [1 - active, active] {
+            let mut answers = self.copies[copy].write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (time, answer, diff) in updates {
+                answers.apply(*time, answer, *diff);
+            }
+            answers.window_snapshots.extend(snapshots.iter().cloned());
+            while answers.window_snapshots.len() > SNAPSHOTS_KEPT {
+                answers.window_snapshots.pop_first();
+            }
+            if let Some(counters) = &counters {
+                let (billable, excluded) = (answers.counters.billable, answers.counters.excluded);
+                answers.counters = Counters { billable, excluded, ..counters.clone() };
+            }
+            match frontier {
+                Some(frontier) => answers.frontier = Some(frontier),
+                None => {
+                    let end = answers.last_minute.map_or(0, |m| (m as Time + 1) * MINUTE_MS);
+                    answers.complete_at = Some(end);
+                }
+            }
+            answers.version += 1;
+            drop(answers);
+            if copy != active {
+                self.active.store(copy, Ordering::Release);
             }
         }
     }
