@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The harness copies the binary it built here, so that a rebuild during a long run cannot change it.
 BINARY = ROOT / "target" / "release" / "clickagg"
-GROUPS = ["floor", "throughput", "hotkey", "cluster", "duckdb"]
+GROUPS = ["floor", "throughput", "hotkey", "cluster", "duckdb", "serving"]
 
 
 def log(message):
@@ -112,6 +112,65 @@ def cluster_commands(logs, out, processes, workers, scratch):
     return build
 
 
+def ensure_wrk():
+    """wrk, Debian's HTTP load generator, installed when missing (as root or with sudo)."""
+    if shutil.which("wrk"):
+        return "wrk"
+    log("installing Debian's wrk")
+    prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    subprocess.run(prefix + ["apt-get", "install", "-y", "-qq", "wrk"], check=True, stdout=subprocess.DEVNULL)
+    return "wrk"
+
+
+def wrk_latency(url, seconds, connections):
+    """Runs wrk against url; returns (p50 ms, p99 ms, requests/s, non-2xx)."""
+    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+    def ms(label):
+        for line in out.splitlines():
+            parts = line.split()
+            if parts and parts[0] == label:
+                value = parts[1]
+                for suffix, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+                    if value.endswith(suffix):
+                        return float(value[: -len(suffix)]) * scale
+        raise SystemExit(f"wrk printed no {label} line:\n{out}")
+    rps = next(float(l.split()[1]) for l in out.splitlines() if l.startswith("Requests/sec"))
+    errors = sum(int(l.split()[-1]) for l in out.splitlines() if "Non-2xx" in l)
+    return ms("50%"), ms("99%"), rps, errors
+
+
+def serving_latency(logs, scratch, runs, seconds=8, connections=200):
+    """p50/p99 of two endpoints at `connections` concurrent clients while a 2-worker replay
+    with --serve is ingesting; medians over runs."""
+    ensure_wrk()
+    samples = {"popular_ads": [], "aggregated_count": []}
+    for run in range(runs):
+        port = free_ports(1)[0]
+        process = subprocess.Popen([BINARY, "run", "--logs", logs, "--out", scratch / "served", "-w", "2",
+                                    "--serve", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        started = time.monotonic()
+        while "serving on" not in process.stderr.readline():
+            if process.poll() is not None:
+                raise SystemExit("clickagg run --serve failed to start")
+        time.sleep(2)  # let the replay get going, so that every request is served while ingesting
+        base = f"http://127.0.0.1:{port}"
+        urls = {"popular_ads": base + "/v1/ads/popular_ads?window=5m&count=100",
+                "aggregated_count": base + "/v1/ads/2654435761/aggregated_count"}
+        for name, url in urls.items():
+            p50, p99, rps, errors = wrk_latency(url, seconds, connections)
+            log(f"serving {name}: run {run + 1}/{runs}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, {rps:.0f} req/s, {errors} non-2xx")
+            samples[name].append((p50, p99, rps, errors))
+        process.stderr.close()
+        process.kill()
+        process.wait()
+        if time.monotonic() - started < 2 + 2 * seconds:
+            log("warning: the replay may have ended before the load did")
+    return {name: {"p50": statistics.median(s[0] for s in v), "p99": statistics.median(s[1] for s in v),
+                   "rps": statistics.median(s[2] for s in v), "errors": sum(s[3] for s in v), "runs": runs}
+            for name, v in samples.items()}
+
+
 def duckdb_python(scratch_root):
     """A virtual environment of the harness's own with DuckDB, made once."""
     venv = scratch_root / "venv"
@@ -144,7 +203,7 @@ def commit():
     return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def render(results, lines, args, built_from):
+def render(results, lines, args, built_from, serving):
     by_name = {r["name"]: r for r in results}
     floor = {1: by_name.get("parse-only, 1 thread"), 2: by_name.get("parse-only, 2 threads")}
     rows = []
@@ -154,13 +213,14 @@ def render(results, lines, args, built_from):
         ratio = ""
         if threads in floor and floor[threads] and not r["name"].startswith("parse-only"):
             ratio = f"{100 * floor[threads]['median'] / r['median']:.1f}%"
-        rows.append(f"| {r['name']} | {r['median']:.2f} | {r['min']:.2f}–{r['max']:.2f} | "
+        name = r["name"] if r.get("commit", built_from) == built_from else f"{r['name']} (at {r['commit']})"
+        rows.append(f"| {name} | {r['median']:.2f} | {r['min']:.2f}–{r['max']:.2f} | "
                     f"{rate / 1e6:.2f}M | {ratio} | {r['rss'] / 2**30:.2f} |")
     text = [
         "# clickagg benchmark results",
         "",
         f"- Machine: {machine()}",
-        f"- Commit: {built_from} (as built at the start of the run)",
+        f"- Commit: {built_from} (as built at the start of the latest run; rows from earlier partial runs name theirs)",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- Data: `clickagg generate --events {args.events} --partitions 8 --seed 1` "
         f"(default and hot-key presets), {lines:,} lines each set including duplicates and bad rows",
@@ -189,6 +249,19 @@ def render(results, lines, args, built_from):
         checks.append(f"- Against DuckDB with 2 threads: {w2 / duck:.2f}× (target 2×)")
     if checks:
         text += ["## Against the targets of issue 4", "", *checks, ""]
+    if serving:
+        text += [
+            "## Query latency while ingesting (issue 5)",
+            "",
+            "`wrk -t2 -c200` for 8 s per endpoint against `run -w 2 --serve` while it replays the default set:",
+            "200 connections, each sending its next request as soon as the last is answered (a closed loop, so",
+            "the load is as high as the machine allows; wrk, clickagg's two workers and the server share 2 cores).",
+            "",
+            "| endpoint | p50 ms | p99 ms | requests/s | non-2xx |",
+            "|---|---|---|---|---|",
+            *[f"| {name} | {v['p50']:.2f} | {v['p99']:.2f} | {v['rps']:.0f} | {v['errors']} |" for name, v in serving.items()],
+            "",
+        ]
     return "\n".join(text)
 
 
@@ -214,6 +287,7 @@ def main():
     BINARY = frozen
     default, lines = dataset(args.data, f"default-{args.events}", args.events, "default")
     results = []
+    serving = None
     with tempfile.TemporaryDirectory(prefix="clickagg-bench-") as scratch:
         scratch = Path(scratch)
         out = scratch / "out"
@@ -234,12 +308,28 @@ def main():
             add(repeat("run, 1×2, hot-key set", [[BINARY, "run", "--logs", hot, "--out", out, "-w", "2"]], args.runs), 2, hot_lines)
         if "cluster" in groups:
             add(repeat("run, 2×1 (two processes on loopback)", cluster_commands(default, out, 2, 1, scratch), args.runs), 2)
+        if "serving" in groups:
+            serving = serving_latency(default, scratch, args.runs)
         if "duckdb" in groups:
             python = duckdb_python(args.data)
             job = [python, ROOT / "bench" / "duckdb_job.py", "--logs", default, "--out", scratch / "duckdb", "--threads", "2"]
             add(repeat("DuckDB 2 threads, batch job", [job], args.runs), 2)
 
-    report = render(results, lines, args, built_from)
+    # Rows from earlier runs of other groups stay, each with the commit it was measured at.
+    store = args.results.with_suffix(".json")
+    saved = json.loads(store.read_text()) if store.exists() else {}
+    if saved.get("events") != args.events:
+        saved = {"events": args.events, "rows": {}, "serving": None}
+    for r in results:
+        r["commit"] = built_from
+        saved["rows"][r["name"]] = r
+    if serving:
+        saved["serving"] = serving
+    store.write_text(json.dumps(saved, indent=1))
+    order = ["parse-only, 1 thread", "parse-only, 2 threads", "run, 1×1 (processes × workers)", "run, 1×2",
+             "run, 1×2, hot-key set", "run, 2×1 (two processes on loopback)", "DuckDB 2 threads, batch job"]
+    merged = sorted(saved["rows"].values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    report = render(merged, lines, args, built_from, saved["serving"])
     args.results.write_text(report)
     print(report)
     log(f"wrote {args.results}")
