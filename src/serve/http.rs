@@ -140,6 +140,7 @@ fn route(path: &str, params: &Params, answers: &Materialized, state: &ServingSta
 }
 
 /// A query string's parameters; each may appear once.
+#[derive(Debug)]
 pub struct Params(BTreeMap<String, String>);
 
 /// Parses `a=1&b=2`, percent-decoding names and values. Repeated names are an error: a client
@@ -506,7 +507,7 @@ mod tests {
         assert_eq!(parse_minute("29000000"), Ok(29_000_000));
         assert_eq!(parse_minute("1970-01-01T00:01:00Z"), Ok(1));
         assert_eq!(parse_minute("1970-01-01T00:01:59.999Z"), Ok(1));
-        assert_eq!(parse_minute("2026-11-22T10:00:00Z"), Ok(1_795_341_600_000 / 60_000));
+        assert_eq!(parse_minute("2026-11-22T10:00:00Z"), Ok((1_795_341_600_000u64 / 60_000) as u32));
         assert_eq!(parse_minute("2026-11-22T11:00:00+01:00"), parse_minute("2026-11-22T10:00:00Z"));
         for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "2026-11-22T10:00:00", "-5", "2026-11-22T10:00:00.Z"] {
             assert!(parse_minute(bad).is_err(), "{bad:?}");
