@@ -7,6 +7,7 @@ pub mod cluster_local;
 pub mod config;
 pub mod demo;
 pub mod generate;
+pub mod introspect;
 pub mod run;
 pub mod serve;
 pub mod shell;

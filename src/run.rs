@@ -165,6 +165,9 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         let sink = Rc::new(RefCell::new(sink));
         let sink_error: Rc<RefCell<Option<String>>> = Rc::new(RefCell::new(None));
         let mut probe = ProbeHandle::new();
+        if let Some(state) = &config.serving {
+            crate::introspect::install(worker, Arc::clone(&state.introspection));
+        }
 
         let mut inputs = worker.dataflow::<Time, _, _>(|scope| {
             let (clicks, deliveries) = scope.new_collection::<Click, isize>();

@@ -17,6 +17,8 @@ commands:
   watermark                                     the watermark every answer is exact as of
   partitions                                    per partition: offset, max_ts, lag, counts
   status                                        everything /v1/status says, as JSON
+  arrangements                                  each arrangement: name, key/value types, records, batches
+  dataflow                                      every operator, with the records of those holding a trace
   watch [N] COMMAND                             run COMMAND each time the watermark moves (N times, or until Ctrl-C)
   get PATH                                      any API path, raw JSON
   help                                          this text
@@ -246,6 +248,39 @@ fn answer(client: &Client, words: &[&str]) -> Result<String, String> {
                     plain(&p["too_late"]),
                     plain(&p["malformed"])
                 ));
+            }
+            Ok(text)
+        }
+        ["arrangements"] => {
+            let json = client.get("/v1/introspection/arrangements")?;
+            let held = if json["dataflow_complete"] == Value::Bool(true) {
+                "the replay is complete and its traces are dropped".to_string()
+            } else {
+                format!("compacted to the dataflow's frontier {}", json["compacted_to"])
+            };
+            let mut text = format!(
+                "arrangements as of watermark {} ({held})\n{:<34} {:>10} {:>8}  key -> value",
+                json["watermark"], "name", "records", "batches"
+            );
+            for a in json["arrangements"].as_array().into_iter().flatten() {
+                text.push_str(&format!(
+                    "\n{:<34} {:>10} {:>8}  {} -> {}",
+                    plain(&a["name"]),
+                    plain(&a["records"]),
+                    plain(&a["batches"]),
+                    plain(&a["key"]),
+                    plain(&a["value"])
+                ));
+            }
+            Ok(text)
+        }
+        ["dataflow"] => {
+            let json = client.get("/v1/introspection/dataflow")?;
+            let mut text = format!("{:>5}  {:<16} {:>10}  name", "id", "address", "records");
+            for op in json["operators"].as_array().into_iter().flatten() {
+                let address: Vec<String> = op["address"].as_array().into_iter().flatten().map(plain).collect();
+                let records = if op["records"].is_null() { String::new() } else { plain(&op["records"]) };
+                text.push_str(&format!("\n{:>5}  {:<16} {:>10}  {}", plain(&op["operator"]), address.join("."), records, plain(&op["name"])));
             }
             Ok(text)
         }

@@ -75,7 +75,7 @@ fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16
     };
     let answers = state.read();
     // `/v1/status` and `/metrics` carry uptime and lag: rendered each time.
-    let cacheable = path.starts_with("/v1/") && path != "/v1/status";
+    let cacheable = path.starts_with("/v1/") && path != "/v1/status" && !path.starts_with("/v1/introspection");
     if cacheable {
         let cached = state.responses.read().ok().and_then(|c| c.get(url).filter(|(v, _)| *v == answers.version).map(|(_, b)| b.clone()));
         if let Some(body) = cached {
@@ -127,6 +127,14 @@ fn route(path: &str, params: &Params, answers: &Materialized, state: &ServingSta
             aggregated_count(Subject::Campaign(parse_id(id, "campaign_id")?), params, answers).map(Body::Json)
         }
         ["v1", "ads", id, "history"] => history(parse_id(id, "ad_id")?, params, answers).map(Body::Json),
+        ["v1", "introspection", "arrangements"] => {
+            params.only(&[])?;
+            Ok(Body::Json(arrangements(state, answers)))
+        }
+        ["v1", "introspection", "dataflow"] => {
+            params.only(&[])?;
+            Ok(Body::Json(dataflow(state)))
+        }
         ["v1", "status"] => {
             params.only(&[])?;
             Ok(Body::Json(status(answers, state)))
@@ -454,6 +462,44 @@ fn status(answers: &Materialized, state: &ServingState) -> Value {
     body
 }
 
+fn operators(state: &ServingState) -> Vec<crate::introspect::OperatorSummary> {
+    state.introspection.lock().map(|i| i.summary()).unwrap_or_default()
+}
+
+/// The arrangements of this process's workers: names, key and value types, records and batches
+/// their traces hold now. Their compaction follows the dataflow's frontier (no trace handle is
+/// held outside it), which is the watermark reported beside them.
+fn arrangements(state: &ServingState, answers: &Materialized) -> Value {
+    let list: Vec<Value> = operators(state)
+        .into_iter()
+        .filter(|op| op.arranges)
+        .map(|op| {
+            let (key, value) = clickagg_dataflows::render::arrangement_schema(&op.name).unwrap_or(("?", "?"));
+            json!({
+                "name": op.name, "operator": op.id, "address": op.address, "key": key, "value": value,
+                "records": op.records, "batches": op.batches, "batches_created": op.batches_created,
+                "records_per_worker": op.per_worker,
+            })
+        })
+        .collect();
+    // After a replay the dataflow has completed and dropped its traces: nothing is held.
+    let compacted_to = if answers.complete_at.is_some() { None } else { answers.frontier };
+    json!({
+        "arrangements": list, "compacted_to": compacted_to, "watermark": answers.watermark(),
+        "dataflow_complete": answers.complete_at.is_some(),
+    })
+}
+
+/// Every operator of the dataflow (the same on every worker), with the records of those that
+/// hold a trace.
+fn dataflow(state: &ServingState) -> Value {
+    let list: Vec<Value> = operators(state)
+        .into_iter()
+        .map(|op| json!({ "operator": op.id, "address": op.address, "name": op.name, "records": op.arranges.then_some(op.records) }))
+        .collect();
+    json!({ "operators": list })
+}
+
 fn metrics(answers: &Materialized, state: &ServingState) -> String {
     let c = &answers.counters;
     let mut text = String::new();
@@ -486,6 +532,12 @@ fn metrics(answers: &Materialized, state: &ServingState) -> String {
     let seconds = state.started.elapsed().as_secs_f64().max(1e-9);
     metric("events_per_second", "gauge", "Lines read per second since start.", vec![(String::new(), lines as f64 / seconds)]);
     metric("minutes_kept", "gauge", "Minutes whose answers the server holds.", vec![(String::new(), answers.ad.len() as f64)]);
+    let arranged: Vec<(String, f64)> = operators(state)
+        .into_iter()
+        .filter(|op| op.arranges)
+        .map(|op| (format!("{{name=\"{}\",operator=\"{}\"}}", op.name.replace('"', "'"), op.id), op.records as f64))
+        .collect();
+    metric("arrangement_records", "gauge", "Updates held by each arrangement's trace, over this process's workers.", arranged);
     text
 }
 

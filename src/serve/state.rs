@@ -211,6 +211,8 @@ pub struct ServingState {
     /// The copy readers use.
     active: AtomicUsize,
     pub started: Instant,
+    /// Operators and arrangement sizes of this process's workers.
+    pub introspection: crate::introspect::SharedIntrospection,
     /// The settings the answers were computed with, for `/v1/status`.
     pub settings: Settings,
 }
@@ -233,6 +235,7 @@ impl ServingState {
             active: AtomicUsize::new(0),
             responses: RwLock::new(HashMap::new()),
             started: Instant::now(),
+            introspection: Default::default(),
             settings,
         }
     }

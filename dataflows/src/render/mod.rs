@@ -14,6 +14,27 @@ use crate::event_time::EventTimeRules;
 use crate::plan::Plan;
 use crate::types::{Click, ClickAttrs, ClickKey, Time, MINUTE_MS};
 
+/// The key and value of each arrangement this module names, as a person reads them, for
+/// introspection: `name` is the operator's name (`Arrange: X` for an input arrangement).
+pub fn arrangement_schema(name: &str) -> Option<(&'static str, &'static str)> {
+    const RANK: &str = "rank (u64::MAX - clicks, ad_id)";
+    let name = name.strip_prefix("Arrange: ").unwrap_or(name);
+    Some(match name {
+        "DistinctClicks" => ("ClickKey (xxh3-128 of event_id, ts)", "ClickAttrs (ad_id, campaign_id, user_id, ip, country)"),
+        "AdMinute" | "FraudMinute" => ("(minute, ad_id)", "()"),
+        "CampaignMinute" => ("(minute, campaign_id)", "()"),
+        "CountryMinute" => ("(minute, country, ad_id)", "()"),
+        "WindowCounts" => ("(window minutes, ad_id)", "()"),
+        "IpMinute" | "IpMinuteOverLimit" => ("(minute, ip)", "()"),
+        "UserMinute" | "UserMinuteOverLimit" => ("(minute, user_id)", "()"),
+        "ClicksByIpMinute" => ("(minute, ip)", "(ClickKey, ClickAttrs)"),
+        "ClicksByUserMinute" => ("(minute, user_id)", "(ClickKey, ClickAttrs)"),
+        n if n.starts_with("TopMinute") => ("(minute, ad_id bucket)", RANK),
+        n if n.starts_with("TopWindow") => ("(window minutes, ad_id bucket)", RANK),
+        _ => return None,
+    })
+}
+
 /// The collections a rendered dataflow exposes.
 pub struct Rendered<'scope> {
     /// Distinct accepted clicks that are billable: one record per `(event_id, ts)`, with the
