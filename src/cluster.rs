@@ -177,6 +177,11 @@ impl Greeting {
     }
 }
 
+/// Decodes a greeting line (for the fuzz targets): the sender's version and greeting.
+pub fn decode_greeting(line: &str) -> Result<(String, Greeting), String> {
+    Greeting::decode(line)
+}
+
 /// Connects this process to every other one, exchanging greetings, and returns one socket per
 /// process in process order (`None` for this one), ready for timely.
 ///

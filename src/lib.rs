@@ -6,6 +6,8 @@ pub mod cluster;
 pub mod cluster_local;
 pub mod config;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generate;
 pub mod introspect;
 pub mod run;

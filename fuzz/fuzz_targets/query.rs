@@ -1,0 +1,3 @@
+#![no_main]
+// See clickagg::fuzzing::query for what this target checks.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| clickagg::fuzzing::query(data));
