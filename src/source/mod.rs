@@ -24,7 +24,12 @@ pub fn list_partitions(dir: &Path) -> Result<Vec<PathBuf>, String> {
         let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("part-") && name.ends_with(".csv") && entry.path().is_file() {
+        if name.starts_with("part-") && name.ends_with(".csv") {
+            // Something named like a partition that cannot be read as one is an error, not a
+            // partition that silently goes missing.
+            if !entry.path().is_file() {
+                return Err(format!("{} is named like a partition but is not a regular file", entry.path().display()));
+            }
             files.push(entry.path());
         }
     }
