@@ -271,3 +271,57 @@ fn a_port_in_use_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("cannot serve on"), "{stderr}");
 }
+
+/// Writes raw bytes on a fresh connection and returns the status the server answers with.
+fn raw_status(address: &str, request: &[u8]) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response);
+    text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn slow_clients_many_connections_and_odd_requests_do_not_stop_the_server() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path());
+    let served = serve_replay(&logs, &dir.path().join("out"), &[]);
+    let a = served.address.clone();
+
+    // A client that starts a request and never finishes it holds only its own connection.
+    let mut slow = std::net::TcpStream::connect(&a).unwrap();
+    slow.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(get(&a, "/v1/status", &[]).0, 200, "the server stopped answering behind a slow client");
+
+    // Many clients at once.
+    let handles: Vec<_> = (0..300)
+        .map(|i| {
+            let a = a.clone();
+            std::thread::spawn(move || get(&a, &format!("/v1/ads/{i}/aggregated_count"), &[]).0)
+        })
+        .collect();
+    for handle in handles {
+        assert_eq!(handle.join().unwrap(), 200);
+    }
+
+    // Requests the API does not take.
+    assert_eq!(raw_status(&a, b"POST /v1/status HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"), 413);
+    assert_eq!(raw_status(&a, b"DELETE /v1/status HTTP/1.1\r\n\r\n"), 405);
+    assert_eq!(raw_status(&a, b"NONSENSE\r\n\r\n"), 400);
+    assert_eq!(raw_status(&a, b"GET /v1/status HTTP/1.1\r\n\xff\xfe: \xff\r\n\r\n"), 400);
+    let huge_header = format!("GET /v1/status HTTP/1.1\r\nX-Junk: {}\r\n\r\n", "j".repeat(20_000));
+    assert_eq!(raw_status(&a, huge_header.as_bytes()), 431);
+
+    // The slow client is cut off with 408 once it has been silent for the idle timeout.
+    let mut response = String::new();
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let _ = std::io::Read::read_to_string(&mut slow, &mut response);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(25));
+    assert_eq!(get(&a, "/v1/status", &[]).0, 200);
+}
