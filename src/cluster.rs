@@ -359,6 +359,12 @@ pub fn install_panic_recorder() {
         }
         if !cascade {
             default(info);
+            // A worker that panicked leaves the computation unable to make progress, and when
+            // serving nothing would ever join it: end the process with the message above.
+            if std::thread::current().name().is_some_and(|name| name.starts_with("timely:work")) {
+                eprintln!("clickagg: a worker failed; stopping");
+                std::process::exit(101);
+            }
         }
     }));
 }

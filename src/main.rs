@@ -282,7 +282,10 @@ fn execute(command: Command) -> Result<(), String> {
             }
             let serving = match &args.serve {
                 Some(_) if !config.is_sink_process() => {
-                    eprintln!("clickagg: process {}: --serve is for process 0, which holds the answers; ignored", args.process);
+                    eprintln!(
+                        "clickagg: process {}: the server runs on process 0; this one keeps its share of the filter arrangements",
+                        args.process
+                    );
                     None
                 }
                 Some(address) => {
@@ -304,17 +307,22 @@ fn execute(command: Command) -> Result<(), String> {
                 }
                 None => None,
             };
-            config.serving = serving.clone();
+            config.serve_filters = args.serve.is_some();
+            if let Some(state) = &serving {
+                let print_summary = args.summary;
+                state.on_complete(move |summary| {
+                    if print_summary {
+                        print!("{}", render_summary(summary));
+                    }
+                    eprintln!("clickagg: replay complete; serving its answers until interrupted");
+                });
+            }
+            config.serving = serving;
+            // When serving, the workers keep answering after the replay and this does not return.
             match run(&config)? {
                 Some(summary) if args.summary => print!("{}", render_summary(&summary)),
                 Some(_) => {}
                 None => eprintln!("clickagg: process {} done", args.process),
-            }
-            if serving.is_some() {
-                eprintln!("clickagg: replay complete; serving its answers until interrupted");
-                loop {
-                    std::thread::park();
-                }
             }
             Ok(())
         }

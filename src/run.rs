@@ -19,7 +19,8 @@ use clickagg_dataflows::{
 };
 
 use crate::cluster::{self, Cluster, Greeting};
-use crate::serve::ServingState;
+use crate::serve::{peek, ServingState};
+use clickagg_dataflows::render::filters::render_filters;
 use crate::sink::{OutputSink, Summary};
 use crate::source::{list_partitions, partition_name, PartitionSource, SourceOutput};
 
@@ -33,8 +34,11 @@ pub struct RunConfig {
     pub workers: usize,
     /// The other processes, when running as a cluster.
     pub cluster: Option<Cluster>,
-    /// Where the sink publishes the answers for the server, when serving.
+    /// Where the sink publishes the answers for the server, when serving (process 0).
     pub serving: Option<Arc<ServingState>>,
+    /// Keep the clicks arranged by ip and user for filtered queries, and keep the workers
+    /// answering them after the replay (every process of a serving cluster).
+    pub serve_filters: bool,
     pub rules: EventTimeRules,
     pub plan: Plan,
     /// Lines a worker reads from one partition before it lets the dataflow run.
@@ -52,6 +56,7 @@ impl RunConfig {
             workers: 1,
             cluster: None,
             serving: None,
+            serve_filters: false,
             rules: EventTimeRules::default(),
             plan: Plan::default(),
             batch_lines: 50_000,
@@ -88,7 +93,7 @@ impl RunConfig {
         let blocklist = format!("{:?}", self.plan.fraud.blocklist);
         format!(
             "watermark_delay_ms={} allowed_lateness_ms={:?} tick_ms={} top_k={} buckets={} windows={} \
-             max_clicks_per_minute={:?} blocklist={}:{:016x}",
+             max_clicks_per_minute={:?} blocklist={}:{:016x} serve={}",
             self.rules.watermark_delay_ms,
             self.rules.allowed_lateness_ms,
             self.rules.tick_ms,
@@ -98,6 +103,7 @@ impl RunConfig {
             self.plan.fraud.max_clicks_per_minute,
             self.plan.fraud.blocklist.len(),
             xxhash_rust::xxh3::xxh3_64(blocklist.as_bytes()),
+            self.serve_filters,
         )
     }
 }
@@ -146,6 +152,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         _ => None,
     };
     let sink = std::sync::Mutex::new(sink);
+    let peek_requests = std::sync::Mutex::new(config.serving.as_ref().map(|state| state.peek_channel()));
     let greeting = config.cluster.as_ref().map(|cluster| Greeting {
         process: cluster.process,
         processes: cluster.processes,
@@ -169,10 +176,16 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
             crate::introspect::install(worker, Arc::clone(&state.introspection));
         }
 
-        let mut inputs = worker.dataflow::<Time, _, _>(|scope| {
+        let (mut inputs, filters) = worker.dataflow::<Time, _, _>(|scope| {
             let (clicks, deliveries) = scope.new_collection::<Click, isize>();
             let (notes, note_collection) = scope.new_collection::<SourceNote, isize>();
             let rendered = render_clicks(deliveries, &config.plan, &config.rules);
+            // Serving: the billable clicks arranged by ip and by user, for filtered queries.
+            let filters = config.serve_filters.then(|| {
+                let horizon = config.plan.windows.iter().copied().max().unwrap_or(0);
+                let clicks = rendered.clicks.clone();
+                scope.region_named("Filters", |inner| render_filters(clicks.enter_region(inner), &config.rules, horizon))
+            });
             let records = rendered.answers.map(SinkRecord::Answer).concat(note_collection.map(SinkRecord::Note));
             let sink = Rc::clone(&sink);
             let sink_error = Rc::clone(&sink_error);
@@ -195,8 +208,15 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                         }
                     }
                 });
-            Inputs { clicks, notes }
+            (Inputs { clicks, notes }, filters)
         });
+        let peek_requests = if index == 0 { peek_requests.lock().ok().and_then(|mut r| r.take()) } else { None };
+        let mut peeks = filters.map(|filters| peek::build(worker, Rc::new(RefCell::new(filters)), peek_requests));
+        let mut poll_peeks = move || {
+            if let Some(peeks) = peeks.as_mut() {
+                peeks.poll();
+            }
+        };
 
         let mut sources = Vec::new();
         let mut errors = Vec::new();
@@ -233,8 +253,10 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
             worker.step();
             let behind = frontier.saturating_sub(config.max_ahead_ms);
             // Park rather than spin: the other workers need the cores to catch up.
+            poll_peeks();
             while probe.less_than(&behind) {
                 worker.step_or_park(Some(std::time::Duration::from_millis(1)));
+                poll_peeks();
             }
         }
         for source in &sources {
@@ -242,12 +264,29 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         }
         drop(inputs);
         while !probe.done() {
+            poll_peeks();
             worker.step();
         }
         if let Some(e) = sink_error.borrow_mut().take() {
             errors.push(e);
         }
         let summary = sink.borrow_mut().take().map(|s| s.finish().map_err(|e| e.to_string()));
+        if config.serve_filters {
+            // The replay is over; the arrangements for filters stay, and peeks keep coming.
+            match (&summary, &config.serving) {
+                (Some(Ok(summary)), Some(state)) => state.replay_complete(summary),
+                (Some(Err(e)), _) => eprintln!("clickagg: writing the output failed: {e}"),
+                _ if index == 0 => eprintln!("clickagg: replay complete; serving filter queries for process 0"),
+                _ => {}
+            }
+            for error in &errors {
+                eprintln!("clickagg: {error}");
+            }
+            loop {
+                worker.step_or_park(Some(std::time::Duration::from_millis(2)));
+                poll_peeks();
+            }
+        }
         (summary, errors)
     })?;
 

@@ -254,7 +254,7 @@ fn answer(client: &Client, words: &[&str]) -> Result<String, String> {
         ["arrangements"] => {
             let json = client.get("/v1/introspection/arrangements")?;
             let held = if json["dataflow_complete"] == Value::Bool(true) {
-                "the replay is complete and its traces are dropped".to_string()
+                "the replay is complete: only the filter arrangements are still held".to_string()
             } else {
                 format!("compacted to the dataflow's frontier {}", json["compacted_to"])
             };

@@ -325,3 +325,97 @@ fn slow_clients_many_connections_and_odd_requests_do_not_stop_the_server() {
     assert!(started.elapsed() < std::time::Duration::from_secs(25));
     assert_eq!(get(&a, "/v1/status", &[]).0, 200);
 }
+
+/// An IPv6 number as text, IPv4-mapped addresses as IPv4.
+fn ip_text(ip: u128) -> String {
+    let v6 = std::net::Ipv6Addr::from(ip);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => v4.to_string(),
+        None => v6.to_string(),
+    }
+}
+
+#[test]
+fn filters_by_ip_and_user_id_answer_what_the_reference_model_computes() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path());
+    let (files, clicks) = common::reference::reference_run(&logs, &RefConfig::default());
+    let want = expected(&files);
+    let served = serve_replay(&logs, &dir.path().join("out"), &["-w", "2"]);
+    let a = served.address.as_str();
+    let boundary = want.last_minute + 1;
+    let first = clicks.iter().map(|c| c.0).min().unwrap();
+
+    // The busiest ips and users (bots among them), and some quiet ones.
+    let mut per_ip: HashMap<u128, usize> = HashMap::new();
+    let mut per_user: HashMap<u64, usize> = HashMap::new();
+    for c in &clicks {
+        *per_ip.entry(c.4).or_default() += 1;
+        *per_user.entry(c.3).or_default() += 1;
+    }
+    let mut ips: Vec<(u128, usize)> = per_ip.into_iter().collect();
+    ips.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+    let mut users: Vec<(u64, usize)> = per_user.into_iter().collect();
+    users.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+    let chosen_ips: Vec<u128> = ips.iter().take(5).chain(ips.iter().rev().take(3)).map(|x| x.0).collect();
+    let chosen_users: Vec<u64> = users.iter().take(5).chain(users.iter().rev().take(3)).map(|x| x.0).collect();
+
+    let top_of = |selected: Vec<&common::reference::RefClick>, count: usize| {
+        let mut per_ad: HashMap<u64, u64> = HashMap::new();
+        for c in selected {
+            *per_ad.entry(c.1).or_default() += 1;
+        }
+        rank(per_ad.into_iter().collect(), count)
+    };
+    let mut checked = 0;
+    let filters: Vec<(String, Vec<&common::reference::RefClick>)> = chosen_ips
+        .iter()
+        .map(|&ip| (format!("ip={}", ip_text(ip)), clicks.iter().filter(|c| c.4 == ip).collect()))
+        .chain(chosen_users.iter().map(|&user| (format!("user_id={user}"), clicks.iter().filter(|c| c.3 == user).collect())))
+        .collect();
+    for (param, mine) in filters {
+        // Counts of each of its ads over everything, and over a few minutes.
+        for ad in mine.iter().map(|c| c.1).take(3) {
+            let total = mine.iter().filter(|c| c.1 == ad).count() as u64;
+            let got = get_json(a, &format!("/v1/ads/{ad}/aggregated_count?from={first}&to={boundary}&{param}"));
+            assert_eq!(got["clicks"].as_u64(), Some(total), "ad {ad}, {param}");
+            let (from, to) = (first + 5, first + 9);
+            let some = mine.iter().filter(|c| c.1 == ad && c.0 >= from && c.0 < to).count() as u64;
+            let got = get_json(a, &format!("/v1/ads/{ad}/aggregated_count?from={from}&to={to}&{param}"));
+            assert_eq!(got["clicks"].as_u64(), Some(some), "ad {ad} [{from},{to}), {param}");
+            checked += 1;
+        }
+        // A campaign, and a country on top of the filter.
+        if let Some(c) = mine.first() {
+            let (campaign, country) = (c.2, c.5.clone());
+            let total = mine.iter().filter(|x| x.2 == campaign).count() as u64;
+            let got = get_json(a, &format!("/v1/campaigns/{campaign}/aggregated_count?from={first}&to={boundary}&{param}"));
+            assert_eq!(got["clicks"].as_u64(), Some(total), "campaign {campaign}, {param}");
+            let in_country: Vec<&common::reference::RefClick> = mine.iter().copied().filter(|x| x.5 == country).collect();
+            let got = get_json(a, &format!("/v1/ads/popular_ads?window=60m&count=10&country={country}&{param}"));
+            assert_eq!(ads_of(&got), top_of(in_country, 10), "top in {country}, {param}");
+        }
+        // The top of the last 60 minutes, and of one minute.
+        let got = get_json(a, &format!("/v1/ads/popular_ads?window=60m&count=20&{param}"));
+        assert_eq!(ads_of(&got), top_of(mine.clone(), 20), "top 60m, {param}");
+        let minute = boundary - 3;
+        let got = get_json(a, &format!("/v1/ads/popular_ads?minute={minute}&count=5&{param}"));
+        assert_eq!(ads_of(&got), top_of(mine.iter().copied().filter(|c| c.0 == minute).collect(), 5), "minute {minute}, {param}");
+    }
+    assert!(checked >= 20, "too few filtered counts checked: {checked}");
+
+    // Both filters at once.
+    let c = &clicks[0];
+    let both = clicks.iter().filter(|x| x.4 == c.4 && x.3 == c.3 && x.1 == c.1).count() as u64;
+    let got = get_json(a, &format!("/v1/ads/{}/aggregated_count?from={first}&to={boundary}&ip={}&user_id={}", c.1, ip_text(c.4), c.3));
+    assert_eq!(got["clicks"].as_u64(), Some(both));
+
+    // Filters reach back as far as the arrangements keep clicks; older is a clear 400.
+    let got = get_json(a, &format!("/v1/ads/popular_ads?window=5m&ip={}", ip_text(c.4)));
+    let retained = got["retained_from_minute"].as_u64().unwrap();
+    let (code, body) = get(a, &format!("/v1/ads/1/aggregated_count?from={}&to={boundary}&ip={}", retained - 1, ip_text(c.4)), &[]);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("outside retention"), "{body}");
+    let (code, body) = get(a, "/v1/ads/1/aggregated_count?ip=999.1.1.1", &[]);
+    assert!(code == 400 && body.contains("ip must be"), "{body}");
+}

@@ -12,7 +12,11 @@ use serde_json::{json, Value};
 
 use clickagg_dataflows::{Country, Minute, MINUTE_MS};
 
+use clickagg_dataflows::render::filters::{FilterKey, FilterRow};
+use clickagg_dataflows::Ip;
+
 use super::listener::{listen, Request, Response};
+use crate::source::parse::parse_ip;
 use super::state::{top_of, Materialized, ServingState, Subject};
 
 /// Longest accepted request target (path and query string), in bytes.
@@ -73,6 +77,14 @@ fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16
         Ok(params) => params,
         Err(e) => return error(bad(e)),
     };
+    // A filter by ip or user_id waits on the workers, which may be waiting to publish: it must
+    // not hold the answers' read guard meanwhile.
+    if params.get("ip").is_some() || params.get("user_id").is_some() {
+        return match filtered(path, &params, state) {
+            Ok(value) => (200, "application/json", value.to_string()),
+            Err(failure) => error(failure),
+        };
+    }
     let answers = state.read();
     // `/v1/status` and `/metrics` carry uptime and lag: rendered each time.
     let cacheable = path.starts_with("/v1/") && path != "/v1/status" && !path.starts_with("/v1/introspection");
@@ -208,25 +220,43 @@ impl Params {
             Some(text) => Some(Country::parse(text.as_bytes()).ok_or_else(|| bad(format!("country must be two ASCII letters, not {text:?}")))?),
             None => None,
         };
-        for high_cardinality in ["ip", "user_id"] {
-            if self.get(high_cardinality).is_some() {
-                return Err(Failure(
-                    501,
-                    format!("filtering by {high_cardinality} is not served yet (country is); see the README's Serving section"),
-                ));
-            }
-        }
-        Ok(Filter { country })
+        let ip = match self.get("ip") {
+            Some(text) => Some(parse_ip(text.as_bytes()).ok_or_else(|| bad(format!("ip must be an IPv4 or IPv6 address, not {text:?}")))?),
+            None => None,
+        };
+        let user = self.get("user_id").map(|text| parse_id(text, "user_id")).transpose()?;
+        Ok(Filter { country, ip, user })
     }
 }
 
 struct Filter {
     country: Option<Country>,
+    ip: Option<Ip>,
+    user: Option<u64>,
 }
 
 impl Filter {
     fn json(&self) -> Value {
-        json!({ "country": self.country.map(|c| c.to_string()) })
+        json!({
+            "country": self.country.map(|c| c.to_string()),
+            "ip": self.ip.map(|ip| ip.to_string()),
+            "user_id": self.user,
+        })
+    }
+
+    /// The key to peek at, when the filter has a high-cardinality column.
+    fn peek_key(&self) -> Option<FilterKey> {
+        match (self.ip, self.user) {
+            (Some(ip), _) => Some(FilterKey::Ip(ip)),
+            (None, Some(user)) => Some(FilterKey::User(user)),
+            (None, None) => None,
+        }
+    }
+
+    fn admits(&self, row: &FilterRow) -> bool {
+        self.country.is_none_or(|c| row.country == c)
+            && self.ip.is_none_or(|ip| row.ip == ip)
+            && self.user.is_none_or(|user| row.user == user)
     }
 }
 
@@ -305,20 +335,7 @@ fn aggregated_count(subject: Subject, params: &Params, answers: &Materialized) -
     params.only(&["from", "to", "country", "ip", "user_id"])?;
     let filter = params.filter()?;
     let w = boundary(answers)?;
-    let from = params.get("from").map(parse_minute).transpose().map_err(bad)?;
-    let to = params.get("to").map(parse_minute).transpose().map_err(bad)?;
-    let (from, to) = match (from, to) {
-        (None, None) => (w.saturating_sub(1), w),
-        (Some(from), None) => (from, w.max(from)),
-        (None, Some(to)) => (to.saturating_sub(1), to),
-        (Some(from), Some(to)) => (from, to),
-    };
-    if to < from {
-        return Err(bad(format!("to ({to}) is before from ({from})")));
-    }
-    if u64::from(to - from) > MAX_SPAN_MINUTES {
-        return Err(bad(format!("the range spans {} minutes; at most {MAX_SPAN_MINUTES}", to - from)));
-    }
+    let (from, to) = count_range(params, w)?;
     let clicks = answers.count(subject, from, to, filter.country).map_err(|e| Failure(501, e))?;
     let (key, id) = match subject {
         Subject::Ad(id) => ("ad_id", id),
@@ -332,12 +349,7 @@ fn aggregated_count(subject: Subject, params: &Params, answers: &Materialized) -
 fn popular_ads(params: &Params, answers: &Materialized, state: &ServingState) -> Result<Value, Failure> {
     params.only(&["count", "window", "minute", "country", "ip", "user_id"])?;
     let filter = params.filter()?;
-    let count = match params.get("count") {
-        None => state.settings.top_k.min(100),
-        Some(text) => text.parse::<usize>().ok().filter(|c| (1..=MAX_COUNT).contains(c)).ok_or_else(|| {
-            bad(format!("count must be a whole number from 1 to {MAX_COUNT}, not {text:?}"))
-        })?,
-    };
+    let count = popular_count(params, state)?;
     let w = boundary(answers)?;
     let (ads, from, to, source, as_of) = match (params.get("minute"), params.get("window")) {
         (Some(_), Some(_)) => return Err(bad("give minute or window, not both")),
@@ -352,15 +364,7 @@ fn popular_ads(params: &Params, answers: &Materialized, state: &ServingState) ->
             }
         }
         (None, window) => {
-            let window = window.unwrap_or("5m");
-            let minutes = crate::config::parse_windows(window)
-                .ok()
-                .filter(|w| w.len() == 1)
-                .map(|w| w[0])
-                .ok_or_else(|| bad(format!("window must be a whole number of minutes like 5m or 1h, not {window:?}")))?;
-            if u64::from(minutes) > MAX_SPAN_MINUTES {
-                return Err(bad(format!("window is {minutes} minutes; at most {MAX_SPAN_MINUTES}")));
-            }
+            let minutes = parse_window(window.unwrap_or("5m"))?;
             let from = w.saturating_sub(minutes);
             let snapshot = answers.window_snapshots.get(&w).and_then(|tops| tops.get(&minutes));
             match (filter.country, snapshot) {
@@ -401,6 +405,129 @@ fn history(ad: u64, params: &Params, answers: &Materialized) -> Result<Value, Fa
     let mut body = json!({ "ad_id": ad, "minute": minute, "clicks": current, "updates": updates });
     merge(&mut body, watermark_json(answers));
     Ok(body)
+}
+
+/// Counts and top-K with an `ip` or `user_id` filter, from a peek at the filter arrangements.
+fn filtered(path: &str, params: &Params, state: &ServingState) -> Result<Value, Failure> {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let (subject, is_top) = match segments.as_slice() {
+        ["v1", "ads", "popular_ads"] => (None, true),
+        ["v1", "ads", id, "aggregated_count"] => (Some(Subject::Ad(parse_id(id, "ad_id")?)), false),
+        ["v1", "campaigns", id, "aggregated_count"] => (Some(Subject::Campaign(parse_id(id, "campaign_id")?)), false),
+        _ => return Err(bad("ip and user_id filter only aggregated_count and popular_ads")),
+    };
+    if is_top {
+        params.only(&["count", "window", "minute", "country", "ip", "user_id"])?;
+    } else {
+        params.only(&["from", "to", "country", "ip", "user_id"])?;
+    }
+    let filter = params.filter()?;
+    let key = filter.peek_key().expect("only called with an ip or user_id");
+    let w = boundary(&state.read())?;
+    let (from, to, count) = if is_top {
+        let count = popular_count(params, state)?;
+        match (params.get("minute"), params.get("window")) {
+            (Some(_), Some(_)) => return Err(bad("give minute or window, not both")),
+            (Some(minute), None) => {
+                let minute = parse_minute(minute).map_err(bad)?;
+                (minute, minute + 1, count)
+            }
+            (None, window) => {
+                let minutes = parse_window(window.unwrap_or("5m"))?;
+                (w.saturating_sub(minutes), w, count)
+            }
+        }
+    } else {
+        let (from, to) = count_range(params, w)?;
+        (from, to, 0)
+    };
+    let answer = state.peek(key).map_err(|e| Failure(503, e))?;
+    if from < answer.retained_from {
+        return Err(bad(format!(
+            "minute {from} is outside retention: filters by ip or user_id reach back to minute {} \
+             (allowed lateness plus the largest window)",
+            answer.retained_from
+        )));
+    }
+    let rows = answer.rows.iter().filter(|(row, _)| row.minute >= from && row.minute < to && filter.admits(row));
+    let mut body = match subject {
+        Some(subject) => {
+            let clicks: isize = rows
+                .filter(|(row, _)| match subject {
+                    Subject::Ad(ad) => row.ad == ad,
+                    Subject::Campaign(campaign) => row.campaign == campaign,
+                })
+                .map(|(_, n)| n)
+                .sum();
+            let (name, id) = match subject {
+                Subject::Ad(id) => ("ad_id", id),
+                Subject::Campaign(id) => ("campaign_id", id),
+            };
+            json!({ name: id, "from_minute": from, "to_minute": to, "filter": filter.json(), "clicks": clicks.max(0) })
+        }
+        None => {
+            let mut per_ad: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+            for (row, n) in rows {
+                *per_ad.entry(row.ad).or_default() += (*n).max(0) as u64;
+            }
+            let ads: Vec<Value> = top_of(per_ad.into_iter().collect(), count)
+                .into_iter()
+                .enumerate()
+                .map(|(i, (ad, clicks))| json!({ "rank": i + 1, "ad_id": ad, "clicks": clicks }))
+                .collect();
+            json!({ "count": count, "from_minute": from, "to_minute": to, "filter": filter.json(), "ads": ads, "source": "peek" })
+        }
+    };
+    // Exact as of the least frontier of the workers' arrangements (all of the input, after a replay).
+    let answers = state.read();
+    merge(&mut body, watermark_json(&answers));
+    if let Some(upper) = answer.upper {
+        body["watermark"] = json!(upper);
+    }
+    body["retained_from_minute"] = json!(answer.retained_from);
+    Ok(body)
+}
+
+fn popular_count(params: &Params, state: &ServingState) -> Result<usize, Failure> {
+    match params.get("count") {
+        None => Ok(state.settings.top_k.min(100)),
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|c| (1..=MAX_COUNT).contains(c))
+            .ok_or_else(|| bad(format!("count must be a whole number from 1 to {MAX_COUNT}, not {text:?}"))),
+    }
+}
+
+fn parse_window(window: &str) -> Result<Minute, Failure> {
+    let minutes = crate::config::parse_windows(window)
+        .ok()
+        .filter(|w| w.len() == 1)
+        .map(|w| w[0])
+        .ok_or_else(|| bad(format!("window must be a whole number of minutes like 5m or 1h, not {window:?}")))?;
+    if u64::from(minutes) > MAX_SPAN_MINUTES {
+        return Err(bad(format!("window is {minutes} minutes; at most {MAX_SPAN_MINUTES}")));
+    }
+    Ok(minutes)
+}
+
+/// `[from, to)` of a count: given, or around the boundary `w` (default the last minute).
+fn count_range(params: &Params, w: Minute) -> Result<(Minute, Minute), Failure> {
+    let from = params.get("from").map(parse_minute).transpose().map_err(bad)?;
+    let to = params.get("to").map(parse_minute).transpose().map_err(bad)?;
+    let (from, to) = match (from, to) {
+        (None, None) => (w.saturating_sub(1), w),
+        (Some(from), None) => (from, w.max(from)),
+        (None, Some(to)) => (to.saturating_sub(1), to),
+        (Some(from), Some(to)) => (from, to),
+    };
+    if to < from {
+        return Err(bad(format!("to ({to}) is before from ({from})")));
+    }
+    if u64::from(to - from) > MAX_SPAN_MINUTES {
+        return Err(bad(format!("the range spans {} minutes; at most {MAX_SPAN_MINUTES}", to - from)));
+    }
+    Ok((from, to))
 }
 
 fn merge(into: &mut Value, from: Value) {
@@ -482,7 +609,7 @@ fn arrangements(state: &ServingState, answers: &Materialized) -> Value {
             })
         })
         .collect();
-    // After a replay the dataflow has completed and dropped its traces: nothing is held.
+    // After a replay the dataflow has completed: only the filter arrangements are still held.
     let compacted_to = if answers.complete_at.is_some() { None } else { answers.frontier };
     json!({
         "arrangements": list, "compacted_to": compacted_to, "watermark": answers.watermark(),

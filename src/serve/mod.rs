@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod listener;
+pub mod peek;
 pub mod state;
 
 pub use http::{serve, HttpServer};

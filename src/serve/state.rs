@@ -14,7 +14,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+
+use clickagg_dataflows::render::filters::FilterKey;
+
+use super::peek::{PeekAnswer, PeekRequest};
+use crate::sink::Summary;
 use std::time::Instant;
 
 use clickagg_dataflows::{minute_of, Answer, Country, Minute, PartitionProgress, Time, MINUTE_MS};
@@ -198,11 +204,13 @@ pub enum Subject {
     Campaign(u64),
 }
 
+/// How long a filter query waits for the workers.
+const PEEK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How many minute boundaries' window snapshots the server keeps.
 const SNAPSHOTS_KEPT: usize = 64;
 
 /// The state shared by the sink (one writer) and the server's threads (readers).
-#[derive(Debug)]
 pub struct ServingState {
     copies: [RwLock<Materialized>; 2],
     /// Responses already rendered, by request target, with the version they were rendered at:
@@ -215,6 +223,17 @@ pub struct ServingState {
     pub introspection: crate::introspect::SharedIntrospection,
     /// The settings the answers were computed with, for `/v1/status`.
     pub settings: Settings,
+    /// Where filter queries go to the workers (set by `peek_channel`).
+    peeks: Mutex<Option<Sender<PeekRequest>>>,
+    /// Called once when the replay is complete, with its summary.
+    #[allow(clippy::type_complexity)]
+    on_complete: Mutex<Option<Box<dyn FnOnce(&Summary) + Send>>>,
+}
+
+impl std::fmt::Debug for ServingState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingState").field("settings", &self.settings).finish_non_exhaustive()
+    }
 }
 
 /// What the server needs to know of the run's configuration.
@@ -236,7 +255,40 @@ impl ServingState {
             responses: RwLock::new(HashMap::new()),
             started: Instant::now(),
             introspection: Default::default(),
+            peeks: Mutex::new(None),
+            on_complete: Mutex::new(None),
             settings,
+        }
+    }
+
+    /// Creates the channel peeks travel on; worker 0 takes the receiving end.
+    pub fn peek_channel(&self) -> Receiver<PeekRequest> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        if let Ok(mut peeks) = self.peeks.lock() {
+            *peeks = Some(sender);
+        }
+        receiver
+    }
+
+    /// Reads `key` from every worker's filter arrangements.
+    pub fn peek(&self, key: FilterKey) -> Result<PeekAnswer, String> {
+        let sender = self.peeks.lock().ok().and_then(|p| p.clone()).ok_or("filters by ip and user_id are not served here")?;
+        let (reply, answer) = std::sync::mpsc::channel();
+        sender.send(PeekRequest { key, reply }).map_err(|_| "the workers have stopped".to_string())?;
+        answer.recv_timeout(PEEK_TIMEOUT).map_err(|_| format!("the workers did not answer within {PEEK_TIMEOUT:?}"))
+    }
+
+    /// What to do once the replay is complete (print its summary, say so).
+    pub fn on_complete(&self, action: impl FnOnce(&Summary) + Send + 'static) {
+        if let Ok(mut slot) = self.on_complete.lock() {
+            *slot = Some(Box::new(action));
+        }
+    }
+
+    /// Called by worker 0 when the replay is complete.
+    pub fn replay_complete(&self, summary: &Summary) {
+        if let Some(action) = self.on_complete.lock().ok().and_then(|mut slot| slot.take()) {
+            action(summary);
         }
     }
 

@@ -229,8 +229,17 @@ fn minute_rows(minute: u64, all_clicks: &[&Attrs], config: &RefConfig) -> BTreeS
     rows
 }
 
+/// One distinct accepted click as the run ends: `(minute, ad, campaign, user, ip as IPv6
+/// number, country)`.
+pub type RefClick = (u64, u64, u64, u64, u128, String);
+
 /// The output files `run` must write for the logs in `dir`: file name → contents.
 pub fn reference_outputs(dir: &Path, config: &RefConfig) -> BTreeMap<String, String> {
+    reference_run(dir, config).0
+}
+
+/// The output files and every distinct accepted click (the fraud rules not applied).
+pub fn reference_run(dir: &Path, config: &RefConfig) -> (BTreeMap<String, String>, Vec<RefClick>) {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -404,5 +413,12 @@ pub fn reference_outputs(dir: &Path, config: &RefConfig) -> BTreeMap<String, Str
     ] {
         files.insert(name.to_string(), lines.join("\n") + "\n");
     }
-    files
+    let clicks = winner
+        .iter()
+        .map(|((_, ts), &i)| {
+            let (ad, campaign, user, ip, country) = copies[i].attrs.clone();
+            (ts / 60_000, ad, campaign, user, ip, country)
+        })
+        .collect();
+    (files, clicks)
 }

@@ -3,6 +3,7 @@
 
 pub mod counts;
 pub mod dedup;
+pub mod filters;
 pub mod fraud;
 pub mod temporal;
 pub mod topk;
@@ -29,6 +30,8 @@ pub fn arrangement_schema(name: &str) -> Option<(&'static str, &'static str)> {
         "UserMinute" | "UserMinuteOverLimit" => ("(minute, user_id)", "()"),
         "ClicksByIpMinute" => ("(minute, ip)", "(ClickKey, ClickAttrs)"),
         "ClicksByUserMinute" => ("(minute, user_id)", "(ClickKey, ClickAttrs)"),
+        "ClicksByIp" => ("ip", "FilterRow (minute, ad_id, campaign_id, country, user_id, ip)"),
+        "ClicksByUser" => ("user_id", "FilterRow (minute, ad_id, campaign_id, country, user_id, ip)"),
         n if n.starts_with("TopMinute") => ("(minute, ad_id bucket)", RANK),
         n if n.starts_with("TopWindow") => ("(window minutes, ad_id bucket)", RANK),
         _ => return None,

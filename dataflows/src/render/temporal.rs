@@ -22,7 +22,41 @@ use crate::types::Time;
 ///
 /// `logic` must be a pure function of its arguments, so that every worker count gives the same
 /// updates.
-pub fn expiring<'scope, D, D2, I, L>(name: &str, input: VecCollection<'scope, Time, D>, mut logic: L) -> VecCollection<'scope, Time, D2>
+pub fn expiring<'scope, D, D2, I, L>(name: &str, input: VecCollection<'scope, Time, D>, logic: L) -> VecCollection<'scope, Time, D2>
+where
+    D: Clone + 'static,
+    D2: Clone + 'static,
+    I: IntoIterator<Item = (D2, Time, isize)>,
+    L: FnMut(&D, Time) -> I + 'static,
+{
+    render_expiring(name, input, logic, true, None)
+}
+
+/// As [`expiring`], except that retractions still held when the input ends are dropped, not
+/// sent: the output keeps what it held at the last frontier, for reading after a replay. The
+/// last input frontier seen is recorded in `observed`.
+pub fn expiring_observed<'scope, D, D2, I, L>(
+    name: &str,
+    input: VecCollection<'scope, Time, D>,
+    logic: L,
+    observed: std::rc::Rc<std::cell::Cell<Option<Time>>>,
+) -> VecCollection<'scope, Time, D2>
+where
+    D: Clone + 'static,
+    D2: Clone + 'static,
+    I: IntoIterator<Item = (D2, Time, isize)>,
+    L: FnMut(&D, Time) -> I + 'static,
+{
+    render_expiring(name, input, logic, false, Some(observed))
+}
+
+fn render_expiring<'scope, D, D2, I, L>(
+    name: &str,
+    input: VecCollection<'scope, Time, D>,
+    mut logic: L,
+    release_at_end: bool,
+    observed: Option<std::rc::Rc<std::cell::Cell<Option<Time>>>>,
+) -> VecCollection<'scope, Time, D2>
 where
     D: Clone + 'static,
     D2: Clone + 'static,
@@ -51,6 +85,13 @@ where
                         }
                     }
                 });
+                let current = frontier.frontier().first().copied();
+                if let (Some(observed), Some(time)) = (&observed, current) {
+                    observed.set(Some(time));
+                }
+                if current.is_none() && !release_at_end {
+                    held.clear();
+                }
                 // Release what is due: nothing earlier than the input frontier can still arrive.
                 while let Some(entry) = held.first_entry() {
                     if frontier.frontier().first().is_some_and(|f| f < entry.key()) {
