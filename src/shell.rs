@@ -19,6 +19,7 @@ commands:
   status                                        everything /v1/status says, as JSON
   arrangements                                  each arrangement: name, key/value types, records, batches
   dataflow                                      every operator, with the records of those holding a trace
+  peek ARRANGEMENT KEY                          the rows ClicksByIp or ClicksByUser holds for an ip or user_id
   watch [N] COMMAND                             run COMMAND each time the watermark moves (N times, or until Ctrl-C)
   get PATH                                      any API path, raw JSON
   help                                          this text
@@ -281,6 +282,29 @@ fn answer(client: &Client, words: &[&str]) -> Result<String, String> {
                 let address: Vec<String> = op["address"].as_array().into_iter().flatten().map(plain).collect();
                 let records = if op["records"].is_null() { String::new() } else { plain(&op["records"]) };
                 text.push_str(&format!("\n{:>5}  {:<16} {:>10}  {}", plain(&op["operator"]), address.join("."), records, plain(&op["name"])));
+            }
+            Ok(text)
+        }
+        ["peek", arrangement, key] => {
+            let json = client.get(&format!("/v1/introspection/peek?arrangement={arrangement}&key={key}"))?;
+            let rows = json["rows"].as_array().cloned().unwrap_or_default();
+            let mut text = format!(
+                "{arrangement} [{key}]: {} rows (complete from minute {}, as of {})\nminute      ad_id        campaign_id  country  user_id      ip                       count",
+                rows.len(),
+                json["retained_from_minute"],
+                if json["upper"].is_null() { "the end of the input".to_string() } else { plain(&json["upper"]) }
+            );
+            for r in rows {
+                text.push_str(&format!(
+                    "\n{:<11} {:<12} {:<12} {:<8} {:<12} {:<24} {}",
+                    plain(&r["minute"]),
+                    plain(&r["ad_id"]),
+                    plain(&r["campaign_id"]),
+                    plain(&r["country"]),
+                    plain(&r["user_id"]),
+                    plain(&r["ip"]),
+                    plain(&r["count"])
+                ));
             }
             Ok(text)
         }

@@ -4,6 +4,7 @@
 
 mod common;
 
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -180,5 +181,63 @@ fn cluster_flags_are_checked_before_anything_starts() {
         let output = clickagg().args(["run", "--logs", &logs]).args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success() && stderr.contains(needle), "{args:?}: expected {needle:?} in {stderr}");
+    }
+}
+
+/// Reads a child's stderr until a line containing `needle`; returns every line read.
+fn wait_for(child: &mut Child, needle: &str) -> (BufReader<std::process::ChildStderr>, String) {
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !line.contains(needle) {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "the process ended before saying {needle:?}: {seen}");
+        seen.push_str(&line);
+    }
+    (stderr, seen)
+}
+
+#[test]
+fn a_serving_cluster_answers_filter_queries_from_every_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path(), 30_000, 5);
+    let single = common::server::serve_replay(Path::new(&logs), &dir.path().join("single"), &SETTINGS);
+    let hostfile = write_local_hostfile(dir.path(), 2).unwrap();
+    let serve = ["--serve", "127.0.0.1:0"];
+    let mut second = start(&logs, None, 2, 2, 1, &hostfile, &serve);
+    let mut first = start(&logs, Some(&dir.path().join("cluster")), 2, 2, 0, &hostfile, &serve);
+    let (_keep, seen) = wait_for(&mut first, "replay complete");
+    let address = seen.lines().find_map(|l| l.strip_prefix("clickagg: serving on http://")).unwrap().trim_end_matches('/').to_string();
+
+    // Ask both for the same filtered answers: the clicks of an ip or user live on whichever
+    // worker their key hashes to, in either process.
+    let sample = std::fs::read_to_string(Path::new(&logs).join("part-00000.csv")).unwrap();
+    let mut checked = 0;
+    // Recent lines: their clicks are within the arrangements' retention.
+    let lines: Vec<&str> = sample.lines().collect();
+    for line in lines[lines.len() - 600..].iter().step_by(50) {
+        let fields: Vec<&str> = line.split(',').collect();
+        if fields.len() != 7 {
+            continue;
+        }
+        for param in [format!("ip={}", fields[5]), format!("user_id={}", fields[4])] {
+            let target = format!("/v1/ads/popular_ads?window=5m&count=50&{param}");
+            let (want, got) = (common::server::get(&single.address, &target, &[]), common::server::get(&address, &target, &[]));
+            assert_eq!(want.0, got.0, "{target}");
+            if want.0 == 200 {
+                let strip = |body: &str| {
+                    let mut v: serde_json::Value = serde_json::from_str(body).unwrap();
+                    v.as_object_mut().unwrap().remove("retained_from_minute");
+                    v["ads"].clone()
+                };
+                assert_eq!(strip(&want.1), strip(&got.1), "{target}");
+                checked += !strip(&want.1).as_array().unwrap().is_empty() as usize;
+            }
+        }
+    }
+    assert!(checked >= 10, "too few filtered answers compared: {checked}");
+    for child in [&mut first, &mut second] {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -40,10 +40,21 @@ fn scripted_commands_answer_what_the_api_answers() {
     let minute = boundary - 1;
     let history = get_json(a, &format!("/v1/ads/{best}/history?minute={minute}"));
     let top_minute = get_json(a, &format!("/v1/ads/popular_ads?minute={minute}&count=2&country=US"));
+    // A user with clicks in the last minute, and what the arrangement holds for it.
+    let sample = String::from_utf8_lossy(&std::fs::read(logs.join("part-00000.csv")).unwrap()).into_owned();
+    // (The file ends with late rows, some too late: take the first user the arrangement holds.)
+    let (user, peeked_rows) = sample
+        .lines()
+        .rev()
+        .filter_map(|l| l.split(',').nth(4).filter(|_| l.split(',').count() == 7)?.parse::<u64>().ok())
+        .take(200)
+        .map(|user| (user, get_json(a, &format!("/v1/introspection/peek?arrangement=ClicksByUser&key={user}"))["rows"].as_array().unwrap().len()))
+        .find(|(_, rows)| *rows > 0)
+        .expect("a recent user with clicks held");
 
     let script = format!(
         "help\nwatermark\ntop 5m 3\ncount {best} {from} {boundary}\nhistory {best} {minute}\npartitions\n\
-         frobnicate\ncount notanumber\ntop minute {minute} 2 country US\nwatch 1 watermark\narrangements\ndataflow\nquit\nwatermark\n"
+         frobnicate\ncount notanumber\ntop minute {minute} 2 country US\nwatch 1 watermark\narrangements\ndataflow\npeek ClicksByUser {user}\npeek AdMinute 1\nquit\nwatermark\n"
     );
     let out = shell(a, &script);
 
@@ -87,6 +98,8 @@ fn scripted_commands_answer_what_the_api_answers() {
         assert_ne!(arrangement["key"], "?", "an arrangement without a schema: {arrangement}");
         assert!(arrangement["batches_created"].as_u64() > Some(0), "{arrangement}");
     }
+    assert!(out.contains(&format!("ClicksByUser [{user}]: {peeked_rows} rows")), "{out}");
+    assert!(out.contains("AdMinute cannot be peeked"), "{out}");
     // `watermark` and `watch 1 watermark` answer; the `watermark` after `quit` does not.
     assert_eq!(out.matches("), replay complete").count(), 2, "{out}");
 }
