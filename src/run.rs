@@ -15,11 +15,12 @@ use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::Probe;
 
 use clickagg_dataflows::{
-    render::render_clicks, Click, DeadLetter, EventTimeRules, Plan, SinkRecord, SourceNote, Time,
+    minute_of, render::render_clicks, Click, DeadLetter, EventTimeRules, Plan, ServingAnswer, SinkRecord, SourceNote, Time,
 };
 
 use crate::cluster::{self, Cluster, Greeting};
 use crate::serve::{peek, ServingState};
+use clickagg_dataflows::render::counts::count_named;
 use clickagg_dataflows::render::filters::render_filters;
 use crate::sink::{OutputSink, Summary};
 use crate::source::{list_partitions, partition_name, PartitionSource, SourceOutput};
@@ -186,7 +187,23 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                 let clicks = rendered.clicks.clone();
                 scope.region_named("Filters", |inner| render_filters(clicks.enter_region(inner), &config.rules, horizon))
             });
+            // Serving: a campaign's clicks per country, which no view file holds.
+            let serving_answers = config.serve_filters.then(|| {
+                let clicks = rendered.clicks.clone();
+                scope.region_named("ServingCounts", |inner| {
+                    let per_campaign = clicks.enter_region(inner).map(|(key, attrs)| (minute_of(key.ts), attrs.country, attrs.campaign));
+                    count_named("CampaignCountryMinute", per_campaign)
+                        .map(|((minute, country, campaign), clicks)| {
+                            SinkRecord::Serving(ServingAnswer::CampaignCountryMinute { minute, country, campaign, clicks })
+                        })
+                        .leave_region(scope)
+                })
+            });
             let records = rendered.answers.map(SinkRecord::Answer).concat(note_collection.map(SinkRecord::Note));
+            let records = match serving_answers {
+                Some(serving) => records.concat(serving),
+                None => records,
+            };
             let sink = Rc::clone(&sink);
             let sink_error = Rc::clone(&sink_error);
             records

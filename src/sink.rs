@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clickagg_dataflows::{
-    minute_of, Answer, DeadLetter, EventTimeRules, Minute, PartitionProgress, SinkRecord, SourceNote, Time, View,
+    minute_of, Answer, DeadLetter, EventTimeRules, Minute, PartitionProgress, ServingAnswer, SinkRecord, SourceNote, Time,
+    View,
 };
 
 use crate::serve::state::{Counters, ServingState};
@@ -84,6 +85,9 @@ pub struct OutputSink {
     /// The server's copy of the answers, when serving: fed what each advance applied.
     serving: Option<Arc<ServingState>>,
     applied: Vec<(Time, Answer, isize)>,
+    /// Serving-only updates not yet complete, by time.
+    pending_serving: BTreeMap<Time, Vec<(ServingAnswer, isize)>>,
+    applied_serving: Vec<(ServingAnswer, isize)>,
     /// Window snapshots taken since the last publication, for the server.
     new_snapshots: Vec<(Minute, BTreeMap<u32, Vec<(u64, u64)>>)>,
 }
@@ -148,6 +152,8 @@ impl OutputSink {
             serving: None,
             applied: Vec::new(),
             new_snapshots: Vec::new(),
+            pending_serving: BTreeMap::new(),
+            applied_serving: Vec::new(),
         })
     }
 
@@ -166,6 +172,11 @@ impl OutputSink {
             SinkRecord::Note(SourceNote::Dead(dead)) => {
                 debug_assert_eq!(diff, 1);
                 self.dead_letters.push(dead)
+            }
+            SinkRecord::Serving(answer) => {
+                if self.serving.is_some() {
+                    self.pending_serving.entry(time).or_default().push((answer, diff));
+                }
             }
             SinkRecord::Note(SourceNote::Progress(progress)) => {
                 let known = &mut self.summary.partitions[progress.partition as usize];
@@ -225,14 +236,30 @@ impl OutputSink {
                 self.write_snapshots(last_boundary)?;
             }
         }
+        // Serving-only answers: a change at or after its minute's final time is retention
+        // forgetting it, as for the view files.
+        while let Some(entry) = self.pending_serving.first_entry() {
+            if frontier.is_some_and(|f| *entry.key() >= f) {
+                break;
+            }
+            let (time, mut updates) = entry.remove_entry();
+            differential_dataflow::consolidation::consolidate(&mut updates);
+            for (answer, diff) in updates {
+                let ServingAnswer::CampaignCountryMinute { minute, .. } = answer;
+                if self.rules.minute_final_at(minute).is_none_or(|final_at| time < final_at) {
+                    self.applied_serving.push((answer, diff));
+                }
+            }
+        }
         if let Some(state) = &self.serving {
             let counters = Counters {
                 partitions: self.summary.partitions.clone(),
                 changelog_rows: self.summary.changelog_rows,
                 ..Default::default()
             };
-            state.publish(frontier, &self.applied, std::mem::take(&mut self.new_snapshots), Some(counters));
+            state.publish(frontier, &self.applied, &self.applied_serving, std::mem::take(&mut self.new_snapshots), Some(counters));
             self.applied.clear();
+            self.applied_serving.clear();
         }
         Ok(())
     }

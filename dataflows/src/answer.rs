@@ -81,4 +81,13 @@ impl Answer {
 pub enum SinkRecord {
     Answer(Answer),
     Note(crate::types::SourceNote),
+    /// Kept for the server only: in no file and not in the changelog.
+    Serving(ServingAnswer),
+}
+
+/// Answers maintained only when serving, for queries that no view file answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ServingAnswer {
+    /// Clicks of `campaign` from `country` in `minute`.
+    CampaignCountryMinute { minute: Minute, country: Country, campaign: u64, clicks: u64 },
 }

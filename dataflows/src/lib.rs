@@ -11,7 +11,7 @@ pub mod plan;
 pub mod render;
 pub mod types;
 
-pub use answer::{Answer, SinkRecord, View};
+pub use answer::{Answer, ServingAnswer, SinkRecord, View};
 pub use event_time::{Admission, EventTimeRules, PartitionClock};
 pub use plan::{FraudRules, Plan};
 pub use render::fraud::IpNet;

@@ -23,7 +23,7 @@ use super::peek::{PeekAnswer, PeekRequest};
 use crate::sink::Summary;
 use std::time::Instant;
 
-use clickagg_dataflows::{minute_of, Answer, Country, Minute, PartitionProgress, Time, MINUTE_MS};
+use clickagg_dataflows::{minute_of, Answer, Country, Minute, PartitionProgress, ServingAnswer, Time, MINUTE_MS};
 
 /// What one process has ingested, for `/v1/status` and `/metrics`.
 #[derive(Clone, Debug, Default)]
@@ -56,6 +56,8 @@ pub struct Materialized {
     pub ad: BTreeMap<Minute, HashMap<u64, u64>>,
     pub campaign: BTreeMap<Minute, HashMap<u64, u64>>,
     pub country: BTreeMap<(Minute, Country), HashMap<u64, u64>>,
+    /// Clicks per campaign per country (served only, in no file).
+    pub campaign_country: BTreeMap<(Minute, Country), HashMap<u64, u64>>,
     /// The maintained top K of each minute, ranked.
     pub top_minute: BTreeMap<Minute, BTreeSet<Ranked>>,
     /// The maintained top K of the last M minutes as the dataflow holds it now.
@@ -163,8 +165,8 @@ impl Materialized {
             (Subject::Ad(ad), Some(country)) => {
                 range.filter_map(|minute| self.country.get(&(minute, country))?.get(&ad)).sum()
             }
-            (Subject::Campaign(_), Some(_)) => {
-                return Err("a campaign's count by country is not kept yet: ask per ad, or without country".into())
+            (Subject::Campaign(campaign), Some(country)) => {
+                range.filter_map(|minute| self.campaign_country.get(&(minute, country))?.get(&campaign)).sum()
             }
         })
     }
@@ -310,6 +312,7 @@ impl ServingState {
         &self,
         frontier: Option<Time>,
         updates: &[(Time, Answer, isize)],
+        serving: &[(ServingAnswer, isize)],
         snapshots: Vec<(Minute, BTreeMap<u32, Vec<(u64, u64)>>)>,
         counters: Option<Counters>,
     ) {
@@ -318,6 +321,11 @@ impl ServingState {
             let mut answers = self.copies[copy].write().unwrap_or_else(|poisoned| poisoned.into_inner());
             for (time, answer, diff) in updates {
                 answers.apply(*time, answer, *diff);
+            }
+            for (answer, diff) in serving {
+                let ServingAnswer::CampaignCountryMinute { minute, country, campaign, clicks } = *answer;
+                let map = answers.campaign_country.entry((minute, country)).or_default();
+                add(map, campaign, clicks, *diff);
             }
             answers.window_snapshots.extend(snapshots.iter().cloned());
             while answers.window_snapshots.len() > SNAPSHOTS_KEPT {
