@@ -21,6 +21,8 @@ use clickagg_dataflows::{
 use crate::cluster::{self, Cluster, Greeting};
 use crate::serve::{peek, ServingState};
 use clickagg_dataflows::render::counts::count_named;
+use clickagg_dataflows::render::topk::top_k;
+use clickagg_dataflows::render::sliding_counts;
 use clickagg_dataflows::render::filters::render_filters;
 use crate::sink::{OutputSink, Summary};
 use crate::source::{list_partitions, partition_name, PartitionSource, SourceOutput};
@@ -187,15 +189,31 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                 let clicks = rendered.clicks.clone();
                 scope.region_named("Filters", |inner| render_filters(clicks.enter_region(inner), &config.rules, horizon))
             });
-            // Serving: a campaign's clicks per country, which no view file holds.
+            // Serving: answers that no view file holds, maintained for the server.
             let serving_answers = config.serve_filters.then(|| {
                 let clicks = rendered.clicks.clone();
-                scope.region_named("ServingCounts", |inner| {
+                let counts = rendered.counts.clone();
+                let (plan, rules) = (&config.plan, &config.rules);
+                scope.region_named("ServingViews", |inner| {
                     let per_campaign = clicks.enter_region(inner).map(|(key, attrs)| (minute_of(key.ts), attrs.country, attrs.campaign));
-                    count_named("CampaignCountryMinute", per_campaign)
-                        .map(|((minute, country, campaign), clicks)| {
-                            SinkRecord::Serving(ServingAnswer::CampaignCountryMinute { minute, country, campaign, clicks })
-                        })
+                    let campaign_country = count_named("CampaignCountryMinute", per_campaign).map(|((minute, country, campaign), clicks)| {
+                        ServingAnswer::CampaignCountryMinute { minute, country, campaign, clicks }
+                    });
+                    let country = counts.country.enter_region(inner);
+                    let per_country_minute = country.clone().map(|((minute, country, ad), clicks)| ((minute, country), (ad, clicks)));
+                    let top_country_minute = top_k("TopCountryMinute", per_country_minute, plan)
+                        .map(|((minute, country), (ad, clicks))| ServingAnswer::TopCountryMinute { minute, country, ad, clicks });
+                    let country_windows = sliding_counts("CountryWindowCounts", country, &plan.windows, rules, |&(m, c, ad)| (m, (c, ad)));
+                    let per_country_window = country_windows.map(|((window, (country, ad)), clicks)| ((window, country), (ad, clicks)));
+                    let top_country_window = top_k("TopCountryWindow", per_country_window, plan)
+                        .map(|((window, country), (ad, clicks))| ServingAnswer::TopCountryWindow { window, country, ad, clicks });
+                    let campaign_windows = sliding_counts("CampaignWindowCounts", counts.campaign.enter_region(inner), &plan.windows, rules, |&(m, campaign)| (m, campaign))
+                        .map(|((window, campaign), clicks)| ServingAnswer::CampaignWindow { window, campaign, clicks });
+                    campaign_country
+                        .concat(top_country_minute)
+                        .concat(top_country_window)
+                        .concat(campaign_windows)
+                        .map(SinkRecord::Serving)
                         .leave_region(scope)
                 })
             });

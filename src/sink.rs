@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use clickagg_dataflows::{
     minute_of, Answer, DeadLetter, EventTimeRules, Minute, PartitionProgress, ServingAnswer, SinkRecord, SourceNote, Time,
-    View,
+    View, MINUTE_MS,
 };
 
 use crate::serve::state::{Counters, ServingState};
@@ -238,15 +238,21 @@ impl OutputSink {
         }
         // Serving-only answers: a change at or after its minute's final time is retention
         // forgetting it, as for the view files.
+        // At the end of the input, updates from the end of the last minute on are the sliding
+        // windows emptying as their minutes expire: the answers stand as of that boundary.
+        let limit = frontier.unwrap_or_else(|| self.last_minute.map_or(0, |m| (m as Time + 1) * MINUTE_MS));
         while let Some(entry) = self.pending_serving.first_entry() {
-            if frontier.is_some_and(|f| *entry.key() >= f) {
+            if *entry.key() >= limit {
+                if frontier.is_none() {
+                    self.pending_serving.clear();
+                }
                 break;
             }
             let (time, mut updates) = entry.remove_entry();
             differential_dataflow::consolidation::consolidate(&mut updates);
             for (answer, diff) in updates {
-                let ServingAnswer::CampaignCountryMinute { minute, .. } = answer;
-                if self.rules.minute_final_at(minute).is_none_or(|final_at| time < final_at) {
+                let forgetting = answer.minute().and_then(|m| self.rules.minute_final_at(m)).is_some_and(|final_at| time >= final_at);
+                if !forgetting {
                     self.applied_serving.push((answer, diff));
                 }
             }

@@ -153,6 +153,28 @@ fn every_endpoint_answers_what_the_reference_model_computes() {
     }
     let got = get_json(a, &format!("/v1/ads/popular_ads?window=5m&country={country}&count=50"));
     assert_eq!(ads_of(&got), rank(sums.into_iter().collect(), 50), "window 5m in {country}");
+    assert_eq!(got["source"], "maintained", "the per-country windows are maintained");
+
+    // The maintained top of each minute in each country, for every (minute, country).
+    let mut per_minute_country: BTreeMap<(u64, String), Vec<(u64, u64)>> = BTreeMap::new();
+    for ((minute, country, ad), clicks) in &want.country {
+        per_minute_country.entry((*minute, country.clone())).or_default().push((*ad, *clicks));
+    }
+    for ((minute, country), ads) in per_minute_country.into_iter().step_by(3) {
+        let got = get_json(a, &format!("/v1/ads/popular_ads?minute={minute}&country={country}&count=100"));
+        assert_eq!(ads_of(&got), rank(ads, 100), "top of minute {minute} in {country}");
+        assert_eq!(got["source"], "maintained");
+    }
+
+    // Each campaign's clicks in the last M minutes, maintained for configured windows.
+    for &campaign in want.campaign.keys().map(|(_, c)| c).collect::<std::collections::BTreeSet<_>>().iter().take(30) {
+        for window in [1u64, 5, 60] {
+            let sum: u64 = want.campaign.iter().filter(|((m, c), _)| c == campaign && m + window >= boundary && *m < boundary).map(|(_, n)| n).sum();
+            let got = get_json(a, &format!("/v1/campaigns/{campaign}/aggregated_count?window={window}m"));
+            assert_eq!(got["clicks"].as_u64(), Some(sum), "campaign {campaign}, last {window}m");
+            assert_eq!(got["source"], "maintained");
+        }
+    }
 
     // History: every changelog update of that (minute, ad), with its time.
     let mut corrected = want

@@ -90,4 +90,21 @@ pub enum SinkRecord {
 pub enum ServingAnswer {
     /// Clicks of `campaign` from `country` in `minute`.
     CampaignCountryMinute { minute: Minute, country: Country, campaign: u64, clicks: u64 },
+    /// Ad `ad` is in the top K of `minute` in `country`.
+    TopCountryMinute { minute: Minute, country: Country, ad: u64, clicks: u64 },
+    /// Ad `ad` is in the top K of the last `window` minutes in `country`.
+    TopCountryWindow { window: u32, country: Country, ad: u64, clicks: u64 },
+    /// Clicks of `campaign` in the last `window` minutes.
+    CampaignWindow { window: u32, campaign: u64, clicks: u64 },
+}
+
+impl ServingAnswer {
+    /// The minute a per-minute answer is about (its changes after the minute is final are
+    /// retention); sliding answers belong to no one minute.
+    pub fn minute(&self) -> Option<Minute> {
+        match *self {
+            ServingAnswer::CampaignCountryMinute { minute, .. } | ServingAnswer::TopCountryMinute { minute, .. } => Some(minute),
+            ServingAnswer::TopCountryWindow { .. } | ServingAnswer::CampaignWindow { .. } => None,
+        }
+    }
 }

@@ -338,16 +338,27 @@ fn watermark_json(answers: &Materialized) -> Value {
 }
 
 fn aggregated_count(subject: Subject, params: &Params, answers: &Materialized) -> Result<Value, Failure> {
-    params.only(&["from", "to", "country", "ip", "user_id"])?;
+    params.only(&["from", "to", "window", "country", "ip", "user_id"])?;
     let filter = params.filter()?;
     let w = boundary(answers)?;
     let (from, to) = count_range(params, w)?;
-    let clicks = answers.count(subject, from, to, filter.country).map_err(|e| Failure(501, e))?;
+    // A campaign's count of a configured window is maintained (as of the frontier).
+    let maintained = match (subject, params.get("window"), filter.country) {
+        (Subject::Campaign(campaign), Some(_), None) if answers.frontier_on_boundary() && state_has_window(answers, to - from) => {
+            Some(answers.campaign_window.get(&(to - from, campaign)).copied().unwrap_or(0))
+        }
+        _ => None,
+    };
+    let source = if maintained.is_some() { "maintained" } else { "computed" };
+    let clicks = match maintained {
+        Some(clicks) => clicks,
+        None => answers.count(subject, from, to, filter.country).map_err(|e| Failure(501, e))?,
+    };
     let (key, id) = match subject {
         Subject::Ad(id) => ("ad_id", id),
         Subject::Campaign(id) => ("campaign_id", id),
     };
-    let mut body = json!({ key: id, "from_minute": from, "to_minute": to, "filter": filter.json(), "clicks": clicks });
+    let mut body = json!({ key: id, "from_minute": from, "to_minute": to, "filter": filter.json(), "clicks": clicks, "source": source });
     merge(&mut body, watermark_json(answers));
     Ok(body)
 }
@@ -361,9 +372,12 @@ fn popular_ads(params: &Params, answers: &Materialized, state: &ServingState) ->
         (Some(_), Some(_)) => return Err(bad("give minute or window, not both")),
         (Some(minute), None) => {
             let minute = parse_minute(minute).map_err(bad)?;
-            let maintained = answers.top_minute.get(&minute);
-            match (filter.country, maintained) {
-                (None, Some(top)) if count <= state.settings.top_k => {
+            let maintained = match filter.country {
+                None => answers.top_minute.get(&minute),
+                Some(country) => answers.top_country_minute.get(&(minute, country)),
+            };
+            match maintained {
+                Some(top) if count <= state.settings.top_k => {
                     (top.iter().take(count).map(|r| (r.ad, r.clicks())).collect(), minute, minute + 1, "maintained", answers.watermark())
                 }
                 _ => (answers.top_over(minute, minute + 1, filter.country, count), minute, minute + 1, "computed", answers.watermark()),
@@ -372,15 +386,22 @@ fn popular_ads(params: &Params, answers: &Materialized, state: &ServingState) ->
         (None, window) => {
             let minutes = parse_window(window.unwrap_or("5m"))?;
             let from = w.saturating_sub(minutes);
-            let snapshot = answers.window_snapshots.get(&w).and_then(|tops| tops.get(&minutes));
-            match (filter.country, snapshot) {
-                (None, Some(top)) if count <= state.settings.top_k => (
-                    top.iter().take(count).copied().collect(),
-                    from,
-                    w,
-                    "maintained",
-                    Some(w as u64 * MINUTE_MS),
+            let configured = state.settings.windows.contains(&minutes) && count <= state.settings.top_k;
+            let maintained: Option<Vec<(u64, u64)>> = match filter.country {
+                None => answers.window_snapshots.get(&w).and_then(|tops| tops.get(&minutes)).map(|top| top.iter().take(count).copied().collect()),
+                // The per-country windows are kept as of the frontier, which is the boundary's
+                // state when the frontier is on it.
+                Some(country) if answers.frontier_on_boundary() => Some(
+                    answers
+                        .top_country_window
+                        .get(&(minutes, country))
+                        .map(|top| top.iter().take(count).map(|r| (r.ad, r.clicks())).collect())
+                        .unwrap_or_default(),
                 ),
+                Some(_) => None,
+            };
+            match maintained {
+                Some(top) if configured => (top, from, w, "maintained", Some(w as u64 * MINUTE_MS)),
                 _ => (answers.top_over(from, w, filter.country, count), from, w, "computed", answers.watermark()),
             }
         }
@@ -458,7 +479,7 @@ fn filtered(path: &str, params: &Params, state: &ServingState) -> Result<Value, 
     if is_top {
         params.only(&["count", "window", "minute", "country", "ip", "user_id"])?;
     } else {
-        params.only(&["from", "to", "country", "ip", "user_id"])?;
+        params.only(&["from", "to", "window", "country", "ip", "user_id"])?;
     }
     let filter = params.filter()?;
     let key = filter.peek_key().expect("only called with an ip or user_id");
@@ -527,6 +548,12 @@ fn filtered(path: &str, params: &Params, state: &ServingState) -> Result<Value, 
     Ok(body)
 }
 
+/// Whether the dataflow maintains sliding counts for a window of `minutes` (they are kept per
+/// configured window, and the campaign windows only when some campaign has clicks in one).
+fn state_has_window(answers: &Materialized, minutes: Minute) -> bool {
+    answers.configured_windows.contains(&minutes)
+}
+
 fn popular_count(params: &Params, state: &ServingState) -> Result<usize, Failure> {
     match params.get("count") {
         None => Ok(state.settings.top_k.min(100)),
@@ -550,8 +577,16 @@ fn parse_window(window: &str) -> Result<Minute, Failure> {
     Ok(minutes)
 }
 
-/// `[from, to)` of a count: given, or around the boundary `w` (default the last minute).
+/// `[from, to)` of a count: `window=M` (the last M minutes), or given, or around the boundary
+/// `w` (default the last minute).
 fn count_range(params: &Params, w: Minute) -> Result<(Minute, Minute), Failure> {
+    if let Some(window) = params.get("window") {
+        if params.get("from").is_some() || params.get("to").is_some() {
+            return Err(bad("give window or from/to, not both"));
+        }
+        let minutes = parse_window(window)?;
+        return Ok((w.saturating_sub(minutes), w));
+    }
     let from = params.get("from").map(parse_minute).transpose().map_err(bad)?;
     let to = params.get("to").map(parse_minute).transpose().map_err(bad)?;
     let (from, to) = match (from, to) {

@@ -58,6 +58,14 @@ pub struct Materialized {
     pub country: BTreeMap<(Minute, Country), HashMap<u64, u64>>,
     /// Clicks per campaign per country (served only, in no file).
     pub campaign_country: BTreeMap<(Minute, Country), HashMap<u64, u64>>,
+    /// The maintained top K of each minute in each country.
+    pub top_country_minute: BTreeMap<(Minute, Country), BTreeSet<Ranked>>,
+    /// The maintained top K of the last M minutes in each country, as of the frontier.
+    pub top_country_window: BTreeMap<(u32, Country), BTreeSet<Ranked>>,
+    /// The maintained clicks of each campaign in the last M minutes, as of the frontier.
+    pub campaign_window: HashMap<(u32, u64), u64>,
+    /// The windows the dataflow maintains (`--windows`).
+    pub configured_windows: Vec<u32>,
     /// The maintained top K of each minute, ranked.
     pub top_minute: BTreeMap<Minute, BTreeSet<Ranked>>,
     /// The maintained top K of the last M minutes as the dataflow holds it now.
@@ -152,6 +160,43 @@ impl Materialized {
                 }
             }
         }
+    }
+
+    /// Applies one serving-only update (see [`Materialized::apply`]).
+    pub fn apply_serving(&mut self, answer: &ServingAnswer, diff: isize) {
+        fn member(set: &mut BTreeSet<Ranked>, ad: u64, clicks: u64, diff: isize) {
+            if diff > 0 {
+                set.insert(Ranked::new(ad, clicks));
+            } else {
+                set.remove(&Ranked::new(ad, clicks));
+            }
+        }
+        match *answer {
+            ServingAnswer::CampaignCountryMinute { minute, country, campaign, clicks } => {
+                add(self.campaign_country.entry((minute, country)).or_default(), campaign, clicks, diff)
+            }
+            ServingAnswer::TopCountryMinute { minute, country, ad, clicks } => {
+                member(self.top_country_minute.entry((minute, country)).or_default(), ad, clicks, diff)
+            }
+            ServingAnswer::TopCountryWindow { window, country, ad, clicks } => {
+                member(self.top_country_window.entry((window, country)).or_default(), ad, clicks, diff)
+            }
+            ServingAnswer::CampaignWindow { window, campaign, clicks } => {
+                let entry = self.campaign_window.entry((window, campaign)).or_insert(0);
+                if diff > 0 {
+                    *entry = clicks;
+                } else if *entry == clicks {
+                    self.campaign_window.remove(&(window, campaign));
+                }
+            }
+        }
+    }
+
+    /// Whether state maintained "as of the frontier" is the state at the boundary answers stand
+    /// at: true when the frontier is on a minute boundary (always, with the default 1m tick),
+    /// or the input is complete.
+    pub fn frontier_on_boundary(&self) -> bool {
+        self.complete_at.is_some() || self.frontier.is_some_and(|f| f % MINUTE_MS == 0)
     }
 
     /// Clicks of `ad` (or of `campaign`) with minute in `[from, to)`, in `country` if given.
@@ -251,8 +296,9 @@ pub struct Settings {
 
 impl ServingState {
     pub fn new(settings: Settings) -> ServingState {
+        let empty = || RwLock::new(Materialized { configured_windows: settings.windows.clone(), ..Materialized::default() });
         ServingState {
-            copies: [RwLock::new(Materialized::default()), RwLock::new(Materialized::default())],
+            copies: [empty(), empty()],
             active: AtomicUsize::new(0),
             responses: RwLock::new(HashMap::new()),
             started: Instant::now(),
@@ -323,9 +369,7 @@ impl ServingState {
                 answers.apply(*time, answer, *diff);
             }
             for (answer, diff) in serving {
-                let ServingAnswer::CampaignCountryMinute { minute, country, campaign, clicks } = *answer;
-                let map = answers.campaign_country.entry((minute, country)).or_default();
-                add(map, campaign, clicks, *diff);
+                answers.apply_serving(answer, *diff);
             }
             answers.window_snapshots.extend(snapshots.iter().cloned());
             while answers.window_snapshots.len() > SNAPSHOTS_KEPT {

@@ -9,6 +9,7 @@ use differential_dataflow::VecCollection;
 use crate::types::{ClickAttrs, ClickKey, Country, Minute, Time};
 
 /// The per-minute count collections: `(key, clicks)`, one record per key with clicks > 0.
+#[derive(Clone)]
 pub struct MinuteCounts<'scope> {
     pub ad: VecCollection<'scope, Time, ((Minute, u64), u64)>,
     pub campaign: VecCollection<'scope, Time, ((Minute, u64), u64)>,

@@ -26,6 +26,11 @@ pub fn arrangement_schema(name: &str) -> Option<(&'static str, &'static str)> {
         "CampaignMinute" => ("(minute, campaign_id)", "()"),
         "CountryMinute" => ("(minute, country, ad_id)", "()"),
         "WindowCounts" => ("(window minutes, ad_id)", "()"),
+        "CountryWindowCounts" => ("(window minutes, (country, ad_id))", "()"),
+        "CampaignWindowCounts" => ("(window minutes, campaign_id)", "()"),
+        "CampaignCountryMinute" => ("(minute, country, campaign_id)", "()"),
+        n if n.starts_with("TopCountryMinute") => ("((minute, country), ad_id bucket)", RANK),
+        n if n.starts_with("TopCountryWindow") => ("((window minutes, country), ad_id bucket)", RANK),
         "IpMinute" | "IpMinuteOverLimit" => ("(minute, ip)", "()"),
         "UserMinute" | "UserMinuteOverLimit" => ("(minute, user_id)", "()"),
         "ClicksByIpMinute" => ("(minute, ip)", "(ClickKey, ClickAttrs)"),
@@ -38,6 +43,37 @@ pub fn arrangement_schema(name: &str) -> Option<(&'static str, &'static str)> {
     })
 }
 
+/// Sliding counts: for each window M of `windows` and each key, the clicks of the last M
+/// minutes, from per-minute counts `((minute, key), clicks)` keyed by `split`.
+///
+/// A minute's count changes before it is final are its answer; later ones are retention
+/// forgetting it, which must not take it out of a window early. Each contribution leaves the
+/// window of M minutes when that window has moved past its minute.
+pub fn sliding_counts<'scope, C, K>(
+    name: &str,
+    per_minute: VecCollection<'scope, Time, (C, u64)>,
+    windows: &[u32],
+    rules: &EventTimeRules,
+    split: impl Fn(&C) -> (crate::types::Minute, K) + 'static,
+) -> VecCollection<'scope, Time, ((u32, K), u64)>
+where
+    C: Clone + 'static,
+    K: differential_dataflow::ExchangeData + std::hash::Hash + Clone,
+{
+    let windows = windows.to_vec();
+    let rules = *rules;
+    let contributions = temporal::expiring(&format!("{name}Contributions"), per_minute, move |(key, clicks), time| {
+        let (minute, key) = split(key);
+        let current = rules.minute_final_at(minute).is_none_or(|final_at| time < final_at);
+        windows
+            .iter()
+            .filter(move |_| current)
+            .map(move |&window| ((window, key.clone()), (minute + window) as u64 * MINUTE_MS, *clicks as isize))
+            .collect::<Vec<_>>()
+    });
+    counts::count_named(name, contributions)
+}
+
 /// The collections a rendered dataflow exposes.
 pub struct Rendered<'scope> {
     /// Distinct accepted clicks that are billable: one record per `(event_id, ts)`, with the
@@ -45,6 +81,8 @@ pub struct Rendered<'scope> {
     pub clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>,
     /// Every answer of every view, for the sink.
     pub answers: VecCollection<'scope, Time, Answer>,
+    /// The per-minute counts of billable clicks, for views rendered beside these.
+    pub counts: counts::MinuteCounts<'scope>,
 }
 
 /// Renders the whole plan over the stream of click deliveries (duplicates included).
@@ -93,34 +131,20 @@ pub fn render_clicks<'scope>(
         topk::top_k("TopMinute", per_ad, plan).leave_region(scope)
     });
     let top_window = scope.region_named("SlidingWindows", |inner| {
-        let windows = plan.windows.clone();
-        // A minute's count changes before it is final are its answer; later ones are retention
-        // forgetting it, which must not take it out of a window early. Each contribution
-        // leaves the window of M minutes when that window has moved past its minute.
-        let contributions = temporal::expiring(
-            "WindowContributions",
-            counts.ad.clone().enter_region(inner),
-            move |&((minute, ad), clicks), time| {
-                let current = rules.minute_final_at(minute).is_none_or(|final_at| time < final_at);
-                windows
-                    .iter()
-                    .filter(move |_| current)
-                    .map(move |&window| ((window, ad), (minute + window) as u64 * MINUTE_MS, clicks as isize))
-                    .collect::<Vec<_>>()
-            },
-        );
-        let window_counts = counts::count_named("WindowCounts", contributions);
+        let window_counts = sliding_counts("WindowCounts", counts.ad.clone().enter_region(inner), &plan.windows, &rules, |&(minute, ad)| (minute, ad));
         let per_window = window_counts.map(|((window, ad), clicks)| (window, (ad, clicks)));
         topk::top_k("TopWindow", per_window, plan).leave_region(scope)
     });
 
     let answers = counts
         .ad
+        .clone()
         .map(|((minute, ad), clicks)| Answer::AdMinute { minute, ad, clicks })
-        .concat(counts.campaign.map(|((minute, campaign), clicks)| Answer::CampaignMinute { minute, campaign, clicks }))
+        .concat(counts.campaign.clone().map(|((minute, campaign), clicks)| Answer::CampaignMinute { minute, campaign, clicks }))
         .concat(
             counts
                 .country
+                .clone()
                 .map(|((minute, country, ad), clicks)| Answer::CountryMinute { minute, country, ad, clicks }),
         )
         .concat(top.map(|(minute, (ad, clicks))| Answer::TopMinute { minute, ad, clicks }))
@@ -135,5 +159,5 @@ pub fn render_clicks<'scope>(
         None => answers,
     };
 
-    Rendered { clicks, answers }
+    Rendered { clicks, answers, counts }
 }
