@@ -457,3 +457,54 @@ fn filters_by_ip_and_user_id_answer_what_the_reference_model_computes() {
     let (code, body) = get(a, "/v1/ads/1/aggregated_count?ip=999.1.1.1", &[]);
     assert!(code == 400 && body.contains("ip must be"), "{body}");
 }
+
+#[test]
+fn served_answers_do_not_depend_on_the_worker_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    let config = GenConfig { events: 200_000, partitions: 6, minutes: 30, ads: 2_000, seed: 29, ..GenConfig::default() };
+    generate(&config, &logs).unwrap();
+    let (files, clicks) = common::reference::reference_run(&logs, &RefConfig::default());
+    let want = expected(&files);
+    let boundary = want.last_minute + 1;
+    let countries: std::collections::BTreeSet<String> = want.country.keys().map(|k| k.1.clone()).collect();
+    let mut targets = Vec::new();
+    for country in &countries {
+        targets.push(format!("/v1/ads/popular_ads?window=5m&count=100&country={country}"));
+        targets.push(format!("/v1/ads/popular_ads?window=60m&count=100&country={country}"));
+        targets.push(format!("/v1/ads/popular_ads?minute={}&count=100&country={country}", boundary - 2));
+    }
+    for c in clicks.iter().step_by(clicks.len() / 25) {
+        targets.push(format!("/v1/ads/popular_ads?window=60m&count=100&ip={}", ip_text(c.4)));
+        targets.push(format!("/v1/ads/popular_ads?window=60m&count=100&user_id={}", c.3));
+        targets.push(format!("/v1/campaigns/{}/aggregated_count?window=5m", c.2));
+        targets.push(format!("/v1/campaigns/{}/aggregated_count?window=60m&country={}", c.2, c.5));
+    }
+    let answers = |workers: &str| -> Vec<serde_json::Value> {
+        let served = serve_replay(&logs, &dir.path().join(format!("out-{workers}")), &["-w", workers]);
+        targets
+            .iter()
+            .map(|t| {
+                let body = get_json(&served.address, t);
+                serde_json::json!({ "ads": body["ads"], "clicks": body["clicks"], "watermark": body["watermark"] })
+            })
+            .collect()
+    };
+    let one = answers("1");
+    // The per-country windows, checked against the reference once.
+    for (target, answer) in targets.iter().zip(&one).filter(|(t, _)| t.contains("window=60m&count=100&country=")) {
+        let country = target.rsplit('=').next().unwrap();
+        let mut sums: HashMap<u64, u64> = HashMap::new();
+        for ((_, c, ad), n) in want.country.iter().filter(|((m, c, _), _)| c == country && m + 60 >= boundary) {
+            let _ = c;
+            *sums.entry(*ad).or_default() += n;
+        }
+        assert_eq!(ads_of(answer), rank(sums.into_iter().collect(), 100), "{target}");
+    }
+    for workers in ["2", "4"] {
+        let other = answers(workers);
+        for ((target, a), b) in targets.iter().zip(&one).zip(&other) {
+            assert_eq!(a, b, "{target}: 1 worker and {workers} differ");
+        }
+    }
+}
