@@ -68,9 +68,9 @@ pub fn durations(data: &[u8]) {
 /// Query strings and the minutes and filters in them, as the server takes them.
 pub fn query(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let _ = crate::serve::http::parse_query(text);
-    if let Ok(minute) = crate::serve::http::parse_minute(text) {
-        assert_eq!(crate::serve::http::parse_minute(&minute.to_string()), Ok(minute));
+    let _ = crate::serve::params::parse_query(text);
+    if let Ok(minute) = crate::serve::params::parse_minute(text) {
+        assert_eq!(crate::serve::params::parse_minute(&minute.to_string()), Ok(minute));
     }
 }
 

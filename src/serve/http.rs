@@ -4,27 +4,19 @@
 //! once, so that an answer never mixes two frontiers. Requests are GET only, with size-limited
 //! query strings; anything unexpected is a 4xx with a JSON body naming the problem.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use clickagg_dataflows::{Country, Minute, MINUTE_MS};
+use clickagg_dataflows::{Minute, MINUTE_MS};
 
-use clickagg_dataflows::render::filters::{FilterKey, FilterRow};
-use clickagg_dataflows::Ip;
+use clickagg_dataflows::render::filters::FilterKey;
 
 use super::listener::{listen, Request, Response};
+use super::params::{bad, count_range, parse_id, parse_minute, parse_query, parse_window, Failure, Params, MAX_COUNT, MAX_URL_BYTES};
 use crate::source::parse::parse_ip;
 use super::state::{top_of, Materialized, ServingState, Subject};
-
-/// Longest accepted request target (path and query string), in bytes.
-pub const MAX_URL_BYTES: usize = 4096;
-/// Largest `count` of `popular_ads` (SPEC §3: k up to 1000).
-pub const MAX_COUNT: usize = 1000;
-/// Longest window or range a query may span, in minutes (a week).
-pub const MAX_SPAN_MINUTES: u64 = 7 * 24 * 60;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -45,13 +37,6 @@ pub fn serve(address: &str, state: Arc<ServingState>, token: Option<String>) -> 
         format!("cannot serve on {address}: {e}{hint}")
     })?;
     Ok(HttpServer { address: local })
-}
-
-/// An error answer: status and message.
-struct Failure(u16, String);
-
-fn bad(message: impl Into<String>) -> Failure {
-    Failure(400, message.into())
 }
 
 fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16, &'static str, String) {
@@ -163,165 +148,6 @@ fn route(path: &str, params: &Params, answers: &Materialized, state: &ServingSta
         }
         _ => Err(Failure(404, format!("no such endpoint: {path}"))),
     }
-}
-
-/// A query string's parameters; each may appear once.
-#[derive(Debug)]
-pub struct Params(BTreeMap<String, String>);
-
-/// Parses `a=1&b=2`, percent-decoding names and values. Repeated names are an error: a client
-/// that sends `country=US&country=FR` means something we would otherwise guess at.
-pub fn parse_query(query: &str) -> Result<Params, String> {
-    let mut params = BTreeMap::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let (name, value) = (percent_decode(name)?, percent_decode(value)?);
-        if params.insert(name.clone(), value).is_some() {
-            return Err(format!("parameter {name} is given more than once"));
-        }
-    }
-    Ok(Params(params))
-}
-
-fn percent_decode(text: &str) -> Result<String, String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-                let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(|| format!("bad percent-escape in {text:?}"))?;
-                out.push(byte);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
-}
-
-impl Params {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(|s| s.as_str()).filter(|s| !s.is_empty())
-    }
-
-    /// Refuses parameters outside `allowed`, so that a typo is an error, not a silent default.
-    fn only(&self, allowed: &[&str]) -> Result<(), Failure> {
-        match self.0.keys().find(|k| !allowed.contains(&k.as_str())) {
-            Some(unknown) => Err(bad(format!("unknown parameter {unknown}; this endpoint takes: {}", allowed.join(", ")))),
-            None => Ok(()),
-        }
-    }
-
-    fn filter(&self) -> Result<Filter, Failure> {
-        let country = match self.get("country") {
-            Some(text) => Some(Country::parse(text.as_bytes()).ok_or_else(|| bad(format!("country must be two ASCII letters, not {text:?}")))?),
-            None => None,
-        };
-        let ip = match self.get("ip") {
-            Some(text) => Some(parse_ip(text.as_bytes()).ok_or_else(|| bad(format!("ip must be an IPv4 or IPv6 address, not {text:?}")))?),
-            None => None,
-        };
-        let user = self.get("user_id").map(|text| parse_id(text, "user_id")).transpose()?;
-        Ok(Filter { country, ip, user })
-    }
-}
-
-struct Filter {
-    country: Option<Country>,
-    ip: Option<Ip>,
-    user: Option<u64>,
-}
-
-impl Filter {
-    fn json(&self) -> Value {
-        json!({
-            "country": self.country.map(|c| c.to_string()),
-            "ip": self.ip.map(|ip| ip.to_string()),
-            "user_id": self.user,
-        })
-    }
-
-    /// The key to peek at, when the filter has a high-cardinality column.
-    fn peek_key(&self) -> Option<FilterKey> {
-        match (self.ip, self.user) {
-            (Some(ip), _) => Some(FilterKey::Ip(ip)),
-            (None, Some(user)) => Some(FilterKey::User(user)),
-            (None, None) => None,
-        }
-    }
-
-    fn admits(&self, row: &FilterRow) -> bool {
-        self.country.is_none_or(|c| row.country == c)
-            && self.ip.is_none_or(|ip| row.ip == ip)
-            && self.user.is_none_or(|user| row.user == user)
-    }
-}
-
-fn parse_id(text: &str, what: &str) -> Result<u64, Failure> {
-    text.parse().map_err(|_| bad(format!("{what} must be an unsigned integer, not {text:?}")))
-}
-
-/// A minute given as a minute number (`floor(ts / 60000)`) or an RFC 3339 time.
-pub fn parse_minute(text: &str) -> Result<Minute, String> {
-    if let Ok(minute) = text.parse::<Minute>() {
-        return Ok(minute);
-    }
-    let ms = parse_rfc3339_ms(text).ok_or_else(|| format!("{text:?} is neither a minute number nor an RFC 3339 time"))?;
-    Minute::try_from(ms.div_euclid(MINUTE_MS as i64)).map_err(|_| format!("{text:?} is out of range"))
-}
-
-/// `YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)` to ms since the epoch.
-fn parse_rfc3339_ms(text: &str) -> Option<i64> {
-    let b = text.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let s = text.get(r)?;
-        s.bytes().all(|c| c.is_ascii_digit()).then(|| s.parse().ok())?
-    };
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
-        return None;
-    }
-    let mut rest = &text[19..];
-    let mut millis = 0;
-    if let Some(fraction) = rest.strip_prefix('.') {
-        let digits = fraction.bytes().take_while(|c| c.is_ascii_digit()).count();
-        if digits == 0 {
-            return None;
-        }
-        let padded = format!("{:0<3}", &fraction[..digits.min(3)]);
-        millis = padded.parse::<i64>().ok()?;
-        rest = &fraction[digits..];
-    }
-    let offset_minutes = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) && &rest[3..4] == ":" => {
-            let sign = if rest.starts_with('-') { -1 } else { 1 };
-            sign * (rest[1..3].parse::<i64>().ok()? * 60 + rest[4..6].parse::<i64>().ok()?)
-        }
-        _ => return None,
-    };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 24 + hour) * 60 + minute - offset_minutes) * 60_000 + second * 1000 + millis)
 }
 
 /// The boundary answers stand at, or a 503 before anything is known.
@@ -565,45 +391,6 @@ fn popular_count(params: &Params, state: &ServingState) -> Result<usize, Failure
     }
 }
 
-fn parse_window(window: &str) -> Result<Minute, Failure> {
-    let minutes = crate::config::parse_windows(window)
-        .ok()
-        .filter(|w| w.len() == 1)
-        .map(|w| w[0])
-        .ok_or_else(|| bad(format!("window must be a whole number of minutes like 5m or 1h, not {window:?}")))?;
-    if u64::from(minutes) > MAX_SPAN_MINUTES {
-        return Err(bad(format!("window is {minutes} minutes; at most {MAX_SPAN_MINUTES}")));
-    }
-    Ok(minutes)
-}
-
-/// `[from, to)` of a count: `window=M` (the last M minutes), or given, or around the boundary
-/// `w` (default the last minute).
-fn count_range(params: &Params, w: Minute) -> Result<(Minute, Minute), Failure> {
-    if let Some(window) = params.get("window") {
-        if params.get("from").is_some() || params.get("to").is_some() {
-            return Err(bad("give window or from/to, not both"));
-        }
-        let minutes = parse_window(window)?;
-        return Ok((w.saturating_sub(minutes), w));
-    }
-    let from = params.get("from").map(parse_minute).transpose().map_err(bad)?;
-    let to = params.get("to").map(parse_minute).transpose().map_err(bad)?;
-    let (from, to) = match (from, to) {
-        (None, None) => (w.saturating_sub(1), w),
-        (Some(from), None) => (from, w.max(from)),
-        (None, Some(to)) => (to.saturating_sub(1), to),
-        (Some(from), Some(to)) => (from, to),
-    };
-    if to < from {
-        return Err(bad(format!("to ({to}) is before from ({from})")));
-    }
-    if u64::from(to - from) > MAX_SPAN_MINUTES {
-        return Err(bad(format!("the range spans {} minutes; at most {MAX_SPAN_MINUTES}", to - from)));
-    }
-    Ok((from, to))
-}
-
 fn merge(into: &mut Value, from: Value) {
     if let (Value::Object(into), Value::Object(from)) = (into, from) {
         into.extend(from);
@@ -742,28 +529,3 @@ fn metrics(answers: &Materialized, state: &ServingState) -> String {
     text
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn query_strings_decode_and_refuse_repeats() {
-        let p = parse_query("count=10&country=U%53&x=a+b").unwrap();
-        assert_eq!((p.get("count"), p.get("country"), p.get("x")), (Some("10"), Some("US"), Some("a b")));
-        assert!(parse_query("a=1&a=2").unwrap_err().contains("more than once"));
-        assert!(parse_query("a=%zz").is_err());
-        assert!(parse_query("a=%ff").is_err());
-    }
-
-    #[test]
-    fn minutes_as_numbers_or_rfc3339() {
-        assert_eq!(parse_minute("29000000"), Ok(29_000_000));
-        assert_eq!(parse_minute("1970-01-01T00:01:00Z"), Ok(1));
-        assert_eq!(parse_minute("1970-01-01T00:01:59.999Z"), Ok(1));
-        assert_eq!(parse_minute("2026-11-22T10:00:00Z"), Ok((1_795_341_600_000u64 / 60_000) as u32));
-        assert_eq!(parse_minute("2026-11-22T11:00:00+01:00"), parse_minute("2026-11-22T10:00:00Z"));
-        for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "2026-11-22T10:00:00", "-5", "2026-11-22T10:00:00.Z"] {
-            assert!(parse_minute(bad).is_err(), "{bad:?}");
-        }
-    }
-}

@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod listener;
+pub mod params;
 pub mod peek;
 pub mod state;
 
