@@ -171,6 +171,17 @@ def serving_latency(logs, scratch, runs, seconds=8, connections=200):
             for name, v in samples.items()}
 
 
+def serving_replay(logs, scratch):
+    """Commands whose wall time is a 2-worker replay with --serve, up to "replay complete": the
+    cost of the filter arrangements and the views kept for the server."""
+    def build():
+        port = free_ports(1)[0]
+        script = (f"{BINARY} run --logs {logs} --out {scratch / 'served'} -w 2 --serve 127.0.0.1:{port} 2>&1 "
+                  f"| grep -m1 'replay complete' >/dev/null; pkill -f 'serve 127.0.0.1:{port}' || true")
+        return [["bash", "-c", script]]
+    return build
+
+
 def duckdb_python(scratch_root):
     """A virtual environment of the harness's own with DuckDB, made once."""
     venv = scratch_root / "venv"
@@ -309,6 +320,7 @@ def main():
         if "cluster" in groups:
             add(repeat("run, 2×1 (two processes on loopback)", cluster_commands(default, out, 2, 1, scratch), args.runs), 2)
         if "serving" in groups:
+            add(repeat("run, 1×2 with --serve (to replay complete)", serving_replay(default, scratch), args.runs), 2)
             serving = serving_latency(default, scratch, args.runs)
         if "duckdb" in groups:
             python = duckdb_python(args.data)
@@ -327,7 +339,8 @@ def main():
         saved["serving"] = serving
     store.write_text(json.dumps(saved, indent=1))
     order = ["parse-only, 1 thread", "parse-only, 2 threads", "run, 1×1 (processes × workers)", "run, 1×2",
-             "run, 1×2, hot-key set", "run, 2×1 (two processes on loopback)", "DuckDB 2 threads, batch job"]
+             "run, 1×2, hot-key set", "run, 2×1 (two processes on loopback)", "run, 1×2 with --serve (to replay complete)",
+             "DuckDB 2 threads, batch job"]
     merged = sorted(saved["rows"].values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     report = render(merged, lines, args, built_from, saved["serving"])
     args.results.write_text(report)

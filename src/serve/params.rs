@@ -163,11 +163,17 @@ fn parse_rfc3339_ms(text: &str) -> Option<i64> {
         millis = padded.parse::<i64>().ok()?;
         rest = &fraction[digits..];
     }
-    let offset_minutes = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6 && (rest.starts_with('+') || rest.starts_with('-')) && &rest[3..4] == ":" => {
-            let sign = if rest.starts_with('-') { -1 } else { 1 };
-            sign * (rest[1..3].parse::<i64>().ok()? * 60 + rest[4..6].parse::<i64>().ok()?)
+    // Work on bytes: the rest may hold any UTF-8, and slicing a str inside a character panics
+    // (the fuzzer found that).
+    let offset = rest.as_bytes();
+    let two_digits = |b: &[u8]| -> Option<i64> {
+        (b.len() == 2 && b.iter().all(u8::is_ascii_digit)).then(|| i64::from(b[0] - b'0') * 10 + i64::from(b[1] - b'0'))
+    };
+    let offset_minutes = match offset {
+        b"Z" | b"z" => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let sign = if *sign == b'-' { -1 } else { 1 };
+            sign * (two_digits(&[*h1, *h2])? * 60 + two_digits(&[*m1, *m2])?)
         }
         _ => return None,
     };
@@ -241,7 +247,7 @@ mod tests {
         assert_eq!(parse_minute("1970-01-01T00:01:59.999Z"), Ok(1));
         assert_eq!(parse_minute("2026-11-22T10:00:00Z"), Ok((1_795_341_600_000u64 / 60_000) as u32));
         assert_eq!(parse_minute("2026-11-22T11:00:00+01:00"), parse_minute("2026-11-22T10:00:00Z"));
-        for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "2026-11-22T10:00:00", "-5", "2026-11-22T10:00:00.Z"] {
+        for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "2026-11-22T10:00:00", "-5", "2026-11-22T10:00:00.Z", "1970-01-01T15:00:00.5+0\u{3fc}0+"] {
             assert!(parse_minute(bad).is_err(), "{bad:?}");
         }
     }
