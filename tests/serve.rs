@@ -462,7 +462,9 @@ fn filters_by_ip_and_user_id_answer_what_the_reference_model_computes() {
 fn served_answers_do_not_depend_on_the_worker_count() {
     let dir = tempfile::tempdir().unwrap();
     let logs = dir.path().join("logs");
-    let config = GenConfig { events: 200_000, partitions: 6, minutes: 30, ads: 2_000, seed: 29, ..GenConfig::default() };
+    // The 1M-event set of the core tests' size: the served answers of #3 (filters, per-country
+    // windows, campaign windows) against the reference, and the same for 1, 2 and 4 workers.
+    let config = GenConfig { events: 1_000_000, partitions: 6, minutes: 90, seed: 29, ..GenConfig::default() };
     generate(&config, &logs).unwrap();
     let (files, clicks) = common::reference::reference_run(&logs, &RefConfig::default());
     let want = expected(&files);
@@ -474,7 +476,9 @@ fn served_answers_do_not_depend_on_the_worker_count() {
         targets.push(format!("/v1/ads/popular_ads?window=60m&count=100&country={country}"));
         targets.push(format!("/v1/ads/popular_ads?minute={}&count=100&country={country}", boundary - 2));
     }
-    for c in clicks.iter().step_by(clicks.len() / 25) {
+    // Clicks of the last hour, whose ip and user the filter arrangements still hold.
+    let recent: Vec<&common::reference::RefClick> = clicks.iter().filter(|c| c.0 + 30 >= boundary).collect();
+    for c in recent.iter().step_by(recent.len() / 25) {
         targets.push(format!("/v1/ads/popular_ads?window=60m&count=100&ip={}", ip_text(c.4)));
         targets.push(format!("/v1/ads/popular_ads?window=60m&count=100&user_id={}", c.3));
         targets.push(format!("/v1/campaigns/{}/aggregated_count?window=5m", c.2));
@@ -500,6 +504,18 @@ fn served_answers_do_not_depend_on_the_worker_count() {
             *sums.entry(*ad).or_default() += n;
         }
         assert_eq!(ads_of(answer), rank(sums.into_iter().collect(), 100), "{target}");
+    }
+    // The ip and user filters, against the clicks of the last 60 minutes.
+    for (target, answer) in targets.iter().zip(&one).filter(|(t, _)| t.contains("&ip=") || t.contains("&user_id=")) {
+        let value = target.rsplit('=').next().unwrap();
+        let mut per_ad: HashMap<u64, u64> = HashMap::new();
+        for c in clicks.iter().filter(|c| c.0 + 60 >= boundary && c.0 < boundary) {
+            let matches = if target.contains("&ip=") { ip_text(c.4) == value } else { c.3.to_string() == value };
+            if matches {
+                *per_ad.entry(c.1).or_default() += 1;
+            }
+        }
+        assert_eq!(ads_of(answer), rank(per_ad.into_iter().collect(), 100), "{target}");
     }
     for workers in ["2", "4"] {
         let other = answers(workers);
