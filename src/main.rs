@@ -263,6 +263,11 @@ fn execute(command: Command) -> Result<(), String> {
             let summary = demo(&dir, events, workers)?;
             print!("{}", render_summary(&summary));
             println!("done in {:.2?}; answers in {}", started.elapsed(), dir.join("out").display());
+            println!(
+                "next: clickagg run --logs {} --out {} -w 2 --serve 127.0.0.1:8080   (then open http://127.0.0.1:8080/)",
+                dir.join("logs").display(),
+                dir.join("out").display()
+            );
             Ok(())
         }
         Command::Run(args) => {
