@@ -171,15 +171,31 @@ def serving_latency(logs, scratch, runs, seconds=8, connections=200):
             for name, v in samples.items()}
 
 
-def serving_replay(logs, scratch):
-    """Commands whose wall time is a 2-worker replay with --serve, up to "replay complete": the
-    cost of the filter arrangements and the views kept for the server."""
-    def build():
+def serving_replay(logs, scratch, runs):
+    """A 2-worker replay with --serve, timed up to its "replay complete" (the process then goes
+    on serving, and is stopped): the cost of the filter arrangements and the views kept for the
+    server. Peak RSS is read from /proc before stopping it."""
+    samples = []
+    for i in range(runs):
         port = free_ports(1)[0]
-        script = (f"{BINARY} run --logs {logs} --out {scratch / 'served'} -w 2 --serve 127.0.0.1:{port} 2>&1 "
-                  f"| grep -m1 'replay complete' >/dev/null; pkill -f 'serve 127.0.0.1:{port}' || true")
-        return [["bash", "-c", script]]
-    return build
+        started = time.monotonic()
+        process = subprocess.Popen([BINARY, "run", "--logs", logs, "--out", scratch / "served", "-w", "2",
+                                    "--serve", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in process.stderr:
+            if "replay complete" in line:
+                break
+        else:
+            raise SystemExit("clickagg run --serve ended before completing its replay")
+        seconds = time.monotonic() - started
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        rss = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) * 1024
+        process.kill()
+        process.wait()
+        log(f"run -w 2 --serve: run {i + 1}/{runs}: {seconds:.2f} s to replay complete, {rss / 2**30:.2f} GiB")
+        samples.append((seconds, rss))
+    times = sorted(t for t, _ in samples)
+    return {"name": "run, 1×2 with --serve (to replay complete)", "median": statistics.median(times), "min": times[0],
+            "max": times[-1], "rss": max(r for _, r in samples), "runs": runs}
 
 
 def duckdb_python(scratch_root):
@@ -320,7 +336,7 @@ def main():
         if "cluster" in groups:
             add(repeat("run, 2×1 (two processes on loopback)", cluster_commands(default, out, 2, 1, scratch), args.runs), 2)
         if "serving" in groups:
-            add(repeat("run, 1×2 with --serve (to replay complete)", serving_replay(default, scratch), args.runs), 2)
+            add(serving_replay(default, scratch, args.runs), 2)
             serving = serving_latency(default, scratch, args.runs)
         if "duckdb" in groups:
             python = duckdb_python(args.data)

@@ -137,6 +137,19 @@ impl Inputs {
     }
 }
 
+/// How much lower than the server's threads the workers run when serving (nice levels).
+const WORKER_NICENESS: i32 = 5;
+
+/// Lowers this thread's scheduling priority (Linux's per-thread nice value); best effort.
+fn lower_thread_priority(niceness: i32) {
+    // SAFETY: plain system calls on the calling thread; failure leaves the priority as it was.
+    unsafe {
+        let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let current = libc::getpriority(libc::PRIO_PROCESS, thread);
+        libc::setpriority(libc::PRIO_PROCESS, thread, current + niceness);
+    }
+}
+
 /// Replays the logs to their end and writes the output directory. Returns the summary on the
 /// process that holds the sink (process 0), `None` on the others.
 pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
@@ -170,6 +183,11 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
 
     let guards = cluster::execute(config.workers, cluster, move |worker| {
         let index = worker.index();
+        if config.serving.is_some() {
+            // On a saturated machine, queries come before ingest: the server's threads keep
+            // normal priority, the workers yield to them.
+            lower_thread_priority(WORKER_NICENESS);
+        }
         let peers = worker.peers();
         let sink = if index == 0 { sink.lock().ok().and_then(|mut s| s.take()) } else { None };
         let sink = Rc::new(RefCell::new(sink));
