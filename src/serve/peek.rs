@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::mpsc::{Receiver, Sender};
 
-use clickagg_dataflows::render::filters::{FilterArrangements, FilterKey, FilterRow, PeekResult};
-use clickagg_dataflows::{Minute, Time};
+use clickagg_dataflows::render::filters::{FilterArrangements, FilterKey, PeekResult};
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
 use timely::container::CapacityContainerBuilder;
@@ -25,21 +24,11 @@ use timely::worker::Worker;
 /// A peek from the server, and where to send its answer.
 pub struct PeekRequest {
     pub key: FilterKey,
-    pub reply: Sender<PeekAnswer>,
+    /// Every worker's [`PeekResult`] for the key, merged.
+    pub reply: Sender<PeekResult>,
 }
 
-/// Every worker's rows for one key, merged.
-#[derive(Clone, Debug, Default)]
-pub struct PeekAnswer {
-    pub rows: Vec<(FilterRow, isize)>,
-    /// The first minute every worker still holds completely.
-    pub retained_from: Minute,
-    /// Every update before this time is included (the least over the workers); `None` when
-    /// the input is complete.
-    pub upper: Option<Time>,
-}
-
-type Pending = Rc<RefCell<BTreeMap<u64, (Option<Sender<PeekAnswer>>, PeekAnswer)>>>;
+type Pending = Rc<RefCell<BTreeMap<u64, (Option<Sender<PeekResult>>, PeekResult)>>>;
 
 /// A worker's end of the peek dataflow.
 pub struct PeekEndpoint {
@@ -74,13 +63,7 @@ pub fn build(worker: &mut Worker, filters: Rc<RefCell<FilterArrangements>>, requ
                 let mut pending = collected.borrow_mut();
                 input.for_each(|_, parts| {
                     for (id, part) in parts.drain(..) {
-                        let answer = &mut pending.entry(id).or_default().1;
-                        answer.rows.extend(part.rows);
-                        answer.retained_from = answer.retained_from.max(part.retained_from);
-                        answer.upper = match (answer.upper, part.upper) {
-                            (Some(a), Some(b)) => Some(a.min(b)),
-                            (a, b) => a.or(b),
-                        };
+                        pending.entry(id).or_default().1.merge(part);
                     }
                 });
                 // Every worker has answered the peeks the frontier has passed.

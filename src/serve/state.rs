@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
-use clickagg_dataflows::render::filters::FilterKey;
+use clickagg_dataflows::render::filters::{FilterKey, PeekResult};
 
-use super::peek::{PeekAnswer, PeekRequest};
+use super::peek::PeekRequest;
 use crate::sink::Summary;
 use std::time::Instant;
 
@@ -319,7 +319,7 @@ impl ServingState {
     }
 
     /// Reads `key` from every worker's filter arrangements.
-    pub fn peek(&self, key: FilterKey) -> Result<PeekAnswer, String> {
+    pub fn peek(&self, key: FilterKey) -> Result<PeekResult, String> {
         let sender = self.peeks.lock().ok().and_then(|p| p.clone()).ok_or("filters by ip and user_id are not served here")?;
         let (reply, answer) = std::sync::mpsc::channel();
         sender.send(PeekRequest { key, reply }).map_err(|_| "the workers have stopped".to_string())?;

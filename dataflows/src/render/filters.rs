@@ -88,15 +88,29 @@ pub enum FilterKey {
     User(u64),
 }
 
-/// What one worker holds for one key.
+/// What one worker holds for one key, or, merged, what all of them hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeekResult {
     /// Each distinct row held for the key with its multiplicity.
     pub rows: Vec<(FilterRow, isize)>,
-    /// The first minute this worker still holds completely.
+    /// The first minute held completely (by every worker, once merged).
     pub retained_from: Minute,
-    /// Every update before this time is in the trace.
+    /// Every update before this time is in the trace (the least over workers, once merged);
+    /// `None` when the input is complete.
     pub upper: Option<Time>,
+}
+
+impl PeekResult {
+    /// Adds another worker's part: rows together, the latest retention, the least upper
+    /// (`None`, the complete input, is the identity).
+    pub fn merge(&mut self, part: PeekResult) {
+        self.rows.extend(part.rows);
+        self.retained_from = self.retained_from.max(part.retained_from);
+        self.upper = match (self.upper, part.upper) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 impl FilterArrangements {
