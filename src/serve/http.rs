@@ -125,9 +125,9 @@ fn route(path: &str, params: &Params, answers: &Materialized, state: &ServingSta
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     match segments.as_slice() {
         ["v1", "ads", "popular_ads"] => popular_ads(params, answers, state).map(Body::Json),
-        ["v1", "ads", id, "aggregated_count"] => aggregated_count(Subject::Ad(parse_id(id, "ad_id")?), params, answers).map(Body::Json),
+        ["v1", "ads", id, "aggregated_count"] => aggregated_count(Subject::Ad(parse_id(id, "ad_id")?), params, answers, state).map(Body::Json),
         ["v1", "campaigns", id, "aggregated_count"] => {
-            aggregated_count(Subject::Campaign(parse_id(id, "campaign_id")?), params, answers).map(Body::Json)
+            aggregated_count(Subject::Campaign(parse_id(id, "campaign_id")?), params, answers, state).map(Body::Json)
         }
         ["v1", "ads", id, "history"] => history(parse_id(id, "ad_id")?, params, answers).map(Body::Json),
         ["v1", "introspection", "arrangements"] => {
@@ -163,14 +163,14 @@ fn watermark_json(answers: &Materialized) -> Value {
     })
 }
 
-fn aggregated_count(subject: Subject, params: &Params, answers: &Materialized) -> Result<Value, Failure> {
+fn aggregated_count(subject: Subject, params: &Params, answers: &Materialized, state: &ServingState) -> Result<Value, Failure> {
     params.only(&["from", "to", "window", "country", "ip", "user_id"])?;
     let filter = params.filter()?;
     let w = boundary(answers)?;
     let (from, to) = count_range(params, w)?;
     // A campaign's count of a configured window is maintained (as of the frontier).
     let maintained = match (subject, params.get("window"), filter.country) {
-        (Subject::Campaign(campaign), Some(_), None) if answers.frontier_on_boundary() && state_has_window(answers, to - from) => {
+        (Subject::Campaign(campaign), Some(_), None) if answers.frontier_on_boundary() && state.settings.windows.contains(&(to - from)) => {
             Some(answers.campaign_window.get(&(to - from, campaign)).copied().unwrap_or(0))
         }
         _ => None,
@@ -372,12 +372,6 @@ fn filtered(path: &str, params: &Params, state: &ServingState) -> Result<Value, 
     }
     body["retained_from_minute"] = json!(answer.retained_from);
     Ok(body)
-}
-
-/// Whether the dataflow maintains sliding counts for a window of `minutes` (they are kept per
-/// configured window, and the campaign windows only when some campaign has clicks in one).
-fn state_has_window(answers: &Materialized, minutes: Minute) -> bool {
-    answers.configured_windows.contains(&minutes)
 }
 
 fn popular_count(params: &Params, state: &ServingState) -> Result<usize, Failure> {

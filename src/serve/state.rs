@@ -64,8 +64,6 @@ pub struct Materialized {
     pub top_country_window: BTreeMap<(u32, Country), BTreeSet<Ranked>>,
     /// The maintained clicks of each campaign in the last M minutes, as of the frontier.
     pub campaign_window: HashMap<(u32, u64), u64>,
-    /// The windows the dataflow maintains (`--windows`).
-    pub configured_windows: Vec<u32>,
     /// The maintained top K of each minute, ranked.
     pub top_minute: BTreeMap<Minute, BTreeSet<Ranked>>,
     /// The maintained top K of the last M minutes as the dataflow holds it now.
@@ -296,9 +294,8 @@ pub struct Settings {
 
 impl ServingState {
     pub fn new(settings: Settings) -> ServingState {
-        let empty = || RwLock::new(Materialized { configured_windows: settings.windows.clone(), ..Materialized::default() });
         ServingState {
-            copies: [empty(), empty()],
+            copies: [RwLock::new(Materialized::default()), RwLock::new(Materialized::default())],
             active: AtomicUsize::new(0),
             responses: RwLock::new(HashMap::new()),
             started: Instant::now(),
