@@ -14,7 +14,7 @@ use clickagg_dataflows::{Minute, MINUTE_MS};
 use clickagg_dataflows::render::filters::FilterKey;
 
 use super::listener::{listen, Request, Response};
-use super::params::{bad, count_range, parse_id, parse_minute, parse_query, parse_window, Failure, Params, MAX_COUNT, MAX_URL_BYTES};
+use super::params::{bad, count_range, parse_id, parse_minute, parse_query, Failure, Params, TopSpan, MAX_COUNT, MAX_URL_BYTES};
 use crate::source::parse::parse_ip;
 use super::state::{top_of, Materialized, ServingState, Subject};
 
@@ -194,24 +194,22 @@ fn popular_ads(params: &Params, answers: &Materialized, state: &ServingState) ->
     let filter = params.filter()?;
     let count = popular_count(params, state)?;
     let w = boundary(answers)?;
-    let (ads, from, to, source, as_of) = match (params.get("minute"), params.get("window")) {
-        (Some(_), Some(_)) => return Err(bad("give minute or window, not both")),
-        (Some(minute), None) => {
-            let minute = parse_minute(minute).map_err(bad)?;
+    let span = TopSpan::parse(params)?;
+    let (from, to) = span.range(w);
+    let (ads, source, as_of) = match span {
+        TopSpan::Minute(minute) => {
             let maintained = match filter.country {
                 None => answers.top_minute.get(&minute),
                 Some(country) => answers.top_country_minute.get(&(minute, country)),
             };
             match maintained {
                 Some(top) if count <= state.settings.top_k => {
-                    (top.iter().take(count).map(|r| (r.ad, r.clicks())).collect(), minute, minute + 1, "maintained", answers.watermark())
+                    (top.iter().take(count).map(|r| (r.ad, r.clicks())).collect(), "maintained", answers.watermark())
                 }
-                _ => (answers.top_over(minute, minute + 1, filter.country, count), minute, minute + 1, "computed", answers.watermark()),
+                _ => (answers.top_over(from, to, filter.country, count), "computed", answers.watermark()),
             }
         }
-        (None, window) => {
-            let minutes = parse_window(window.unwrap_or("5m"))?;
-            let from = w.saturating_sub(minutes);
+        TopSpan::Window(minutes) => {
             let configured = state.settings.windows.contains(&minutes) && count <= state.settings.top_k;
             let maintained: Option<Vec<(u64, u64)>> = match filter.country {
                 None => answers.window_snapshots.get(&w).and_then(|tops| tops.get(&minutes)).map(|top| top.iter().take(count).copied().collect()),
@@ -227,18 +225,14 @@ fn popular_ads(params: &Params, answers: &Materialized, state: &ServingState) ->
                 Some(_) => None,
             };
             match maintained {
-                Some(top) if configured => (top, from, w, "maintained", Some(w as u64 * MINUTE_MS)),
-                _ => (answers.top_over(from, w, filter.country, count), from, w, "computed", answers.watermark()),
+                Some(top) if configured => (top, "maintained", Some(w as u64 * MINUTE_MS)),
+                _ => (answers.top_over(from, to, filter.country, count), "computed", answers.watermark()),
             }
         }
     };
-    let ads: Vec<Value> = top_of(ads, count)
-        .into_iter()
-        .enumerate()
-        .map(|(i, (ad, clicks))| json!({ "rank": i + 1, "ad_id": ad, "clicks": clicks }))
-        .collect();
     let mut body = json!({
-        "count": count, "from_minute": from, "to_minute": to, "filter": filter.json(), "ads": ads, "source": source,
+        "count": count, "from_minute": from, "to_minute": to, "filter": filter.json(), "ads": ranked_json(ads, count),
+        "source": source,
     });
     merge(&mut body, watermark_json(answers));
     body["watermark"] = json!(as_of);
@@ -311,18 +305,8 @@ fn filtered(path: &str, params: &Params, state: &ServingState) -> Result<Value, 
     let key = filter.peek_key().expect("only called with an ip or user_id");
     let w = boundary(&state.read())?;
     let (from, to, count) = if is_top {
-        let count = popular_count(params, state)?;
-        match (params.get("minute"), params.get("window")) {
-            (Some(_), Some(_)) => return Err(bad("give minute or window, not both")),
-            (Some(minute), None) => {
-                let minute = parse_minute(minute).map_err(bad)?;
-                (minute, minute + 1, count)
-            }
-            (None, window) => {
-                let minutes = parse_window(window.unwrap_or("5m"))?;
-                (w.saturating_sub(minutes), w, count)
-            }
-        }
+        let (from, to) = TopSpan::parse(params)?.range(w);
+        (from, to, popular_count(params, state)?)
     } else {
         let (from, to) = count_range(params, w)?;
         (from, to, 0)
@@ -356,11 +340,7 @@ fn filtered(path: &str, params: &Params, state: &ServingState) -> Result<Value, 
             for (row, n) in rows {
                 *per_ad.entry(row.ad).or_default() += (*n).max(0) as u64;
             }
-            let ads: Vec<Value> = top_of(per_ad.into_iter().collect(), count)
-                .into_iter()
-                .enumerate()
-                .map(|(i, (ad, clicks))| json!({ "rank": i + 1, "ad_id": ad, "clicks": clicks }))
-                .collect();
+            let ads = ranked_json(per_ad.into_iter().collect(), count);
             json!({ "count": count, "from_minute": from, "to_minute": to, "filter": filter.json(), "ads": ads, "source": "peek" })
         }
     };
@@ -372,6 +352,15 @@ fn filtered(path: &str, params: &Params, state: &ServingState) -> Result<Value, 
     }
     body["retained_from_minute"] = json!(answer.retained_from);
     Ok(body)
+}
+
+/// The `count` best `(ad, clicks)` as ranked JSON rows.
+fn ranked_json(ads: Vec<(u64, u64)>, count: usize) -> Vec<Value> {
+    top_of(ads, count)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (ad, clicks))| json!({ "rank": i + 1, "ad_id": ad, "clicks": clicks }))
+        .collect()
 }
 
 fn popular_count(params: &Params, state: &ServingState) -> Result<usize, Failure> {

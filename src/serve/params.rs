@@ -200,6 +200,32 @@ pub fn parse_window(window: &str) -> Result<Minute, Failure> {
     Ok(minutes)
 }
 
+/// What a top-K is over: one minute, or the last M minutes (the default, 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopSpan {
+    Minute(Minute),
+    Window(Minute),
+}
+
+impl TopSpan {
+    /// `minute=` or `window=` (not both).
+    pub fn parse(params: &Params) -> Result<TopSpan, Failure> {
+        match (params.get("minute"), params.get("window")) {
+            (Some(_), Some(_)) => Err(bad("give minute or window, not both")),
+            (Some(minute), None) => Ok(TopSpan::Minute(parse_minute(minute).map_err(bad)?)),
+            (None, window) => Ok(TopSpan::Window(parse_window(window.unwrap_or("5m"))?)),
+        }
+    }
+
+    /// The minutes `[from, to)` it covers when answers stand at boundary `w`.
+    pub fn range(self, w: Minute) -> (Minute, Minute) {
+        match self {
+            TopSpan::Minute(minute) => (minute, minute + 1),
+            TopSpan::Window(minutes) => (w.saturating_sub(minutes), w),
+        }
+    }
+}
+
 /// `[from, to)` of a count: `window=M` (the last M minutes), or given, or around the boundary
 /// `w` (default the last minute).
 pub fn count_range(params: &Params, w: Minute) -> Result<(Minute, Minute), Failure> {
