@@ -95,7 +95,16 @@ impl Ranked {
     }
 }
 
-fn add(map: &mut HashMap<u64, u64>, key: u64, clicks: u64, diff: isize) {
+/// A top-K membership row: in with `+1`, out with `-1`.
+fn member(set: &mut BTreeSet<Ranked>, ad: u64, clicks: u64, diff: isize) {
+    if diff > 0 {
+        set.insert(Ranked::new(ad, clicks));
+    } else {
+        set.remove(&Ranked::new(ad, clicks));
+    }
+}
+
+fn add<K: std::hash::Hash + Eq + Copy>(map: &mut HashMap<K, u64>, key: K, clicks: u64, diff: isize) {
     // A count is a row: the old value's retraction and the new one's insertion arrive together,
     // so a key holds at most one value once a time's updates are applied.
     let entry = map.entry(key).or_insert(0);
@@ -137,38 +146,17 @@ impl Materialized {
             Answer::CountryMinute { minute, country, ad, clicks } => {
                 add(self.country.entry((minute, country)).or_default(), ad, clicks, diff)
             }
-            Answer::TopMinute { minute, ad, clicks } => {
-                let set = self.top_minute.entry(minute).or_default();
-                if diff > 0 {
-                    set.insert(Ranked::new(ad, clicks));
-                } else {
-                    set.remove(&Ranked::new(ad, clicks));
-                }
-            }
+            Answer::TopMinute { minute, ad, clicks } => member(self.top_minute.entry(minute).or_default(), ad, clicks, diff),
             Answer::FraudMinute { minute, clicks, .. } => {
                 self.counters.excluded = (self.counters.excluded as i64 + diff as i64 * clicks as i64) as u64;
                 self.last_minute = self.last_minute.max(Some(minute));
             }
-            Answer::TopWindow { window, ad, clicks } => {
-                let set = self.window_members.entry(window).or_default();
-                if diff > 0 {
-                    set.insert(Ranked::new(ad, clicks));
-                } else {
-                    set.remove(&Ranked::new(ad, clicks));
-                }
-            }
+            Answer::TopWindow { window, ad, clicks } => member(self.window_members.entry(window).or_default(), ad, clicks, diff),
         }
     }
 
     /// Applies one serving-only update (see [`Materialized::apply`]).
     pub fn apply_serving(&mut self, answer: &ServingAnswer, diff: isize) {
-        fn member(set: &mut BTreeSet<Ranked>, ad: u64, clicks: u64, diff: isize) {
-            if diff > 0 {
-                set.insert(Ranked::new(ad, clicks));
-            } else {
-                set.remove(&Ranked::new(ad, clicks));
-            }
-        }
         match *answer {
             ServingAnswer::CampaignCountryMinute { minute, country, campaign, clicks } => {
                 add(self.campaign_country.entry((minute, country)).or_default(), campaign, clicks, diff)
@@ -179,14 +167,7 @@ impl Materialized {
             ServingAnswer::TopCountryWindow { window, country, ad, clicks } => {
                 member(self.top_country_window.entry((window, country)).or_default(), ad, clicks, diff)
             }
-            ServingAnswer::CampaignWindow { window, campaign, clicks } => {
-                let entry = self.campaign_window.entry((window, campaign)).or_insert(0);
-                if diff > 0 {
-                    *entry = clicks;
-                } else if *entry == clicks {
-                    self.campaign_window.remove(&(window, campaign));
-                }
-            }
+            ServingAnswer::CampaignWindow { window, campaign, clicks } => add(&mut self.campaign_window, (window, campaign), clicks, diff),
         }
     }
 
