@@ -90,12 +90,8 @@ pub fn install(worker: &mut Worker, shared: SharedIntrospection) {
 #[derive(Clone, Debug)]
 pub struct OperatorSummary {
     pub id: usize,
-    pub name: String,
-    pub address: Vec<usize>,
-    pub records: i64,
-    pub batches: i64,
-    pub arranges: bool,
-    pub batches_created: u64,
+    /// Name and address from the first worker; records and batches summed over all.
+    pub total: OperatorInfo,
     /// Records per worker, in worker order.
     pub per_worker: Vec<i64>,
 }
@@ -106,24 +102,16 @@ impl Introspection {
     pub fn summary(&self) -> Vec<OperatorSummary> {
         let mut by_id: BTreeMap<usize, OperatorSummary> = BTreeMap::new();
         for (&(worker, id), info) in &self.operators {
-            let entry = by_id.entry(id).or_insert_with(|| OperatorSummary {
-                id,
-                name: String::new(),
-                address: Vec::new(),
-                records: 0,
-                batches: 0,
-                arranges: false,
-                batches_created: 0,
-                per_worker: Vec::new(),
-            });
-            if entry.name.is_empty() {
-                entry.name = info.name.clone();
-                entry.address = info.address.clone();
+            let entry = by_id.entry(id).or_insert_with(|| OperatorSummary { id, total: OperatorInfo::default(), per_worker: Vec::new() });
+            let total = &mut entry.total;
+            if total.name.is_empty() {
+                total.name = info.name.clone();
+                total.address = info.address.clone();
             }
-            entry.records += info.records;
-            entry.batches += info.batches;
-            entry.arranges |= info.arranges;
-            entry.batches_created += info.batches_created;
+            total.records += info.records;
+            total.batches += info.batches;
+            total.arranges |= info.arranges;
+            total.batches_created += info.batches_created;
             if entry.per_worker.len() <= worker {
                 entry.per_worker.resize(worker + 1, 0);
             }

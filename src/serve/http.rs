@@ -443,12 +443,13 @@ fn operators(state: &ServingState) -> Vec<crate::introspect::OperatorSummary> {
 fn arrangements(state: &ServingState, answers: &Materialized) -> Value {
     let list: Vec<Value> = operators(state)
         .into_iter()
-        .filter(|op| op.arranges)
+        .filter(|op| op.total.arranges)
         .map(|op| {
-            let (key, value) = clickagg_dataflows::render::arrangement_schema(&op.name).unwrap_or(("?", "?"));
+            let t = &op.total;
+            let (key, value) = clickagg_dataflows::render::arrangement_schema(&t.name).unwrap_or(("?", "?"));
             json!({
-                "name": op.name, "operator": op.id, "address": op.address, "key": key, "value": value,
-                "records": op.records, "batches": op.batches, "batches_created": op.batches_created,
+                "name": t.name, "operator": op.id, "address": t.address, "key": key, "value": value,
+                "records": t.records, "batches": t.batches, "batches_created": t.batches_created,
                 "records_per_worker": op.per_worker,
             })
         })
@@ -466,7 +467,10 @@ fn arrangements(state: &ServingState, answers: &Materialized) -> Value {
 fn dataflow(state: &ServingState) -> Value {
     let list: Vec<Value> = operators(state)
         .into_iter()
-        .map(|op| json!({ "operator": op.id, "address": op.address, "name": op.name, "records": op.arranges.then_some(op.records) }))
+        .map(|op| {
+            let t = &op.total;
+            json!({ "operator": op.id, "address": t.address, "name": t.name, "records": t.arranges.then_some(t.records) })
+        })
         .collect();
     json!({ "operators": list })
 }
@@ -505,8 +509,8 @@ fn metrics(answers: &Materialized, state: &ServingState) -> String {
     metric("minutes_kept", "gauge", "Minutes whose answers the server holds.", vec![(String::new(), answers.ad.len() as f64)]);
     let arranged: Vec<(String, f64)> = operators(state)
         .into_iter()
-        .filter(|op| op.arranges)
-        .map(|op| (format!("{{name=\"{}\",operator=\"{}\"}}", op.name.replace('"', "'"), op.id), op.records as f64))
+        .filter(|op| op.total.arranges)
+        .map(|op| (format!("{{name=\"{}\",operator=\"{}\"}}", op.total.name.replace('"', "'"), op.id), op.total.records as f64))
         .collect();
     metric("arrangement_records", "gauge", "Updates held by each arrangement's trace, over this process's workers.", arranged);
     text
