@@ -140,19 +140,38 @@ def wrk_latency(url, seconds, connections):
     return ms("50%"), ms("99%"), rps, errors
 
 
+def start_served(logs, scratch, until):
+    """Starts `run -w 2 --serve` on a free port and reads its stderr up to a line containing
+    `until`; returns (process, port, seconds taken)."""
+    port = free_ports(1)[0]
+    started = time.monotonic()
+    process = subprocess.Popen([BINARY, "run", "--logs", logs, "--out", scratch / "served", "-w", "2",
+                                "--serve", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if until in line:
+            return process, port, time.monotonic() - started
+    raise SystemExit(f"clickagg run --serve ended before saying {until!r}")
+
+
+def stop(process):
+    process.kill()
+    process.wait()
+    process.stderr.close()
+
+
+def replay_is_complete(port):
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=10) as response:
+        return json.load(response).get("complete") is True
+
+
 def serving_latency(logs, scratch, runs, seconds=8, connections=200):
     """p50/p99 of two endpoints at `connections` concurrent clients while a 2-worker replay
     with --serve is ingesting; medians over runs."""
     ensure_wrk()
     samples = {"popular_ads": [], "aggregated_count": []}
     for run in range(runs):
-        port = free_ports(1)[0]
-        process = subprocess.Popen([BINARY, "run", "--logs", logs, "--out", scratch / "served", "-w", "2",
-                                    "--serve", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        started = time.monotonic()
-        while "serving on" not in process.stderr.readline():
-            if process.poll() is not None:
-                raise SystemExit("clickagg run --serve failed to start")
+        process, port, _ = start_served(logs, scratch, "serving on")
         time.sleep(2)  # let the replay get going, so that every request is served while ingesting
         base = f"http://127.0.0.1:{port}"
         urls = {"popular_ads": base + "/v1/ads/popular_ads?window=5m&count=100",
@@ -161,11 +180,9 @@ def serving_latency(logs, scratch, runs, seconds=8, connections=200):
             p50, p99, rps, errors = wrk_latency(url, seconds, connections)
             log(f"serving {name}: run {run + 1}/{runs}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, {rps:.0f} req/s, {errors} non-2xx")
             samples[name].append((p50, p99, rps, errors))
-        process.stderr.close()
-        process.kill()
-        process.wait()
-        if time.monotonic() - started < 2 + 2 * seconds:
-            log("warning: the replay may have ended before the load did")
+        if replay_is_complete(port):
+            log("warning: the replay ended before the load did: not every request was served while ingesting")
+        stop(process)
     return {name: {"p50": statistics.median(s[0] for s in v), "p99": statistics.median(s[1] for s in v),
                    "rps": statistics.median(s[2] for s in v), "errors": sum(s[3] for s in v), "runs": runs}
             for name, v in samples.items()}
@@ -177,20 +194,10 @@ def serving_replay(logs, scratch, runs):
     server. Peak RSS is read from /proc before stopping it."""
     samples = []
     for i in range(runs):
-        port = free_ports(1)[0]
-        started = time.monotonic()
-        process = subprocess.Popen([BINARY, "run", "--logs", logs, "--out", scratch / "served", "-w", "2",
-                                    "--serve", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for line in process.stderr:
-            if "replay complete" in line:
-                break
-        else:
-            raise SystemExit("clickagg run --serve ended before completing its replay")
-        seconds = time.monotonic() - started
+        process, _, seconds = start_served(logs, scratch, "replay complete")
         status = Path(f"/proc/{process.pid}/status").read_text()
         rss = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) * 1024
-        process.kill()
-        process.wait()
+        stop(process)
         log(f"run -w 2 --serve: run {i + 1}/{runs}: {seconds:.2f} s to replay complete, {rss / 2**30:.2f} GiB")
         samples.append((seconds, rss))
     times = sorted(t for t, _ in samples)
