@@ -63,6 +63,14 @@ enum Command {
         #[arg(long)]
         token: Option<String>,
     },
+    /// Write SPEC §4's files from a store (`run --store`): the answers as of its last commit,
+    /// byte for byte what `run --out` writes for the same logs.
+    Export {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write synthetic click logs.
     Generate(GenerateArgs),
     /// Read and parse the logs with no dataflow: the floor that `run` is measured against.
@@ -81,9 +89,20 @@ struct RunArgs {
     /// Directory of part-NNNNN.csv files (in a cluster, every process must see the same files).
     #[arg(long)]
     logs: PathBuf,
-    /// Output directory (created; its files are replaced). Required on process 0 only.
+    /// Output directory (created; its files are replaced). Process 0 needs it or --store.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Commit the answers to this store (SQLite), one transaction per watermark advance, and
+    /// resume from it after a crash or a stop. Created when missing.
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Tail the partitions as they grow (and pick up new ones) until SIGTERM or Ctrl-C,
+    /// committing to --store; a restart resumes where the store left off.
+    #[arg(long)]
+    follow: bool,
+    /// Follow mode: a partition with no new line for this long stops holding the watermark back.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
+    idle_timeout: u64,
     /// Worker threads per process (the same in every process of a cluster).
     #[arg(short, long, default_value_t = 1)]
     workers: usize,
@@ -108,9 +127,10 @@ struct RunArgs {
     /// Rows older than their partition's newest event by more than this are too late.
     #[arg(long, default_value = "5m", value_parser = parse_duration_ms)]
     allowed_lateness: u64,
-    /// Logical time granularity; must divide a minute. Finer ticks give more, earlier updates.
-    #[arg(long, default_value = "1m", value_parser = parse_duration_ms)]
-    tick: u64,
+    /// Logical time granularity; must divide a minute. Finer ticks give more, earlier updates
+    /// (and commits): the default is 1m for a replay and 1s with --follow.
+    #[arg(long, value_parser = parse_duration_ms)]
+    tick: Option<u64>,
     /// How many ads each top-K keeps.
     #[arg(long, default_value_t = 100)]
     top_k: usize,
@@ -278,7 +298,14 @@ fn execute(command: Command) -> Result<(), String> {
             config.cluster = cluster;
             config.rules.watermark_delay_ms = args.watermark_delay;
             config.rules.allowed_lateness_ms = Some(args.allowed_lateness);
-            config.rules.tick_ms = args.tick;
+            config.rules.tick_ms = args.tick.unwrap_or(if args.follow { 1_000 } else { 60_000 });
+            config.store = args.store;
+            if args.follow {
+                config.follow = Some(clickagg::run::Follow {
+                    idle_timeout: std::time::Duration::from_millis(args.idle_timeout),
+                    ..Default::default()
+                });
+            }
             config.plan.top_k = args.top_k;
             config.plan.windows = args.windows;
             config.plan.fraud.max_clicks_per_minute = args.max_clicks_per_minute;
@@ -329,6 +356,12 @@ fn execute(command: Command) -> Result<(), String> {
                 Some(_) => {}
                 None => eprintln!("clickagg: process {} done", args.process),
             }
+            Ok(())
+        }
+        Command::Export { store, out } => {
+            let store = clickagg::store::Store::open_read_only(&store)?;
+            store.export(&out)?;
+            eprintln!("clickagg: wrote the answers of {} to {}", store.path().display(), out.display());
             Ok(())
         }
         Command::Shell { connect, token } => shell(&Client { address: connect, token }),

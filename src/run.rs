@@ -6,7 +6,9 @@
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use differential_dataflow::input::{Input, InputSession};
 use timely::dataflow::channels::pact::Exchange;
@@ -26,6 +28,8 @@ use clickagg_dataflows::render::sliding_counts;
 use clickagg_dataflows::render::filters::render_filters;
 use crate::sink::{OutputSink, Summary};
 use crate::source::{list_partitions, partition_name, PartitionSource, SourceOutput};
+use crate::store::Store;
+use clickagg_dataflows::PartitionProgress;
 
 /// Everything `run` needs, as plain data.
 #[derive(Clone, Debug)]
@@ -49,6 +53,60 @@ pub struct RunConfig {
     /// How far (event time, ms) a worker may read ahead of the computation's frontier; bounds
     /// the updates held in operators while other workers catch up.
     pub max_ahead_ms: u64,
+    /// The durable store the answers are committed to (process 0), and resumed from.
+    pub store: Option<PathBuf>,
+    /// Tail the partitions as they grow instead of replaying them to their end.
+    pub follow: Option<Follow>,
+}
+
+/// Follow mode's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Follow {
+    /// A partition with no new line for this long stops holding the watermark back.
+    pub idle_timeout: Duration,
+    /// How often a partition at its end is looked at again.
+    pub poll: Duration,
+    /// How often the log directory is listed for new partitions.
+    pub rescan: Duration,
+}
+
+impl Default for Follow {
+    fn default() -> Self {
+        Follow { idle_timeout: Duration::from_secs(30), poll: Duration::from_millis(5), rescan: Duration::from_secs(1) }
+    }
+}
+
+/// Set by SIGTERM or SIGINT in follow mode: stop at the last commit.
+static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_shutdown(_signal: libc::c_int) {
+    SHUTDOWN.store(true, Ordering::SeqCst);
+}
+
+/// Follow mode stops on SIGTERM or SIGINT: a thread waits for the signal, takes the commit lock
+/// (so that no commit is half-way) and exits. The store holds every answer before its last
+/// committed watermark; a restart resumes from there.
+fn stop_on_signal() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, request_shutdown as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, request_shutdown as *const () as libc::sighandler_t);
+    }
+    std::thread::spawn(|| loop {
+        if SHUTDOWN.load(Ordering::SeqCst) {
+            let _committing = crate::store::COMMIT_LOCK.lock();
+            eprintln!("clickagg: stopped; the store holds every answer before the last committed watermark");
+            std::process::exit(0);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    });
+}
+
+/// The id of a partition found after the start (follow mode). The partitions listed at the
+/// start are numbered by name order; later ones by a hash of their name, which every worker
+/// computes alike, in the upper half so that the two never meet.
+pub fn discovered_partition_id(name: &str) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(name.as_bytes()) as u32) | 0x8000_0000
 }
 
 impl RunConfig {
@@ -64,6 +122,8 @@ impl RunConfig {
             plan: Plan::default(),
             batch_lines: 50_000,
             max_ahead_ms: 5 * 60_000,
+            store: None,
+            follow: None,
         }
     }
 
@@ -75,8 +135,16 @@ impl RunConfig {
         if let Some(cluster) = &self.cluster {
             cluster.validate()?;
         }
-        if self.is_sink_process() && self.out.is_none() {
-            return Err("--out is required (on process 0, which writes the answers)".into());
+        if self.is_sink_process() && self.out.is_none() && self.store.is_none() {
+            return Err("--out DIR or --store PATH is required (on process 0, which writes the answers)".into());
+        }
+        if self.follow.is_some() {
+            if self.store.is_none() && self.is_sink_process() {
+                return Err("--follow commits to a store: add --store PATH (and write files from it with `clickagg export`)".into());
+            }
+            if self.out.is_some() {
+                return Err("--follow writes no output directory, only the store: write the files with `clickagg export --store PATH --out DIR`".into());
+            }
         }
         if self.rules.tick_ms == 0 || 60_000 % self.rules.tick_ms != 0 {
             return Err(format!("the tick ({} ms) must divide a minute", self.rules.tick_ms));
@@ -87,6 +155,15 @@ impl RunConfig {
     /// Process 0 holds the sink; the others only compute.
     pub fn is_sink_process(&self) -> bool {
         self.cluster.as_ref().is_none_or(|c| c.process == 0)
+    }
+
+    /// The settings that change what a store holds: a store is only resumed with the same.
+    pub fn store_settings(&self) -> String {
+        let settings = self.answer_settings();
+        match settings.find(" serve=") {
+            Some(at) => settings[..at].to_string(),
+            None => settings,
+        }
     }
 
     /// The settings that change answers, in a form a person can compare: every process of a
@@ -156,17 +233,57 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
     config.validate()?;
     let paths = list_partitions(&config.logs)?;
     let names: Vec<String> = paths.iter().map(|p| partition_name(p)).collect();
-    // Fail before starting workers if the output cannot be written.
-    let sink = match (&config.out, config.is_sink_process()) {
-        (Some(out), true) => {
-            let mut sink = OutputSink::create(out, names.clone(), config.rules, &config.plan.windows).map_err(|e| e.to_string())?;
-            if let Some(state) = &config.serving {
-                sink.serve_into(Arc::clone(state));
+    // Open the store, and fail before starting workers if the output cannot be written.
+    let mut resume: Vec<Option<PartitionProgress>> = vec![None; paths.len()];
+    let sink = if config.is_sink_process() {
+        let mut sink = OutputSink::new(names.clone(), config.rules, &config.logs);
+        if let Some(path) = &config.store {
+            let (store, committed) = Store::open(path, &config.store_settings(), &config.logs)?;
+            if let Some(committed) = &committed {
+                if config.out.is_some() {
+                    return Err(format!(
+                        "the store {} is being resumed, so this run computes only what comes after it: write \
+                         the files with `clickagg export --store {} --out DIR` instead of --out",
+                        path.display(),
+                        path.display()
+                    ));
+                }
+                if config.cluster.as_ref().is_some_and(|c| c.processes > 1) {
+                    return Err("resuming a store needs one process (its checkpoints are on process 0): run the \
+                                recovery with -n 1, then go on as a cluster"
+                        .into());
+                }
+                store.check_partitions(&paths)?;
+                let live_from = clickagg_dataflows::render::first_live_minute(committed.frontier, &config.plan, &config.rules, config.serve_filters);
+                let live_from_ms = live_from as u64 * clickagg_dataflows::MINUTE_MS;
+                for (slot, name) in resume.iter_mut().zip(&names) {
+                    *slot = store.checkpoint_before(name, live_from_ms)?.map(|c| c.progress);
+                }
+                let skipped: u64 = resume.iter().flatten().map(|p| p.offset).sum();
+                eprintln!(
+                    "clickagg: resuming {}: committed before watermark {}; replaying from minute {live_from} \
+                     ({skipped} bytes of the logs skipped)",
+                    path.display(),
+                    committed.frontier
+                );
             }
-            Some(sink)
+            sink.commit_to(store, committed);
         }
-        _ => None,
+        if let Some(out) = &config.out {
+            sink.write_files(out, &config.plan.windows).map_err(|e| e.to_string())?;
+        }
+        if let Some(state) = &config.serving {
+            sink.serve_into(Arc::clone(state));
+        }
+        Some(sink)
+    } else {
+        None
     };
+    if config.follow.is_some() {
+        stop_on_signal();
+    }
+    let resume = Arc::new(resume);
+    let process_watermark = Arc::new(AtomicU64::new(0));
     let sink = std::sync::Mutex::new(sink);
     let peek_requests = std::sync::Mutex::new(config.serving.as_ref().map(|state| state.peek_channel()));
     let greeting = config.cluster.as_ref().map(|cluster| Greeting {
@@ -271,50 +388,66 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
             }
         };
 
-        let mut sources = Vec::new();
         let mut errors = Vec::new();
+        let mut tails = Vec::new();
         for (i, path) in paths.iter().enumerate().skip(index).step_by(peers) {
-            match PartitionSource::open(i as u32, path) {
-                Ok(source) => sources.push(source),
+            match PartitionSource::open_at(i as u32, path, resume[i]) {
+                Ok(source) => tails.push(Tail::new(source)),
                 Err(e) => errors.push(e),
             }
         }
+        let mut reader = Reader { tails, names: names.clone(), errors, rules: config.rules, batch_lines: config.batch_lines };
 
-        loop {
-            // Read from the partition that is furthest behind in event time, so that partitions
-            // advance together and the watermark does too.
-            let Some(source) = sources
-                .iter_mut()
-                .filter(|s| !s.is_finished())
-                .min_by_key(|s| s.watermark(&config.rules))
-            else {
-                break;
-            };
-            if let Err(e) = source.read_some(&config.rules, config.batch_lines, true, &mut inputs) {
-                errors.push(format!("reading {}: {e}", names[source.progress().partition as usize]));
-                // An unreadable partition stops holding the watermark back; the run fails at the end.
-                source.give_up();
-            }
-            let progress = source.progress();
-            let now = *inputs.notes.time();
-            inputs.notes.update_at(SourceNote::Progress(progress), now, 1);
-            let frontier = sources.iter().map(|s| s.watermark(&config.rules)).min().unwrap_or(Time::MAX);
-            if frontier == Time::MAX {
-                break;
-            }
-            inputs.advance_to(frontier);
-            worker.step();
-            let behind = frontier.saturating_sub(config.max_ahead_ms);
-            // Park rather than spin: the other workers need the cores to catch up.
-            poll_peeks();
-            while probe.less_than(&behind) {
-                worker.step_or_park(Some(std::time::Duration::from_millis(1)));
+        match config.follow {
+            None => loop {
+                let Some(frontier) = reader.replay_step(&mut inputs) else { break };
+                inputs.advance_to(frontier);
+                worker.step();
+                let behind = frontier.saturating_sub(config.max_ahead_ms);
+                // Park rather than spin: the other workers need the cores to catch up.
                 poll_peeks();
+                while probe.less_than(&behind) {
+                    worker.step_or_park(Some(Duration::from_millis(1)));
+                    poll_peeks();
+                }
+            },
+            Some(follow) => {
+                let mut known: std::collections::BTreeSet<String> = names.iter().cloned().collect();
+                let mut last_scan = Instant::now();
+                loop {
+                    if last_scan.elapsed() >= follow.rescan {
+                        last_scan = Instant::now();
+                        reader.discover(&config.logs, &mut known, index, peers);
+                    }
+                    let floor = *inputs.clicks.time();
+                    let frontier = match reader.follow_step(&follow, floor, &mut inputs) {
+                        Some(active) => {
+                            process_watermark.fetch_max(active, Ordering::SeqCst);
+                            active
+                        }
+                        // Every partition of this worker is idle: it holds nothing back, and
+                        // keeps up with the busiest worker of the process.
+                        None => process_watermark.load(Ordering::SeqCst),
+                    };
+                    inputs.advance_to(frontier);
+                    worker.step();
+                    poll_peeks();
+                    if !reader.has_data(&follow) {
+                        worker.step_or_park(Some(follow.poll));
+                        poll_peeks();
+                    }
+                    let behind = frontier.saturating_sub(config.max_ahead_ms);
+                    while probe.less_than(&behind) {
+                        worker.step_or_park(Some(Duration::from_millis(1)));
+                        poll_peeks();
+                    }
+                }
             }
         }
-        for source in &sources {
-            inputs.notes.update_at(SourceNote::Progress(source.progress()), *inputs.notes.time(), 1);
+        for tail in &reader.tails {
+            inputs.notes.update_at(SourceNote::Progress(tail.source.progress()), *inputs.notes.time(), 1);
         }
+        let mut errors = std::mem::take(&mut reader.errors);
         drop(inputs);
         while !probe.done() {
             poll_peeks();
@@ -364,5 +497,140 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
     match (summary, sink_process) {
         (None, true) => Err("worker 0 produced no summary".to_string()),
         (summary, _) => Ok(summary),
+    }
+}
+
+/// One partition as a worker reads it, with what follow mode knows of its recent activity.
+struct Tail {
+    source: PartitionSource,
+    /// When a line last came.
+    last_data: Instant,
+    /// At the end of the data on the last read; read again after the poll interval.
+    at_end: bool,
+    polled: Instant,
+    rotation_checked: Instant,
+}
+
+impl Tail {
+    fn new(source: PartitionSource) -> Tail {
+        let now = Instant::now();
+        Tail { source, last_data: now, at_end: false, polled: now, rotation_checked: now }
+    }
+
+    /// Follow mode: whether this partition holds the watermark back. One at its end with no
+    /// new line for the idle timeout does not, nor one that has not had a row yet.
+    fn holds_watermark(&self, follow: &Follow) -> bool {
+        !self.source.is_finished()
+            && !(self.at_end && (self.source.progress().max_ts.is_none() || self.last_data.elapsed() >= follow.idle_timeout))
+    }
+}
+
+/// A worker's partitions and how it reads them.
+struct Reader {
+    tails: Vec<Tail>,
+    names: Vec<String>,
+    errors: Vec<String>,
+    rules: EventTimeRules,
+    batch_lines: usize,
+}
+
+impl Reader {
+    fn name(&self, tail: &Tail) -> String {
+        let partition = tail.source.progress().partition as usize;
+        self.names.get(partition).cloned().unwrap_or_else(|| partition_name(tail.source.path()))
+    }
+
+    /// Replay: reads a batch from the partition furthest behind in event time, so that
+    /// partitions (and the watermark) advance together. Returns the new input frontier, or
+    /// `None` when every partition is read to its end.
+    fn replay_step(&mut self, inputs: &mut Inputs) -> Option<Time> {
+        let rules = self.rules;
+        let position = (0..self.tails.len())
+            .filter(|&i| !self.tails[i].source.is_finished())
+            .min_by_key(|&i| self.tails[i].source.watermark(&rules))?;
+        let floor = *inputs.clicks.time();
+        let tail = &mut self.tails[position];
+        if let Err(e) = tail.source.read_some(&rules, self.batch_lines, true, floor, inputs) {
+            let name = self.names.get(tail.source.progress().partition as usize).cloned().unwrap_or_default();
+            self.errors.push(format!("reading {name}: {e}"));
+            // An unreadable partition stops holding the watermark back; the run fails at the end.
+            tail.source.give_up();
+        }
+        let now = *inputs.notes.time();
+        inputs.notes.update_at(SourceNote::Progress(tail.source.progress()), now, 1);
+        let frontier = self.tails.iter().map(|t| t.source.watermark(&rules)).min().unwrap_or(Time::MAX);
+        (frontier != Time::MAX).then_some(frontier)
+    }
+
+    /// Follow: reads a batch from the partition furthest behind that may have new lines, and
+    /// checks the ones at their end for rotation. Returns the watermark of the partitions that
+    /// hold it back, `None` if none does.
+    fn follow_step(&mut self, follow: &Follow, floor: Time, inputs: &mut Inputs) -> Option<Time> {
+        let rules = self.rules;
+        let now = Instant::now();
+        let ready = (0..self.tails.len())
+            .filter(|&i| {
+                let t = &self.tails[i];
+                !t.source.is_finished() && (!t.at_end || now.duration_since(t.polled) >= follow.poll)
+            })
+            .min_by_key(|&i| self.tails[i].source.watermark(&rules));
+        if let Some(position) = ready {
+            let name = self.name(&self.tails[position]);
+            let tail = &mut self.tails[position];
+            match tail.source.read_some(&rules, self.batch_lines, false, floor, inputs) {
+                Ok(0) => {
+                    tail.at_end = true;
+                    tail.polled = now;
+                    if now.duration_since(tail.rotation_checked) >= Duration::from_secs(1) {
+                        tail.rotation_checked = now;
+                        if let Some(what) = tail.source.rotation() {
+                            eprintln!("clickagg: partition {name}: {what}; it is no longer read (dead letter: partition_rotated)");
+                            tail.source.report_rotation(what, &rules, floor, inputs);
+                        }
+                    }
+                }
+                Ok(_) => {
+                    tail.at_end = false;
+                    tail.last_data = now;
+                }
+                Err(e) => {
+                    self.errors.push(format!("reading {name}: {e}"));
+                    eprintln!("clickagg: reading {name}: {e}; it is no longer read");
+                    tail.source.give_up();
+                }
+            }
+            let now_time = *inputs.notes.time();
+            inputs.notes.update_at(SourceNote::Progress(tail.source.progress()), now_time, 1);
+        }
+        self.tails.iter().filter(|t| t.holds_watermark(follow)).map(|t| t.source.watermark(&rules)).min()
+    }
+
+    /// Whether some partition may have lines to read now (otherwise the worker parks).
+    fn has_data(&self, follow: &Follow) -> bool {
+        let now = Instant::now();
+        self.tails.iter().any(|t| !t.source.is_finished() && (!t.at_end || now.duration_since(t.polled) >= follow.poll))
+    }
+
+    /// Follow: lists the log directory and opens the new partitions that this worker owns.
+    fn discover(&mut self, logs: &std::path::Path, known: &mut std::collections::BTreeSet<String>, index: usize, peers: usize) {
+        let Ok(paths) = list_partitions(logs) else { return };
+        for path in paths {
+            let name = partition_name(&path);
+            if known.contains(&name) {
+                continue;
+            }
+            known.insert(name.clone());
+            let id = discovered_partition_id(&name);
+            if id as usize % peers != index {
+                continue;
+            }
+            match PartitionSource::open(id, &path) {
+                Ok(source) => {
+                    eprintln!("clickagg: new partition {name}");
+                    self.tails.push(Tail::new(source));
+                }
+                Err(e) => self.errors.push(e),
+            }
+        }
     }
 }

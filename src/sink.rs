@@ -14,6 +14,7 @@ use clickagg_dataflows::{
 };
 
 use crate::serve::state::{Counters, ServingState};
+use crate::store::{Batch, Committed, Store};
 
 /// What a run saw, for the summary a human reads and for tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -54,34 +55,50 @@ impl Summary {
     }
 }
 
-/// Writes the output directory of `run`.
-pub struct OutputSink {
+/// The files of an output directory being written.
+struct Files {
     dir: PathBuf,
-    partition_names: Vec<String>,
-    rules: EventTimeRules,
     changelog: BufWriter<File>,
     /// The per-minute views' files, in `View::PER_MINUTE` order.
     views: Vec<BufWriter<File>>,
     /// `top_window_{M}m.csv` for each window M.
     window_files: BTreeMap<u32, BufWriter<File>>,
-    /// Updates not yet complete: the frontier has not passed their time.
-    pending: BTreeMap<Time, Vec<(Answer, isize)>>,
     /// Every change applied to each minute that is not final yet; consolidated when it closes.
     open_minutes: BTreeMap<Minute, Vec<(Answer, isize)>>,
-    /// Minutes before this one are written out and closed.
+    /// Snapshots taken, held until a click at or after the minute before their boundary is seen:
+    /// the files stop at the last minute's end, which is only known then.
+    snapshots: VecDeque<(Minute, Vec<(u32, u64, u64)>)>,
+    dead_letters: Vec<DeadLetter>,
+    line: Vec<u8>,
+}
+
+/// Applies the dataflow's updates in time order, and hands them to the output directory, the
+/// store, and the server, whichever this run has.
+pub struct OutputSink {
+    /// Partition names by slot: the partitions listed at the start (slot = id), then those
+    /// found later in follow mode.
+    partition_names: Vec<String>,
+    /// Slots of the partitions found after the start, by id.
+    discovered: BTreeMap<u32, usize>,
+    logs: PathBuf,
+    rules: EventTimeRules,
+    files: Option<Files>,
+    /// The durable store and what its next commit holds.
+    store: Option<(Store, Batch)>,
+    /// Recovery: updates before this time were committed by an earlier run. They are applied
+    /// to the sink's own state (the window tops) but written nowhere.
+    committed_before: Time,
+    /// Updates not yet complete: the frontier has not passed their time.
+    pending: BTreeMap<Time, Vec<(Answer, isize)>>,
+    /// Minutes before this one are final: later changes to them are retention forgetting them.
     closed_before: Minute,
     /// The current top K of each window: `(window, ad, clicks)`.
     window_members: BTreeSet<(u32, u64, u64)>,
     /// The next minute boundary whose window snapshot is due.
     next_boundary: Option<Minute>,
-    /// Snapshots taken, held until a click at or after the minute before their boundary is seen:
-    /// the files stop at the last minute's end, which is only known then.
-    snapshots: VecDeque<(Minute, Vec<(u32, u64, u64)>)>,
     /// The latest minute with an accepted click so far.
     last_minute: Option<Minute>,
-    dead_letters: Vec<DeadLetter>,
     summary: Summary,
-    line: Vec<u8>,
     /// The server's copy of the answers, when serving: fed what each advance applied.
     serving: Option<Arc<ServingState>>,
     applied: Vec<(Time, Answer, isize)>,
@@ -98,14 +115,9 @@ fn create(path: &Path) -> io::Result<BufWriter<File>> {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))
 }
 
-impl OutputSink {
+impl Files {
     /// Creates (or empties) the output directory's files.
-    pub fn create(
-        dir: &Path,
-        partition_names: Vec<String>,
-        rules: EventTimeRules,
-        windows: &[u32],
-    ) -> io::Result<OutputSink> {
+    fn create(dir: &Path, windows: &[u32]) -> io::Result<Files> {
         std::fs::create_dir_all(dir.join("changelog"))
             .map_err(|e| io::Error::new(e.kind(), format!("cannot create output directory {}: {e}", dir.display())))?;
         let mut changelog = create(&dir.join("changelog").join("updates.csv"))?;
@@ -129,37 +141,158 @@ impl OutputSink {
             file.write_all(b"as_of,rank,ad_id,clicks\n")?;
             window_files.insert(window, file);
         }
-        let partitions = (0..partition_names.len() as u32)
-            .map(|partition| PartitionProgress { partition, ..Default::default() })
-            .collect();
-        Ok(OutputSink {
+        Ok(Files {
             dir: dir.to_path_buf(),
-            partition_names,
-            rules,
             changelog,
             views,
             window_files,
-            pending: BTreeMap::new(),
             open_minutes: BTreeMap::new(),
+            snapshots: VecDeque::new(),
+            dead_letters: Vec::new(),
+            line: Vec::with_capacity(256),
+        })
+    }
+
+    /// Writes the snapshots of boundaries up to `through` (inclusive).
+    fn write_snapshots(&mut self, through: Minute) -> io::Result<()> {
+        while self.snapshots.front().is_some_and(|(boundary, _)| *boundary <= through) {
+            let (boundary, members) = self.snapshots.pop_front().expect("checked above");
+            for (&window, file) in &mut self.window_files {
+                let mut ranked: Vec<(u64, u64)> =
+                    members.iter().filter(|m| m.0 == window).map(|&(_, ad, clicks)| (ad, clicks)).collect();
+                write_ranked(file, boundary, &mut ranked)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a final minute's rows to each view file, in the files' sort order.
+    fn write_minute(&mut self, minute: Minute, mut changes: Vec<(Answer, isize)>, summary: &mut Summary) -> io::Result<()> {
+        differential_dataflow::consolidation::consolidate(&mut changes);
+        let mut top: Vec<(u64, u64)> = Vec::new();
+        let mut total = 0;
+        for (answer, count) in changes {
+            assert_eq!(count, 1, "a view holds each answer once: {answer:?} x {count}");
+            let file = &mut self.views[answer.view() as usize];
+            match answer {
+                Answer::AdMinute { ad, clicks, .. } => {
+                    total += clicks;
+                    writeln!(file, "{minute},{ad},{clicks}")?
+                }
+                Answer::CampaignMinute { campaign, clicks, .. } => writeln!(file, "{minute},{campaign},{clicks}")?,
+                Answer::CountryMinute { country, ad, clicks, .. } => writeln!(file, "{minute},{country},{ad},{clicks}")?,
+                Answer::TopMinute { ad, clicks, .. } => top.push((ad, clicks)),
+                Answer::FraudMinute { ad, clicks, .. } => {
+                    summary.excluded += clicks;
+                    writeln!(file, "{minute},{ad},{clicks}")?
+                }
+                Answer::TopWindow { .. } => unreachable!("window answers belong to no minute"),
+            }
+        }
+        write_ranked(&mut self.views[View::TopMinute as usize], minute, &mut top)?;
+        if total > 0 {
+            summary.clicks += total;
+            summary.minutes += 1;
+            if summary.busiest_minute.as_ref().is_none_or(|(_, best, _)| total > *best) {
+                top.truncate(10);
+                summary.busiest_minute = Some((minute, total, top));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, partition_names: &[String]) -> io::Result<()> {
+        self.changelog.flush()?;
+        for file in self.views.iter_mut().chain(self.window_files.values_mut()) {
+            file.flush()?;
+        }
+        let mut file = create(&self.dir.join("dead_letter.csv"))?;
+        file.write_all(b"partition,offset,reason,line\n")?;
+        let name = |p: u32| partition_names.get(p as usize).map_or("?", String::as_str);
+        self.dead_letters.sort_by(|a, b| (name(a.partition), a.offset).cmp(&(name(b.partition), b.offset)));
+        for dead in &self.dead_letters {
+            write!(file, "{},{},{},", name(dead.partition), dead.offset, dead.reason.as_str())?;
+            write_quoted(&mut file, &dead.line)?;
+            file.write_all(b"\n")?;
+        }
+        file.flush()
+    }
+}
+
+impl OutputSink {
+    /// A sink that writes nowhere yet: add an output directory, a store, or a server.
+    pub fn new(partition_names: Vec<String>, rules: EventTimeRules, logs: &Path) -> OutputSink {
+        let partitions = (0..partition_names.len() as u32)
+            .map(|partition| PartitionProgress { partition, ..Default::default() })
+            .collect();
+        OutputSink {
+            partition_names,
+            discovered: BTreeMap::new(),
+            logs: logs.to_path_buf(),
+            rules,
+            files: None,
+            store: None,
+            committed_before: 0,
+            pending: BTreeMap::new(),
             closed_before: 0,
             window_members: BTreeSet::new(),
             next_boundary: None,
-            snapshots: VecDeque::new(),
             last_minute: None,
-            dead_letters: Vec::new(),
             summary: Summary { partitions, ..Default::default() },
-            line: Vec::with_capacity(256),
             serving: None,
             applied: Vec::new(),
             new_snapshots: Vec::new(),
             pending_serving: BTreeMap::new(),
             applied_serving: Vec::new(),
-        })
+        }
+    }
+
+    /// Writes the output directory `dir` (created; its files are replaced).
+    pub fn write_files(&mut self, dir: &Path, windows: &[u32]) -> io::Result<()> {
+        self.files = Some(Files::create(dir, windows)?);
+        Ok(())
+    }
+
+    /// Commits every advance to `store`. With `committed`, the store already holds the updates
+    /// before `committed.frontier`: this run rebuilds its state from them without writing them.
+    pub fn commit_to(&mut self, store: Store, committed: Option<Committed>) {
+        if let Some(committed) = committed {
+            self.committed_before = committed.frontier;
+            self.next_boundary = committed.next_boundary;
+            self.last_minute = committed.last_minute;
+        }
+        let batch = Batch { partition_names: self.partition_names.clone(), ..Default::default() };
+        self.store = Some((store, batch));
     }
 
     /// Publishes every advance to `state` too, for the server.
     pub fn serve_into(&mut self, state: Arc<ServingState>) {
         self.serving = Some(state);
+    }
+
+    /// The slot of partition `id`. A partition found after the start is named by listing the
+    /// log directory again (every process sees the same files).
+    fn slot(&mut self, id: u32) -> Option<usize> {
+        if id & 0x8000_0000 == 0 {
+            return ((id as usize) < self.partition_names.len()).then_some(id as usize);
+        }
+        if let Some(&slot) = self.discovered.get(&id) {
+            return Some(slot);
+        }
+        for path in crate::source::list_partitions(&self.logs).ok()? {
+            let name = crate::source::partition_name(&path);
+            let found = crate::run::discovered_partition_id(&name);
+            if !self.discovered.contains_key(&found) && !self.partition_names.contains(&name) {
+                let slot = self.partition_names.len();
+                self.partition_names.push(name.clone());
+                self.summary.partitions.push(PartitionProgress { partition: slot as u32, ..Default::default() });
+                self.discovered.insert(found, slot);
+                if let Some((_, batch)) = &mut self.store {
+                    batch.partition_names.push(name);
+                }
+            }
+        }
+        self.discovered.get(&id).copied()
     }
 
     /// Takes one update from the dataflow; it is applied once the frontier passes its time.
@@ -169,26 +302,41 @@ impl OutputSink {
                 Some(mut last) if *last.key() == time => last.get_mut().push((answer, diff)),
                 _ => self.pending.entry(time).or_default().push((answer, diff)),
             },
-            SinkRecord::Note(SourceNote::Dead(dead)) => {
+            SinkRecord::Note(SourceNote::Dead(mut dead)) => {
                 debug_assert_eq!(diff, 1);
-                self.dead_letters.push(dead)
+                if time < self.committed_before {
+                    return;
+                }
+                dead.partition = self.slot(dead.partition).unwrap_or(u32::MAX as usize) as u32;
+                if let Some((_, batch)) = &mut self.store {
+                    batch.dead_letters.push((time, dead.clone()));
+                }
+                if let Some(files) = &mut self.files {
+                    files.dead_letters.push(dead);
+                }
             }
             SinkRecord::Serving(answer) => {
                 if self.serving.is_some() {
                     self.pending_serving.entry(time).or_default().push((answer, diff));
                 }
             }
-            SinkRecord::Note(SourceNote::Progress(progress)) => {
-                let known = &mut self.summary.partitions[progress.partition as usize];
+            SinkRecord::Note(SourceNote::Progress(mut progress)) => {
+                let Some(slot) = self.slot(progress.partition) else { return };
+                progress.partition = slot as u32;
+                let known = &mut self.summary.partitions[slot];
                 if (progress.offset, progress.finished) >= (known.offset, known.finished) {
                     *known = progress;
+                    if let Some((_, batch)) = &mut self.store {
+                        batch.progress.insert(self.partition_names[progress.partition as usize].clone(), progress);
+                    }
                 }
             }
         }
     }
 
     /// Applies every update at times before `frontier` (`None`: the input is complete) in time
-    /// order, and writes out the minutes that became final and the window snapshots that fell due.
+    /// order, writes out the minutes that became final and the window snapshots that fell due,
+    /// and commits to the store.
     pub fn advance(&mut self, frontier: Option<Time>) -> io::Result<()> {
         while let Some(entry) = self.pending.first_entry() {
             if frontier.is_some_and(|f| *entry.key() >= f) {
@@ -198,12 +346,15 @@ impl OutputSink {
             // Everything before `time` is applied: close and snapshot what that completes.
             self.reach(time)?;
             differential_dataflow::consolidation::consolidate(&mut updates);
+            let committed_earlier = time < self.committed_before;
             for (answer, diff) in updates {
                 match answer.minute() {
                     // A change to a closed minute can only be state retention forgetting it.
                     Some(minute) if minute < self.closed_before => continue,
                     Some(minute) => {
-                        self.open_minutes.entry(minute).or_default().push((answer, diff));
+                        if let Some(files) = &mut self.files {
+                            files.open_minutes.entry(minute).or_default().push((answer, diff));
+                        }
                         // Every accepted click is counted billable or excluded.
                         if let Answer::AdMinute { .. } | Answer::FraudMinute { .. } = answer {
                             self.last_minute = self.last_minute.max(Some(minute));
@@ -219,11 +370,19 @@ impl OutputSink {
                         }
                     }
                 }
-                write_change(&mut self.changelog, &mut self.line, time, &answer, diff)?;
-                self.summary.changelog_rows += 1;
                 if self.serving.is_some() {
                     self.applied.push((time, answer, diff));
                 }
+                if committed_earlier {
+                    continue;
+                }
+                if let Some(files) = &mut self.files {
+                    write_change(&mut files.changelog, &mut files.line, time, &answer, diff)?;
+                }
+                if let Some((_, batch)) = &mut self.store {
+                    batch.changes.push((time, answer, diff));
+                }
+                self.summary.changelog_rows += 1;
             }
             self.next_boundary.get_or_insert(minute_of(time) + 1);
         }
@@ -233,9 +392,23 @@ impl OutputSink {
                 self.close_minutes_before(Minute::MAX)?;
                 let last_boundary = self.last_minute.map_or(0, |m| m + 1);
                 self.take_snapshots_through(last_boundary);
-                self.write_snapshots(last_boundary)?;
+                if let Some(files) = &mut self.files {
+                    files.write_snapshots(last_boundary)?;
+                }
             }
         }
+        if let Some((store, batch)) = &mut self.store {
+            if frontier.is_none_or(|f| f > self.committed_before) {
+                batch.next_boundary = self.next_boundary;
+                batch.last_minute = self.last_minute;
+                store.commit(frontier, batch).map_err(io::Error::other)?;
+            }
+        }
+        self.publish_serving(frontier);
+        Ok(())
+    }
+
+    fn publish_serving(&mut self, frontier: Option<Time>) {
         // Serving-only answers: a change at or after its minute's final time is retention
         // forgetting it, as for the view files.
         // At the end of the input, updates from the end of the last minute on are the sliding
@@ -267,7 +440,6 @@ impl OutputSink {
             self.applied.clear();
             self.applied_serving.clear();
         }
-        Ok(())
     }
 
     /// Every update before `time` has been applied.
@@ -276,16 +448,21 @@ impl OutputSink {
         // Snapshot w holds the updates before w's first millisecond.
         self.take_snapshots_through(minute_of(time));
         let known = self.last_minute.map_or(0, |m| m + 1);
-        self.write_snapshots(known)
+        match &mut self.files {
+            Some(files) => files.write_snapshots(known),
+            None => Ok(()),
+        }
     }
 
     fn close_minutes_before(&mut self, close_before: Minute) -> io::Result<()> {
-        while let Some(entry) = self.open_minutes.first_entry() {
-            if *entry.key() >= close_before {
-                break;
+        if let Some(files) = &mut self.files {
+            while let Some(entry) = files.open_minutes.first_entry() {
+                if *entry.key() >= close_before {
+                    break;
+                }
+                let (minute, rows) = entry.remove_entry();
+                files.write_minute(minute, rows, &mut self.summary)?;
             }
-            let (minute, rows) = entry.remove_entry();
-            self.write_minute(minute, rows)?;
         }
         self.closed_before = self.closed_before.max(close_before);
         Ok(())
@@ -294,10 +471,10 @@ impl OutputSink {
     fn take_snapshots_through(&mut self, boundary: Minute) {
         let Some(next) = self.next_boundary.as_mut() else { return };
         while *next <= boundary {
-            self.snapshots.push_back((*next, self.window_members.iter().copied().collect()));
+            let members: Vec<(u32, u64, u64)> = self.window_members.iter().copied().collect();
             if self.serving.is_some() {
                 let mut tops: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
-                for &(window, ad, clicks) in &self.window_members {
+                for &(window, ad, clicks) in &members {
                     tops.entry(window).or_default().push((ad, clicks));
                 }
                 for top in tops.values_mut() {
@@ -305,81 +482,59 @@ impl OutputSink {
                 }
                 self.new_snapshots.push((*next, tops));
             }
+            // The store keeps every snapshot as it is taken (export stops at the last minute).
+            if let Some((_, batch)) = &mut self.store {
+                batch.snapshots.push((*next, members.clone()));
+            }
+            if let Some(files) = &mut self.files {
+                files.snapshots.push_back((*next, members));
+            }
             *next += 1;
         }
     }
 
-    /// Writes the snapshots of boundaries up to `through` (inclusive).
-    fn write_snapshots(&mut self, through: Minute) -> io::Result<()> {
-        while self.snapshots.front().is_some_and(|(boundary, _)| *boundary <= through) {
-            let (boundary, members) = self.snapshots.pop_front().expect("checked above");
-            for (&window, file) in &mut self.window_files {
-                let mut ranked: Vec<(u64, u64)> =
-                    members.iter().filter(|m| m.0 == window).map(|&(_, ad, clicks)| (ad, clicks)).collect();
-                write_ranked(file, boundary, &mut ranked)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes a final minute's rows to each view file, in the files' sort order.
-    fn write_minute(&mut self, minute: Minute, mut changes: Vec<(Answer, isize)>) -> io::Result<()> {
-        differential_dataflow::consolidation::consolidate(&mut changes);
-        let mut top: Vec<(u64, u64)> = Vec::new();
-        let mut total = 0;
-        for (answer, count) in changes {
-            assert_eq!(count, 1, "a view holds each answer once: {answer:?} x {count}");
-            let file = &mut self.views[answer.view() as usize];
-            match answer {
-                Answer::AdMinute { ad, clicks, .. } => {
-                    total += clicks;
-                    writeln!(file, "{minute},{ad},{clicks}")?
-                }
-                Answer::CampaignMinute { campaign, clicks, .. } => writeln!(file, "{minute},{campaign},{clicks}")?,
-                Answer::CountryMinute { country, ad, clicks, .. } => writeln!(file, "{minute},{country},{ad},{clicks}")?,
-                Answer::TopMinute { ad, clicks, .. } => top.push((ad, clicks)),
-                Answer::FraudMinute { ad, clicks, .. } => {
-                    self.summary.excluded += clicks;
-                    writeln!(file, "{minute},{ad},{clicks}")?
-                }
-                Answer::TopWindow { .. } => unreachable!("window answers belong to no minute"),
-            }
-        }
-        write_ranked(&mut self.views[View::TopMinute as usize], minute, &mut top)?;
-        if total > 0 {
-            self.summary.clicks += total;
-            self.summary.minutes += 1;
-            if self.summary.busiest_minute.as_ref().is_none_or(|(_, best, _)| total > *best) {
-                top.truncate(10);
-                self.summary.busiest_minute = Some((minute, total, top));
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes what is still open and the dead letters, and returns the run's summary.
+    /// Writes what is still open and the dead letters, commits the end of the input, and
+    /// returns the run's summary.
     pub fn finish(mut self) -> io::Result<Summary> {
         self.advance(None)?;
-        self.changelog.flush()?;
-        for file in self.views.iter_mut().chain(self.window_files.values_mut()) {
-            file.flush()?;
+        if let Some(files) = &mut self.files {
+            files.finish(&self.partition_names)?;
+        } else if let Some((store, _)) = &self.store {
+            store.summarize(&mut self.summary).map_err(io::Error::other)?;
         }
-        let mut file = create(&self.dir.join("dead_letter.csv"))?;
-        file.write_all(b"partition,offset,reason,line\n")?;
-        self.dead_letters.sort();
-        for dead in &self.dead_letters {
-            write!(file, "{},{},{},", self.partition_names[dead.partition as usize], dead.offset, dead.reason.as_str())?;
-            write_quoted(&mut file, &dead.line)?;
-            file.write_all(b"\n")?;
-        }
-        file.flush()?;
         Ok(self.summary)
     }
 }
 
+/// The changelog's `view` and `value` of an answer, its key columns joined by `/` in `key`.
+pub fn changelog_fields(answer: &Answer, key: &mut String) -> (std::borrow::Cow<'static, str>, u64) {
+    use std::fmt::Write as _;
+    key.clear();
+    let view = match answer {
+        Answer::TopWindow { window, .. } => std::borrow::Cow::Owned(format!("top_window_{window}m")),
+        _ => std::borrow::Cow::Borrowed(answer.view().name()),
+    };
+    if let Some(minute) = answer.minute() {
+        let _ = write!(key, "{minute}/");
+    }
+    let (id, value) = match *answer {
+        Answer::AdMinute { ad, clicks, .. } => (ad, clicks),
+        Answer::CampaignMinute { campaign, clicks, .. } => (campaign, clicks),
+        Answer::CountryMinute { country, ad, clicks, .. } => {
+            let _ = write!(key, "{country}/");
+            (ad, clicks)
+        }
+        Answer::TopMinute { ad, clicks, .. } | Answer::FraudMinute { ad, clicks, .. } | Answer::TopWindow { ad, clicks, .. } => {
+            (ad, clicks)
+        }
+    };
+    let _ = write!(key, "{id}");
+    (view, value)
+}
+
 /// Ranks `(ad, clicks)` by clicks descending, then ad ascending (SPEC §3), and writes
 /// `{at},{rank},{ad},{clicks}` rows.
-fn write_ranked(out: &mut impl Write, at: Minute, ranked: &mut [(u64, u64)]) -> io::Result<()> {
+pub fn write_ranked(out: &mut impl Write, at: Minute, ranked: &mut [(u64, u64)]) -> io::Result<()> {
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     for (rank, (ad, clicks)) in ranked.iter().enumerate() {
         writeln!(out, "{at},{},{ad},{clicks}", rank + 1)?;

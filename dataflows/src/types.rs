@@ -120,6 +120,12 @@ pub enum Reason {
     TooLate,
     /// The file ended without a newline after this line; in replay it is never completed.
     UnterminatedLine,
+    /// Follow mode: a valid row of a partition that was idle (or appeared late) while the
+    /// watermark moved on without it, for a minute already final. `run` does not count it.
+    BehindWatermark,
+    /// Follow mode: the file was truncated, replaced or deleted under the reader; the line
+    /// says which. The partition is not read further.
+    PartitionRotated,
 }
 
 impl Reason {
@@ -140,6 +146,8 @@ impl Reason {
             Reason::BadCountry => "bad_country",
             Reason::TooLate => "too_late",
             Reason::UnterminatedLine => "unterminated_line",
+            Reason::BehindWatermark => "behind_watermark",
+            Reason::PartitionRotated => "partition_rotated",
         }
     }
 }

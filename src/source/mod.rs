@@ -51,6 +51,9 @@ enum HeaderState {
 /// One partition being read by one worker.
 pub struct PartitionSource {
     progress: PartitionProgress,
+    path: PathBuf,
+    /// The inode of the file opened, to tell a replaced file from a grown one.
+    inode: u64,
     reader: LineReader<File>,
     header: HeaderState,
     clock: PartitionClock,
@@ -64,13 +67,71 @@ pub trait SourceOutput {
 
 impl PartitionSource {
     pub fn open(index: u32, path: &Path) -> Result<PartitionSource, String> {
-        let file = File::open(path).map_err(|e| format!("cannot open partition {}: {e}", path.display()))?;
-        Ok(PartitionSource {
+        Self::open_at(index, path, None)
+    }
+
+    /// Opens a partition to read from a checkpoint: `resume.offset` just past a line, with the
+    /// partition's largest ts and counters as they were there. The header is read first.
+    pub fn open_at(index: u32, path: &Path, resume: Option<PartitionProgress>) -> Result<PartitionSource, String> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::MetadataExt;
+        let cannot = |e: std::io::Error| format!("cannot open partition {}: {e}", path.display());
+        let mut file = File::open(path).map_err(cannot)?;
+        let inode = file.metadata().map_err(cannot)?.ino();
+        let mut source = PartitionSource {
             progress: PartitionProgress { partition: index, ..Default::default() },
-            reader: LineReader::new(file, 0),
+            path: path.to_path_buf(),
+            inode,
+            reader: LineReader::new(File::open(path).map_err(cannot)?, 0),
             header: HeaderState::Unread,
             clock: PartitionClock::default(),
-        })
+        };
+        let Some(resume) = resume.filter(|r| r.offset > 0) else { return Ok(source) };
+        // The header decides how every later line parses.
+        source.header = match source.reader.next_line(false).map_err(cannot)? {
+            Some(Line::Complete { bytes, .. }) => match Header::parse(bytes) {
+                Ok(header) => HeaderState::Good(LineParser::new(header)),
+                Err(_) => HeaderState::Bad,
+            },
+            _ => HeaderState::Bad,
+        };
+        file.seek(SeekFrom::Start(resume.offset)).map_err(cannot)?;
+        source.reader = LineReader::new(file, resume.offset);
+        source.progress = PartitionProgress { partition: index, finished: false, ..resume };
+        source.clock = PartitionClock { max_ts: resume.max_ts };
+        Ok(source)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Follow mode, at the end of the data: whether the file is still the one being read and
+    /// has not shrunk. `Some(description)` when it was truncated, replaced or deleted.
+    pub fn rotation(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let position = self.reader.read_position();
+        match std::fs::metadata(&self.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("the partition file was deleted".into()),
+            Err(e) => Some(format!("the partition file cannot be read: {e}")),
+            Ok(meta) if meta.ino() != self.inode => Some("the partition file was replaced by another file".into()),
+            Ok(meta) if meta.len() < position => {
+                Some(format!("the partition file was truncated from {position} to {} bytes", meta.len()))
+            }
+            Ok(_) => None,
+        }
+    }
+
+    /// Stops reading a partition that was rotated, with a dead letter that says how.
+    pub fn report_rotation(&mut self, description: String, rules: &EventTimeRules, floor: Time, out: &mut impl SourceOutput) {
+        let dead = DeadLetter {
+            partition: self.progress.partition,
+            offset: self.reader.offset(),
+            reason: Reason::PartitionRotated,
+            line: description.into_bytes(),
+        };
+        out.dead_letter(dead, rules.partition_watermark(&self.clock).max(floor));
+        self.progress.finished = true;
     }
 
     pub fn progress(&self) -> PartitionProgress {
@@ -95,21 +156,28 @@ impl PartitionSource {
         }
     }
 
-    /// Reads up to `max_lines` lines. At the end of a final file the partition is finished.
+    /// Reads up to `max_lines` lines and returns how many it read. At the end of a final file
+    /// the partition is finished.
+    ///
+    /// `floor` is the earliest time the worker's input can still take. The rules' times are never
+    /// below it in a replay; in follow mode a partition that was idle, or appeared late, may be
+    /// behind it, and its rows then enter at `floor`, or go to the dead letter when their minute
+    /// is already final there.
     pub fn read_some(
         &mut self,
         rules: &EventTimeRules,
         max_lines: usize,
         file_is_final: bool,
+        floor: Time,
         out: &mut impl SourceOutput,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<usize> {
         let partition = self.progress.partition;
-        for _ in 0..max_lines {
+        for read in 0..max_lines {
             let Some(line) = self.reader.next_line(file_is_final)? else {
                 if file_is_final {
                     self.progress.finished = true;
                 }
-                return Ok(());
+                return Ok(read);
             };
             let (offset, bytes, verdict) = match line {
                 Line::Complete { offset, bytes } => (offset, bytes, None),
@@ -123,7 +191,7 @@ impl PartitionSource {
                         let reason = verdict.unwrap_or(Reason::BadHeader);
                         let dead = DeadLetter { partition, offset, reason, line: bytes.to_vec() };
                         self.progress.malformed += 1;
-                        out.dead_letter(dead, rules.partition_watermark(&self.clock));
+                        out.dead_letter(dead, rules.partition_watermark(&self.clock).max(floor));
                         HeaderState::Bad
                     }
                 };
@@ -137,25 +205,32 @@ impl PartitionSource {
             };
             match parsed {
                 Ok(click) => match rules.admit(&mut self.clock, click.key.ts) {
+                    Admission::Accepted { time, .. }
+                        if time < floor && rules.minute_final_at(click.minute()).is_some_and(|at| at <= floor) =>
+                    {
+                        self.progress.too_late += 1;
+                        let dead = DeadLetter { partition, offset, reason: Reason::BehindWatermark, line: bytes.to_vec() };
+                        out.dead_letter(dead, floor);
+                    }
                     Admission::Accepted { time, late } => {
                         self.progress.accepted += 1;
-                        self.progress.late += late as u64;
-                        out.click(click, time);
+                        self.progress.late += (late || time < floor) as u64;
+                        out.click(click, time.max(floor));
                     }
                     Admission::TooLate => {
                         self.progress.too_late += 1;
                         let dead = DeadLetter { partition, offset, reason: Reason::TooLate, line: bytes.to_vec() };
-                        out.dead_letter(dead, rules.partition_watermark(&self.clock));
+                        out.dead_letter(dead, rules.partition_watermark(&self.clock).max(floor));
                     }
                 },
                 Err(reason) => {
                     self.progress.malformed += 1;
                     let dead = DeadLetter { partition, offset, reason, line: bytes.to_vec() };
-                    out.dead_letter(dead, rules.partition_watermark(&self.clock));
+                    out.dead_letter(dead, rules.partition_watermark(&self.clock).max(floor));
                 }
             }
         }
-        Ok(())
+        Ok(max_lines)
     }
 }
 
@@ -195,7 +270,7 @@ pub fn parse_only(dir: &Path, threads: usize, rules: &EventTimeRules) -> Result<
                         let mut source = PartitionSource::open(i as u32, path)?;
                         while !source.is_finished() {
                             source
-                                .read_some(rules, 50_000, true, &mut Tally(&mut counts))
+                                .read_some(rules, 50_000, true, 0, &mut Tally(&mut counts))
                                 .map_err(|e| format!("reading {}: {e}", path.display()))?;
                         }
                         counts.lines += source.progress().lines;

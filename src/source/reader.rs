@@ -51,6 +51,11 @@ impl<R: Read> LineReader<R> {
         self.offset
     }
 
+    /// How far into the file the reader has read, buffered bytes included.
+    pub fn read_position(&self) -> u64 {
+        self.offset + (self.end - self.start) as u64
+    }
+
     /// The next line, or `None` at the end of the data. With `file_is_final`, a last line with no
     /// newline is returned as `Unterminated`; otherwise it waits (a writer may still finish it).
     pub fn next_line(&mut self, file_is_final: bool) -> io::Result<Option<Line<'_>>> {

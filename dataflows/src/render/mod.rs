@@ -74,6 +74,32 @@ where
     counts::count_named(name, contributions)
 }
 
+/// The last logical time at which a click of `minute` still changes anything in the dataflow:
+/// its retention retraction, its last sliding window, and (when serving) the filters' hold.
+/// `None` without a lateness bound, when nothing is ever forgotten.
+pub fn last_effect_of_minute(minute: crate::types::Minute, plan: &Plan, rules: &EventTimeRules, serving: bool) -> Option<Time> {
+    let final_at = rules.minute_final_at(minute)?;
+    let widest = plan.windows.iter().copied().max().unwrap_or(0) as u64 * MINUTE_MS;
+    let window_end = (minute as u64) * MINUTE_MS + widest;
+    Some(final_at.max(window_end).max(if serving { final_at + widest } else { 0 }))
+}
+
+/// The first minute whose clicks still change the dataflow at or after `frontier`: a replay
+/// that starts with every click from that minute on rebuilds, by `frontier`, exactly the state
+/// that a replay from the very beginning has then. Recovery is bounded by this, not by the
+/// length of the logs.
+pub fn first_live_minute(frontier: Time, plan: &Plan, rules: &EventTimeRules, serving: bool) -> crate::types::Minute {
+    let mut minute = crate::types::minute_of(frontier);
+    while minute > 0 {
+        match last_effect_of_minute(minute - 1, plan, rules, serving) {
+            Some(last) if last < frontier => break,
+            Some(_) => minute -= 1,
+            None => return 0,
+        }
+    }
+    minute
+}
+
 /// The collections a rendered dataflow exposes.
 pub struct Rendered<'scope> {
     /// Distinct accepted clicks that are billable: one record per `(event_id, ts)`, with the

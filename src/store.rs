@@ -1,0 +1,648 @@
+//! The durable sink (DESIGN "Exactly once"): an embedded SQLite database that holds the answers
+//! of SPEC §4 as tables, the changelog, the dead letters, and per partition the progress and the
+//! checkpoints that recovery restarts from; all of one watermark advance in one transaction.
+//!
+//! Why SQLite: one file any tool can open (`sqlite3 store.db 'select …'`), transactions that
+//! survive `kill -9` (write-ahead log, `synchronous=FULL`), a bundled build with no system
+//! dependency, and SQL for the reconciliation and the analysts. redb or fjall would be faster
+//! key-value stores, but every reader would need our code to look inside.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use clickagg_dataflows::{Answer, DeadLetter, Minute, PartitionProgress, Time};
+
+use crate::sink::{changelog_fields, write_quoted, write_ranked, Summary};
+
+/// Bumped when the tables change; a store of another version is refused with a clear error.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Held while a transaction commits: a clean shutdown takes it, so the process never exits
+/// half-way through a commit (SQLite would roll that back anyway; this keeps the exit message true).
+pub static COMMIT_LOCK: Mutex<()> = Mutex::new(());
+
+const SCHEMA: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE ad_minute (minute INTEGER NOT NULL, ad_id INTEGER NOT NULL, clicks INTEGER NOT NULL,
+    PRIMARY KEY (minute, ad_id)) WITHOUT ROWID;
+CREATE TABLE campaign_minute (minute INTEGER NOT NULL, campaign_id INTEGER NOT NULL, clicks INTEGER NOT NULL,
+    PRIMARY KEY (minute, campaign_id)) WITHOUT ROWID;
+CREATE TABLE country_minute (minute INTEGER NOT NULL, country TEXT NOT NULL, ad_id INTEGER NOT NULL, clicks INTEGER NOT NULL,
+    PRIMARY KEY (minute, country, ad_id)) WITHOUT ROWID;
+CREATE TABLE top_minute (minute INTEGER NOT NULL, ad_id INTEGER NOT NULL, clicks INTEGER NOT NULL,
+    PRIMARY KEY (minute, ad_id)) WITHOUT ROWID;
+CREATE TABLE fraud_minute (minute INTEGER NOT NULL, ad_id INTEGER NOT NULL, excluded_clicks INTEGER NOT NULL,
+    PRIMARY KEY (minute, ad_id)) WITHOUT ROWID;
+CREATE TABLE top_window (window_minutes INTEGER NOT NULL, as_of INTEGER NOT NULL, ad_id INTEGER NOT NULL, clicks INTEGER NOT NULL,
+    PRIMARY KEY (window_minutes, as_of, ad_id)) WITHOUT ROWID;
+CREATE TABLE changelog (seq INTEGER PRIMARY KEY, time INTEGER NOT NULL, view TEXT NOT NULL, key TEXT NOT NULL,
+    value INTEGER NOT NULL, diff INTEGER NOT NULL);
+CREATE TABLE dead_letter (partition TEXT NOT NULL, offset INTEGER NOT NULL, reason TEXT NOT NULL, line BLOB NOT NULL,
+    time INTEGER NOT NULL, PRIMARY KEY (partition, offset)) WITHOUT ROWID;
+CREATE TABLE partitions (name TEXT PRIMARY KEY, offset INTEGER NOT NULL, max_ts INTEGER, lines INTEGER NOT NULL,
+    accepted INTEGER NOT NULL, late INTEGER NOT NULL, too_late INTEGER NOT NULL, malformed INTEGER NOT NULL,
+    head_hash INTEGER NOT NULL);
+CREATE TABLE checkpoints (partition TEXT NOT NULL, minute INTEGER NOT NULL, offset INTEGER NOT NULL, max_ts INTEGER NOT NULL,
+    lines INTEGER NOT NULL, accepted INTEGER NOT NULL, late INTEGER NOT NULL, too_late INTEGER NOT NULL,
+    malformed INTEGER NOT NULL, PRIMARY KEY (partition, minute)) WITHOUT ROWID;
+CREATE TABLE commits (frontier INTEGER PRIMARY KEY, committed_at_ms INTEGER NOT NULL, changes INTEGER NOT NULL);
+";
+
+/// Everything one watermark advance commits.
+#[derive(Default)]
+pub struct Batch {
+    /// Answer changes, in the order the sink applied them (the changelog's order).
+    pub changes: Vec<(Time, Answer, isize)>,
+    /// Window snapshots: `(boundary, [(window, ad, clicks)])`.
+    pub snapshots: Vec<(Minute, Vec<(u32, u64, u64)>)>,
+    pub dead_letters: Vec<(Time, DeadLetter)>,
+    /// The latest progress of each partition, by name.
+    pub progress: BTreeMap<String, PartitionProgress>,
+    pub next_boundary: Option<Minute>,
+    pub last_minute: Option<Minute>,
+    /// Partition names by the ids the dataflow uses; kept across commits.
+    pub partition_names: Vec<String>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.snapshots.is_empty() && self.dead_letters.is_empty() && self.progress.is_empty()
+    }
+}
+
+/// Where a store left off: what recovery needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Every update before this time is committed.
+    pub frontier: Time,
+    pub next_boundary: Option<Minute>,
+    pub last_minute: Option<Minute>,
+}
+
+/// A place to restart one partition from: every row before `progress.offset` has a ts at most
+/// `progress.max_ts`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub progress: PartitionProgress,
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    /// The frontier of the last commit; commits never move it back.
+    frontier: Option<Time>,
+    /// How many bytes of each partition's beginning its `head_hash` covers.
+    head_hashes: BTreeMap<String, u64>,
+    logs: PathBuf,
+}
+
+fn sql_error(path: &Path, e: rusqlite::Error) -> String {
+    format!("store {}: {e}", path.display())
+}
+
+/// The first bytes of a partition hashed, to tell at a restart that the file is still the one
+/// the store read (a replaced file fails this even when it is longer).
+pub fn head_hash(path: &Path, len: u64) -> io::Result<u64> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    std::fs::File::open(path)?.take(len.min(4096)).read_to_end(&mut head)?;
+    Ok(xxhash_rust::xxh3::xxh3_64(&head))
+}
+
+impl Store {
+    /// Opens the store at `path`, or creates it when nothing is there. `settings` are the
+    /// settings that change answers: a store written under other settings is refused, as is a
+    /// file that is not a store of this version, and such a file is never written to.
+    /// Returns what was committed before, if anything.
+    pub fn open(path: &Path, settings: &str, logs: &Path) -> Result<(Store, Option<Committed>), String> {
+        let exists = path.exists();
+        if !exists {
+            let mut wal = path.as_os_str().to_owned();
+            wal.push("-wal");
+            if Path::new(&wal).exists() {
+                return Err(format!(
+                    "the store {} is missing but its write-ahead log {} is there: the store was moved or deleted \
+                     part-way; restore it, or remove the log to start a new store",
+                    path.display(),
+                    Path::new(&wal).display()
+                ));
+            }
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            }
+        }
+        let flags = if exists {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| sql_error(path, e))?;
+        let not_a_store = |e: rusqlite::Error| {
+            format!("{} is not a clickagg store ({e}); it was left as it is", path.display())
+        };
+        if exists {
+            // Reading the schema fails on a file that is not SQLite, before anything is written.
+            let has_meta: bool = conn
+                .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'", [], |r| r.get::<_, i64>(0))
+                .map_err(not_a_store)?
+                > 0;
+            if !has_meta {
+                return Err(format!("{} is an SQLite database but not a clickagg store; it was left as it is", path.display()));
+            }
+        }
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(not_a_store)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql_error(path, e))?;
+        let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: logs.to_path_buf() };
+        if !exists {
+            store.conn.execute_batch(SCHEMA).map_err(|e| sql_error(path, e))?;
+            store.set_meta("schema_version", &SCHEMA_VERSION.to_string())?;
+            store.set_meta("clickagg_version", env!("CARGO_PKG_VERSION"))?;
+            store.set_meta("settings", settings)?;
+            store.set_meta("logs", &logs.display().to_string())?;
+            return Ok((store, None));
+        }
+        let version = store.meta("schema_version")?.unwrap_or_default();
+        if version != SCHEMA_VERSION.to_string() {
+            return Err(format!(
+                "the store {} has schema version {version}, this clickagg ({}) reads version {SCHEMA_VERSION}; \
+                 export it with the clickagg that wrote it, or start a new store",
+                path.display(),
+                env!("CARGO_PKG_VERSION")
+            ));
+        }
+        let stored_settings = store.meta("settings")?.unwrap_or_default();
+        if stored_settings != settings {
+            return Err(format!(
+                "the store {} was written with other settings; resuming would mix two sets of answers.\n  store: {stored_settings}\n  now:   {settings}",
+                path.display()
+            ));
+        }
+        if store.meta("complete")?.is_some() {
+            return Err(format!(
+                "the store {} holds a finished replay (the end of the logs was committed); export it with \
+                 `clickagg export`, or start a new store",
+                path.display()
+            ));
+        }
+        let committed = store.committed()?;
+        store.frontier = committed.as_ref().map(|c| c.frontier);
+        let mut statement = store.conn.prepare("SELECT name, offset FROM partitions").map_err(|e| sql_error(path, e))?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| sql_error(path, e))?;
+        drop(statement);
+        for (name, offset) in rows {
+            store.head_hashes.insert(name, offset.min(4096));
+        }
+        Ok((store, committed))
+    }
+
+    /// Opens an existing store to read it (export, reconcile).
+    pub fn open_read_only(path: &Path) -> Result<Store, String> {
+        if !path.exists() {
+            return Err(format!("there is no store at {}", path.display()));
+        }
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|e| sql_error(path, e))?;
+        let store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new() };
+        match store.meta("schema_version") {
+            Ok(Some(v)) if v == SCHEMA_VERSION.to_string() => Ok(store),
+            Ok(Some(v)) => Err(format!("the store {} has schema version {v}; this clickagg reads {SCHEMA_VERSION}", path.display())),
+            Ok(None) => Err(format!("{} is not a clickagg store", path.display())),
+            Err(e) => Err(format!("{} is not a clickagg store ({e})", path.display())),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, String> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(|e| sql_error(&self.path, e))
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), String> {
+        self.conn
+            .execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value", [key, value])
+            .map(|_| ())
+            .map_err(|e| sql_error(&self.path, e))
+    }
+
+    /// What the last commit left, if anything was committed.
+    pub fn committed(&self) -> Result<Option<Committed>, String> {
+        let number = |key: &str| -> Result<Option<u64>, String> {
+            match self.meta(key)? {
+                None => Ok(None),
+                Some(text) => text.parse().map(Some).map_err(|_| format!("store {}: meta {key} is not a number: {text}", self.path.display())),
+            }
+        };
+        let Some(frontier) = number("frontier")? else { return Ok(None) };
+        Ok(Some(Committed {
+            frontier,
+            next_boundary: number("next_boundary")?.map(|m| m as Minute),
+            last_minute: number("last_minute")?.map(|m| m as Minute),
+        }))
+    }
+
+    /// The latest checkpoint of `partition` from which every row with a ts at or after
+    /// `live_from_ms` is still ahead; `None`: start from the beginning.
+    pub fn checkpoint_before(&self, partition: &str, live_from_ms: u64) -> Result<Option<Checkpoint>, String> {
+        self.conn
+            .query_row(
+                "SELECT offset, max_ts, lines, accepted, late, too_late, malformed FROM checkpoints
+                 WHERE partition = ?1 AND max_ts < ?2 ORDER BY offset DESC LIMIT 1",
+                params![partition, live_from_ms as i64],
+                |r| {
+                    Ok(Checkpoint {
+                        progress: PartitionProgress {
+                            partition: 0,
+                            offset: r.get::<_, i64>(0)? as u64,
+                            max_ts: Some(r.get::<_, i64>(1)? as u64),
+                            lines: r.get::<_, i64>(2)? as u64,
+                            accepted: r.get::<_, i64>(3)? as u64,
+                            late: r.get::<_, i64>(4)? as u64,
+                            too_late: r.get::<_, i64>(5)? as u64,
+                            malformed: r.get::<_, i64>(6)? as u64,
+                            finished: false,
+                        },
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| sql_error(&self.path, e))
+    }
+
+    /// Checks that each partition the store has read is still the file it read: at least as
+    /// long as the committed offset, and with the same first bytes. A log truncated or replaced
+    /// under the store cannot be resumed without counting or losing clicks.
+    pub fn check_partitions(&self, paths: &[PathBuf]) -> Result<(), String> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT name, offset, head_hash FROM partitions")
+            .map_err(|e| sql_error(&self.path, e))?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| sql_error(&self.path, e))?;
+        for (name, offset, hash) in rows {
+            let Some(path) = paths.iter().find(|p| crate::source::partition_name(p) == name) else {
+                return Err(format!(
+                    "partition {name} was read into the store {} but is no longer in the log directory: \
+                     its clicks cannot be rebuilt; restore the file or start a new store",
+                    self.path.display()
+                ));
+            };
+            let len = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?.len();
+            if len < offset {
+                return Err(format!(
+                    "partition {name} is {len} bytes but the store {} committed reading {offset}: it was truncated \
+                     or replaced, and resuming would count or lose clicks",
+                    self.path.display()
+                ));
+            }
+            let now = head_hash(path, offset).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            if now as i64 != hash as i64 {
+                return Err(format!(
+                    "partition {name} does not begin with the bytes the store {} read: it was replaced; \
+                     resuming would count or lose clicks",
+                    self.path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits `batch` and the frontier in one transaction. `frontier: None` is the end of the
+    /// input (replay): the store is then complete. A frontier behind the committed one (during
+    /// recovery) commits nothing.
+    pub fn commit(&mut self, frontier: Option<Time>, batch: &mut Batch) -> Result<(), String> {
+        let frontier_value = frontier.unwrap_or(Time::MAX);
+        if self.frontier.is_some_and(|f| frontier_value <= f) && batch.is_empty() {
+            return Ok(());
+        }
+        let _guard = COMMIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let path = self.path.clone();
+        let err = |e: rusqlite::Error| sql_error(&path, e);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        {
+            let mut changelog = tx
+                .prepare_cached("INSERT INTO changelog (time, view, key, value, diff) VALUES (?1, ?2, ?3, ?4, ?5)")
+                .map_err(err)?;
+            let mut key = String::new();
+            for (time, answer, diff) in &batch.changes {
+                let (view, value) = changelog_fields(answer, &mut key);
+                changelog.execute(params![*time as i64, view, key, value as i64, *diff as i64]).map_err(err)?;
+            }
+            // Time by time, retractions first: within one time a changed answer is `-old`,
+            // `+new` of one key.
+            for at_one_time in batch.changes.chunk_by(|a, b| a.0 == b.0) {
+                for positive in [false, true] {
+                    for (_, answer, diff) in at_one_time.iter().filter(|(_, _, d)| (*d > 0) == positive) {
+                        apply_answer(&tx, answer, *diff > 0).map_err(err)?;
+                    }
+                }
+            }
+            let mut snapshot = tx
+                .prepare_cached("INSERT OR REPLACE INTO top_window (window_minutes, as_of, ad_id, clicks) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(err)?;
+            for (boundary, members) in &batch.snapshots {
+                for &(window, ad, clicks) in members {
+                    snapshot.execute(params![window, boundary, ad as i64, clicks as i64]).map_err(err)?;
+                }
+            }
+            let mut dead = tx
+                .prepare_cached("INSERT OR IGNORE INTO dead_letter (partition, offset, reason, line, time) VALUES (?1, ?2, ?3, ?4, ?5)")
+                .map_err(err)?;
+            for (time, letter) in &batch.dead_letters {
+                let name = batch_partition_name(batch, letter.partition);
+                dead.execute(params![name, letter.offset as i64, letter.reason.as_str(), letter.line, *time as i64]).map_err(err)?;
+            }
+            let mut progress = tx
+                .prepare_cached(
+                    "INSERT INTO partitions (name, offset, max_ts, lines, accepted, late, too_late, malformed, head_hash)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT (name) DO UPDATE SET offset = excluded.offset, max_ts = excluded.max_ts, lines = excluded.lines,
+                       accepted = excluded.accepted, late = excluded.late, too_late = excluded.too_late,
+                       malformed = excluded.malformed, head_hash = excluded.head_hash
+                     WHERE excluded.offset >= partitions.offset",
+                )
+                .map_err(err)?;
+            let mut checkpoint = tx
+                .prepare_cached(
+                    "INSERT INTO checkpoints (partition, minute, offset, max_ts, lines, accepted, late, too_late, malformed)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT (partition, minute) DO UPDATE SET offset = excluded.offset, max_ts = excluded.max_ts,
+                       lines = excluded.lines, accepted = excluded.accepted, late = excluded.late,
+                       too_late = excluded.too_late, malformed = excluded.malformed
+                     WHERE excluded.offset > checkpoints.offset",
+                )
+                .map_err(err)?;
+            for (name, p) in &batch.progress {
+                let covered = self.head_hashes.get(name).copied().unwrap_or(0);
+                let wanted = p.offset.min(4096);
+                let hash = if wanted > covered || !self.head_hashes.contains_key(name) {
+                    let hash = head_hash(&self.logs.join(name), wanted).map_err(|e| format!("cannot read partition {name}: {e}"))?;
+                    self.head_hashes.insert(name.clone(), wanted);
+                    Some(hash)
+                } else {
+                    None
+                };
+                let max_ts = p.max_ts.map(|t| t as i64);
+                let counters = [p.lines, p.accepted, p.late, p.too_late, p.malformed].map(|c| c as i64);
+                match hash {
+                    Some(hash) => progress.execute(params![
+                        name, p.offset as i64, max_ts, counters[0], counters[1], counters[2], counters[3], counters[4], hash as i64
+                    ]),
+                    None => tx.execute(
+                        "UPDATE partitions SET offset = ?2, max_ts = ?3, lines = ?4, accepted = ?5, late = ?6, too_late = ?7,
+                           malformed = ?8 WHERE name = ?1 AND offset <= ?2",
+                        params![name, p.offset as i64, max_ts, counters[0], counters[1], counters[2], counters[3], counters[4]],
+                    ),
+                }
+                .map_err(err)?;
+                if let Some(max_ts) = p.max_ts {
+                    checkpoint
+                        .execute(params![
+                            name,
+                            clickagg_dataflows::minute_of(max_ts),
+                            p.offset as i64,
+                            max_ts as i64,
+                            counters[0],
+                            counters[1],
+                            counters[2],
+                            counters[3],
+                            counters[4]
+                        ])
+                        .map_err(err)?;
+                }
+            }
+        }
+        let set = |key: &str, value: String| {
+            tx.execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value", [key, &value])
+        };
+        let advances = self.frontier.is_none_or(|f| frontier_value > f);
+        if advances {
+            set("frontier", frontier_value.to_string()).map_err(err)?;
+            let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            tx.execute(
+                "INSERT OR REPLACE INTO commits (frontier, committed_at_ms, changes) VALUES (?1, ?2, ?3)",
+                params![frontier_value as i64, now_ms, batch.changes.len() as i64],
+            )
+            .map_err(err)?;
+        }
+        if let Some(boundary) = batch.next_boundary {
+            set("next_boundary", boundary.to_string()).map_err(err)?;
+        }
+        if let Some(minute) = batch.last_minute {
+            set("last_minute", minute.to_string()).map_err(err)?;
+        }
+        if frontier.is_none() {
+            set("complete", "1".to_string()).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        if advances {
+            self.frontier = Some(frontier_value);
+        }
+        let names = std::mem::take(&mut batch.partition_names);
+        *batch = Batch { partition_names: names, ..Default::default() };
+        Ok(())
+    }
+
+    /// The run's figures from the committed answers (when no output directory was written).
+    pub fn summarize(&self, summary: &mut Summary) -> Result<(), String> {
+        let err = |e: rusqlite::Error| sql_error(&self.path, e);
+        let sum = |sql: &str| self.conn.query_row(sql, [], |r| r.get::<_, i64>(0)).map_err(err);
+        summary.clicks = sum("SELECT coalesce(sum(clicks), 0) FROM ad_minute")? as u64;
+        summary.excluded = sum("SELECT coalesce(sum(excluded_clicks), 0) FROM fraud_minute")? as u64;
+        summary.minutes = sum("SELECT count(*) FROM (SELECT minute FROM ad_minute GROUP BY minute HAVING sum(clicks) > 0)")? as u64;
+        let busiest: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT minute, sum(clicks) AS total FROM ad_minute GROUP BY minute HAVING total > 0 ORDER BY total DESC, minute ASC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(err)?;
+        summary.busiest_minute = match busiest {
+            None => None,
+            Some((minute, total)) => {
+                let mut top = self.minute_rows("SELECT ad_id, clicks FROM top_minute WHERE minute = ?1", minute)?;
+                top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                top.truncate(10);
+                Some((minute as Minute, total as u64, top))
+            }
+        };
+        Ok(())
+    }
+
+    fn minute_rows(&self, sql: &str, minute: i64) -> Result<Vec<(u64, u64)>, String> {
+        let mut statement = self.conn.prepare(sql).map_err(|e| sql_error(&self.path, e))?;
+        statement
+            .query_map([minute], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| sql_error(&self.path, e))
+    }
+
+    /// Writes SPEC §4's files from the committed answers, byte for byte as `run --out` writes
+    /// them after a replay of the same logs.
+    pub fn export(&self, dir: &Path) -> Result<(), String> {
+        let err = |e: rusqlite::Error| sql_error(&self.path, e);
+        let io_err = |e: io::Error| format!("writing {}: {e}", dir.display());
+        std::fs::create_dir_all(dir.join("changelog")).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let create = |name: &str| -> Result<io::BufWriter<std::fs::File>, String> {
+            let path = dir.join(name);
+            std::fs::File::create(&path)
+                .map(|f| io::BufWriter::with_capacity(1 << 20, f))
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))
+        };
+        // Plain per-minute tables: (minute, key..., clicks), sorted as unsigned numbers.
+        for (file, header, sql) in [
+            ("ad_minute.csv", "minute,ad_id,clicks", "SELECT minute, ad_id, clicks FROM ad_minute"),
+            ("campaign_minute.csv", "minute,campaign_id,clicks", "SELECT minute, campaign_id, clicks FROM campaign_minute"),
+            ("fraud_minute.csv", "minute,ad_id,excluded_clicks", "SELECT minute, ad_id, excluded_clicks FROM fraud_minute"),
+        ] {
+            let mut rows = self.triples(sql)?;
+            rows.sort_unstable();
+            let mut out = create(file)?;
+            writeln!(out, "{header}").map_err(io_err)?;
+            for (minute, key, clicks) in rows {
+                writeln!(out, "{minute},{key},{clicks}").map_err(io_err)?;
+            }
+            out.flush().map_err(io_err)?;
+        }
+        let mut statement = self.conn.prepare("SELECT minute, country, ad_id, clicks FROM country_minute").map_err(err)?;
+        let mut rows: Vec<(u64, String, u64, u64)> = statement
+            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get::<_, i64>(3)? as u64)))
+            .and_then(|rows| rows.collect())
+            .map_err(err)?;
+        rows.sort_unstable();
+        let mut out = create("country_minute.csv")?;
+        writeln!(out, "minute,country,ad_id,clicks").map_err(io_err)?;
+        for (minute, country, ad, clicks) in rows {
+            writeln!(out, "{minute},{country},{ad},{clicks}").map_err(io_err)?;
+        }
+        out.flush().map_err(io_err)?;
+
+        let mut out = create("top_minute.csv")?;
+        writeln!(out, "minute,rank,ad_id,clicks").map_err(io_err)?;
+        let mut rows = self.triples("SELECT minute, ad_id, clicks FROM top_minute")?;
+        rows.sort_unstable();
+        for group in rows.chunk_by(|a, b| a.0 == b.0) {
+            let mut ranked: Vec<(u64, u64)> = group.iter().map(|&(_, ad, clicks)| (ad, clicks)).collect();
+            write_ranked(&mut out, group[0].0 as Minute, &mut ranked).map_err(io_err)?;
+        }
+        out.flush().map_err(io_err)?;
+
+        // Window snapshots run to the last minute's end, as a replay's files do.
+        let last_boundary = self.committed()?.and_then(|c| c.last_minute).map_or(0, |m| m as u64 + 1);
+        let windows: Vec<u32> = self
+            .meta("settings")?
+            .unwrap_or_default()
+            .split_whitespace()
+            .find_map(|s| s.strip_prefix("windows="))
+            .map(|list| list.split(',').filter_map(|w| w.parse().ok()).collect())
+            .unwrap_or_default();
+        for window in windows {
+            let mut out = create(&format!("top_window_{window}m.csv"))?;
+            writeln!(out, "as_of,rank,ad_id,clicks").map_err(io_err)?;
+            let mut statement =
+                self.conn.prepare("SELECT as_of, ad_id, clicks FROM top_window WHERE window_minutes = ?1").map_err(err)?;
+            let mut rows: Vec<(u64, u64, u64)> = statement
+                .query_map([window], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))
+                .and_then(|rows| rows.collect())
+                .map_err(err)?;
+            rows.retain(|r| r.0 <= last_boundary);
+            rows.sort_unstable();
+            for group in rows.chunk_by(|a, b| a.0 == b.0) {
+                let mut ranked: Vec<(u64, u64)> = group.iter().map(|&(_, ad, clicks)| (ad, clicks)).collect();
+                write_ranked(&mut out, group[0].0 as Minute, &mut ranked).map_err(io_err)?;
+            }
+            out.flush().map_err(io_err)?;
+        }
+
+        let mut out = create("dead_letter.csv")?;
+        writeln!(out, "partition,offset,reason,line").map_err(io_err)?;
+        let mut statement = self.conn.prepare("SELECT partition, offset, reason, line FROM dead_letter").map_err(err)?;
+        let mut rows: Vec<(String, u64, String, Vec<u8>)> = statement
+            .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?, r.get(3)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(err)?;
+        rows.sort_unstable();
+        for (partition, offset, reason, line) in rows {
+            write!(out, "{partition},{offset},{reason},").map_err(io_err)?;
+            write_quoted(&mut out, &line).map_err(io_err)?;
+            out.write_all(b"\n").map_err(io_err)?;
+        }
+        out.flush().map_err(io_err)?;
+
+        let mut out = create("changelog/updates.csv")?;
+        writeln!(out, "time,view,key,value,diff").map_err(io_err)?;
+        let mut statement = self.conn.prepare("SELECT time, view, key, value, diff FROM changelog ORDER BY seq").map_err(err)?;
+        let mut rows = statement.query([]).map_err(err)?;
+        while let Some(row) = rows.next().map_err(err)? {
+            let (time, view, key, value, diff): (i64, String, String, i64, i64) =
+                (row.get(0).map_err(err)?, row.get(1).map_err(err)?, row.get(2).map_err(err)?, row.get(3).map_err(err)?, row.get(4).map_err(err)?);
+            writeln!(out, "{},{view},{key},{},{diff}", time as u64, value as u64).map_err(io_err)?;
+        }
+        out.flush().map_err(io_err)
+    }
+
+    fn triples(&self, sql: &str) -> Result<Vec<(u64, u64, u64)>, String> {
+        let mut statement = self.conn.prepare(sql).map_err(|e| sql_error(&self.path, e))?;
+        statement
+            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| sql_error(&self.path, e))
+    }
+}
+
+fn batch_partition_name(batch: &Batch, partition: u32) -> &str {
+    batch.partition_names.get(partition as usize).map_or("?", String::as_str)
+}
+
+/// Inserts (`insert`) or deletes one answer row.
+fn apply_answer(tx: &rusqlite::Transaction<'_>, answer: &Answer, insert: bool) -> rusqlite::Result<()> {
+    let i = |v: u64| v as i64;
+    let country = |c: clickagg_dataflows::Country| c.to_string();
+    let (sql_insert, sql_delete, values): (&str, &str, Vec<rusqlite::types::Value>) = match *answer {
+        Answer::AdMinute { minute, ad, clicks } => (
+            "INSERT OR REPLACE INTO ad_minute (minute, ad_id, clicks) VALUES (?1, ?2, ?3)",
+            "DELETE FROM ad_minute WHERE minute = ?1 AND ad_id = ?2 AND clicks = ?3",
+            vec![minute.into(), i(ad).into(), i(clicks).into()],
+        ),
+        Answer::CampaignMinute { minute, campaign, clicks } => (
+            "INSERT OR REPLACE INTO campaign_minute (minute, campaign_id, clicks) VALUES (?1, ?2, ?3)",
+            "DELETE FROM campaign_minute WHERE minute = ?1 AND campaign_id = ?2 AND clicks = ?3",
+            vec![minute.into(), i(campaign).into(), i(clicks).into()],
+        ),
+        Answer::CountryMinute { minute, country: c, ad, clicks } => (
+            "INSERT OR REPLACE INTO country_minute (minute, country, ad_id, clicks) VALUES (?1, ?2, ?3, ?4)",
+            "DELETE FROM country_minute WHERE minute = ?1 AND country = ?2 AND ad_id = ?3 AND clicks = ?4",
+            vec![minute.into(), country(c).into(), i(ad).into(), i(clicks).into()],
+        ),
+        Answer::TopMinute { minute, ad, clicks } => (
+            "INSERT OR REPLACE INTO top_minute (minute, ad_id, clicks) VALUES (?1, ?2, ?3)",
+            "DELETE FROM top_minute WHERE minute = ?1 AND ad_id = ?2 AND clicks = ?3",
+            vec![minute.into(), i(ad).into(), i(clicks).into()],
+        ),
+        Answer::FraudMinute { minute, ad, clicks } => (
+            "INSERT OR REPLACE INTO fraud_minute (minute, ad_id, excluded_clicks) VALUES (?1, ?2, ?3)",
+            "DELETE FROM fraud_minute WHERE minute = ?1 AND ad_id = ?2 AND excluded_clicks = ?3",
+            vec![minute.into(), i(ad).into(), i(clicks).into()],
+        ),
+        // The current window top K lives in the sink; the store keeps its snapshots.
+        Answer::TopWindow { .. } => return Ok(()),
+    };
+    let mut statement = tx.prepare_cached(if insert { sql_insert } else { sql_delete })?;
+    statement.execute(rusqlite::params_from_iter(values))?;
+    Ok(())
+}
