@@ -231,6 +231,10 @@ fn lower_thread_priority(niceness: i32) {
 /// process that holds the sink (process 0), `None` on the others.
 pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
     config.validate()?;
+    if config.follow.is_some() {
+        // First, so that a stop during start-up or recovery is as clean as one later.
+        stop_on_signal();
+    }
     let paths = list_partitions(&config.logs)?;
     let names: Vec<String> = paths.iter().map(|p| partition_name(p)).collect();
     // Open the store, and fail before starting workers if the output cannot be written.
@@ -238,7 +242,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
     let sink = if config.is_sink_process() {
         let mut sink = OutputSink::new(names.clone(), config.rules, &config.logs);
         if let Some(path) = &config.store {
-            let (store, committed) = Store::open(path, &config.store_settings(), &config.logs)?;
+            let (store, committed) = Store::open(path, &config.store_settings(), &config.logs, &paths)?;
             if let Some(committed) = &committed {
                 if config.out.is_some() {
                     return Err(format!(
@@ -253,7 +257,6 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                                 recovery with -n 1, then go on as a cluster"
                         .into());
                 }
-                store.check_partitions(&paths)?;
                 let live_from = clickagg_dataflows::render::first_live_minute(committed.frontier, &config.plan, &config.rules, config.serve_filters);
                 let live_from_ms = live_from as u64 * clickagg_dataflows::MINUTE_MS;
                 for (slot, name) in resume.iter_mut().zip(&names) {
@@ -279,9 +282,6 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
     } else {
         None
     };
-    if config.follow.is_some() {
-        stop_on_signal();
-    }
     let resume = Arc::new(resume);
     let process_watermark = Arc::new(AtomicU64::new(0));
     let sink = std::sync::Mutex::new(sink);

@@ -118,7 +118,9 @@ impl Store {
     /// settings that change answers: a store written under other settings is refused, as is a
     /// file that is not a store of this version, and such a file is never written to.
     /// Returns what was committed before, if anything.
-    pub fn open(path: &Path, settings: &str, logs: &Path) -> Result<(Store, Option<Committed>), String> {
+    /// `paths` are the partition files now in the log directory: each one the store has read must
+    /// still be the file it read.
+    pub fn open(path: &Path, settings: &str, logs: &Path, paths: &[PathBuf]) -> Result<(Store, Option<Committed>), String> {
         let exists = path.exists();
         if !exists {
             let mut wal = path.as_os_str().to_owned();
@@ -135,26 +137,34 @@ impl Store {
                 std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
             }
         }
+        if exists {
+            // Everything that can refuse the store is checked through a read-only connection:
+            // a read-write one would fold the write-ahead log into the file when it closes, so
+            // even a refused store would change on disk.
+            let existing = Store::open_read_only(path)?;
+            let stored_settings = existing.meta("settings")?.unwrap_or_default();
+            if stored_settings != settings {
+                return Err(format!(
+                    "the store {} was written with other settings; resuming would mix two sets of answers.\n  store: {stored_settings}\n  now:   {settings}",
+                    path.display()
+                ));
+            }
+            if existing.meta("complete")?.is_some() {
+                return Err(format!(
+                    "the store {} holds a finished replay (the end of the logs was committed); export it with \
+                     `clickagg export`, or start a new store",
+                    path.display()
+                ));
+            }
+            existing.check_partitions(paths)?;
+        }
         let flags = if exists {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
         } else {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
         };
         let conn = Connection::open_with_flags(path, flags).map_err(|e| sql_error(path, e))?;
-        let not_a_store = |e: rusqlite::Error| {
-            format!("{} is not a clickagg store ({e}); it was left as it is", path.display())
-        };
-        if exists {
-            // Reading the schema fails on a file that is not SQLite, before anything is written.
-            let has_meta: bool = conn
-                .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'", [], |r| r.get::<_, i64>(0))
-                .map_err(not_a_store)?
-                > 0;
-            if !has_meta {
-                return Err(format!("{} is an SQLite database but not a clickagg store; it was left as it is", path.display()));
-            }
-        }
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(not_a_store)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| sql_error(path, e))?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql_error(path, e))?;
         let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: logs.to_path_buf() };
         if !exists {
@@ -164,29 +174,6 @@ impl Store {
             store.set_meta("settings", settings)?;
             store.set_meta("logs", &logs.display().to_string())?;
             return Ok((store, None));
-        }
-        let version = store.meta("schema_version")?.unwrap_or_default();
-        if version != SCHEMA_VERSION.to_string() {
-            return Err(format!(
-                "the store {} has schema version {version}, this clickagg ({}) reads version {SCHEMA_VERSION}; \
-                 export it with the clickagg that wrote it, or start a new store",
-                path.display(),
-                env!("CARGO_PKG_VERSION")
-            ));
-        }
-        let stored_settings = store.meta("settings")?.unwrap_or_default();
-        if stored_settings != settings {
-            return Err(format!(
-                "the store {} was written with other settings; resuming would mix two sets of answers.\n  store: {stored_settings}\n  now:   {settings}",
-                path.display()
-            ));
-        }
-        if store.meta("complete")?.is_some() {
-            return Err(format!(
-                "the store {} holds a finished replay (the end of the logs was committed); export it with \
-                 `clickagg export`, or start a new store",
-                path.display()
-            ));
         }
         let committed = store.committed()?;
         store.frontier = committed.as_ref().map(|c| c.frontier);
@@ -210,12 +197,29 @@ impl Store {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(|e| sql_error(path, e))?;
         let store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new() };
-        match store.meta("schema_version") {
-            Ok(Some(v)) if v == SCHEMA_VERSION.to_string() => Ok(store),
-            Ok(Some(v)) => Err(format!("the store {} has schema version {v}; this clickagg reads {SCHEMA_VERSION}", path.display())),
-            Ok(None) => Err(format!("{} is not a clickagg store", path.display())),
-            Err(e) => Err(format!("{} is not a clickagg store ({e})", path.display())),
+        let not_a_store = |why: String| format!("{} is not a clickagg store ({why}); it was left as it is", path.display());
+        // Reading the schema fails on a file that is not SQLite, or one cut short.
+        let tables: i64 = store
+            .conn
+            .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'", [], |r| r.get(0))
+            .map_err(|e| not_a_store(e.to_string()))?;
+        if tables == 0 {
+            return Err(not_a_store("an SQLite database without clickagg's tables".into()));
         }
+        match store.meta("schema_version").map_err(not_a_store)? {
+            Some(v) if v == SCHEMA_VERSION.to_string() => {}
+            Some(v) => {
+                return Err(format!(
+                    "the store {} has schema version {v}, this clickagg ({}) reads version {SCHEMA_VERSION}; \
+                     export it with the clickagg that wrote it, or start a new store; it was left as it is",
+                    path.display(),
+                    env!("CARGO_PKG_VERSION")
+                ))
+            }
+            None => return Err(not_a_store("no schema version".into())),
+        }
+        check_length(path)?;
+        Ok(store)
     }
 
     pub fn path(&self) -> &Path {
@@ -603,6 +607,36 @@ impl Store {
             .and_then(|rows| rows.collect())
             .map_err(|e| sql_error(&self.path, e))
     }
+}
+
+/// A store cut short (a disk that lost its tail, a partial copy) can still answer the first pages
+/// it is asked for. The header says how many pages the file held at its last checkpoint; a file
+/// shorter than that lost some. Reading the header is O(1), where `PRAGMA quick_check` would read
+/// the whole store and make recovery time grow with the log's length.
+fn check_length(path: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut header = [0u8; 100];
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot read the store {}: {e}", path.display()))?;
+    let len = file.metadata().map_err(|e| format!("cannot read the store {}: {e}", path.display()))?.len();
+    if file.read_exact(&mut header).is_err() {
+        return Err(format!("the store {} is {len} bytes, shorter than an SQLite header; it was left as it is", path.display()));
+    }
+    let be32 = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().expect("four bytes"));
+    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65_536,
+        size => u64::from(size),
+    };
+    // The page count is valid only when the change counter matches "version valid for".
+    let pages = if be32(24) == be32(92) { u64::from(be32(28)) } else { 0 };
+    if len < pages * page_size {
+        return Err(format!(
+            "the store {} is damaged: it is {len} bytes but its header says {} pages of {page_size} bytes; \
+             it was cut short, and was left as it is (restore it from a copy, or start a new store)",
+            path.display(),
+            pages
+        ));
+    }
+    Ok(())
 }
 
 fn batch_partition_name(batch: &Batch, partition: u32) -> &str {

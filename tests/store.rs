@@ -1,0 +1,397 @@
+//! The durable store and follow mode (issue #6): what `run --store` commits is what `run --out`
+//! writes; a follower killed with SIGKILL at random moments and restarted each time ends with
+//! exactly the store of a clean replay; and a store that cannot be resumed safely is refused,
+//! byte for byte untouched.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use clickagg::generate::Rng;
+use common::{assert_same_outputs, read_outputs};
+
+/// The settings every run of one test shares: a store is only resumed under the same.
+const SETTINGS: [&str; 8] = ["--tick", "1s", "--windows", "1m,5m", "--allowed-lateness", "1m", "--max-clicks-per-minute", "40"];
+
+fn clickagg() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_clickagg"))
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let output = clickagg().args(args).output().expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "clickagg {args:?} failed: {stderr}");
+    stderr
+}
+
+fn run_err(args: &[&str]) -> String {
+    let output = clickagg().args(args).output().expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "clickagg {args:?} should have failed");
+    assert!(!stderr.contains("panicked"), "clickagg {args:?} panicked: {stderr}");
+    stderr
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Generated logs with duplicates, late, too-late and bad rows, over `minutes` of event time.
+fn generate(dir: &Path, events: u64, partitions: u32, minutes: u32, seed: u64) {
+    run_ok(&[
+        "generate", "--out", s(dir), "--events", &events.to_string(), "--partitions", &partitions.to_string(),
+        "--minutes", &minutes.to_string(), "--seed", &seed.to_string(),
+    ]);
+}
+
+/// What a clean replay of `logs` writes, with the shared settings.
+fn clean_replay(logs: &Path) -> BTreeMap<String, String> {
+    let out = tempfile::tempdir().unwrap();
+    let mut args = vec!["run", "--logs", s(logs), "--out", s(out.path()), "-w", "2"];
+    args.extend(SETTINGS);
+    run_ok(&args);
+    read_outputs(out.path())
+}
+
+/// Finishes a store with a replay to the end of the logs, and returns its exported files.
+fn finish_and_export(logs: &Path, store: &Path) -> BTreeMap<String, String> {
+    let mut args = vec!["run", "--logs", s(logs), "--store", s(store), "-w", "2"];
+    args.extend(SETTINGS);
+    run_ok(&args);
+    let out = tempfile::tempdir().unwrap();
+    run_ok(&["export", "--store", s(store), "--out", s(out.path())]);
+    read_outputs(out.path())
+}
+
+fn start_follower(logs: &Path, store: &Path) -> Child {
+    let mut args = vec!["run", "--logs", s(logs), "--store", s(store), "--follow", "-w", "2", "--idle-timeout", "60s"];
+    args.extend(SETTINGS);
+    clickagg().args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("the follower starts")
+}
+
+fn sigterm(child: &Child) {
+    // SAFETY: sending a signal to a child this test started and has not reaped.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+/// The committed frontier, and the bytes of the logs the store has read.
+fn store_position(store: &Path) -> Option<(u64, u64)> {
+    let conn = rusqlite::Connection::open_with_flags(store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let frontier: String = conn.query_row("SELECT value FROM meta WHERE key = 'frontier'", [], |r| r.get(0)).ok()?;
+    let offsets: i64 = conn.query_row("SELECT coalesce(sum(offset), 0) FROM partitions", [], |r| r.get(0)).ok()?;
+    Some((frontier.parse().ok()?, offsets as u64))
+}
+
+fn log_bytes(logs: &Path) -> u64 {
+    std::fs::read_dir(logs).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
+/// Waits until the store has committed every byte of the logs.
+fn wait_until_caught_up(logs: &Path, store: &Path, within: Duration) {
+    let started = Instant::now();
+    let total = log_bytes(logs);
+    loop {
+        if store_position(store).is_some_and(|(_, read)| read == total) {
+            return;
+        }
+        assert!(started.elapsed() < within, "the follower did not commit the logs' {total} bytes within {within:?}: {:?}", store_position(store));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Appends the lines of generated partitions to the followed directory in random chunks, as ad
+/// servers do, sometimes stopping in the middle of a line and finishing it on the next write.
+struct Writer {
+    done: Arc<AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
+impl Writer {
+    /// Creates every partition with its header and first lines, then appends the rest from a
+    /// thread, about `rounds` writes to each partition, `pause` apart.
+    fn start(source: &Path, logs: &Path, seed: u64, rounds: u64, pause: Duration) -> Writer {
+        std::fs::create_dir_all(logs).unwrap();
+        let mut partitions: Vec<(PathBuf, Vec<u8>, usize)> = Vec::new();
+        let mut names: Vec<_> = std::fs::read_dir(source).unwrap().map(|e| e.unwrap().path()).collect();
+        names.sort();
+        for path in names {
+            let bytes = std::fs::read(&path).unwrap();
+            let target = logs.join(path.file_name().unwrap());
+            // The header and the first line, so that every partition holds the watermark back
+            // from the start as it would in a clean replay.
+            let first = nth_line_end(&bytes, 0, 2);
+            std::fs::write(&target, &bytes[..first]).unwrap();
+            partitions.push((target, bytes, first));
+        }
+        let done = Arc::new(AtomicBool::new(false));
+        let finished = Arc::clone(&done);
+        let handle = std::thread::spawn(move || {
+            let mut rng = Rng::new(seed);
+            let total: usize = partitions.iter().map(|p| p.1.len()).sum();
+            let per_round = (total as u64 / rounds / partitions.len() as u64).max(1) as usize;
+            while partitions.iter().any(|(_, bytes, at)| *at < bytes.len()) {
+                for (target, bytes, at) in &mut partitions {
+                    if *at >= bytes.len() {
+                        continue;
+                    }
+                    let want = (*at + per_round / 2 + rng.below(per_round as u64 + 1) as usize).min(bytes.len());
+                    // Mostly whole lines; now and then a line cut in two.
+                    let end = if rng.below(5) == 0 { want } else { nth_line_end(bytes, want, 1).min(bytes.len()) };
+                    let mut file = std::fs::OpenOptions::new().append(true).open(&*target).unwrap();
+                    file.write_all(&bytes[*at..end]).unwrap();
+                    *at = end;
+                }
+                std::thread::sleep(pause);
+            }
+            finished.store(true, Ordering::SeqCst);
+        });
+        Writer { done, handle }
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    fn join(self) {
+        self.handle.join().expect("the writer thread");
+    }
+}
+
+/// The offset just past the `lines`-th newline at or after `from` (or the end).
+fn nth_line_end(bytes: &[u8], from: usize, lines: usize) -> usize {
+    let mut at = from;
+    for _ in 0..lines {
+        match bytes[at.min(bytes.len())..].iter().position(|&b| b == b'\n') {
+            Some(i) => at += i + 1,
+            None => return bytes.len(),
+        }
+    }
+    at
+}
+
+#[test]
+fn a_replayed_store_exports_what_run_out_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    generate(&logs, 30_000, 3, 12, 7);
+    let store = dir.path().join("answers.db");
+    let exported = finish_and_export(&logs, &store);
+    assert_same_outputs(&clean_replay(&logs), &exported, "store export vs run --out");
+    // A finished store is not resumed again by mistake.
+    let mut args = vec!["run", "--logs", s(&logs), "--store", s(&store)];
+    args.extend(SETTINGS);
+    assert!(run_err(&args).contains("finished replay"));
+}
+
+/// Issue #6's crash test: a writer appends to 4 partitions; the follower is killed with SIGKILL
+/// at random moments (at least 10 times, while it recovers too) and restarted each time; at the
+/// end its store equals a clean replay of the same files, every file and the whole changelog.
+#[test]
+fn kill_9_at_random_moments_while_following_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    let logs = dir.path().join("logs");
+    let store = dir.path().join("store").join("answers.db");
+    generate(&source, 60_000, 4, 30, 11);
+    let writer = Writer::start(&source, &logs, 5, 250, Duration::from_millis(25));
+    let mut rng = Rng::new(2026);
+    let mut kills = 0;
+    let mut frontiers = Vec::new();
+    while kills < 12 || !writer.is_done() {
+        let mut follower = start_follower(&logs, &store);
+        std::thread::sleep(Duration::from_millis(150 + rng.below(900)));
+        if let Ok(Some(status)) = follower.try_wait() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(follower.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+            panic!("the follower exited on its own ({status}): {stderr}");
+        }
+        follower.kill().unwrap();
+        follower.wait().unwrap();
+        kills += 1;
+        frontiers.push(store_position(&store).map(|p| p.0));
+    }
+    writer.join();
+    // The committed watermark moved on between kills: the followers did commit, not only rebuild.
+    let distinct: std::collections::BTreeSet<_> = frontiers.iter().flatten().collect();
+    assert!(distinct.len() >= 4, "the store hardly advanced across {kills} kills: {frontiers:?}");
+    // One last follower catches up and is stopped cleanly.
+    let mut follower = start_follower(&logs, &store);
+    // The store may hold every byte already: give this follower time to start before stopping it.
+    std::thread::sleep(Duration::from_millis(700));
+    wait_until_caught_up(&logs, &store, Duration::from_secs(60));
+    sigterm(&follower);
+    let status = follower.wait().unwrap();
+    assert!(status.success(), "SIGTERM should stop the follower cleanly: {status}");
+    assert_same_outputs(&clean_replay(&logs), &finish_and_export(&logs, &store), "store after 12 SIGKILLs vs a clean replay");
+}
+
+/// A clean stop (SIGTERM) and a restart continue where the store left off.
+#[test]
+fn a_restart_after_a_clean_stop_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    let logs = dir.path().join("logs");
+    let store = dir.path().join("answers.db");
+    generate(&source, 20_000, 4, 15, 3);
+    let writer = Writer::start(&source, &logs, 9, 60, Duration::from_millis(25));
+    let follower = start_follower(&logs, &store);
+    std::thread::sleep(Duration::from_millis(1200));
+    sigterm(&follower);
+    let output = follower.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && stderr.contains("stopped"), "{stderr}");
+    let (stopped_at, _) = store_position(&store).expect("the first follower committed");
+    writer.join();
+    let mut follower = start_follower(&logs, &store);
+    wait_until_caught_up(&logs, &store, Duration::from_secs(60));
+    sigterm(&follower);
+    assert!(follower.wait().unwrap().success());
+    assert!(store_position(&store).unwrap().0 > stopped_at);
+    assert_same_outputs(&clean_replay(&logs), &finish_and_export(&logs, &store), "store after a stop and a restart");
+}
+
+/// A follower picks up a partition that appears later, reads a line only once its newline has
+/// come, and reports a partition truncated or deleted under it instead of re-reading it.
+#[test]
+fn follow_mode_new_partitions_partial_lines_and_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    let store = dir.path().join("answers.db");
+    std::fs::create_dir_all(&logs).unwrap();
+    let header = "event_id,ts,ad_id,campaign_id,user_id,ip,country\n";
+    let line = |id: &str, ts: u64, ad: u64| format!("{id},{ts},{ad},7,1,10.0.0.1,US\n");
+    let t0 = 1_767_225_600_000u64;
+    std::fs::write(logs.join("part-00000.csv"), format!("{header}{}", line("a1", t0, 1))).unwrap();
+    std::fs::write(logs.join("part-00001.csv"), format!("{header}{}", line("b1", t0, 2))).unwrap();
+    let mut args = vec!["run", "--logs", s(&logs), "--store", s(&store), "--follow", "--idle-timeout", "1s"];
+    args.extend(SETTINGS);
+    let follower = clickagg().args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let append = |name: &str, text: &str| {
+        std::fs::OpenOptions::new().append(true).open(logs.join(name)).unwrap().write_all(text.as_bytes()).unwrap();
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // Half a line, then the rest: it must count once, whole.
+    let cut = line("a2", t0 + 1_000, 1);
+    append("part-00000.csv", &cut[..9]);
+    std::thread::sleep(Duration::from_millis(400));
+    append("part-00000.csv", &cut[9..]);
+    // A partition that appears while following.
+    std::fs::write(logs.join("part-00002.csv"), format!("{header}{}", line("c1", t0 + 2_000, 3))).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // Truncated under the reader, and deleted.
+    std::fs::write(logs.join("part-00001.csv"), header).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Past the first minute and its lateness, so that minute is committed.
+    for (name, id) in [("part-00000.csv", "a3"), ("part-00002.csv", "c2")] {
+        append(name, &line(id, t0 + 3 * 60_000, 9));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    std::fs::remove_file(logs.join("part-00002.csv")).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    sigterm(&follower);
+    let output = follower.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("new partition part-00002.csv"), "{stderr}");
+    assert!(stderr.contains("part-00001.csv: the partition file was truncated"), "{stderr}");
+    assert!(stderr.contains("part-00002.csv: the partition file was deleted"), "{stderr}");
+    let out = dir.path().join("out");
+    run_ok(&["export", "--store", s(&store), "--out", s(&out)]);
+    let files = read_outputs(&out);
+    let first_minute = t0 / 60_000;
+    assert_eq!(
+        files["ad_minute.csv"],
+        format!("minute,ad_id,clicks\n{first_minute},1,2\n{first_minute},2,1\n{first_minute},3,1\n"),
+        "a1 and the cut a2 on ad 1, b1 on ad 2, c1 from the new partition on ad 3"
+    );
+    let dead = &files["dead_letter.csv"];
+    assert!(dead.contains("part-00001.csv,") && dead.contains("partition_rotated"), "{dead}");
+    assert!(dead.contains("part-00002.csv,") && dead.contains("deleted"), "{dead}");
+    assert!(!dead.contains("a2"), "the cut line was read whole: {dead}");
+}
+
+/// Stores that cannot be resumed safely are refused with a message that says what to do, and
+/// are left byte for byte as they were.
+#[test]
+fn stores_that_cannot_be_resumed_are_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    generate(&logs, 5_000, 2, 6, 1);
+    let run_args = |store: &Path, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["run", "--logs", s(&logs), "--store", s(store)].map(String::from).to_vec();
+        args.extend(SETTINGS.iter().chain(extra).map(|a| a.to_string()));
+        args
+    };
+    let refuse = |args: &[String], needle: &str, store: &Path| {
+        let digest = |p: &Path| std::fs::read(p).ok().map(|b| xxhash_rust::xxh3::xxh3_128(&b));
+        let before = digest(store);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let stderr = run_err(&args);
+        assert!(stderr.contains(needle), "expected '{needle}' in: {stderr}");
+        assert!(digest(store) == before, "{} was changed", store.display());
+    };
+
+    // Not a database at all.
+    let garbage = dir.path().join("garbage.db");
+    std::fs::write(&garbage, b"this is not a clickagg store\n".repeat(200)).unwrap();
+    refuse(&run_args(&garbage, &[]), "is not a clickagg store", &garbage);
+    assert!(run_err(&["export", "--store", s(&garbage), "--out", s(&dir.path().join("x"))]).contains("not a clickagg store"));
+
+    // A store with commits, stopped cleanly part-way.
+    let committed = dir.path().join("committed.db");
+    let mut follower = clickagg().args(run_args(&committed, &["--follow"])).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    sigterm(&follower);
+    follower.wait().unwrap();
+    assert!(store_position(&committed).is_some(), "the follower committed");
+
+    // Cut short (a disk that lost its tail): an error naming the file, no panic.
+    let cut = dir.path().join("cut.db");
+    let bytes = std::fs::read(&committed).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    refuse(&run_args(&cut, &[]), "cut.db", &cut);
+
+    // Written under other settings.
+    refuse(&run_args(&committed, &["--top-k", "5"]), "written with other settings", &committed);
+
+    // From a newer clickagg.
+    let newer = dir.path().join("newer.db");
+    for suffix in ["", "-wal"] {
+        let from = format!("{}{suffix}", committed.display());
+        if Path::new(&from).exists() {
+            std::fs::copy(&from, format!("{}{suffix}", newer.display())).unwrap();
+        }
+    }
+    {
+        let conn = rusqlite::Connection::open(&newer).unwrap();
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'", []).unwrap();
+    }
+    refuse(&run_args(&newer, &[]), "schema version 99", &newer);
+
+    // Its write-ahead log is there but the store is not: moved or deleted part-way.
+    let missing = dir.path().join("missing.db");
+    std::fs::write(dir.path().join("missing.db-wal"), b"wal").unwrap();
+    refuse(&run_args(&missing, &[]), "write-ahead log", &missing);
+    assert!(!missing.exists());
+
+    // A partition truncated or replaced under the store.
+    let original = std::fs::read(logs.join("part-00000.csv")).unwrap();
+    std::fs::write(logs.join("part-00000.csv"), &original[..original.len() / 4]).unwrap();
+    refuse(&run_args(&committed, &[]), "truncated or replaced", &committed);
+    let mut replaced = original.clone();
+    replaced[60] ^= 1;
+    std::fs::write(logs.join("part-00000.csv"), &replaced).unwrap();
+    refuse(&run_args(&committed, &[]), "does not begin with the bytes", &committed);
+    // Restored, it resumes and finishes.
+    std::fs::write(logs.join("part-00000.csv"), &original).unwrap();
+    run_ok(&run_args(&committed, &[]).iter().map(String::as_str).collect::<Vec<_>>());
+}
