@@ -2,7 +2,8 @@
 """clickagg's benchmark harness: one command, figures in bench/RESULTS.md.
 
     python3 bench/bench.py                 # everything, 10M events, medians of 3
-    python3 bench/bench.py --only cluster  # one group: floor, throughput, hotkey, cluster, duckdb
+    python3 bench/bench.py --only cluster  # one group: floor, throughput, hotkey, cluster, duckdb,
+                                           # serving, recovery, freshness
     python3 bench/bench.py --events 1000000 --runs 1   # a quick look
 
 Data sets are generated once by `clickagg generate` and cached under --data (default
@@ -32,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The harness copies the binary it built here, so that a rebuild during a long run cannot change it.
 BINARY = ROOT / "target" / "release" / "clickagg"
-GROUPS = ["floor", "throughput", "hotkey", "cluster", "duckdb", "serving"]
+GROUPS = ["floor", "throughput", "hotkey", "cluster", "duckdb", "serving", "recovery", "freshness"]
 
 
 def log(message):
@@ -205,6 +206,115 @@ def serving_replay(logs, scratch, runs):
             "max": times[-1], "rss": max(r for _, r in samples), "runs": runs}
 
 
+def store_read(store):
+    """(committed frontier, bytes of the logs read) of a store, or None before its first commit."""
+    import sqlite3
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+            frontier = db.execute("SELECT value FROM meta WHERE key = 'frontier'").fetchone()
+            read = db.execute("SELECT coalesce(sum(offset), 0) FROM partitions").fetchone()[0]
+        return (int(frontier[0]), read) if frontier else None
+    except sqlite3.Error:
+        return None
+
+
+def follow_command(logs, store, *extra):
+    return [BINARY, "run", "--logs", logs, "--store", store, "--follow", "-w", "2", *extra]
+
+
+def recovery(data_dir, scratch, runs, rate_per_minute=20_000, short_minutes=90):
+    """Recovery time after a crash for two log lengths at the same rate (issue 6): a follower
+    commits all of the logs and is killed with SIGKILL; a new one is started and timed up to its
+    "recovered" line (the state as of the committed watermark rebuilt). It replays from the
+    checkpoints the retention needs (allowed lateness + the largest window), so the two lengths
+    should take the same time."""
+    results = []
+    for minutes in (short_minutes, 4 * short_minutes):
+        events = rate_per_minute * minutes
+        name = f"recovery-{minutes}m"
+        path = data_dir / name
+        marker = path / ".bench.json"
+        wanted = {"events": events, "minutes": minutes}
+        if not (marker.exists() and json.loads(marker.read_text()) == wanted):
+            log(f"generating {name} ({events} events over {minutes} minutes)")
+            subprocess.run([BINARY, "generate", "--out", path, "--events", str(events), "--minutes", str(minutes),
+                            "--partitions", "4", "--seed", "1"], check=True)
+            marker.write_text(json.dumps(wanted))
+        total = sum(p.stat().st_size for p in path.glob("part-*.csv"))
+        store = scratch / f"{name}.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{store}{suffix}").unlink(missing_ok=True)
+        command = follow_command(path, store, "--tick", "1m", "--idle-timeout", "1s")
+        started = time.monotonic()
+        first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while (store_read(store) or (0, 0))[1] < total:
+            time.sleep(0.2)
+        time.sleep(3)  # the partitions go idle and the watermark moves past the last rows
+        first.kill()
+        first.wait()
+        log(f"{name}: first follower committed {total} bytes in {time.monotonic() - started:.1f} s, then SIGKILL")
+        samples = []
+        for i in range(runs):
+            began = time.monotonic()
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            said = None
+            for line in process.stderr:
+                if "recovered:" in line:
+                    said = line.strip()
+                    break
+            seconds = time.monotonic() - began
+            process.kill()
+            process.wait()
+            if said is None:
+                raise SystemExit(f"{name}: the restarted follower never said it recovered")
+            log(f"{name}: restart {i + 1}/{runs}: recovered in {seconds:.2f} s ({said})")
+            samples.append(seconds)
+        results.append({"minutes": minutes, "events": events, "bytes": total, "median": statistics.median(samples),
+                        "min": min(samples), "max": max(samples), "runs": runs})
+    return results
+
+
+def freshness(scratch, runs, rate=200_000, seconds=20, tick="1s", delay_ms=5_000):
+    """Append-to-commit latency (issue 6): `clickagg feed` appends `rate` clicks/s stamped with
+    the wall clock to 4 partitions while `run --follow` commits; a click with ts t is committed by
+    the first commit whose frontier is past t. Reported: that commit's time minus t minus the
+    watermark delay, sampled every 10 ms of the feed (less its first 3 s of warm-up)."""
+    import bisect
+    import sqlite3
+    samples = []
+    for run in range(runs):
+        logs, store = scratch / f"fresh-{run}", scratch / f"fresh-{run}.db"
+        subprocess.run([BINARY, "feed", "--logs", logs, "--duration", "0s"], check=True, stderr=subprocess.DEVNULL)
+        follower = subprocess.Popen(follow_command(logs, store, "--tick", tick), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        began = int(time.time() * 1000)
+        subprocess.run([BINARY, "feed", "--logs", logs, "--rate", str(rate), "--duration", f"{seconds}s"], check=True,
+                       stderr=subprocess.DEVNULL)
+        ended = int(time.time() * 1000)
+        time.sleep(delay_ms / 1000 + 5)
+        status = Path(f"/proc/{follower.pid}/status").read_text()
+        rss = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) * 1024
+        follower.terminate()
+        follower.wait()
+        with sqlite3.connect(store) as db:
+            commits = db.execute("SELECT frontier, committed_at_ms FROM commits ORDER BY frontier").fetchall()
+        frontiers = [c[0] for c in commits]
+        latencies = []
+        for ts in range(began + 3_000, ended - 500, 10):
+            i = bisect.bisect_right(frontiers, ts)
+            if i < len(commits):
+                latencies.append(commits[i][1] - ts - delay_ms)
+        latencies.sort()
+        p50, p99 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        log(f"freshness: run {run + 1}/{runs}: p50 {p50} ms, p99 {p99} ms over the delay, {len(commits)} commits, "
+            f"{rss / 2**30:.2f} GiB")
+        samples.append((p50, p99, rss))
+        shutil.rmtree(logs)
+    return {"rate": rate, "seconds": seconds, "tick": tick, "p50": statistics.median(s[0] for s in samples),
+            "p99": statistics.median(s[1] for s in samples), "rss": max(s[2] for s in samples), "runs": runs}
+
+
 def duckdb_python(scratch_root):
     """A virtual environment of the harness's own with DuckDB, made once."""
     venv = scratch_root / "venv"
@@ -237,7 +347,7 @@ def commit():
     return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def render(results, lines, args, built_from, serving):
+def render(results, lines, args, built_from, serving, saved):
     by_name = {r["name"]: r for r in results}
     floor = {1: by_name.get("parse-only, 1 thread"), 2: by_name.get("parse-only, 2 threads")}
     rows = []
@@ -296,6 +406,31 @@ def render(results, lines, args, built_from, serving):
             *[f"| {name} | {v['p50']:.2f} | {v['p99']:.2f} | {v['rps']:.0f} | {v['errors']} |" for name, v in serving.items()],
             "",
         ]
+    if saved.get("recovery"):
+        text += [
+            "## Recovery after SIGKILL (issue 6)",
+            "",
+            "A follower (`run --follow -w 2 --tick 1m`, default lateness and windows) commits every row of the",
+            "logs and is killed; a new one is timed from its start to its `recovered:` line. Same rate (20k",
+            "events per minute of event time), two lengths:",
+            "",
+            "| log length | events | bytes | recovery median s | range s |",
+            "|---|---|---|---|---|",
+            *[f"| {r['minutes']} min | {r['events']:,} | {r['bytes']:,} | {r['median']:.2f} | {r['min']:.2f}–{r['max']:.2f} |"
+              for r in saved["recovery"]],
+            "",
+        ]
+    if saved.get("freshness"):
+        f = saved["freshness"]
+        text += [
+            "## Freshness (issue 6)",
+            "",
+            f"`clickagg feed` appends {f['rate']:,} clicks/s (4 partitions, ts = the wall clock) for {f['seconds']} s while",
+            f"`run --follow -w 2 --tick {f['tick']}` commits; latency = commit time − ts − watermark delay (5 s):",
+            "",
+            f"- p50 {f['p50']} ms, p99 {f['p99']} ms (target: p99 under 1000 ms); peak RSS {f['rss'] / 2**30:.2f} GiB",
+            "",
+        ]
     return "\n".join(text)
 
 
@@ -321,7 +456,7 @@ def main():
     BINARY = frozen
     default, lines = dataset(args.data, f"default-{args.events}", args.events, "default")
     results = []
-    serving = None
+    serving = recovered = fresh = None
     with tempfile.TemporaryDirectory(prefix="clickagg-bench-") as scratch:
         scratch = Path(scratch)
         out = scratch / "out"
@@ -345,6 +480,10 @@ def main():
         if "serving" in groups:
             add(serving_replay(default, scratch, args.runs), 2)
             serving = serving_latency(default, scratch, args.runs)
+        if "recovery" in groups:
+            recovered = recovery(args.data, scratch, args.runs)
+        if "freshness" in groups:
+            fresh = freshness(scratch, args.runs)
         if "duckdb" in groups:
             python = duckdb_python(args.data)
             job = [python, ROOT / "bench" / "duckdb_job.py", "--logs", default, "--out", scratch / "duckdb", "--threads", "2"]
@@ -360,12 +499,16 @@ def main():
         saved["rows"][r["name"]] = r
     if serving:
         saved["serving"] = serving
+    if recovered:
+        saved["recovery"] = recovered
+    if fresh:
+        saved["freshness"] = fresh
     store.write_text(json.dumps(saved, indent=1))
     order = ["parse-only, 1 thread", "parse-only, 2 threads", "run, 1×1 (processes × workers)", "run, 1×2",
              "run, 1×2, hot-key set", "run, 2×1 (two processes on loopback)", "run, 1×2 with --serve (to replay complete)",
              "DuckDB 2 threads, batch job"]
     merged = sorted(saved["rows"].values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
-    report = render(merged, lines, args, built_from, saved["serving"])
+    report = render(merged, lines, args, built_from, saved["serving"], saved)
     args.results.write_text(report)
     print(report)
     log(f"wrote {args.results}")

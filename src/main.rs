@@ -73,6 +73,28 @@ enum Command {
     },
     /// Write synthetic click logs.
     Generate(GenerateArgs),
+    /// Append clicks to partition files in real time, each stamped with the time it is written
+    /// (for trying `run --follow`, and for the freshness benchmark).
+    Feed {
+        /// The log directory; missing partition files are created with a header.
+        #[arg(long)]
+        logs: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        partitions: u32,
+        /// Clicks per second, over all partitions.
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        /// How long to write.
+        #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
+        duration: u64,
+        /// How often a batch is appended to each partition.
+        #[arg(long, default_value = "10ms", value_parser = parse_duration_ms)]
+        interval: u64,
+        #[arg(long, default_value_t = 100_000)]
+        ads: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Read and parse the logs with no dataflow: the floor that `run` is measured against.
     ParseOnly {
         #[arg(long)]
@@ -376,6 +398,26 @@ fn execute(command: Command) -> Result<(), String> {
                 counts.accepted,
                 counts.dead,
                 counts.lines as f64 / seconds
+            );
+            Ok(())
+        }
+        Command::Feed { logs, partitions, rate, duration, interval, ads, seed } => {
+            let config = clickagg::feed::FeedConfig {
+                logs,
+                partitions,
+                rate,
+                duration: std::time::Duration::from_millis(duration),
+                interval: std::time::Duration::from_millis(interval.max(1)),
+                ads,
+                seed,
+            };
+            let fed = clickagg::feed::feed(&config)?;
+            eprintln!(
+                "fed {} clicks to {} partitions in {} ({} batches late)",
+                fed.clicks,
+                config.partitions,
+                config.logs.display(),
+                fed.late_batches
             );
             Ok(())
         }
