@@ -11,6 +11,7 @@ pub mod feed;
 pub mod fuzzing;
 pub mod generate;
 pub mod introspect;
+pub mod reconcile;
 pub mod run;
 pub mod serve;
 pub mod shell;

@@ -71,6 +71,10 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Replay the logs with no lateness bound (every distinct click counts), compare every
+    /// per-minute answer with a store or output directory, and report each difference with the
+    /// too-late rows that explain it. Exits non-zero when a difference is unexplained.
+    Reconcile(ReconcileArgs),
     /// Write synthetic click logs.
     Generate(GenerateArgs),
     /// Append clicks to partition files in real time, each stamped with the time it is written
@@ -143,6 +147,24 @@ struct RunArgs {
     /// Print help.
     #[arg(long, action = clap::ArgAction::Help)]
     help: Option<bool>,
+    #[command(flatten)]
+    answers: AnswerArgs,
+    /// Print the summary when done.
+    #[arg(long)]
+    summary: bool,
+    /// Serve the HTTP API and dashboard here (e.g. 127.0.0.1:8080) during the replay, and keep
+    /// serving its final answers afterwards until interrupted. Process 0 only.
+    #[arg(long)]
+    serve: Option<String>,
+    /// Require `Authorization: Bearer TOKEN` on the API (the dashboard takes it as #token=).
+    #[arg(long)]
+    token: Option<String>,
+}
+
+/// The settings that change answers: `run` and `reconcile` take the same, and a store is only
+/// resumed or reconciled under the ones it was written with.
+#[derive(Args)]
+struct AnswerArgs {
     /// The watermark trails each partition's newest event by this much.
     #[arg(long, default_value = "5s", value_parser = parse_duration_ms)]
     watermark_delay: u64,
@@ -167,16 +189,53 @@ struct RunArgs {
     /// Fraud rule: a file of IPs or CIDR networks, one per line, whose clicks are not billable.
     #[arg(long)]
     blocklist: Option<PathBuf>,
-    /// Print the summary when done.
+}
+
+impl AnswerArgs {
+    /// Sets `config`'s rules and plan. The tick defaults to 1m for a replay, 1s when following.
+    fn configure(&self, config: &mut RunConfig, follow: bool) -> Result<(), String> {
+        config.rules.watermark_delay_ms = self.watermark_delay;
+        config.rules.allowed_lateness_ms = Some(self.allowed_lateness);
+        config.rules.tick_ms = self.tick.unwrap_or(if follow { 1_000 } else { 60_000 });
+        config.plan.top_k = self.top_k;
+        config.plan.windows = self.windows.clone();
+        config.plan.fraud.max_clicks_per_minute = self.max_clicks_per_minute;
+        if let Some(path) = &self.blocklist {
+            config.plan.fraud.blocklist = read_blocklist(path)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+struct ReconcileArgs {
+    /// Directory of part-NNNNN.csv files: the logs the answers were made from.
     #[arg(long)]
-    summary: bool,
-    /// Serve the HTTP API and dashboard here (e.g. 127.0.0.1:8080) during the replay, and keep
-    /// serving its final answers afterwards until interrupted. Process 0 only.
+    logs: PathBuf,
+    /// What was committed: a store (`run --store`) or an output directory (`run --out`).
     #[arg(long)]
-    serve: Option<String>,
-    /// Require `Authorization: Bearer TOKEN` on the API (the dashboard takes it as #token=).
+    against: PathBuf,
+    /// Directory for the report: summary.txt, differences.csv, explanations.csv, unexplained.csv.
     #[arg(long)]
-    token: Option<String>,
+    report: PathBuf,
+    /// Compare minutes from this one on (a minute number or an RFC 3339 time).
+    #[arg(long, value_parser = parse_minute)]
+    from: Option<u32>,
+    /// Compare minutes before this one.
+    #[arg(long, value_parser = parse_minute)]
+    to: Option<u32>,
+    /// Write the reconciled answers into the store as a new version (the old values and an audit
+    /// row are kept).
+    #[arg(long)]
+    apply: bool,
+    #[arg(short, long, default_value_t = 1)]
+    workers: usize,
+    #[command(flatten)]
+    answers: AnswerArgs,
+}
+
+fn parse_minute(text: &str) -> Result<u32, String> {
+    clickagg::serve::params::parse_minute(text)
 }
 
 #[derive(Args)]
@@ -318,21 +377,13 @@ fn execute(command: Command) -> Result<(), String> {
             config.out = args.out;
             config.workers = args.workers;
             config.cluster = cluster;
-            config.rules.watermark_delay_ms = args.watermark_delay;
-            config.rules.allowed_lateness_ms = Some(args.allowed_lateness);
-            config.rules.tick_ms = args.tick.unwrap_or(if args.follow { 1_000 } else { 60_000 });
+            args.answers.configure(&mut config, args.follow)?;
             config.store = args.store;
             if args.follow {
                 config.follow = Some(clickagg::run::Follow {
                     idle_timeout: std::time::Duration::from_millis(args.idle_timeout),
                     ..Default::default()
                 });
-            }
-            config.plan.top_k = args.top_k;
-            config.plan.windows = args.windows;
-            config.plan.fraud.max_clicks_per_minute = args.max_clicks_per_minute;
-            if let Some(path) = &args.blocklist {
-                config.plan.fraud.blocklist = read_blocklist(path)?;
             }
             let serving = match &args.serve {
                 Some(_) if !config.is_sink_process() => {
@@ -377,6 +428,29 @@ fn execute(command: Command) -> Result<(), String> {
                 Some(summary) if args.summary => print!("{}", render_summary(&summary)),
                 Some(_) => {}
                 None => eprintln!("clickagg: process {} done", args.process),
+            }
+            Ok(())
+        }
+        Command::Reconcile(args) => {
+            let mut run = RunConfig::new(args.logs, PathBuf::new());
+            run.workers = args.workers;
+            args.answers.configure(&mut run, false)?;
+            let config = clickagg::reconcile::ReconcileConfig {
+                run,
+                against: args.against,
+                report: args.report,
+                from: args.from,
+                to: args.to,
+                apply: args.apply,
+            };
+            let outcome = clickagg::reconcile::reconcile(&config)?;
+            println!("{}", outcome.line());
+            if outcome.unexplained > 0 {
+                return Err(format!(
+                    "{} differences are not explained by too-late rows: see {}",
+                    outcome.unexplained,
+                    config.report.join("unexplained.csv").display()
+                ));
             }
             Ok(())
         }

@@ -57,6 +57,10 @@ pub struct RunConfig {
     pub store: Option<PathBuf>,
     /// Tail the partitions as they grow instead of replaying them to their end.
     pub follow: Option<Follow>,
+    /// Where to start reading each partition (by index in name order) instead of its beginning:
+    /// reconciliation of a range skips what belongs to earlier minutes. Every row before a
+    /// checkpoint's offset has a ts at most its `max_ts`.
+    pub start_at: Option<Vec<Option<PartitionProgress>>>,
 }
 
 /// Follow mode's settings.
@@ -124,6 +128,7 @@ impl RunConfig {
             max_ahead_ms: 5 * 60_000,
             store: None,
             follow: None,
+            start_at: None,
         }
     }
 
@@ -238,7 +243,13 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
     let paths = list_partitions(&config.logs)?;
     let names: Vec<String> = paths.iter().map(|p| partition_name(p)).collect();
     // Open the store, and fail before starting workers if the output cannot be written.
-    let mut resume: Vec<Option<PartitionProgress>> = vec![None; paths.len()];
+    let mut resume: Vec<Option<PartitionProgress>> = match &config.start_at {
+        Some(start_at) if start_at.len() != paths.len() => {
+            return Err(format!("{} start offsets for {} partitions", start_at.len(), paths.len()))
+        }
+        Some(start_at) => start_at.clone(),
+        None => vec![None; paths.len()],
+    };
     let sink = if config.is_sink_process() {
         let mut sink = OutputSink::new(names.clone(), config.rules, &config.logs);
         if let Some(path) = &config.store {

@@ -222,6 +222,131 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens an existing store to write reconciled answers into it (`reconcile --apply`).
+    pub fn open_to_apply(path: &Path) -> Result<Store, String> {
+        drop(Store::open_read_only(path)?);
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|e| sql_error(path, e))?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| sql_error(path, e))?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql_error(path, e))?;
+        // A follower committing at the same time holds the write lock for a moment at a time.
+        conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(|e| sql_error(path, e))?;
+        Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new() })
+    }
+
+    /// The settings the store was written with.
+    pub fn settings(&self) -> Result<String, String> {
+        Ok(self.meta("settings")?.unwrap_or_default())
+    }
+
+    /// Minutes before this one are final in the store (no later commit can change them); `None`
+    /// when the store holds a finished replay, whose every minute is final.
+    pub fn final_minutes_before(&self, rules: &clickagg_dataflows::EventTimeRules) -> Result<Option<Minute>, String> {
+        if self.meta("complete")?.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(self.committed()?.map_or(0, |c| rules.final_minutes_before(c.frontier))))
+    }
+
+    /// The committed per-minute answers whose minute is `in_range`, keyed as reconcile compares them.
+    pub fn answers(&self, in_range: impl Fn(Minute) -> bool) -> Result<crate::reconcile::Answers, String> {
+        let err = |e: rusqlite::Error| sql_error(&self.path, e);
+        let mut answers = crate::reconcile::Answers::new();
+        for (view, sql) in [
+            ("ad_minute", "SELECT minute, CAST(ad_id AS TEXT), clicks FROM ad_minute"),
+            ("campaign_minute", "SELECT minute, CAST(campaign_id AS TEXT), clicks FROM campaign_minute"),
+            ("country_minute", "SELECT minute, country || '/' || CAST(ad_id AS TEXT), clicks FROM country_minute"),
+            ("top_minute", "SELECT minute, CAST(ad_id AS TEXT), clicks FROM top_minute"),
+            ("fraud_minute", "SELECT minute, CAST(ad_id AS TEXT), excluded_clicks FROM fraud_minute"),
+        ] {
+            let mut statement = self.conn.prepare(sql).map_err(err)?;
+            let mut rows = statement.query([]).map_err(err)?;
+            while let Some(row) = rows.next().map_err(err)? {
+                let minute = row.get::<_, i64>(0).map_err(err)? as Minute;
+                if in_range(minute) {
+                    // Ids are stored as i64 bit patterns of u64s.
+                    let key: String = row.get(1).map_err(err)?;
+                    let key = match view {
+                        "country_minute" => match key.split_once('/') {
+                            Some((country, ad)) => format!("{country}/{}", ad.parse::<i64>().map_or(0, |a| a as u64)),
+                            None => key,
+                        },
+                        _ => key.parse::<i64>().map_or(key.clone(), |id| (id as u64).to_string()),
+                    };
+                    answers.insert((view, minute, key), row.get::<_, i64>(2).map_err(err)? as u64);
+                }
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Writes reconciled answers as a new version: each `(view, minute, key, old, new)` replaces
+    /// the committed row, the old values are kept in `superseded`, and `reconciliations` gets an
+    /// audit row; all in one transaction. Returns how many answers changed.
+    pub fn apply_reconciliation(
+        &mut self,
+        corrections: &[(&'static str, Minute, String, u64, u64)],
+        range: (Minute, Minute),
+        logs: &Path,
+    ) -> Result<u64, String> {
+        let path = self.path.clone();
+        let err = |e: rusqlite::Error| sql_error(&path, e);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS reconciliations (version INTEGER PRIMARY KEY, applied_at_ms INTEGER NOT NULL,
+                 from_minute INTEGER NOT NULL, to_minute INTEGER NOT NULL, logs TEXT NOT NULL,
+                 answers_changed INTEGER NOT NULL, clicks_added INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS superseded (version INTEGER NOT NULL, view TEXT NOT NULL, minute INTEGER NOT NULL,
+                 key TEXT NOT NULL, clicks INTEGER NOT NULL, reconciled_clicks INTEGER NOT NULL,
+                 PRIMARY KEY (version, view, minute, key)) WITHOUT ROWID;",
+        )
+        .map_err(err)?;
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let clicks_added: i64 =
+            corrections.iter().filter(|c| c.0 == "ad_minute").map(|c| c.4 as i64 - c.3 as i64).sum();
+        tx.execute(
+            "INSERT INTO reconciliations (applied_at_ms, from_minute, to_minute, logs, answers_changed, clicks_added)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![now_ms, range.0 as i64, range.1.min(i64::MAX as u32) as i64, logs.display().to_string(), corrections.len() as i64, clicks_added],
+        )
+        .map_err(err)?;
+        let version = tx.last_insert_rowid();
+        for (view, minute, key, old, new) in corrections {
+            tx.execute(
+                "INSERT INTO superseded (version, view, minute, key, clicks, reconciled_clicks) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![version, view, minute, key, *old as i64, *new as i64],
+            )
+            .map_err(err)?;
+            let id = |text: &str| -> Result<i64, String> {
+                text.parse::<u64>().map(|v| v as i64).map_err(|_| format!("reconcile: {view} key {key:?} is not an id"))
+            };
+            let (table, columns, mut values): (&str, &[&str], Vec<rusqlite::types::Value>) = match *view {
+                "country_minute" => {
+                    let (country, ad) = key.split_once('/').ok_or_else(|| format!("reconcile: country key {key:?}"))?;
+                    ("country_minute", &["country", "ad_id"], vec![country.to_string().into(), id(ad)?.into()])
+                }
+                "campaign_minute" => ("campaign_minute", &["campaign_id"], vec![id(key)?.into()]),
+                other => (other, &["ad_id"], vec![id(key)?.into()]),
+            };
+            let clicks = if *view == "fraud_minute" { "excluded_clicks" } else { "clicks" };
+            let condition: String = columns.iter().enumerate().map(|(i, c)| format!(" AND {c} = ?{}", i + 2)).collect();
+            let mut keyed: Vec<rusqlite::types::Value> = vec![(*minute as i64).into()];
+            keyed.extend(values.iter().cloned());
+            tx.execute(&format!("DELETE FROM {table} WHERE minute = ?1{condition}"), rusqlite::params_from_iter(keyed.iter()))
+                .map_err(err)?;
+            if *new > 0 {
+                let names = columns.join(", ");
+                let marks: String = (0..columns.len() + 2).map(|i| format!("?{}", i + 1)).collect::<Vec<_>>().join(", ");
+                values.insert(0, (*minute as i64).into());
+                values.push((*new as i64).into());
+                tx.execute(&format!("INSERT INTO {table} (minute, {names}, {clicks}) VALUES ({marks})"), rusqlite::params_from_iter(values.iter()))
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(corrections.len() as u64)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
