@@ -14,7 +14,7 @@ use clickagg_dataflows::{
 };
 
 use crate::serve::state::{Counters, ServingState};
-use crate::store::{Batch, Committed, Store};
+use crate::store::{Batch, Committed, Committer, Store};
 
 /// What a run saw, for the summary a human reads and for tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -84,7 +84,7 @@ pub struct OutputSink {
     rules: EventTimeRules,
     files: Option<Files>,
     /// The durable store and what its next commit holds.
-    store: Option<(Store, Batch)>,
+    store: Option<(Committer, Batch)>,
     /// Recovery: updates before this time were committed by an earlier run. They are applied
     /// to the sink's own state (the window tops) but written nowhere.
     committed_before: Time,
@@ -266,7 +266,7 @@ impl OutputSink {
             self.last_minute = committed.last_minute;
         }
         let batch = Batch { partition_names: self.partition_names.clone(), ..Default::default() };
-        self.store = Some((store, batch));
+        self.store = Some((Committer::start(store), batch));
     }
 
     /// Publishes every advance to `state` too, for the server.
@@ -401,16 +401,19 @@ impl OutputSink {
                 }
             }
         }
+        // Every update before the committed watermark is applied again: the state is as it was.
+        if frontier.is_none_or(|f| f >= self.committed_before) {
+            if let Some(since) = self.recovering_since.take() {
+                // Said once, for operators and for the recovery benchmark.
+                eprintln!(
+                    "clickagg: recovered: the state as of the committed watermark {} was rebuilt in {:.3} s; committing again",
+                    self.committed_before,
+                    since.elapsed().as_secs_f64()
+                );
+            }
+        }
         if let Some((store, batch)) = &mut self.store {
             if frontier.is_none_or(|f| f > self.committed_before) {
-                if let Some(since) = self.recovering_since.take() {
-                    // Said once, for operators and for the recovery benchmark.
-                    eprintln!(
-                        "clickagg: recovered: the state as of the committed watermark {} was rebuilt in {:.3} s; committing again",
-                        self.committed_before,
-                        since.elapsed().as_secs_f64()
-                    );
-                }
                 batch.next_boundary = self.next_boundary;
                 batch.last_minute = self.last_minute;
                 store.commit(frontier, batch).map_err(io::Error::other)?;
@@ -509,9 +512,14 @@ impl OutputSink {
     /// returns the run's summary.
     pub fn finish(mut self) -> io::Result<Summary> {
         self.advance(None)?;
+        // Every queued commit lands before the run reports success.
+        let store = match self.store.take() {
+            Some((committer, _)) => Some(committer.finish().map_err(io::Error::other)?),
+            None => None,
+        };
         if let Some(files) = &mut self.files {
             files.finish(&self.partition_names)?;
-        } else if let Some((store, _)) = &self.store {
+        } else if let Some(store) = store {
             store.summarize(&mut self.summary).map_err(io::Error::other)?;
         }
         Ok(self.summary)

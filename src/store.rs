@@ -805,3 +805,68 @@ fn apply_answer(tx: &rusqlite::Transaction<'_>, answer: &Answer, insert: bool) -
     statement.execute(rusqlite::params_from_iter(values))?;
     Ok(())
 }
+
+/// Commits on a thread of its own, so that worker 0 computes the next watermark advance while
+/// SQLite writes and syncs this one. One thread and one queue keep the commits in order; the
+/// queue holds one advance, so a store slower than the dataflow slows the dataflow down instead
+/// of filling memory. Each queued batch is still one transaction.
+pub struct Committer {
+    queue: Option<std::sync::mpsc::SyncSender<(Option<Time>, Batch)>>,
+    thread: Option<std::thread::JoinHandle<Result<Store, String>>>,
+    /// The frontier of the last batch sent.
+    sent: Option<Time>,
+}
+
+impl Committer {
+    pub fn start(store: Store) -> Committer {
+        let sent = store.frontier;
+        let (queue, batches) = std::sync::mpsc::sync_channel::<(Option<Time>, Batch)>(1);
+        let thread = std::thread::Builder::new()
+            .name("clickagg:commit".into())
+            .spawn(move || {
+                let mut store = store;
+                for (frontier, mut batch) in batches {
+                    store.commit(frontier, &mut batch)?;
+                }
+                Ok(store)
+            })
+            .expect("spawning the commit thread");
+        Committer { queue: Some(queue), thread: Some(thread), sent }
+    }
+
+    /// Hands `batch` to the commit thread with `frontier`, leaving `batch` empty (its partition
+    /// names kept). A batch of progress alone, with no new frontier, waits for the next one:
+    /// offsets without answers need no transaction of their own.
+    pub fn commit(&mut self, frontier: Option<Time>, batch: &mut Batch) -> Result<(), String> {
+        let advances = match (frontier, self.sent) {
+            (None, _) | (_, None) => true,
+            (Some(f), Some(sent)) => f > sent,
+        };
+        let has_answers = !(batch.changes.is_empty() && batch.snapshots.is_empty() && batch.dead_letters.is_empty());
+        if !advances && !has_answers {
+            return Ok(());
+        }
+        let names = batch.partition_names.clone();
+        let full = std::mem::replace(batch, Batch { partition_names: names, ..Default::default() });
+        self.sent = frontier.or(Some(Time::MAX)).max(self.sent);
+        let queue = self.queue.as_ref().expect("the queue lives until finish");
+        if queue.send((frontier, full)).is_err() {
+            // The thread stopped on an error: that error is the one to report.
+            return Err(self.join().err().unwrap_or_else(|| "the commit thread stopped".into()));
+        }
+        Ok(())
+    }
+
+    /// Waits for every queued commit and returns the store.
+    pub fn finish(mut self) -> Result<Store, String> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<Store, String> {
+        self.queue = None;
+        match self.thread.take() {
+            Some(thread) => thread.join().map_err(|_| "the commit thread panicked".to_string())?,
+            None => Err("the commit thread was already joined".into()),
+        }
+    }
+}
