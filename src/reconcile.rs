@@ -122,7 +122,7 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
         }
     }
 
-    let scratch = tempfile_dir(&config.report)?;
+    let scratch = replay_scratch_dir(&config.report)?;
     let replay = |lateness: Option<u64>, out: &Path| -> Result<(), String> {
         let mut run_config = config.run.clone();
         run_config.out = Some(out.to_path_buf());
@@ -205,7 +205,7 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
 }
 
 /// A scratch directory for the replays, beside the report (so on the same disk).
-fn tempfile_dir(report: &Path) -> Result<PathBuf, String> {
+fn replay_scratch_dir(report: &Path) -> Result<PathBuf, String> {
     let dir = report.join(format!(".replays-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     Ok(dir)
