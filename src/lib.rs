@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod cluster_local;
 pub mod config;
 pub mod demo;
+pub mod error;
 pub mod feed;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -121,7 +121,7 @@ impl Files {
     /// Creates (or empties) the output directory's files.
     fn create(dir: &Path, windows: &[u32]) -> io::Result<Files> {
         std::fs::create_dir_all(dir.join("changelog"))
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot create output directory {}: {e}", dir.display())))?;
+            .map_err(|source| crate::error::EdgeError::OutputDirectory { path: dir.to_path_buf(), source })?;
         let mut changelog = create(&dir.join("changelog").join("updates.csv"))?;
         changelog.write_all(b"time,view,key,value,diff\n")?;
         let mut views = Vec::new();

@@ -208,13 +208,14 @@ impl Store {
         }
         match store.meta("schema_version").map_err(not_a_store)? {
             Some(v) if v == SCHEMA_VERSION.to_string() => {}
-            Some(v) => {
-                return Err(format!(
-                    "the store {} has schema version {v}, this clickagg ({}) reads version {SCHEMA_VERSION}; \
-                     export it with the clickagg that wrote it, or start a new store; it was left as it is",
-                    path.display(),
-                    env!("CARGO_PKG_VERSION")
-                ))
+            Some(found) => {
+                return Err(crate::error::EdgeError::StoreVersion {
+                    path: path.to_path_buf(),
+                    found,
+                    ours: env!("CARGO_PKG_VERSION"),
+                    reads: SCHEMA_VERSION,
+                }
+                .into())
             }
             None => return Err(not_a_store("no schema version".into())),
         }

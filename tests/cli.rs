@@ -53,3 +53,17 @@ fn generate_then_parse_only() {
     let stdout = String::from_utf8_lossy(&result.stdout);
     assert!(result.status.success() && stdout.starts_with("lines "), "{stdout}");
 }
+
+#[test]
+fn edge_errors_are_typed_and_say_what_to_do() {
+    use clickagg::error::EdgeError;
+    match clickagg::source::list_partitions(Path::new("/nonexistent/logs")) {
+        Err(EdgeError::LogDirectory { source, .. }) => assert_eq!(source.kind(), std::io::ErrorKind::NotFound),
+        other => panic!("expected a LogDirectory error, got {other:?}"),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("part-00000.csv")).unwrap();
+    let error = clickagg::source::list_partitions(dir.path()).unwrap_err();
+    assert!(matches!(error, EdgeError::NotAPartition { .. }), "{error:?}");
+    assert!(error.to_string().contains("move it out of the log directory"), "{error}");
+}

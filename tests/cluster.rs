@@ -175,7 +175,7 @@ fn cluster_flags_are_checked_before_anything_starts() {
         (vec!["-n", "2", "-p", "0", "--out", o], "needs --hostfile"),
         (vec!["-n", "2", "-p", "2", "-h", h, "--out", o], "out of range"),
         (vec!["-n", "3", "-p", "0", "-h", h, "--out", o], "one host:port line per process"),
-        (vec!["-n", "2", "-p", "0", "-h", h], "--out is required"),
+        (vec!["-n", "2", "-p", "0", "-h", h], "--out DIR or --store PATH is required"),
         (vec!["-n", "2", "-p", "0", "-h", "/nonexistent/hosts", "--out", o], "cannot read the hostfile"),
     ] {
         let output = clickagg().args(["run", "--logs", &logs]).args(&args).output().unwrap();

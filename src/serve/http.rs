@@ -27,15 +27,12 @@ pub struct HttpServer {
 
 /// Binds `address` and serves `state`. Fails at once, with the reason, if the address cannot be
 /// bound.
-pub fn serve(address: &str, state: Arc<ServingState>, token: Option<String>) -> Result<HttpServer, String> {
+pub fn serve(address: &str, state: Arc<ServingState>, token: Option<String>) -> Result<HttpServer, crate::error::EdgeError> {
     let handler = move |request: &Request| {
         let (status, content_type, body) = respond(request, &state, token.as_deref());
         Response { status, content_type, body }
     };
-    let local = listen(address, handler).map_err(|e| {
-        let hint = if e.kind() == std::io::ErrorKind::AddrInUse { " (another process holds the port; choose another with --serve)" } else { "" };
-        format!("cannot serve on {address}: {e}{hint}")
-    })?;
+    let local = listen(address, handler).map_err(|source| crate::error::EdgeError::Listen { address: address.to_string(), source })?;
     Ok(HttpServer { address: local })
 }
 

@@ -11,24 +11,24 @@ use clickagg_dataflows::{
     Admission, Click, DeadLetter, EventTimeRules, PartitionClock, PartitionProgress, Reason, Time,
 };
 
+use crate::error::EdgeError;
 use parse::{Header, LineParser};
 use reader::{Line, LineReader};
 
 /// The partition files of a log directory, sorted by name: `part-*.csv`.
-pub fn list_partitions(dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        format!("cannot read the log directory {}: {e} (pass --logs DIR with part-NNNNN.csv files)", dir.display())
-    })?;
+pub fn list_partitions(dir: &Path) -> Result<Vec<PathBuf>, EdgeError> {
+    let unreadable = |source| EdgeError::LogDirectory { path: dir.to_path_buf(), source };
+    let entries = std::fs::read_dir(dir).map_err(unreadable)?;
     let mut files = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let entry = entry.map_err(unreadable)?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with("part-") && name.ends_with(".csv") {
             // Something named like a partition that cannot be read as one is an error, not a
             // partition that silently goes missing.
             if !entry.path().is_file() {
-                return Err(format!("{} is named like a partition but is not a regular file", entry.path().display()));
+                return Err(EdgeError::NotAPartition { path: entry.path() });
             }
             files.push(entry.path());
         }
