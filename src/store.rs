@@ -100,6 +100,19 @@ pub struct Store {
     logs: PathBuf,
 }
 
+/// A read-write connection in the mode every commit relies on: write-ahead log, and a sync of
+/// each transaction before it counts as committed.
+fn open_writable(path: &Path, create: bool) -> Result<Connection, String> {
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| sql_error(path, e))?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| sql_error(path, e))?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql_error(path, e))?;
+    Ok(conn)
+}
+
 fn sql_error(path: &Path, e: rusqlite::Error) -> String {
     format!("store {}: {e}", path.display())
 }
@@ -158,14 +171,7 @@ impl Store {
             }
             existing.check_partitions(paths)?;
         }
-        let flags = if exists {
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        } else {
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        };
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| sql_error(path, e))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| sql_error(path, e))?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql_error(path, e))?;
+        let conn = open_writable(path, !exists)?;
         let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: logs.to_path_buf() };
         if !exists {
             store.conn.execute_batch(SCHEMA).map_err(|e| sql_error(path, e))?;
@@ -226,10 +232,7 @@ impl Store {
     /// Opens an existing store to write reconciled answers into it (`reconcile --apply`).
     pub fn open_to_apply(path: &Path) -> Result<Store, String> {
         drop(Store::open_read_only(path)?);
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(|e| sql_error(path, e))?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| sql_error(path, e))?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(|e| sql_error(path, e))?;
+        let conn = open_writable(path, false)?;
         // A follower committing at the same time holds the write lock for a moment at a time.
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(|e| sql_error(path, e))?;
         Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new() })
