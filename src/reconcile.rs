@@ -2,10 +2,15 @@
 //! lateness bound: every distinct click counts), compares every per-minute answer with what was
 //! committed, and says why each one differs.
 //!
-//! Two replays of the same dataflow code as `run`, and three sets of answers per key:
+//! Three sets of answers per key:
 //! - *committed*: what the store or output directory holds;
-//! - *expected*: what `run`'s rules give from these logs (a replay with the allowed lateness);
-//! - *reconciled*: what the reconciliation rule gives (a replay with no lateness bound).
+//! - *expected*: what `run`'s rules give from these logs;
+//! - *reconciled*: what the reconciliation rule gives (no lateness bound).
+//!
+//! One replay of the same dataflow code as `run` gives both of the last two, the differential
+//! way: the rows too late for `run` are held back and enter together at one last logical time,
+//! after every other row. The answers before that time are `run`'s; the updates at it turn
+//! them into the reconciled ones, so the changelog at that time is exactly the correction.
 //!
 //! SPEC §2 says the difference between `run` and `reconcile` is exactly the too-late rows, so a
 //! committed answer that equals the expected one and differs from the reconciled one is a
@@ -13,11 +18,11 @@
 //! answer that is not the expected one is unexplained: a store changed by hand, clicks lost or
 //! counted twice. After `--apply`, committed equals reconciled and nothing differs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use clickagg_dataflows::{minute_of, EventTimeRules, Minute, PartitionProgress, MINUTE_MS};
+use clickagg_dataflows::{minute_of, Minute, PartitionProgress, MINUTE_MS};
 
 use crate::run::{run, RunConfig};
 use crate::source::parse::{Header, LineParser};
@@ -27,9 +32,47 @@ use crate::store::Store;
 /// The per-minute views compared, as their files and tables are named.
 pub const VIEWS: [&str; 5] = ["ad_minute", "campaign_minute", "country_minute", "top_minute", "fraud_minute"];
 
-/// One answer: `(view, minute, key)` → clicks. `key` is the answer's key columns after the
-/// minute, joined by `/` as in the changelog (`ad_id`, `campaign_id`, `country/ad_id`).
-pub type Answers = BTreeMap<(&'static str, Minute, String), u64>;
+/// Which answer: the view (its index in `VIEWS`), the minute, and the key columns after it: a
+/// country (0 in the views without one) and an id (the ad, or the campaign). Ordered as the
+/// report lists answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AnswerKey {
+    pub view: u8,
+    pub minute: Minute,
+    pub country: u16,
+    pub id: u64,
+}
+
+impl AnswerKey {
+    pub fn view_name(&self) -> &'static str {
+        VIEWS[self.view as usize]
+    }
+
+    /// The key columns after the minute, joined by `/` as in the changelog.
+    pub fn key_text(&self) -> String {
+        if self.view_name() == "country_minute" {
+            format!("{}/{}", clickagg_dataflows::Country(self.country), self.id)
+        } else {
+            self.id.to_string()
+        }
+    }
+
+    /// From a view and the key columns after the minute as the files and changelog write them.
+    fn parse(view: u8, minute: Minute, text: &str) -> Option<AnswerKey> {
+        let (country, id) = match text.split_once('/') {
+            Some((country, id)) => (clickagg_dataflows::Country::parse(country.as_bytes())?.0, id),
+            None => (0, text),
+        };
+        Some(AnswerKey { view, minute, country, id: id.parse().ok()? })
+    }
+}
+
+fn view_index(name: &str) -> Option<u8> {
+    VIEWS.iter().position(|v| *v == name).map(|i| i as u8)
+}
+
+/// Answers with their clicks, sorted by key.
+pub type Answers = Vec<(AnswerKey, u64)>;
 
 /// What `reconcile` is asked to do.
 #[derive(Clone, Debug)]
@@ -83,7 +126,9 @@ struct TooLate {
 }
 
 pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
-    let lateness = config.run.rules.allowed_lateness_ms.ok_or("reconcile needs the allowed lateness the answers were made with")?;
+    if config.run.rules.allowed_lateness_ms.is_none() {
+        return Err("reconcile needs the allowed lateness the answers were made with".into());
+    }
     let is_store = config.against.is_file();
     if !is_store && !config.against.is_dir() {
         return Err(format!(
@@ -123,34 +168,35 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
     }
 
     let scratch = replay_scratch_dir(&config.report)?;
-    let replay = |lateness: Option<u64>, out: &Path| -> Result<(), String> {
-        let mut run_config = config.run.clone();
-        run_config.out = Some(out.to_path_buf());
-        run_config.store = None;
-        run_config.follow = None;
-        run_config.rules = EventTimeRules { allowed_lateness_ms: lateness, ..config.run.rules };
-        // The sliding windows are history of what was shown, not answers to correct.
-        run_config.plan.windows.clear();
-        run_config.start_at = start_at.clone();
-        run(&run_config).map(|_| ())
-    };
-    let expected_dir = scratch.join("expected");
-    let reconciled_dir = scratch.join("reconciled");
-    replay(Some(lateness), &expected_dir)?;
-    replay(None, &reconciled_dir)?;
+    // The last logical time: after every row's, which is at most the tick of the largest ts.
+    let largest_ts = crate::source::parse_only(&config.run.logs, config.run.workers, &config.run.rules)?.max_ts.unwrap_or(0);
+    let held_until = config.run.rules.tick(largest_ts) + config.run.rules.tick_ms;
+    let mut run_config = config.run.clone();
+    run_config.out = Some(scratch.clone());
+    run_config.store = None;
+    run_config.follow = None;
+    // The sliding windows are history of what was shown, not answers to correct.
+    run_config.plan.windows.clear();
+    run_config.start_at = start_at;
+    run_config.hold_too_late_until = Some(held_until);
+    run(&run_config)?;
     let in_range = |minute: Minute| minute >= compare.0 && minute < compare.1;
-    let expected = read_answers_dir(&expected_dir, in_range)?;
-    let reconciled = read_answers_dir(&reconciled_dir, in_range)?;
+    let reconciled = read_answers_dir(&scratch, in_range)?;
+    let before_held = values_before(&scratch, held_until, in_range)?;
     let committed = match &store {
         Some(store) => store.answers(in_range)?,
         None => read_answers_dir(&config.against, in_range)?,
     };
-    let too_late = too_late_rows(&expected_dir, &config.run.logs, in_range)?;
+    let mut too_late: BTreeMap<(Minute, u64), Vec<TooLate>> = BTreeMap::new();
+    for row in too_late_rows(&scratch, &config.run.logs, in_range)? {
+        too_late.entry((row.minute, row.ad)).or_default().push(row);
+    }
     std::fs::remove_dir_all(&scratch).ok();
 
     let mut outcome = Outcome::default();
-    let keys: BTreeSet<&(&'static str, Minute, String)> = committed.keys().chain(reconciled.keys()).chain(expected.keys()).collect();
-    outcome.minutes = keys.iter().map(|k| k.1).collect::<BTreeSet<_>>().len() as u64;
+    let mut held: Vec<AnswerKey> = before_held.keys().copied().collect();
+    held.sort_unstable();
+    let mut minutes = BTreeSet::new();
     std::fs::create_dir_all(&config.report).map_err(|e| format!("cannot create the report directory {}: {e}", config.report.display()))?;
     let create = |name: &str| -> Result<BufWriter<std::fs::File>, String> {
         let path = config.report.join(name);
@@ -164,25 +210,26 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
     let mut explanations = create("explanations.csv")?;
     writeln!(explanations, "minute,ad_id,partition,offset,line").map_err(io)?;
     let mut corrections: Vec<(&'static str, Minute, String, u64, u64)> = Vec::new();
-    for key in keys {
-        let get = |answers: &Answers| answers.get(key).copied().unwrap_or(0);
-        let (c, e, r) = (get(&committed), get(&expected), get(&reconciled));
-        let (view, minute, text) = key;
+    for (key, c, r) in merge_join(&committed, &reconciled, &held) {
+        // The expected answer is the reconciled one unless the held rows changed it.
+        let e = before_held.get(&key).map_or(r, |before| before.unwrap_or(0));
+        minutes.insert(key.minute);
+        let (view, minute, text) = (key.view_name(), &key.minute, key.key_text());
         if c == r {
             outcome.equal += 1;
             continue;
         }
         let explained = c == e;
-        if *view == "ad_minute" {
+        if view == "ad_minute" {
             outcome.clicks_added += r as i64 - c as i64;
         }
         writeln!(differences, "{view},{minute},{text},{c},{r},{:+},{}", r as i64 - c as i64, if explained { "yes" } else { "no" })
             .map_err(io)?;
         if explained {
             outcome.corrected += 1;
-            if *view == "ad_minute" {
-                let ad: u64 = text.parse().unwrap_or(u64::MAX);
-                for row in too_late.iter().filter(|t| t.minute == *minute && t.ad == ad) {
+            if view == "ad_minute" {
+                let ad = key.id;
+                for row in too_late.get(&(*minute, ad)).into_iter().flatten() {
                     writeln!(explanations, "{minute},{ad},{},{},\"{}\"", row.partition, row.offset, row.line.replace('"', "\"\""))
                         .map_err(io)?;
                 }
@@ -191,8 +238,9 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
             outcome.unexplained += 1;
             writeln!(unexplained, "{view},{minute},{text},{c},{e},{r}").map_err(io)?;
         }
-        corrections.push((view, *minute, text.clone(), c, r));
+        corrections.push((view, *minute, text, c, r));
     }
+    outcome.minutes = minutes.len() as u64;
     for mut file in [differences, unexplained, explanations] {
         file.flush().map_err(io)?;
     }
@@ -214,28 +262,88 @@ fn replay_scratch_dir(report: &Path) -> Result<PathBuf, String> {
 /// Reads the per-minute view files of an output directory.
 pub fn read_answers_dir(dir: &Path, in_range: impl Fn(Minute) -> bool) -> Result<Answers, String> {
     let mut answers = Answers::new();
-    for view in VIEWS {
-        let path = dir.join(format!("{view}.csv"));
+    for (view, name) in VIEWS.iter().enumerate() {
+        let path = dir.join(format!("{name}.csv"));
         let file = std::fs::File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         for (number, line) in std::io::BufReader::new(file).lines().enumerate().skip(1) {
             let line = line.map_err(|e| format!("reading {}: {e}", path.display()))?;
-            let bad = || format!("{}:{}: not a row of {view}: {line}", path.display(), number + 1);
+            let bad = || format!("{}:{}: not a row of {name}: {line}", path.display(), number + 1);
             let fields: Vec<&str> = line.split(',').collect();
             let minute: Minute = fields.first().and_then(|m| m.parse().ok()).ok_or_else(bad)?;
             if !in_range(minute) {
                 continue;
             }
-            let (key, clicks) = match (view, fields.as_slice()) {
+            let (key, clicks) = match (*name, fields.as_slice()) {
                 ("country_minute", [_, country, ad, clicks]) => (format!("{country}/{ad}"), clicks),
                 // top_minute: minute,rank,ad_id,clicks; its key is the ad.
                 ("top_minute", [_, _, ad, clicks]) => (ad.to_string(), clicks),
                 (_, [_, key, clicks]) => (key.to_string(), clicks),
                 _ => return Err(bad()),
             };
-            answers.insert((view, minute, key), clicks.parse().map_err(|_| bad())?);
+            let key = AnswerKey::parse(view as u8, minute, &key).ok_or_else(bad)?;
+            answers.push((key, clicks.parse().map_err(|_| bad())?));
         }
     }
+    answers.sort_unstable();
     Ok(answers)
+}
+
+/// Every key of `committed`, `reconciled` and `held` (all sorted) once, in order, with its
+/// committed and reconciled clicks (0 where absent).
+fn merge_join<'a>(committed: &'a Answers, reconciled: &'a Answers, held: &'a [AnswerKey]) -> impl Iterator<Item = (AnswerKey, u64, u64)> + 'a {
+    let (mut c, mut r, mut h) = (committed.iter().peekable(), reconciled.iter().peekable(), held.iter().peekable());
+    std::iter::from_fn(move || {
+        let key = [c.peek().map(|x| x.0), r.peek().map(|x| x.0), h.peek().map(|k| **k)].into_iter().flatten().min()?;
+        let take = |it: &mut std::iter::Peekable<std::slice::Iter<'a, (AnswerKey, u64)>>| match it.peek() {
+            Some((k, v)) if *k == key => {
+                let v = *v;
+                it.next();
+                v
+            }
+            _ => 0,
+        };
+        let (committed, reconciled) = (take(&mut c), take(&mut r));
+        if h.peek().is_some_and(|k| **k == key) {
+            h.next();
+        }
+        Some((key, committed, reconciled))
+    })
+}
+
+/// What each answer that changed at `time` held before it (`None`: it was absent), from the
+/// changelog's updates at `time`.
+fn values_before(out: &Path, time: u64, in_range: impl Fn(Minute) -> bool) -> Result<HashMap<AnswerKey, Option<u64>>, String> {
+    let path = out.join("changelog").join("updates.csv");
+    let file = std::fs::File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut retracted = Vec::new();
+    let mut appeared = Vec::new();
+    let prefix = format!("{time},");
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let Some(rest) = line.strip_prefix(&prefix) else { continue };
+        let bad = || format!("{}: not a changelog row: {line}", path.display());
+        // view,key,value,diff with key = minute/the answer's key.
+        let fields: Vec<&str> = rest.split(',').collect();
+        let [view, key, value, diff] = fields.as_slice() else { return Err(bad()) };
+        let Some(view) = view_index(view) else { continue };
+        let (minute, key) = key.split_once('/').ok_or_else(bad)?;
+        let minute: Minute = minute.parse().map_err(|_| bad())?;
+        if !in_range(minute) {
+            continue;
+        }
+        let key = AnswerKey::parse(view, minute, key).ok_or_else(bad)?;
+        match *diff {
+            "-1" => retracted.push((key, value.parse::<u64>().map_err(|_| bad())?)),
+            "1" => appeared.push(key),
+            _ => return Err(bad()),
+        }
+    }
+    // A retraction says what was there; an answer that only appeared was absent.
+    let mut before: HashMap<AnswerKey, Option<u64>> = retracted.into_iter().map(|(k, v)| (k, Some(v))).collect();
+    for key in appeared {
+        before.entry(key).or_insert(None);
+    }
+    Ok(before)
 }
 
 /// The too-late rows of a replay's dead letter, parsed with their partition's header.

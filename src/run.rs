@@ -61,6 +61,11 @@ pub struct RunConfig {
     /// reconciliation of a range skips what belongs to earlier minutes. Every row before a
     /// checkpoint's offset has a ts at most its `max_ts`.
     pub start_at: Option<Vec<Option<PartitionProgress>>>,
+    /// Reconciliation: rows too late for `rules` still count, all entering at this time, which
+    /// is after every other row's; the dataflow then keeps every minute open to the end (no
+    /// retention), so that the answers before this time are `run`'s and those after it have no
+    /// lateness bound. See `PartitionSource::hold_too_late_until`.
+    pub hold_too_late_until: Option<Time>,
 }
 
 /// Follow mode's settings.
@@ -129,6 +134,7 @@ impl RunConfig {
             store: None,
             follow: None,
             start_at: None,
+            hold_too_late_until: None,
         }
     }
 
@@ -151,10 +157,22 @@ impl RunConfig {
                 return Err("--follow writes no output directory, only the store: write the files with `clickagg export --store PATH --out DIR`".into());
             }
         }
+        if self.hold_too_late_until.is_some() && (self.store.is_some() || self.follow.is_some()) {
+            return Err("holding too-late rows to the end is for reconciling a replay, not for a store or follow mode".into());
+        }
         if self.rules.tick_ms == 0 || 60_000 % self.rules.tick_ms != 0 {
             return Err(format!("the tick ({} ms) must divide a minute", self.rules.tick_ms));
         }
         Ok(())
+    }
+
+    /// The rules the dataflow and the sink keep time by. The sources admit rows by `rules`; when
+    /// reconciling, the dataflow must not forget a minute before the held too-late rows arrive.
+    pub fn dataflow_rules(&self) -> EventTimeRules {
+        match self.hold_too_late_until {
+            Some(_) => EventTimeRules { allowed_lateness_ms: None, ..self.rules },
+            None => self.rules,
+        }
     }
 
     /// Process 0 holds the sink; the others only compute.
@@ -251,7 +269,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         None => vec![None; paths.len()],
     };
     let sink = if config.is_sink_process() {
-        let mut sink = OutputSink::new(names.clone(), config.rules, &config.logs);
+        let mut sink = OutputSink::new(names.clone(), config.dataflow_rules(), &config.logs);
         if let Some(path) = &config.store {
             let (store, committed) = Store::open(path, &config.store_settings(), &config.logs, &paths)?;
             if let Some(committed) = &committed {
@@ -328,7 +346,8 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         let (mut inputs, filters) = worker.dataflow::<Time, _, _>(|scope| {
             let (clicks, deliveries) = scope.new_collection::<Click, isize>();
             let (notes, note_collection) = scope.new_collection::<SourceNote, isize>();
-            let rendered = render_clicks(deliveries, &config.plan, &config.rules);
+            let dataflow_rules = config.dataflow_rules();
+            let rendered = render_clicks(deliveries, &config.plan, &dataflow_rules);
             // Serving: the billable clicks arranged by ip and by user, for filtered queries.
             let filters = config.serve_filters.then(|| {
                 let horizon = config.plan.windows.iter().copied().max().unwrap_or(0);
@@ -403,7 +422,12 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         let mut tails = Vec::new();
         for (i, path) in paths.iter().enumerate().skip(index).step_by(peers) {
             match PartitionSource::open_at(i as u32, path, resume[i]) {
-                Ok(source) => tails.push(Tail::new(source)),
+                Ok(mut source) => {
+                    if let Some(at) = config.hold_too_late_until {
+                        source.hold_too_late_until(at);
+                    }
+                    tails.push(Tail::new(source))
+                }
                 Err(e) => errors.push(e),
             }
         }

@@ -254,33 +254,31 @@ impl Store {
 
     /// The committed per-minute answers whose minute is `in_range`, keyed as reconcile compares them.
     pub fn answers(&self, in_range: impl Fn(Minute) -> bool) -> Result<crate::reconcile::Answers, String> {
+        use crate::reconcile::AnswerKey;
         let err = |e: rusqlite::Error| sql_error(&self.path, e);
         let mut answers = crate::reconcile::Answers::new();
         for (view, sql) in [
-            ("ad_minute", "SELECT minute, CAST(ad_id AS TEXT), clicks FROM ad_minute"),
-            ("campaign_minute", "SELECT minute, CAST(campaign_id AS TEXT), clicks FROM campaign_minute"),
-            ("country_minute", "SELECT minute, country || '/' || CAST(ad_id AS TEXT), clicks FROM country_minute"),
-            ("top_minute", "SELECT minute, CAST(ad_id AS TEXT), clicks FROM top_minute"),
-            ("fraud_minute", "SELECT minute, CAST(ad_id AS TEXT), excluded_clicks FROM fraud_minute"),
+            ("ad_minute", "SELECT minute, '', ad_id, clicks FROM ad_minute"),
+            ("campaign_minute", "SELECT minute, '', campaign_id, clicks FROM campaign_minute"),
+            ("country_minute", "SELECT minute, country, ad_id, clicks FROM country_minute"),
+            ("top_minute", "SELECT minute, '', ad_id, clicks FROM top_minute"),
+            ("fraud_minute", "SELECT minute, '', ad_id, excluded_clicks FROM fraud_minute"),
         ] {
+            let index = crate::reconcile::VIEWS.iter().position(|v| *v == view).expect("a view reconcile compares") as u8;
             let mut statement = self.conn.prepare(sql).map_err(err)?;
             let mut rows = statement.query([]).map_err(err)?;
             while let Some(row) = rows.next().map_err(err)? {
                 let minute = row.get::<_, i64>(0).map_err(err)? as Minute;
                 if in_range(minute) {
-                    // Ids are stored as i64 bit patterns of u64s.
-                    let key: String = row.get(1).map_err(err)?;
-                    let key = match view {
-                        "country_minute" => match key.split_once('/') {
-                            Some((country, ad)) => format!("{country}/{}", ad.parse::<i64>().map_or(0, |a| a as u64)),
-                            None => key,
-                        },
-                        _ => key.parse::<i64>().map_or(key.clone(), |id| (id as u64).to_string()),
-                    };
-                    answers.insert((view, minute, key), row.get::<_, i64>(2).map_err(err)? as u64);
+                    let country: String = row.get(1).map_err(err)?;
+                    let country = clickagg_dataflows::Country::parse(country.as_bytes()).map_or(0, |c| c.0);
+                    // Ids are stored as the i64 bit patterns of u64s.
+                    let id = row.get::<_, i64>(2).map_err(err)? as u64;
+                    answers.push((AnswerKey { view: index, minute, country, id }, row.get::<_, i64>(3).map_err(err)? as u64));
                 }
             }
         }
+        answers.sort_unstable();
         Ok(answers)
     }
 
