@@ -274,7 +274,7 @@ def recovery(data_dir, scratch, runs, rate_per_minute=20_000, short_minutes=90):
     return results
 
 
-def freshness(scratch, runs, rate=200_000, seconds=20, tick="1s", delay_ms=5_000):
+def freshness(scratch, runs, rate=200_000, seconds=20, tick="250ms", delay_ms=5_000):
     """Append-to-commit latency (issue 6): `clickagg feed` appends `rate` clicks/s stamped with
     the wall clock to 4 partitions while `run --follow` commits; a click with ts t is committed by
     the first commit whose frontier is past t. Reported: that commit's time minus t minus the

@@ -172,7 +172,7 @@ struct AnswerArgs {
     #[arg(long, default_value = "5m", value_parser = parse_duration_ms)]
     allowed_lateness: u64,
     /// Logical time granularity; must divide a minute. Finer ticks give more, earlier updates
-    /// (and commits): the default is 1m for a replay and 1s with --follow.
+    /// (and commits): the default is 1m for a replay and 250ms with --follow.
     #[arg(long, value_parser = parse_duration_ms)]
     tick: Option<u64>,
     /// How many ads each top-K keeps.
@@ -192,11 +192,11 @@ struct AnswerArgs {
 }
 
 impl AnswerArgs {
-    /// Sets `config`'s rules and plan. The tick defaults to 1m for a replay, 1s when following.
+    /// Sets `config`'s rules and plan. The tick defaults to 1m for a replay, 250ms when following.
     fn configure(&self, config: &mut RunConfig, follow: bool) -> Result<(), String> {
         config.rules.watermark_delay_ms = self.watermark_delay;
         config.rules.allowed_lateness_ms = Some(self.allowed_lateness);
-        config.rules.tick_ms = self.tick.unwrap_or(if follow { 1_000 } else { 60_000 });
+        config.rules.tick_ms = self.tick.unwrap_or(if follow { 250 } else { 60_000 });
         config.plan.top_k = self.top_k;
         config.plan.windows = self.windows.clone();
         config.plan.fraud.max_clicks_per_minute = self.max_clicks_per_minute;

@@ -73,6 +73,20 @@ impl EventTimeRules {
         admission
     }
 
+    /// When a count change at `time` reaches the sliding windows: at the last tick of its minute
+    /// (a time on a minute boundary stays). Every window answer is defined at minute boundaries,
+    /// and a snapshot at boundary w holds the updates before w, so postponing a change within its
+    /// minute changes no snapshot; it makes each window's top K run twice a minute (on the
+    /// boundary, where windows move, and at the minute's last tick) instead of once per tick.
+    /// With a one-minute tick it changes nothing.
+    pub fn window_time(&self, time: Time) -> Time {
+        if time % crate::types::MINUTE_MS == 0 {
+            time
+        } else {
+            (time / crate::types::MINUTE_MS + 1) * crate::types::MINUTE_MS - self.tick_ms
+        }
+    }
+
     /// Rounds up to a tick.
     pub fn tick_up(&self, ms: u64) -> Time {
         ms.div_ceil(self.tick_ms) * self.tick_ms

@@ -62,13 +62,14 @@ where
 {
     let windows = windows.to_vec();
     let rules = *rules;
-    let contributions = temporal::expiring(&format!("{name}Contributions"), per_minute, move |(key, clicks), time| {
+    let contributions = temporal::expiring_from(&format!("{name}Contributions"), per_minute, move |(key, clicks), time| {
         let (minute, key) = split(key);
         let current = rules.minute_final_at(minute).is_none_or(|final_at| time < final_at);
+        let from = rules.window_time(time);
         windows
             .iter()
             .filter(move |_| current)
-            .map(move |&window| ((window, key.clone()), (minute + window) as u64 * MINUTE_MS, *clicks as isize))
+            .map(move |&window| ((window, key.clone()), from, (minute + window) as u64 * MINUTE_MS, *clicks as isize))
             .collect::<Vec<_>>()
     });
     counts::count_named(name, contributions)

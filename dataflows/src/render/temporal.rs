@@ -29,6 +29,23 @@ where
     I: IntoIterator<Item = (D2, Time, isize)>,
     L: FnMut(&D, Time) -> I + 'static,
 {
+    let mut logic = logic;
+    render_expiring(name, input, move |d: &D, t| logic(d, t).into_iter().map(move |(e, expiry, w)| (e, t, expiry, w)), true, None)
+}
+
+/// As [`expiring`], except that each `(e, from, until, w)` that `logic(&d, t)` yields enters at
+/// `max(t, from)` instead of `t`, and leaves at `until` (if later). An update postponed this way is
+/// held here until the frontier reaches its time, like the retractions, and for the same reason.
+///
+/// Postponing to a coarser time lets an expensive downstream operator (a sliding window's top K)
+/// run once per coarse time instead of once per tick.
+pub fn expiring_from<'scope, D, D2, I, L>(name: &str, input: VecCollection<'scope, Time, D>, logic: L) -> VecCollection<'scope, Time, D2>
+where
+    D: Clone + 'static,
+    D2: Clone + 'static,
+    I: IntoIterator<Item = (D2, Time, Time, isize)>,
+    L: FnMut(&D, Time) -> I + 'static,
+{
     render_expiring(name, input, logic, true, None)
 }
 
@@ -47,7 +64,8 @@ where
     I: IntoIterator<Item = (D2, Time, isize)>,
     L: FnMut(&D, Time) -> I + 'static,
 {
-    render_expiring(name, input, logic, false, Some(observed))
+    let mut logic = logic;
+    render_expiring(name, input, move |d: &D, t| logic(d, t).into_iter().map(move |(e, expiry, w)| (e, t, expiry, w)), false, Some(observed))
 }
 
 fn render_expiring<'scope, D, D2, I, L>(
@@ -60,7 +78,7 @@ fn render_expiring<'scope, D, D2, I, L>(
 where
     D: Clone + 'static,
     D2: Clone + 'static,
-    I: IntoIterator<Item = (D2, Time, isize)>,
+    I: IntoIterator<Item = (D2, Time, Time, isize)>,
     L: FnMut(&D, Time) -> I + 'static,
 {
     input
@@ -70,18 +88,23 @@ where
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
                     let mut session = output.session(&capability);
+                    let mut hold = |update: (D2, Time, isize)| match held.get_mut(&update.1) {
+                        Some((_, pending)) => pending.push(update),
+                        None => {
+                            let cap = capability.delayed(&update.1, 0);
+                            held.insert(update.1, (cap, vec![update]));
+                        }
+                    };
                     for (datum, time, diff) in data.drain(..) {
-                        for (out, expiry, weight) in logic(&datum, time) {
-                            let expiry = time.max(expiry);
-                            session.give((out.clone(), time, diff * weight));
-                            let retraction = (out, expiry, -diff * weight);
-                            match held.get_mut(&expiry) {
-                                Some((_, pending)) => pending.push(retraction),
-                                None => {
-                                    let cap = capability.delayed(&expiry, 0);
-                                    held.insert(expiry, (cap, vec![retraction]));
-                                }
+                        for (out, from, until, weight) in logic(&datum, time) {
+                            let from = time.max(from);
+                            let until = from.max(until);
+                            if from == time {
+                                session.give((out.clone(), time, diff * weight));
+                            } else {
+                                hold((out.clone(), from, diff * weight));
                             }
+                            hold((out, until, -diff * weight));
                         }
                     }
                 });
