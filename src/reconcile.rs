@@ -22,22 +22,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use clickagg_dataflows::{minute_of, Minute, PartitionProgress, MINUTE_MS};
+use clickagg_dataflows::{minute_of, Answer, Country, Minute, PartitionProgress, View, MINUTE_MS};
 
 use crate::run::{run, RunConfig};
 use crate::source::parse::{Header, LineParser};
 use crate::source::{list_partitions, partition_name};
 use crate::store::Store;
 
-/// The per-minute views compared, as their files and tables are named.
-pub const VIEWS: [&str; 5] = ["ad_minute", "campaign_minute", "country_minute", "top_minute", "fraud_minute"];
-
-/// Which answer: the view (its index in `VIEWS`), the minute, and the key columns after it: a
-/// country (0 in the views without one) and an id (the ad, or the campaign). Ordered as the
-/// report lists answers.
+/// Which answer: one of the per-minute views (`View::PER_MINUTE`), the minute, and the key
+/// columns after it: a country (0 in the views without one) and an id (the ad, or the
+/// campaign). Ordered as the report lists answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AnswerKey {
-    pub view: u8,
+    pub view: View,
     pub minute: Minute,
     pub country: u16,
     pub id: u64,
@@ -45,30 +42,44 @@ pub struct AnswerKey {
 
 impl AnswerKey {
     pub fn view_name(&self) -> &'static str {
-        VIEWS[self.view as usize]
+        self.view.name()
     }
 
     /// The key columns after the minute, joined by `/` as in the changelog.
     pub fn key_text(&self) -> String {
-        if self.view_name() == "country_minute" {
-            format!("{}/{}", clickagg_dataflows::Country(self.country), self.id)
+        if self.view == View::CountryMinute {
+            format!("{}/{}", Country(self.country), self.id)
         } else {
             self.id.to_string()
         }
     }
 
+    /// This answer's row with `clicks`, as the dataflow and the store know it.
+    pub fn answer(&self, clicks: u64) -> Answer {
+        let (minute, id) = (self.minute, self.id);
+        match self.view {
+            View::AdMinute => Answer::AdMinute { minute, ad: id, clicks },
+            View::CampaignMinute => Answer::CampaignMinute { minute, campaign: id, clicks },
+            View::CountryMinute => Answer::CountryMinute { minute, country: Country(self.country), ad: id, clicks },
+            View::TopMinute => Answer::TopMinute { minute, ad: id, clicks },
+            View::FraudMinute => Answer::FraudMinute { minute, ad: id, clicks },
+            View::TopWindow => unreachable!("reconcile compares the per-minute views only"),
+        }
+    }
+
     /// From a view and the key columns after the minute as the files and changelog write them.
-    fn parse(view: u8, minute: Minute, text: &str) -> Option<AnswerKey> {
+    fn parse(view: View, minute: Minute, text: &str) -> Option<AnswerKey> {
         let (country, id) = match text.split_once('/') {
-            Some((country, id)) => (clickagg_dataflows::Country::parse(country.as_bytes())?.0, id),
+            Some((country, id)) => (Country::parse(country.as_bytes())?.0, id),
             None => (0, text),
         };
         Some(AnswerKey { view, minute, country, id: id.parse().ok()? })
     }
 }
 
-fn view_index(name: &str) -> Option<u8> {
-    VIEWS.iter().position(|v| *v == name).map(|i| i as u8)
+/// The per-minute view of a changelog or file name.
+fn per_minute_view(name: &str) -> Option<View> {
+    View::PER_MINUTE.into_iter().find(|v| v.name() == name)
 }
 
 /// Answers with their clicks, sorted by key.
@@ -209,7 +220,7 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
     writeln!(unexplained, "view,minute,key,committed,expected,reconciled").map_err(io)?;
     let mut explanations = create("explanations.csv")?;
     writeln!(explanations, "minute,ad_id,partition,offset,line").map_err(io)?;
-    let mut corrections: Vec<(&'static str, Minute, String, u64, u64)> = Vec::new();
+    let mut corrections: Vec<(AnswerKey, u64, u64)> = Vec::new();
     for (key, c, r) in merge_join(&committed, &reconciled, &held) {
         // The expected answer is the reconciled one unless the held rows changed it.
         let e = before_held.get(&key).map_or(r, |before| before.unwrap_or(0));
@@ -220,14 +231,14 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
             continue;
         }
         let explained = c == e;
-        if view == "ad_minute" {
+        if key.view == View::AdMinute {
             outcome.clicks_added += r as i64 - c as i64;
         }
         writeln!(differences, "{view},{minute},{text},{c},{r},{:+},{}", r as i64 - c as i64, if explained { "yes" } else { "no" })
             .map_err(io)?;
         if explained {
             outcome.corrected += 1;
-            if view == "ad_minute" {
+            if key.view == View::AdMinute {
                 let ad = key.id;
                 for row in too_late.get(&(*minute, ad)).into_iter().flatten() {
                     writeln!(explanations, "{minute},{ad},{},{},\"{}\"", row.partition, row.offset, row.line.replace('"', "\"\""))
@@ -238,7 +249,7 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
             outcome.unexplained += 1;
             writeln!(unexplained, "{view},{minute},{text},{c},{e},{r}").map_err(io)?;
         }
-        corrections.push((view, *minute, text, c, r));
+        corrections.push((key, c, r));
     }
     outcome.minutes = minutes.len() as u64;
     for mut file in [differences, unexplained, explanations] {
@@ -262,7 +273,8 @@ fn replay_scratch_dir(report: &Path) -> Result<PathBuf, String> {
 /// Reads the per-minute view files of an output directory.
 pub fn read_answers_dir(dir: &Path, in_range: impl Fn(Minute) -> bool) -> Result<Answers, String> {
     let mut answers = Answers::new();
-    for (view, name) in VIEWS.iter().enumerate() {
+    for view in View::PER_MINUTE {
+        let name = view.name();
         let path = dir.join(format!("{name}.csv"));
         let file = std::fs::File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         for (number, line) in std::io::BufReader::new(file).lines().enumerate().skip(1) {
@@ -273,14 +285,14 @@ pub fn read_answers_dir(dir: &Path, in_range: impl Fn(Minute) -> bool) -> Result
             if !in_range(minute) {
                 continue;
             }
-            let (key, clicks) = match (*name, fields.as_slice()) {
-                ("country_minute", [_, country, ad, clicks]) => (format!("{country}/{ad}"), clicks),
+            let (key, clicks) = match (view, fields.as_slice()) {
+                (View::CountryMinute, [_, country, ad, clicks]) => (format!("{country}/{ad}"), clicks),
                 // top_minute: minute,rank,ad_id,clicks; its key is the ad.
-                ("top_minute", [_, _, ad, clicks]) => (ad.to_string(), clicks),
+                (View::TopMinute, [_, _, ad, clicks]) => (ad.to_string(), clicks),
                 (_, [_, key, clicks]) => (key.to_string(), clicks),
                 _ => return Err(bad()),
             };
-            let key = AnswerKey::parse(view as u8, minute, &key).ok_or_else(bad)?;
+            let key = AnswerKey::parse(view, minute, &key).ok_or_else(bad)?;
             answers.push((key, clicks.parse().map_err(|_| bad())?));
         }
     }
@@ -325,7 +337,7 @@ fn values_before(out: &Path, time: u64, in_range: impl Fn(Minute) -> bool) -> Re
         // view,key,value,diff with key = minute/the answer's key.
         let fields: Vec<&str> = rest.split(',').collect();
         let [view, key, value, diff] = fields.as_slice() else { return Err(bad()) };
-        let Some(view) = view_index(view) else { continue };
+        let Some(view) = per_minute_view(view) else { continue };
         let (minute, key) = key.split_once('/').ok_or_else(bad)?;
         let minute: Minute = minute.parse().map_err(|_| bad())?;
         if !in_range(minute) {

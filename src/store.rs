@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use clickagg_dataflows::{Answer, DeadLetter, Minute, PartitionProgress, Time};
+use clickagg_dataflows::{Answer, DeadLetter, Minute, PartitionProgress, Time, View};
 
 use crate::sink::{changelog_fields, write_quoted, write_ranked, Summary};
 
@@ -158,7 +158,7 @@ impl Store {
             // a read-write one would fold the write-ahead log into the file when it closes, so
             // even a refused store would change on disk.
             let existing = Store::open_read_only(path)?;
-            let stored_settings = existing.meta("settings")?.unwrap_or_default();
+            let stored_settings = existing.settings()?;
             if stored_settings != settings {
                 return Err(format!(
                     "the store {} was written with other settings; resuming would mix two sets of answers.\n  store: {stored_settings}\n  now:   {settings}",
@@ -261,13 +261,12 @@ impl Store {
         let err = |e: rusqlite::Error| sql_error(&self.path, e);
         let mut answers = crate::reconcile::Answers::new();
         for (view, sql) in [
-            ("ad_minute", "SELECT minute, '', ad_id, clicks FROM ad_minute"),
-            ("campaign_minute", "SELECT minute, '', campaign_id, clicks FROM campaign_minute"),
-            ("country_minute", "SELECT minute, country, ad_id, clicks FROM country_minute"),
-            ("top_minute", "SELECT minute, '', ad_id, clicks FROM top_minute"),
-            ("fraud_minute", "SELECT minute, '', ad_id, excluded_clicks FROM fraud_minute"),
+            (View::AdMinute, "SELECT minute, '', ad_id, clicks FROM ad_minute"),
+            (View::CampaignMinute, "SELECT minute, '', campaign_id, clicks FROM campaign_minute"),
+            (View::CountryMinute, "SELECT minute, country, ad_id, clicks FROM country_minute"),
+            (View::TopMinute, "SELECT minute, '', ad_id, clicks FROM top_minute"),
+            (View::FraudMinute, "SELECT minute, '', ad_id, excluded_clicks FROM fraud_minute"),
         ] {
-            let index = crate::reconcile::VIEWS.iter().position(|v| *v == view).expect("a view reconcile compares") as u8;
             let mut statement = self.conn.prepare(sql).map_err(err)?;
             let mut rows = statement.query([]).map_err(err)?;
             while let Some(row) = rows.next().map_err(err)? {
@@ -277,7 +276,7 @@ impl Store {
                     let country = clickagg_dataflows::Country::parse(country.as_bytes()).map_or(0, |c| c.0);
                     // Ids are stored as the i64 bit patterns of u64s.
                     let id = row.get::<_, i64>(2).map_err(err)? as u64;
-                    answers.push((AnswerKey { view: index, minute, country, id }, row.get::<_, i64>(3).map_err(err)? as u64));
+                    answers.push((AnswerKey { view, minute, country, id }, row.get::<_, i64>(3).map_err(err)? as u64));
                 }
             }
         }
@@ -285,12 +284,12 @@ impl Store {
         Ok(answers)
     }
 
-    /// Writes reconciled answers as a new version: each `(view, minute, key, old, new)` replaces
-    /// the committed row, the old values are kept in `superseded`, and `reconciliations` gets an
+    /// Writes reconciled answers as a new version: each `(answer, old, new)` replaces the
+    /// committed row, the old values are kept in `superseded`, and `reconciliations` gets an
     /// audit row; all in one transaction. Returns how many answers changed.
     pub fn apply_reconciliation(
         &mut self,
-        corrections: &[(&'static str, Minute, String, u64, u64)],
+        corrections: &[(crate::reconcile::AnswerKey, u64, u64)],
         range: (Minute, Minute),
         logs: &Path,
     ) -> Result<u64, String> {
@@ -308,44 +307,26 @@ impl Store {
         .map_err(err)?;
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let clicks_added: i64 =
-            corrections.iter().filter(|c| c.0 == "ad_minute").map(|c| c.4 as i64 - c.3 as i64).sum();
+            corrections.iter().filter(|c| c.0.view == View::AdMinute).map(|c| c.2 as i64 - c.1 as i64).sum();
         tx.execute(
             "INSERT INTO reconciliations (applied_at_ms, from_minute, to_minute, logs, answers_changed, clicks_added)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![now_ms, range.0 as i64, range.1.min(i64::MAX as u32) as i64, logs.display().to_string(), corrections.len() as i64, clicks_added],
+            params![now_ms, range.0 as i64, range.1 as i64, logs.display().to_string(), corrections.len() as i64, clicks_added],
         )
         .map_err(err)?;
         let version = tx.last_insert_rowid();
-        for (view, minute, key, old, new) in corrections {
+        for (key, old, new) in corrections {
             tx.execute(
                 "INSERT INTO superseded (version, view, minute, key, clicks, reconciled_clicks) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![version, view, minute, key, *old as i64, *new as i64],
+                params![version, key.view_name(), key.minute, key.key_text(), *old as i64, *new as i64],
             )
             .map_err(err)?;
-            let id = |text: &str| -> Result<i64, String> {
-                text.parse::<u64>().map(|v| v as i64).map_err(|_| format!("reconcile: {view} key {key:?} is not an id"))
-            };
-            let (table, columns, mut values): (&str, &[&str], Vec<rusqlite::types::Value>) = match *view {
-                "country_minute" => {
-                    let (country, ad) = key.split_once('/').ok_or_else(|| format!("reconcile: country key {key:?}"))?;
-                    ("country_minute", &["country", "ad_id"], vec![country.to_string().into(), id(ad)?.into()])
-                }
-                "campaign_minute" => ("campaign_minute", &["campaign_id"], vec![id(key)?.into()]),
-                other => (other, &["ad_id"], vec![id(key)?.into()]),
-            };
-            let clicks = if *view == "fraud_minute" { "excluded_clicks" } else { "clicks" };
-            let condition: String = columns.iter().enumerate().map(|(i, c)| format!(" AND {c} = ?{}", i + 2)).collect();
-            let mut keyed: Vec<rusqlite::types::Value> = vec![(*minute as i64).into()];
-            keyed.extend(values.iter().cloned());
-            tx.execute(&format!("DELETE FROM {table} WHERE minute = ?1{condition}"), rusqlite::params_from_iter(keyed.iter()))
-                .map_err(err)?;
+            // An absent answer is a count of 0: no row to take out, or none to put in.
+            if *old > 0 {
+                apply_answer(&tx, &key.answer(*old), false).map_err(err)?;
+            }
             if *new > 0 {
-                let names = columns.join(", ");
-                let marks: String = (0..columns.len() + 2).map(|i| format!("?{}", i + 1)).collect::<Vec<_>>().join(", ");
-                values.insert(0, (*minute as i64).into());
-                values.push((*new as i64).into());
-                tx.execute(&format!("INSERT INTO {table} (minute, {names}, {clicks}) VALUES ({marks})"), rusqlite::params_from_iter(values.iter()))
-                    .map_err(err)?;
+                apply_answer(&tx, &key.answer(*new), true).map_err(err)?;
             }
         }
         tx.commit().map_err(err)?;
