@@ -63,15 +63,18 @@ fn logs(dir: &Path) -> std::path::PathBuf {
     logs
 }
 
+/// The settings the run and the reconcile share, as flags: reconcile must be given the run's.
+const SETTINGS: [&str; 6] = ["-w", "2", "--allowed-lateness", LATENESS, "--max-clicks-per-minute", "6"];
+
 fn run_args<'a>(logs: &'a Path, flag: &'a str, target: &'a Path) -> Vec<&'a str> {
-    vec!["run", "--logs", s(logs), flag, s(target), "-w", "2", "--allowed-lateness", LATENESS, "--max-clicks-per-minute", "6"]
+    let mut args = vec!["run", "--logs", s(logs), flag, s(target)];
+    args.extend(SETTINGS);
+    args
 }
 
 fn reconcile_args<'a>(logs: &'a Path, against: &'a Path, report: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "reconcile", "--logs", s(logs), "--against", s(against), "--report", s(report), "-w", "2", "--allowed-lateness", LATENESS,
-        "--max-clicks-per-minute", "6",
-    ];
+    let mut args = vec!["reconcile", "--logs", s(logs), "--against", s(against), "--report", s(report)];
+    args.extend(SETTINGS);
     args.extend(extra);
     args
 }
