@@ -122,6 +122,10 @@ struct RunArgs {
     /// resume from it after a crash or a stop. Created when missing.
     #[arg(long)]
     store: Option<PathBuf>,
+    /// Also commit every advance to this PostgreSQL database (postgres://user@host/db): the same
+    /// tables, exactly once. The store stays the recovery log, so --store is required.
+    #[arg(long)]
+    sink: Option<String>,
     /// Tail the partitions as they grow (and pick up new ones) until SIGTERM or Ctrl-C,
     /// committing to --store; a restart resumes where the store left off.
     #[arg(long)]
@@ -379,6 +383,7 @@ fn execute(command: Command) -> Result<(), String> {
             config.cluster = cluster;
             args.answers.configure(&mut config, args.follow)?;
             config.store = args.store;
+            config.sink = args.sink;
             if args.follow {
                 config.follow = Some(clickagg::run::Follow {
                     idle_timeout: std::time::Duration::from_millis(args.idle_timeout),

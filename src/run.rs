@@ -55,6 +55,8 @@ pub struct RunConfig {
     pub max_ahead_ms: u64,
     /// The durable store the answers are committed to (process 0), and resumed from.
     pub store: Option<PathBuf>,
+    /// A PostgreSQL database (`postgres://…`) that receives every advance the store commits.
+    pub sink: Option<String>,
     /// Tail the partitions as they grow instead of replaying them to their end.
     pub follow: Option<Follow>,
     /// Where to start reading each partition (by index in name order) instead of its beginning:
@@ -132,6 +134,7 @@ impl RunConfig {
             batch_lines: 50_000,
             max_ahead_ms: 5 * 60_000,
             store: None,
+            sink: None,
             follow: None,
             start_at: None,
             hold_too_late_until: None,
@@ -145,6 +148,16 @@ impl RunConfig {
         }
         if let Some(cluster) = &self.cluster {
             cluster.validate()?;
+        }
+        if let Some(sink) = &self.sink {
+            if !(sink.starts_with("postgres://") || sink.starts_with("postgresql://")) {
+                return Err(format!("--sink takes a postgres:// or postgresql:// URL, not {sink}"));
+            }
+            if self.store.is_none() {
+                return Err("--sink mirrors the store into PostgreSQL: add --store PATH, which keeps the checkpoints \
+                            a restart resumes from"
+                    .into());
+            }
         }
         if self.is_sink_process() && self.out.is_none() && self.store.is_none() {
             return Err("--out DIR or --store PATH is required (on process 0, which writes the answers)".into());
@@ -299,7 +312,14 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                     committed.frontier
                 );
             }
-            sink.commit_to(store, committed);
+            let mirror = match &config.sink {
+                Some(url) => {
+                    let mirrored = crate::postgres_sink::MirroredStore { id: store.id()?, committed: committed.clone() };
+                    Some(crate::postgres_sink::PostgresSink::connect(url, &config.store_settings(), &mirrored)?)
+                }
+                None => None,
+            };
+            sink.commit_to(store, committed, mirror);
         }
         if let Some(out) = &config.out {
             sink.write_files(out, &config.plan.windows).map_err(|e| e.to_string())?;

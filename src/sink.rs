@@ -258,7 +258,8 @@ impl OutputSink {
 
     /// Commits every advance to `store`. With `committed`, the store already holds the updates
     /// before `committed.frontier`: this run rebuilds its state from them without writing them.
-    pub fn commit_to(&mut self, store: Store, committed: Option<Committed>) {
+    /// `mirror` receives every advance too, before the store does.
+    pub fn commit_to(&mut self, store: Store, committed: Option<Committed>, mirror: Option<crate::postgres_sink::PostgresSink>) {
         if let Some(committed) = committed {
             self.committed_before = committed.frontier;
             self.recovering_since = Some(std::time::Instant::now());
@@ -266,7 +267,7 @@ impl OutputSink {
             self.last_minute = committed.last_minute;
         }
         let batch = Batch { partition_names: self.partition_names.clone(), ..Default::default() };
-        self.store = Some((Committer::start(store), batch));
+        self.store = Some((Committer::start(store, mirror), batch));
     }
 
     /// Publishes every advance to `state` too, for the server.

@@ -182,7 +182,11 @@ impl Store {
             store.set_meta("clickagg_version", env!("CARGO_PKG_VERSION"))?;
             store.set_meta("settings", settings)?;
             store.set_meta("logs", &logs.display().to_string())?;
+            store.set_meta("store_id", &new_store_id())?;
             return Ok((store, None));
+        }
+        if store.meta("store_id")?.is_none() {
+            store.set_meta("store_id", &new_store_id())?;
         }
         let committed = store.committed()?;
         store.frontier = committed.as_ref().map(|c| c.frontier);
@@ -239,6 +243,12 @@ impl Store {
         // A follower committing at the same time holds the write lock for a moment at a time.
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(|e| sql_error(path, e))?;
         Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new() })
+    }
+
+    /// The store's identity, random at its creation: a mirror database records the store it
+    /// mirrors, and refuses another.
+    pub fn id(&self) -> Result<String, String> {
+        self.meta("store_id")?.ok_or_else(|| format!("store {}: no store_id", self.path.display()))
     }
 
     /// The settings the store was written with.
@@ -443,7 +453,6 @@ impl Store {
         if self.frontier.is_some_and(|f| frontier_value <= f) && batch.is_empty() {
             return Ok(());
         }
-        let _guard = COMMIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let path = self.path.clone();
         let err = |e: rusqlite::Error| sql_error(&path, e);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
@@ -720,6 +729,15 @@ impl Store {
     }
 }
 
+/// 64 bits from the clock, the process and the address space: unique enough to tell two stores
+/// apart, without a dependency for randomness.
+fn new_store_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let local = 0u8;
+    let seed = format!("{nanos} {} {:p}", std::process::id(), &local);
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(seed.as_bytes()))
+}
+
 /// A store cut short (a disk that lost its tail, a partial copy) can still answer the first pages
 /// it is asked for. The header says how many pages the file held at its last checkpoint; a file
 /// shorter than that lost some. Reading the header is O(1), where `PRAGMA quick_check` would read
@@ -804,14 +822,30 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn start(store: Store) -> Committer {
+    /// With `mirror`, each advance commits to PostgreSQL first and to the store second, so the
+    /// mirror is never behind the store (see `postgres_sink`).
+    pub fn start(store: Store, mirror: Option<crate::postgres_sink::PostgresSink>) -> Committer {
         let sent = store.frontier;
         let (queue, batches) = std::sync::mpsc::sync_channel::<(Option<Time>, Batch)>(1);
         let thread = std::thread::Builder::new()
             .name("clickagg:commit".into())
             .spawn(move || {
                 let mut store = store;
+                let mut mirror = mirror;
+                // Fault injection for the tests: die after this many mirror commits, each time
+                // between the mirror's commit and the store's, the one moment the mirror is ahead.
+                let crash_after: Option<u64> =
+                    std::env::var("CLICKAGG_FAULT_CRASH_AFTER_MIRROR_COMMITS").ok().and_then(|n| n.parse().ok());
+                let mut mirrored = 0u64;
                 for (frontier, mut batch) in batches {
+                    let _committing = COMMIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(mirror) = &mut mirror {
+                        mirrored += u64::from(mirror.commit(frontier, &batch)?);
+                        if crash_after == Some(mirrored) {
+                            eprintln!("clickagg: fault injected: exiting between the PostgreSQL commit and the store's");
+                            std::process::abort();
+                        }
+                    }
                     store.commit(frontier, &mut batch)?;
                 }
                 Ok(store)

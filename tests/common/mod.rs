@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests: building logs, running clickagg, reading outputs.
 #![allow(dead_code)]
 
+pub mod follow;
 pub mod reference;
 pub mod server;
 
