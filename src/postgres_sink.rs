@@ -72,6 +72,7 @@ const TABLES: [(View, &str, &str, &str); 5] = [
 /// Taken for the connection's life: two runs mirroring into one database would interleave
 /// their advances. (An arbitrary constant: "clickagg" in ASCII.)
 const WRITER_LOCK: i64 = 0x636c_6963_6b61_6767;
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct PostgresSink {
     client: Client,
@@ -103,9 +104,16 @@ impl PostgresSink {
         let place = redact(url);
         let err = |e: postgres::Error| format!("PostgreSQL sink {place}: {}", describe(&e));
         let mut client = config.connect(NoTls).map_err(err)?;
-        let locked: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK]).map_err(err)?.get(0);
-        if !locked {
-            return Err(format!("PostgreSQL sink {place}: another clickagg is writing to this database; one writer at a time"));
+        // A writer killed a moment ago holds the lock until its server process notices the
+        // closed connection: wait a little before calling the database taken.
+        let waiting_since = std::time::Instant::now();
+        while !client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK]).map_err(err)?.get::<_, bool>(0) {
+            if waiting_since.elapsed() > LOCK_WAIT {
+                return Err(format!(
+                    "PostgreSQL sink {place}: another clickagg is writing to this database (waited {LOCK_WAIT:?}); one writer at a time"
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         let mut tx = client.transaction().map_err(err)?;
         tx.batch_execute(SCHEMA).map_err(err)?;

@@ -25,7 +25,7 @@ use crate::types::Time;
 pub fn expiring<'scope, D, D2, I, L>(name: &str, input: VecCollection<'scope, Time, D>, logic: L) -> VecCollection<'scope, Time, D2>
 where
     D: Clone + 'static,
-    D2: Clone + 'static,
+    D2: Ord + Clone + 'static,
     I: IntoIterator<Item = (D2, Time, isize)>,
     L: FnMut(&D, Time) -> I + 'static,
 {
@@ -42,7 +42,7 @@ where
 pub fn expiring_from<'scope, D, D2, I, L>(name: &str, input: VecCollection<'scope, Time, D>, logic: L) -> VecCollection<'scope, Time, D2>
 where
     D: Clone + 'static,
-    D2: Clone + 'static,
+    D2: Ord + Clone + 'static,
     I: IntoIterator<Item = (D2, Time, Time, isize)>,
     L: FnMut(&D, Time) -> I + 'static,
 {
@@ -60,7 +60,7 @@ pub fn expiring_observed<'scope, D, D2, I, L>(
 ) -> VecCollection<'scope, Time, D2>
 where
     D: Clone + 'static,
-    D2: Clone + 'static,
+    D2: Ord + Clone + 'static,
     I: IntoIterator<Item = (D2, Time, isize)>,
     L: FnMut(&D, Time) -> I + 'static,
 {
@@ -77,22 +77,32 @@ fn render_expiring<'scope, D, D2, I, L>(
 ) -> VecCollection<'scope, Time, D2>
 where
     D: Clone + 'static,
-    D2: Clone + 'static,
+    D2: Ord + Clone + 'static,
     I: IntoIterator<Item = (D2, Time, Time, isize)>,
     L: FnMut(&D, Time) -> I + 'static,
 {
     input
         .inner
         .unary_frontier(Pipeline, name, move |_, _| {
-            let mut held: BTreeMap<Time, (Capability<Time>, Vec<(D2, Time, isize)>)> = BTreeMap::new();
+            // Per release time: its capability, the updates, and their count after the last
+            // consolidation. A count that changes every tick is held as `-old`, `+new` pairs
+            // that telescope: consolidating when the updates double keeps a minute's worth of
+            // them from piling up and arriving at once.
+            let mut held: BTreeMap<Time, (Capability<Time>, Vec<(D2, Time, isize)>, usize)> = BTreeMap::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
                     let mut session = output.session(&capability);
                     let mut hold = |update: (D2, Time, isize)| match held.get_mut(&update.1) {
-                        Some((_, pending)) => pending.push(update),
+                        Some((_, pending, consolidated)) => {
+                            pending.push(update);
+                            if pending.len() >= 2 * *consolidated {
+                                differential_dataflow::consolidation::consolidate_updates(pending);
+                                *consolidated = pending.len().max(1024);
+                            }
+                        }
                         None => {
                             let cap = capability.delayed(&update.1, 0);
-                            held.insert(update.1, (cap, vec![update]));
+                            held.insert(update.1, (cap, vec![update], 1024));
                         }
                     };
                     for (datum, time, diff) in data.drain(..) {
@@ -120,7 +130,7 @@ where
                     if frontier.frontier().first().is_some_and(|f| f < entry.key()) {
                         break;
                     }
-                    let (capability, mut pending) = entry.remove();
+                    let (capability, mut pending, _) = entry.remove();
                     output.session(&capability).give_container(&mut pending);
                 }
             }
