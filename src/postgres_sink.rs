@@ -17,12 +17,12 @@
 //!
 //! Ids are `numeric(20)`, so an analyst sees the u64 the logs hold; counts and times are `bigint`.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::io::Write;
 
 use postgres::{Client, NoTls};
 
-use clickagg_dataflows::{Answer, Minute, Time, View};
+use clickagg_dataflows::{Answer, Country, Minute, Time, View};
 
 use crate::sink::changelog_fields;
 use crate::store::{Batch, Committed, SCHEMA_VERSION};
@@ -69,6 +69,9 @@ const TABLES: [(View, &str, &str, &str); 5] = [
     (View::FraudMinute, "fraud_minute", "ad_id", "excluded_clicks"),
 ];
 
+/// The position of `country_minute` in `TABLES`.
+const COUNTRY_TABLE: usize = 2;
+
 /// Taken for the connection's life: two runs mirroring into one database would interleave
 /// their advances. (An arbitrary constant: "clickagg" in ASCII.)
 const WRITER_LOCK: i64 = 0x636c_6963_6b61_6767;
@@ -88,8 +91,8 @@ pub struct MirroredStore {
     pub committed: Option<Committed>,
 }
 
-/// An answer row's key: `(table, minute, country, id)`.
-type RowKey = (u8, Minute, String, u64);
+/// An answer row's key: `(table, minute, country code, id)`.
+type RowKey = (u8, Minute, u16, u64);
 
 impl PostgresSink {
     /// Connects, creates the tables when missing, and checks that the database mirrors `store`:
@@ -196,7 +199,7 @@ impl PostgresSink {
             copy.finish().map_err(err)?;
 
             // Net effect per answer row, applied in the store's order: time by time, retractions first.
-            let mut net: BTreeMap<RowKey, Option<u64>> = BTreeMap::new();
+            let mut net: HashMap<RowKey, Option<u64>> = HashMap::with_capacity(changes.len());
             for at_one_time in changes.chunk_by(|a, b| a.0 == b.0) {
                 for positive in [false, true] {
                     for (_, answer, diff) in at_one_time.iter().filter(|c| (c.2 > 0) == positive) {
@@ -208,14 +211,20 @@ impl PostgresSink {
             }
             let mut copy = tx.copy_in("COPY stage_answer (tbl, minute, country, id, clicks) FROM STDIN").map_err(err)?;
             buffer.clear();
-            for ((tbl, minute, country, id), clicks) in &net {
+            for (&(tbl, minute, country, id), clicks) in &net {
+                // Only country_minute has a country; its codes print as letters, nothing to escape.
+                let country = if usize::from(tbl) == COUNTRY_TABLE { Country(country).to_string() } else { String::new() };
                 let _ = match clicks {
-                    Some(clicks) => writeln!(buffer, "{tbl}\t{minute}\t{}\t{id}\t{clicks}", escape(country)),
-                    None => writeln!(buffer, "{tbl}\t{minute}\t{}\t{id}\t\\N", escape(country)),
+                    Some(clicks) => writeln!(buffer, "{tbl}\t{minute}\t{country}\t{id}\t{clicks}"),
+                    None => writeln!(buffer, "{tbl}\t{minute}\t{country}\t{id}\t\\N"),
                 };
             }
             copy.write_all(&buffer).map_err(io_err)?;
             copy.finish().map_err(err)?;
+            // Without statistics the planner guesses the staged rows' number, and for a large
+            // answer table it chose to scan the table whole for every commit; counted, it looks
+            // each staged key up in the table's primary key.
+            tx.batch_execute("ANALYZE stage_answer").map_err(err)?;
             for (tbl, (view, table, id, clicks)) in TABLES.iter().enumerate() {
                 let country = if *view == View::CountryMinute { " AND t.country = s.country" } else { "" };
                 let country_column = if *view == View::CountryMinute { "country, " } else { "" };
@@ -318,11 +327,11 @@ impl PostgresSink {
 fn row_of(answer: &Answer) -> Option<(RowKey, u64)> {
     let tbl = |view: View| TABLES.iter().position(|t| t.0 == view).expect("every per-minute view has a table") as u8;
     Some(match *answer {
-        Answer::AdMinute { minute, ad, clicks } => ((tbl(View::AdMinute), minute, String::new(), ad), clicks),
-        Answer::CampaignMinute { minute, campaign, clicks } => ((tbl(View::CampaignMinute), minute, String::new(), campaign), clicks),
-        Answer::CountryMinute { minute, country, ad, clicks } => ((tbl(View::CountryMinute), minute, country.to_string(), ad), clicks),
-        Answer::TopMinute { minute, ad, clicks } => ((tbl(View::TopMinute), minute, String::new(), ad), clicks),
-        Answer::FraudMinute { minute, ad, clicks } => ((tbl(View::FraudMinute), minute, String::new(), ad), clicks),
+        Answer::AdMinute { minute, ad, clicks } => ((tbl(View::AdMinute), minute, 0, ad), clicks),
+        Answer::CampaignMinute { minute, campaign, clicks } => ((tbl(View::CampaignMinute), minute, 0, campaign), clicks),
+        Answer::CountryMinute { minute, country, ad, clicks } => ((tbl(View::CountryMinute), minute, country.0, ad), clicks),
+        Answer::TopMinute { minute, ad, clicks } => ((tbl(View::TopMinute), minute, 0, ad), clicks),
+        Answer::FraudMinute { minute, ad, clicks } => ((tbl(View::FraudMinute), minute, 0, ad), clicks),
         Answer::TopWindow { .. } => return None,
     })
 }

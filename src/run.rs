@@ -105,6 +105,8 @@ fn stop_on_signal() {
     }
     std::thread::spawn(|| loop {
         if SHUTDOWN.load(Ordering::SeqCst) {
+            // PostgreSQL's lock first, as its thread commits first; neither thread holds both.
+            let _mirroring = crate::store::MIRROR_LOCK.lock();
             let _committing = crate::store::COMMIT_LOCK.lock();
             eprintln!("clickagg: stopped; the store holds every answer before the last committed watermark");
             std::process::exit(0);

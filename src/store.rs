@@ -741,6 +741,33 @@ impl Store {
     }
 }
 
+/// Commits each batch to PostgreSQL, then hands it to the store's thread.
+fn mirror_commits(
+    mut mirror: crate::postgres_sink::PostgresSink,
+    batches: std::sync::mpsc::Receiver<(Option<Time>, Batch)>,
+    to_store: std::sync::mpsc::SyncSender<(Option<Time>, Batch)>,
+) -> Result<(), String> {
+    // Fault injection for the tests: die after this many mirror commits, right after one, when
+    // the mirror is ahead of the store.
+    let crash_after: Option<u64> = std::env::var("CLICKAGG_FAULT_CRASH_AFTER_MIRROR_COMMITS").ok().and_then(|n| n.parse().ok());
+    let mut mirrored = 0u64;
+    for (frontier, batch) in batches {
+        {
+            let _committing = MIRROR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            mirrored += u64::from(mirror.commit(frontier, &batch)?);
+            if crash_after == Some(mirrored) {
+                eprintln!("clickagg: fault injected: exiting between the PostgreSQL commit and the store's");
+                std::process::abort();
+            }
+        }
+        if to_store.send((frontier, batch)).is_err() {
+            // The store's thread stopped on an error, which `join` reports.
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// 64 bits from the clock, the process and the address space: unique enough to tell two stores
 /// apart, without a dependency for randomness.
 fn new_store_id() -> String {
@@ -866,44 +893,48 @@ fn row_key(answer: &Answer) -> Option<(u8, Minute, u16, u64)> {
 /// SQLite writes and syncs this one. One thread and one queue keep the commits in order; the
 /// queue holds one advance, so a store slower than the dataflow slows the dataflow down instead
 /// of filling memory. Each queued batch is still one transaction.
+///
+/// With a PostgreSQL mirror, a thread of its own commits each advance to PostgreSQL and then
+/// hands it on to the store's thread: PostgreSQL takes advance k+1 while SQLite takes advance k,
+/// and the mirror is never behind the store (see `postgres_sink`).
 pub struct Committer {
     queue: Option<std::sync::mpsc::SyncSender<(Option<Time>, Batch)>>,
     thread: Option<std::thread::JoinHandle<Result<Store, String>>>,
+    mirror_thread: Option<std::thread::JoinHandle<Result<(), String>>>,
     /// The frontier of the last batch sent.
     sent: Option<Time>,
 }
 
+/// Held while PostgreSQL commits, as `COMMIT_LOCK` is while the store does.
+pub static MIRROR_LOCK: Mutex<()> = Mutex::new(());
+
 impl Committer {
-    /// With `mirror`, each advance commits to PostgreSQL first and to the store second, so the
-    /// mirror is never behind the store (see `postgres_sink`).
     pub fn start(store: Store, mirror: Option<crate::postgres_sink::PostgresSink>) -> Committer {
         let sent = store.frontier;
         let (queue, batches) = std::sync::mpsc::sync_channel::<(Option<Time>, Batch)>(1);
+        let (store_batches, mirror_thread) = match mirror {
+            None => (batches, None),
+            Some(mirror) => {
+                let (to_store, store_batches) = std::sync::mpsc::sync_channel::<(Option<Time>, Batch)>(1);
+                let thread = std::thread::Builder::new()
+                    .name("clickagg:postgres".into())
+                    .spawn(move || mirror_commits(mirror, batches, to_store))
+                    .expect("spawning the PostgreSQL commit thread");
+                (store_batches, Some(thread))
+            }
+        };
         let thread = std::thread::Builder::new()
             .name("clickagg:commit".into())
             .spawn(move || {
                 let mut store = store;
-                let mut mirror = mirror;
-                // Fault injection for the tests: die after this many mirror commits, each time
-                // between the mirror's commit and the store's, the one moment the mirror is ahead.
-                let crash_after: Option<u64> =
-                    std::env::var("CLICKAGG_FAULT_CRASH_AFTER_MIRROR_COMMITS").ok().and_then(|n| n.parse().ok());
-                let mut mirrored = 0u64;
-                for (frontier, mut batch) in batches {
+                for (frontier, mut batch) in store_batches {
                     let _committing = COMMIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(mirror) = &mut mirror {
-                        mirrored += u64::from(mirror.commit(frontier, &batch)?);
-                        if crash_after == Some(mirrored) {
-                            eprintln!("clickagg: fault injected: exiting between the PostgreSQL commit and the store's");
-                            std::process::abort();
-                        }
-                    }
                     store.commit(frontier, &mut batch)?;
                 }
                 Ok(store)
             })
             .expect("spawning the commit thread");
-        Committer { queue: Some(queue), thread: Some(thread), sent }
+        Committer { queue: Some(queue), thread: Some(thread), mirror_thread, sent }
     }
 
     /// Hands `batch` to the commit thread with `frontier`, leaving `batch` empty (its partition
@@ -936,6 +967,10 @@ impl Committer {
 
     fn join(&mut self) -> Result<Store, String> {
         self.queue = None;
+        // The mirror's error first: when it stops, the store's thread just sees its queue end.
+        if let Some(mirror) = self.mirror_thread.take() {
+            mirror.join().map_err(|_| "the PostgreSQL commit thread panicked".to_string())??;
+        }
         match self.thread.take() {
             Some(thread) => thread.join().map_err(|_| "the commit thread panicked".to_string())?,
             None => Err("the commit thread was already joined".into()),

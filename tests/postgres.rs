@@ -150,6 +150,13 @@ fn pg_frontier(url: &str) -> Option<u64> {
     row.get::<_, String>(0).parse().ok()
 }
 
+/// A run stopped at any moment leaves PostgreSQL at or ahead of the store: it commits first, and
+/// may be an advance or two ahead while the store's thread catches up.
+fn assert_not_behind(store: &Path, url: &str) {
+    let (theirs, mine) = (pg_frontier(url), store_position(store).map(|p| p.0));
+    assert!(theirs >= mine, "PostgreSQL ({theirs:?}) is behind the store ({mine:?})");
+}
+
 fn replay_args<'a>(logs: &'a Path, store: &'a Path, url: &'a str) -> Vec<&'a str> {
     let mut args = vec!["run", "--logs", s(logs), "--store", s(store), "--sink", url, "-w", "2"];
     args.extend(SETTINGS);
@@ -234,7 +241,7 @@ fn a_crash_between_the_two_commits_writes_nothing_twice() {
     assert!(mine.is_some_and(|mine| theirs > mine), "PostgreSQL ({theirs}) should be one advance ahead of the store ({mine:?})");
     writer.join();
     follow_to_the_end(&logs, &store, &url);
-    assert_same_tables(&store, &url, "after a crash between the commits");
+    assert_not_behind(&store, &url);
     run_ok(&replay_args(&logs, &store, &url));
     assert_same_tables(&store, &url, "after a crash between the commits and a finishing replay");
     assert_same_outputs(&clean_replay(&logs), &export(&store), "store export vs run --out");
@@ -266,7 +273,7 @@ fn kill_9_while_following_leaves_postgres_equal_to_the_store() {
     }
     writer.join();
     follow_to_the_end(&logs, &store, &url);
-    assert_same_tables(&store, &url, "while following");
+    assert_not_behind(&store, &url);
     run_ok(&replay_args(&logs, &store, &url));
     assert_same_tables(&store, &url, &format!("after {kills} SIGKILLs and a finishing replay"));
     assert_same_outputs(&clean_replay(&logs), &export(&store), "store export vs run --out");
