@@ -221,10 +221,6 @@ impl PostgresSink {
             }
             copy.write_all(&buffer).map_err(io_err)?;
             copy.finish().map_err(err)?;
-            // Without statistics the planner guesses the staged rows' number, and for a large
-            // answer table it chose to scan the table whole for every commit; counted, it looks
-            // each staged key up in the table's primary key.
-            tx.batch_execute("ANALYZE stage_answer").map_err(err)?;
             for (tbl, (view, table, id, clicks)) in TABLES.iter().enumerate() {
                 let country = if *view == View::CountryMinute { " AND t.country = s.country" } else { "" };
                 let country_column = if *view == View::CountryMinute { "country, " } else { "" };
