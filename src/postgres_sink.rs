@@ -22,10 +22,10 @@ use std::io::Write;
 
 use postgres::{Client, NoTls};
 
-use clickagg_dataflows::{Answer, Country, Minute, Time, View};
+use clickagg_dataflows::{Answer, Minute, Time, View};
 
 use crate::sink::changelog_fields;
-use crate::store::{Batch, Committed, SCHEMA_VERSION};
+use crate::store::{AnswerRow, Batch, Committed, ANSWER_TABLES, SCHEMA_VERSION};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS clickagg_meta (key text PRIMARY KEY, value text NOT NULL);
@@ -60,18 +60,6 @@ CREATE TEMP TABLE stage_dead (partition text NOT NULL, \"offset\" bigint NOT NUL
     time bigint NOT NULL) ON COMMIT DELETE ROWS;
 ";
 
-/// The per-minute tables, by the `tbl` number their staged rows carry; `country` only for one.
-const TABLES: [(View, &str, &str, &str); 5] = [
-    (View::AdMinute, "ad_minute", "ad_id", "clicks"),
-    (View::CampaignMinute, "campaign_minute", "campaign_id", "clicks"),
-    (View::CountryMinute, "country_minute", "ad_id", "clicks"),
-    (View::TopMinute, "top_minute", "ad_id", "clicks"),
-    (View::FraudMinute, "fraud_minute", "ad_id", "excluded_clicks"),
-];
-
-/// The position of `country_minute` in `TABLES`.
-const COUNTRY_TABLE: usize = 2;
-
 /// Taken for the connection's life: two runs mirroring into one database would interleave
 /// their advances. (An arbitrary constant: "clickagg" in ASCII.)
 const WRITER_LOCK: i64 = 0x636c_6963_6b61_6767;
@@ -90,9 +78,6 @@ pub struct MirroredStore {
     pub id: String,
     pub committed: Option<Committed>,
 }
-
-/// An answer row's key: `(table, minute, country code, id)`.
-type RowKey = (u8, Minute, u16, u64);
 
 impl PostgresSink {
     /// Connects, creates the tables when missing, and checks that the database mirrors `store`:
@@ -199,29 +184,30 @@ impl PostgresSink {
             copy.finish().map_err(err)?;
 
             // Net effect per answer row, applied in the store's order: time by time, retractions first.
-            let mut net: HashMap<RowKey, Option<u64>> = HashMap::with_capacity(changes.len());
+            let mut net: HashMap<(usize, Minute, u16, u64), (AnswerRow, bool)> = HashMap::with_capacity(changes.len());
             for at_one_time in changes.chunk_by(|a, b| a.0 == b.0) {
                 for positive in [false, true] {
                     for (_, answer, diff) in at_one_time.iter().filter(|c| (c.2 > 0) == positive) {
-                        if let Some((row, clicks)) = row_of(answer) {
-                            net.insert(row, (*diff > 0).then_some(clicks));
+                        if let Some(row) = AnswerRow::of(answer) {
+                            net.insert(row.key(), (row, *diff > 0));
                         }
                     }
                 }
             }
             let mut copy = tx.copy_in("COPY stage_answer (tbl, minute, country, id, clicks) FROM STDIN").map_err(err)?;
             buffer.clear();
-            for (&(tbl, minute, country, id), clicks) in &net {
-                // Only country_minute has a country; its codes print as letters, nothing to escape.
-                let country = if usize::from(tbl) == COUNTRY_TABLE { Country(country).to_string() } else { String::new() };
-                let _ = match clicks {
-                    Some(clicks) => writeln!(buffer, "{tbl}\t{minute}\t{country}\t{id}\t{clicks}"),
-                    None => writeln!(buffer, "{tbl}\t{minute}\t{country}\t{id}\t\\N"),
+            for &(AnswerRow { table, minute, country, id, clicks }, present) in net.values() {
+                // Country codes print as letters: nothing to escape.
+                let country = country.map(|c| c.to_string()).unwrap_or_default();
+                let _ = if present {
+                    writeln!(buffer, "{table}\t{minute}\t{country}\t{id}\t{clicks}")
+                } else {
+                    writeln!(buffer, "{table}\t{minute}\t{country}\t{id}\t\\N")
                 };
             }
             copy.write_all(&buffer).map_err(io_err)?;
             copy.finish().map_err(err)?;
-            for (tbl, (view, table, id, clicks)) in TABLES.iter().enumerate() {
+            for (tbl, (view, table, id, clicks)) in ANSWER_TABLES.iter().enumerate() {
                 let country = if *view == View::CountryMinute { " AND t.country = s.country" } else { "" };
                 let country_column = if *view == View::CountryMinute { "country, " } else { "" };
                 tx.batch_execute(&format!(
@@ -316,20 +302,6 @@ impl PostgresSink {
         }
         Ok(true)
     }
-}
-
-/// The table and key an answer is a row of, and its count; `None` for the current window tops,
-/// which are kept as snapshots.
-fn row_of(answer: &Answer) -> Option<(RowKey, u64)> {
-    let tbl = |view: View| TABLES.iter().position(|t| t.0 == view).expect("every per-minute view has a table") as u8;
-    Some(match *answer {
-        Answer::AdMinute { minute, ad, clicks } => ((tbl(View::AdMinute), minute, 0, ad), clicks),
-        Answer::CampaignMinute { minute, campaign, clicks } => ((tbl(View::CampaignMinute), minute, 0, campaign), clicks),
-        Answer::CountryMinute { minute, country, ad, clicks } => ((tbl(View::CountryMinute), minute, country.0, ad), clicks),
-        Answer::TopMinute { minute, ad, clicks } => ((tbl(View::TopMinute), minute, 0, ad), clicks),
-        Answer::FraudMinute { minute, ad, clicks } => ((tbl(View::FraudMinute), minute, 0, ad), clicks),
-        Answer::TopWindow { .. } => return None,
-    })
 }
 
 /// A value for COPY's text format: backslash, tab, newline and carriage return escaped.

@@ -473,9 +473,9 @@ impl Store {
             let mut inserted = std::collections::HashSet::new();
             for at_one_time in batch.changes.chunk_by(|a, b| a.0 == b.0) {
                 inserted.clear();
-                inserted.extend(at_one_time.iter().filter(|c| c.2 > 0).filter_map(|c| row_key(&c.1)));
+                inserted.extend(at_one_time.iter().filter(|c| c.2 > 0).filter_map(|c| AnswerRow::of(&c.1)).map(|r| r.key()));
                 for (_, answer, diff) in at_one_time {
-                    if *diff < 0 && !row_key(answer).is_some_and(|k| inserted.contains(&k)) {
+                    if *diff < 0 && !AnswerRow::of(answer).is_some_and(|r| inserted.contains(&r.key())) {
                         rows.apply(answer, false).map_err(err)?;
                     }
                 }
@@ -821,72 +821,88 @@ fn batch_partition_name(batch: &Batch, partition: u32) -> &str {
     batch.partition_names.get(partition as usize).map_or("?", String::as_str)
 }
 
+/// The per-minute tables an answer is a row of, numbered by their position here:
+/// `(view, table, id column, count column)`. The store and the PostgreSQL mirror share them.
+pub const ANSWER_TABLES: [(View, &str, &str, &str); 5] = [
+    (View::AdMinute, "ad_minute", "ad_id", "clicks"),
+    (View::CampaignMinute, "campaign_minute", "campaign_id", "clicks"),
+    (View::CountryMinute, "country_minute", "ad_id", "clicks"),
+    (View::TopMinute, "top_minute", "ad_id", "clicks"),
+    (View::FraudMinute, "fraud_minute", "ad_id", "excluded_clicks"),
+];
+
+/// An answer as a row of one of `ANSWER_TABLES`.
+#[derive(Clone, Copy, Debug)]
+pub struct AnswerRow {
+    /// The table's position in `ANSWER_TABLES`.
+    pub table: usize,
+    pub minute: Minute,
+    /// Only `country_minute` rows have one.
+    pub country: Option<clickagg_dataflows::Country>,
+    pub id: u64,
+    pub clicks: u64,
+}
+
+impl AnswerRow {
+    /// `None` for the current window tops: the sink keeps them, the tables keep their snapshots.
+    pub fn of(answer: &Answer) -> Option<AnswerRow> {
+        let (view, minute, country, id, clicks) = match *answer {
+            Answer::AdMinute { minute, ad, clicks } => (View::AdMinute, minute, None, ad, clicks),
+            Answer::CampaignMinute { minute, campaign, clicks } => (View::CampaignMinute, minute, None, campaign, clicks),
+            Answer::CountryMinute { minute, country, ad, clicks } => (View::CountryMinute, minute, Some(country), ad, clicks),
+            Answer::TopMinute { minute, ad, clicks } => (View::TopMinute, minute, None, ad, clicks),
+            Answer::FraudMinute { minute, ad, clicks } => (View::FraudMinute, minute, None, ad, clicks),
+            Answer::TopWindow { .. } => return None,
+        };
+        let table = ANSWER_TABLES.iter().position(|t| t.0 == view).expect("every per-minute view has a table");
+        Some(AnswerRow { table, minute, country, id, clicks })
+    }
+
+    /// The row's primary key: `(table, minute, country code, id)`.
+    pub fn key(&self) -> (usize, Minute, u16, u64) {
+        (self.table, self.minute, self.country.map_or(0, |c| c.0), self.id)
+    }
+}
+
 /// Writes answer rows with statements prepared once per transaction: a tick at 200k clicks/s
 /// applies ~10^5 of them, and looking each statement up in rusqlite's cache by its SQL text cost
 /// more than SQLite's own work for some.
 struct AnswerRows<'tx> {
-    /// `INSERT OR REPLACE` and `DELETE` of each per-minute table, in `View::PER_MINUTE` order
-    /// of the match below.
-    upsert: [rusqlite::CachedStatement<'tx>; 5],
-    delete: [rusqlite::CachedStatement<'tx>; 5],
+    /// `INSERT OR REPLACE` and `DELETE` of each of `ANSWER_TABLES`.
+    upsert: Vec<rusqlite::CachedStatement<'tx>>,
+    delete: Vec<rusqlite::CachedStatement<'tx>>,
 }
 
 impl<'tx> AnswerRows<'tx> {
     fn new(tx: &'tx rusqlite::Transaction<'_>) -> rusqlite::Result<AnswerRows<'tx>> {
-        let tables = [
-            ("ad_minute", "ad_id", "clicks", false),
-            ("campaign_minute", "campaign_id", "clicks", false),
-            ("country_minute", "ad_id", "clicks", true),
-            ("top_minute", "ad_id", "clicks", false),
-            ("fraud_minute", "ad_id", "excluded_clicks", false),
-        ];
-        let prepare = |(table, id, clicks, country): (&str, &str, &str, bool), insert: bool| {
-            let sql = match (insert, country) {
-                (true, false) => format!("INSERT OR REPLACE INTO {table} (minute, {id}, {clicks}) VALUES (?1, ?2, ?3)"),
-                (true, true) => format!("INSERT OR REPLACE INTO {table} (minute, {id}, {clicks}, country) VALUES (?1, ?2, ?3, ?4)"),
-                (false, false) => format!("DELETE FROM {table} WHERE minute = ?1 AND {id} = ?2 AND {clicks} = ?3"),
-                (false, true) => format!("DELETE FROM {table} WHERE minute = ?1 AND {id} = ?2 AND {clicks} = ?3 AND country = ?4"),
-            };
-            tx.prepare_cached(&sql)
+        let prepare = |insert: bool| {
+            ANSWER_TABLES
+                .iter()
+                .map(|&(view, table, id, clicks)| {
+                    let sql = match (insert, view == View::CountryMinute) {
+                        (true, false) => format!("INSERT OR REPLACE INTO {table} (minute, {id}, {clicks}) VALUES (?1, ?2, ?3)"),
+                        (true, true) => format!("INSERT OR REPLACE INTO {table} (minute, {id}, {clicks}, country) VALUES (?1, ?2, ?3, ?4)"),
+                        (false, false) => format!("DELETE FROM {table} WHERE minute = ?1 AND {id} = ?2 AND {clicks} = ?3"),
+                        (false, true) => format!("DELETE FROM {table} WHERE minute = ?1 AND {id} = ?2 AND {clicks} = ?3 AND country = ?4"),
+                    };
+                    tx.prepare_cached(&sql)
+                })
+                .collect::<rusqlite::Result<Vec<_>>>()
         };
-        let [a, b, c, d, e] = tables;
-        Ok(AnswerRows {
-            upsert: [prepare(a, true)?, prepare(b, true)?, prepare(c, true)?, prepare(d, true)?, prepare(e, true)?],
-            delete: [prepare(a, false)?, prepare(b, false)?, prepare(c, false)?, prepare(d, false)?, prepare(e, false)?],
-        })
+        Ok(AnswerRows { upsert: prepare(true)?, delete: prepare(false)? })
     }
 
     /// Inserts (`insert`) or deletes one answer row; an insert replaces the row of the same key.
     fn apply(&mut self, answer: &Answer, insert: bool) -> rusqlite::Result<()> {
-        let (table, minute, id, clicks, country) = match *answer {
-            Answer::AdMinute { minute, ad, clicks } => (0, minute, ad, clicks, None),
-            Answer::CampaignMinute { minute, campaign, clicks } => (1, minute, campaign, clicks, None),
-            Answer::CountryMinute { minute, country, ad, clicks } => (2, minute, ad, clicks, Some(country)),
-            Answer::TopMinute { minute, ad, clicks } => (3, minute, ad, clicks, None),
-            Answer::FraudMinute { minute, ad, clicks } => (4, minute, ad, clicks, None),
-            // The current window top K lives in the sink; the store keeps its snapshots.
-            Answer::TopWindow { .. } => return Ok(()),
-        };
-        let statement = if insert { &mut self.upsert[table] } else { &mut self.delete[table] };
+        let Some(row) = AnswerRow::of(answer) else { return Ok(()) };
+        let statement = if insert { &mut self.upsert[row.table] } else { &mut self.delete[row.table] };
         // Ids are stored as the i64 bit patterns of u64s.
-        match country {
-            None => statement.execute(params![minute, id as i64, clicks as i64])?,
-            Some(country) => statement.execute(params![minute, id as i64, clicks as i64, country.to_string()])?,
+        match row.country {
+            None => statement.execute(params![row.minute, row.id as i64, row.clicks as i64])?,
+            Some(country) => statement.execute(params![row.minute, row.id as i64, row.clicks as i64, country.to_string()])?,
         };
         Ok(())
     }
-}
-
-/// One answer's row key, for telling a retraction that an insertion at the same time replaces.
-fn row_key(answer: &Answer) -> Option<(u8, Minute, u16, u64)> {
-    Some(match *answer {
-        Answer::AdMinute { minute, ad, .. } => (0, minute, 0, ad),
-        Answer::CampaignMinute { minute, campaign, .. } => (1, minute, 0, campaign),
-        Answer::CountryMinute { minute, country, ad, .. } => (2, minute, country.0, ad),
-        Answer::TopMinute { minute, ad, .. } => (3, minute, 0, ad),
-        Answer::FraudMinute { minute, ad, .. } => (4, minute, 0, ad),
-        Answer::TopWindow { .. } => return None,
-    })
 }
 
 /// Commits on a thread of its own, so that worker 0 computes the next watermark advance while
