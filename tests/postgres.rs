@@ -8,15 +8,14 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use clickagg::generate::Rng;
-use common::follow::{clickagg, generate, run_err, run_ok, s, sigterm, store_position, wait_until_caught_up, Writer};
-use common::{assert_same_outputs, read_outputs};
-
-/// The settings every run of one test shares; the fraud rule fills `fraud_minute`.
-const SETTINGS: [&str; 8] = ["--tick", "1s", "--windows", "1m,5m", "--allowed-lateness", "1m", "--max-clicks-per-minute", "40"];
+use common::assert_same_outputs;
+use common::follow::{
+    clean_replay, clickagg, export, generate, kill_at_random_moments, run_err, run_ok, s, start_follower, stop_when_caught_up,
+    store_position, Writer, SETTINGS,
+};
 
 /// A PostgreSQL server of the test's own, stopped when dropped.
 struct Postgres {
@@ -163,21 +162,6 @@ fn replay_args<'a>(logs: &'a Path, store: &'a Path, url: &'a str) -> Vec<&'a str
     args
 }
 
-/// What a clean replay of `logs` writes, with the shared settings.
-fn clean_replay(logs: &Path) -> BTreeMap<String, String> {
-    let out = tempfile::tempdir().unwrap();
-    let mut args = vec!["run", "--logs", s(logs), "--out", s(out.path()), "-w", "2"];
-    args.extend(SETTINGS);
-    run_ok(&args);
-    read_outputs(out.path())
-}
-
-fn export(store: &Path) -> BTreeMap<String, String> {
-    let out = tempfile::tempdir().unwrap();
-    run_ok(&["export", "--store", s(store), "--out", s(out.path())]);
-    read_outputs(out.path())
-}
-
 #[test]
 fn a_replay_commits_the_same_tables_to_postgres_as_to_the_store() {
     let server = Postgres::start();
@@ -191,19 +175,9 @@ fn a_replay_commits_the_same_tables_to_postgres_as_to_the_store() {
     assert_same_outputs(&clean_replay(&logs), &export(&store), "store export vs run --out");
 }
 
-fn start_follower(logs: &Path, store: &Path, url: &str) -> Child {
-    let mut args = vec!["run", "--logs", s(logs), "--store", s(store), "--sink", url, "--follow", "-w", "2", "--idle-timeout", "60s"];
-    args.extend(SETTINGS);
-    clickagg().args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("the follower starts")
-}
-
 /// Follows `logs` (which do not grow) until the store has committed all of it, then stops.
 fn follow_to_the_end(logs: &Path, store: &Path, url: &str) {
-    let mut follower = start_follower(logs, store, url);
-    std::thread::sleep(Duration::from_millis(500));
-    wait_until_caught_up(logs, store, Duration::from_secs(60));
-    sigterm(&follower);
-    assert!(follower.wait().unwrap().success(), "SIGTERM should stop the follower cleanly");
+    stop_when_caught_up(start_follower(logs, store, &["--sink", url]), logs, store);
 }
 
 /// The one moment PostgreSQL is ahead of the store: a crash after its commit and before the
@@ -257,20 +231,7 @@ fn kill_9_while_following_leaves_postgres_equal_to_the_store() {
     let store = dir.path().join("answers.db");
     generate(&source, 40_000, 4, 20, 17);
     let writer = Writer::start(&source, &logs, 9, 150, Duration::from_millis(25));
-    let mut rng = Rng::new(77);
-    let mut kills = 0;
-    while kills < 8 || !writer.is_done() {
-        let mut follower = start_follower(&logs, &store, &url);
-        std::thread::sleep(Duration::from_millis(200 + rng.below(900)));
-        if let Ok(Some(status)) = follower.try_wait() {
-            let mut stderr = String::new();
-            std::io::Read::read_to_string(follower.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-            panic!("the follower exited on its own ({status}): {stderr}");
-        }
-        follower.kill().unwrap();
-        follower.wait().unwrap();
-        kills += 1;
-    }
+    let kills = kill_at_random_moments(&writer, 8, 77, 200, || start_follower(&logs, &store, &["--sink", &url]), || {});
     writer.join();
     follow_to_the_end(&logs, &store, &url);
     assert_not_behind(&store, &url);

@@ -8,39 +8,21 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use clickagg::generate::Rng;
-use common::follow::{clickagg, generate, run_err, run_ok, s, sigterm, store_position, wait_until_caught_up, Writer};
+use common::follow::{
+    clean_replay, clickagg, export, generate, kill_at_random_moments, run_err, run_ok, s, sigterm, start_follower,
+    stop_when_caught_up, store_position, Writer, SETTINGS,
+};
 use common::{assert_same_outputs, read_outputs};
-
-/// The settings every run of one test shares: a store is only resumed under the same.
-const SETTINGS: [&str; 8] = ["--tick", "1s", "--windows", "1m,5m", "--allowed-lateness", "1m", "--max-clicks-per-minute", "40"];
-
-/// What a clean replay of `logs` writes, with the shared settings.
-fn clean_replay(logs: &Path) -> BTreeMap<String, String> {
-    let out = tempfile::tempdir().unwrap();
-    let mut args = vec!["run", "--logs", s(logs), "--out", s(out.path()), "-w", "2"];
-    args.extend(SETTINGS);
-    run_ok(&args);
-    read_outputs(out.path())
-}
 
 /// Finishes a store with a replay to the end of the logs, and returns its exported files.
 fn finish_and_export(logs: &Path, store: &Path) -> BTreeMap<String, String> {
     let mut args = vec!["run", "--logs", s(logs), "--store", s(store), "-w", "2"];
     args.extend(SETTINGS);
     run_ok(&args);
-    let out = tempfile::tempdir().unwrap();
-    run_ok(&["export", "--store", s(store), "--out", s(out.path())]);
-    read_outputs(out.path())
-}
-
-fn start_follower(logs: &Path, store: &Path) -> Child {
-    let mut args = vec!["run", "--logs", s(logs), "--store", s(store), "--follow", "-w", "2", "--idle-timeout", "60s"];
-    args.extend(SETTINGS);
-    clickagg().args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("the follower starts")
+    export(store)
 }
 
 #[test]
@@ -68,34 +50,16 @@ fn kill_9_at_random_moments_while_following_loses_and_doubles_nothing() {
     let store = dir.path().join("store").join("answers.db");
     generate(&source, 60_000, 4, 30, 11);
     let writer = Writer::start(&source, &logs, 5, 250, Duration::from_millis(25));
-    let mut rng = Rng::new(2026);
-    let mut kills = 0;
     let mut frontiers = Vec::new();
-    while kills < 12 || !writer.is_done() {
-        let mut follower = start_follower(&logs, &store);
-        std::thread::sleep(Duration::from_millis(150 + rng.below(900)));
-        if let Ok(Some(status)) = follower.try_wait() {
-            let mut stderr = String::new();
-            std::io::Read::read_to_string(follower.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-            panic!("the follower exited on its own ({status}): {stderr}");
-        }
-        follower.kill().unwrap();
-        follower.wait().unwrap();
-        kills += 1;
-        frontiers.push(store_position(&store).map(|p| p.0));
-    }
+    let kills = kill_at_random_moments(&writer, 12, 2026, 150, || start_follower(&logs, &store, &[]), || {
+        frontiers.push(store_position(&store).map(|p| p.0))
+    });
     writer.join();
     // The committed watermark moved on between kills: the followers did commit, not only rebuild.
     let distinct: std::collections::BTreeSet<_> = frontiers.iter().flatten().collect();
     assert!(distinct.len() >= 4, "the store hardly advanced across {kills} kills: {frontiers:?}");
     // One last follower catches up and is stopped cleanly.
-    let mut follower = start_follower(&logs, &store);
-    // The store may hold every byte already: give this follower time to start before stopping it.
-    std::thread::sleep(Duration::from_millis(700));
-    wait_until_caught_up(&logs, &store, Duration::from_secs(60));
-    sigterm(&follower);
-    let status = follower.wait().unwrap();
-    assert!(status.success(), "SIGTERM should stop the follower cleanly: {status}");
+    stop_when_caught_up(start_follower(&logs, &store, &[]), &logs, &store);
     assert_same_outputs(&clean_replay(&logs), &finish_and_export(&logs, &store), "store after 12 SIGKILLs vs a clean replay");
 }
 
@@ -108,7 +72,7 @@ fn a_restart_after_a_clean_stop_continues_exactly() {
     let store = dir.path().join("answers.db");
     generate(&source, 20_000, 4, 15, 3);
     let writer = Writer::start(&source, &logs, 9, 60, Duration::from_millis(25));
-    let follower = start_follower(&logs, &store);
+    let follower = start_follower(&logs, &store, &[]);
     std::thread::sleep(Duration::from_millis(1200));
     sigterm(&follower);
     let output = follower.wait_with_output().unwrap();
@@ -116,10 +80,7 @@ fn a_restart_after_a_clean_stop_continues_exactly() {
     assert!(output.status.success() && stderr.contains("stopped"), "{stderr}");
     let (stopped_at, _) = store_position(&store).expect("the first follower committed");
     writer.join();
-    let mut follower = start_follower(&logs, &store);
-    wait_until_caught_up(&logs, &store, Duration::from_secs(60));
-    sigterm(&follower);
-    assert!(follower.wait().unwrap().success());
+    stop_when_caught_up(start_follower(&logs, &store, &[]), &logs, &store);
     assert!(store_position(&store).unwrap().0 > stopped_at);
     assert_same_outputs(&clean_replay(&logs), &finish_and_export(&logs, &store), "store after a stop and a restart");
 }

@@ -3,13 +3,18 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clickagg::generate::Rng;
+
+/// The settings every run of a follow test shares: a store is only resumed under the same. The
+/// fraud rule fills `fraud_minute`.
+pub const SETTINGS: [&str; 8] = ["--tick", "1s", "--windows", "1m,5m", "--allowed-lateness", "1m", "--max-clicks-per-minute", "40"];
 
 pub fn clickagg() -> Command {
     Command::new(env!("CARGO_BIN_EXE_clickagg"))
@@ -142,4 +147,69 @@ pub fn wait_until_caught_up(logs: &Path, store: &Path, within: Duration) {
         assert!(started.elapsed() < within, "the follower did not commit the logs' {total} bytes within {within:?}: {:?}", store_position(store));
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// What a clean replay of `logs` writes, with the shared settings.
+pub fn clean_replay(logs: &Path) -> BTreeMap<String, String> {
+    let out = tempfile::tempdir().unwrap();
+    let mut args = vec!["run", "--logs", s(logs), "--out", s(out.path()), "-w", "2"];
+    args.extend(SETTINGS);
+    run_ok(&args);
+    super::read_outputs(out.path())
+}
+
+/// The files `clickagg export` writes from `store`.
+pub fn export(store: &Path) -> BTreeMap<String, String> {
+    let out = tempfile::tempdir().unwrap();
+    run_ok(&["export", "--store", s(store), "--out", s(out.path())]);
+    super::read_outputs(out.path())
+}
+
+/// A follower of `logs` committing to `store`, with the shared settings and `extra` flags.
+pub fn start_follower(logs: &Path, store: &Path, extra: &[&str]) -> Child {
+    let mut args = vec!["run", "--logs", s(logs), "--store", s(store), "--follow", "-w", "2", "--idle-timeout", "60s"];
+    args.extend(SETTINGS);
+    args.extend(extra);
+    clickagg().args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("the follower starts")
+}
+
+/// Starts a follower with `start`, lets it run for `pause_ms` plus up to 900 ms, and kills it
+/// with SIGKILL; again and again until it was killed `at_least` times and `writer` is done.
+/// `after_each` runs after each kill. A follower that exits on its own fails the test. Returns
+/// how many times it was killed.
+pub fn kill_at_random_moments(
+    writer: &Writer,
+    at_least: u32,
+    seed: u64,
+    pause_ms: u64,
+    mut start: impl FnMut() -> Child,
+    mut after_each: impl FnMut(),
+) -> u32 {
+    let mut rng = Rng::new(seed);
+    let mut kills = 0;
+    while kills < at_least || !writer.is_done() {
+        let mut follower = start();
+        std::thread::sleep(Duration::from_millis(pause_ms + rng.below(900)));
+        if let Ok(Some(status)) = follower.try_wait() {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(follower.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+            panic!("the follower exited on its own ({status}): {stderr}");
+        }
+        follower.kill().unwrap();
+        follower.wait().unwrap();
+        kills += 1;
+        after_each();
+    }
+    kills
+}
+
+/// Waits until `follower` has committed every byte of `logs` to `store`, then stops it with
+/// SIGTERM, which must stop it cleanly. The store may hold every byte already, so the follower
+/// is given time to start first.
+pub fn stop_when_caught_up(mut follower: Child, logs: &Path, store: &Path) {
+    std::thread::sleep(Duration::from_millis(700));
+    wait_until_caught_up(logs, store, Duration::from_secs(60));
+    sigterm(&follower);
+    let status = follower.wait().unwrap();
+    assert!(status.success(), "SIGTERM should stop the follower cleanly: {status}");
 }
