@@ -161,7 +161,7 @@ impl PostgresSink {
     pub fn commit(&mut self, frontier: Option<Time>, batch: &Batch) -> Result<bool, String> {
         let place = self.place.clone();
         let err = |e: postgres::Error| format!("PostgreSQL sink {place}: {}", describe(&e));
-        let io_err = |e: std::io::Error| format!("PostgreSQL sink {place}: {e}");
+        let copy_failed = |e: String| format!("PostgreSQL sink {place}: {e}");
         let frontier_value = frontier.unwrap_or(Time::MAX);
         let holds_before = self.frontier.unwrap_or(0);
         // During recovery the replay re-sends changes PostgreSQL committed before a crash.
@@ -173,15 +173,13 @@ impl PostgresSink {
         let mut tx = self.client.transaction().map_err(err)?;
 
         if !changes.is_empty() {
-            let mut copy = tx.copy_in("COPY changelog (time, view, key, value, diff) FROM STDIN").map_err(err)?;
             let mut buffer = Vec::with_capacity(64 * changes.len());
             let mut key = String::new();
             for (time, answer, diff) in &changes {
                 let (view, value) = changelog_fields(answer, &mut key);
                 let _ = writeln!(buffer, "{time}\t{view}\t{}\t{value}\t{diff}", escape(&key));
             }
-            copy.write_all(&buffer).map_err(io_err)?;
-            copy.finish().map_err(err)?;
+            copy_rows(&mut tx, "COPY changelog (time, view, key, value, diff) FROM STDIN", &buffer).map_err(copy_failed)?;
 
             // Net effect per answer row, applied in the store's order: time by time, retractions first.
             let mut net: HashMap<(usize, Minute, u16, u64), (AnswerRow, bool)> = HashMap::with_capacity(changes.len());
@@ -194,7 +192,6 @@ impl PostgresSink {
                     }
                 }
             }
-            let mut copy = tx.copy_in("COPY stage_answer (tbl, minute, country, id, clicks) FROM STDIN").map_err(err)?;
             buffer.clear();
             for &(AnswerRow { table, minute, country, id, clicks }, present) in net.values() {
                 // Country codes print as letters: nothing to escape.
@@ -205,8 +202,7 @@ impl PostgresSink {
                     writeln!(buffer, "{table}\t{minute}\t{country}\t{id}\t\\N")
                 };
             }
-            copy.write_all(&buffer).map_err(io_err)?;
-            copy.finish().map_err(err)?;
+            copy_rows(&mut tx, "COPY stage_answer (tbl, minute, country, id, clicks) FROM STDIN", &buffer).map_err(copy_failed)?;
             for (tbl, (view, table, id, clicks)) in ANSWER_TABLES.iter().enumerate() {
                 let country = if *view == View::CountryMinute { " AND t.country = s.country" } else { "" };
                 let country_column = if *view == View::CountryMinute { "country, " } else { "" };
@@ -220,15 +216,13 @@ impl PostgresSink {
         }
 
         if !batch.snapshots.is_empty() {
-            let mut copy = tx.copy_in("COPY stage_window (window_minutes, as_of, ad_id, clicks) FROM STDIN").map_err(err)?;
             let mut buffer = Vec::new();
             for (boundary, members) in &batch.snapshots {
                 for (window, ad, clicks) in members {
                     let _ = writeln!(buffer, "{window}\t{boundary}\t{ad}\t{clicks}");
                 }
             }
-            copy.write_all(&buffer).map_err(io_err)?;
-            copy.finish().map_err(err)?;
+            copy_rows(&mut tx, "COPY stage_window (window_minutes, as_of, ad_id, clicks) FROM STDIN", &buffer).map_err(copy_failed)?;
             tx.batch_execute(
                 "INSERT INTO top_window SELECT * FROM stage_window
                  ON CONFLICT (window_minutes, as_of, ad_id) DO UPDATE SET clicks = excluded.clicks",
@@ -237,7 +231,6 @@ impl PostgresSink {
         }
 
         if !batch.dead_letters.is_empty() {
-            let mut copy = tx.copy_in("COPY stage_dead (partition, \"offset\", reason, line, time) FROM STDIN").map_err(err)?;
             let mut buffer = Vec::new();
             for (time, letter) in &batch.dead_letters {
                 let name = batch.partition_names.get(letter.partition as usize).map_or("?", String::as_str);
@@ -247,8 +240,7 @@ impl PostgresSink {
                 }
                 let _ = writeln!(buffer, "\t{time}");
             }
-            copy.write_all(&buffer).map_err(io_err)?;
-            copy.finish().map_err(err)?;
+            copy_rows(&mut tx, "COPY stage_dead (partition, \"offset\", reason, line, time) FROM STDIN", &buffer).map_err(copy_failed)?;
             tx.batch_execute("INSERT INTO dead_letter SELECT * FROM stage_dead ON CONFLICT DO NOTHING").map_err(err)?;
         }
 
@@ -302,6 +294,14 @@ impl PostgresSink {
         }
         Ok(true)
     }
+}
+
+/// Sends `rows`, in COPY's text format, with the `COPY … FROM STDIN` statement `copy`. An error
+/// leaves the transaction to be rolled back.
+fn copy_rows(tx: &mut postgres::Transaction<'_>, copy: &str, rows: &[u8]) -> Result<(), String> {
+    let mut writer = tx.copy_in(copy).map_err(|e| describe(&e))?;
+    writer.write_all(rows).map_err(|e| e.to_string())?;
+    writer.finish().map(|_| ()).map_err(|e| describe(&e))
 }
 
 /// A value for COPY's text format: backslash, tab, newline and carriage return escaped.
