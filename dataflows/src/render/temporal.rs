@@ -68,6 +68,10 @@ where
     render_expiring(name, input, move |d: &D, t| logic(d, t).into_iter().map(move |(e, expiry, w)| (e, t, expiry, w)), false, Some(observed))
 }
 
+/// What is held for one release time: its capability, the updates, and how many there were
+/// after the last consolidation.
+type Held<D2> = (Capability<Time>, Vec<(D2, Time, isize)>, usize);
+
 fn render_expiring<'scope, D, D2, I, L>(
     name: &str,
     input: VecCollection<'scope, Time, D>,
@@ -84,11 +88,10 @@ where
     input
         .inner
         .unary_frontier(Pipeline, name, move |_, _| {
-            // Per release time: its capability, the updates, and their count after the last
-            // consolidation. A count that changes every tick is held as `-old`, `+new` pairs
-            // that telescope: consolidating when the updates double keeps a minute's worth of
-            // them from piling up and arriving at once.
-            let mut held: BTreeMap<Time, (Capability<Time>, Vec<(D2, Time, isize)>, usize)> = BTreeMap::new();
+            // A count that changes every tick is held as `-old`, `+new` pairs that telescope:
+            // consolidating when the updates double keeps a minute's worth of them from piling
+            // up and arriving at once.
+            let mut held: BTreeMap<Time, Held<D2>> = BTreeMap::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
                     let mut session = output.session(&capability);
