@@ -167,7 +167,7 @@ impl PostgresSink {
         // During recovery the replay re-sends changes PostgreSQL committed before a crash.
         let changes: Vec<&(Time, Answer, isize)> = batch.changes.iter().filter(|(t, _, _)| *t >= holds_before).collect();
         let advances = self.frontier.is_none_or(|f| frontier_value > f);
-        if !advances && changes.is_empty() && batch.snapshots.is_empty() && batch.dead_letters.is_empty() {
+        if !advances && changes.is_empty() && batch.snapshots.is_empty() && batch.dead_letters.is_empty() && batch.progress.is_empty() {
             return Ok(false);
         }
         let mut tx = self.client.transaction().map_err(err)?;

@@ -414,7 +414,9 @@ impl OutputSink {
             }
         }
         if let Some((store, batch)) = &mut self.store {
-            if frontier.is_none_or(|f| f > self.committed_before) {
+            // From the committed watermark on: at it exactly, every update before it is skipped
+            // above, but the offsets of lines that did not move it must still be committed.
+            if frontier.is_none_or(|f| f >= self.committed_before) {
                 batch.next_boundary = self.next_boundary;
                 batch.last_minute = self.last_minute;
                 store.commit(frontier, batch).map_err(io::Error::other)?;

@@ -919,7 +919,14 @@ pub struct Committer {
     mirror_thread: Option<std::thread::JoinHandle<Result<(), String>>>,
     /// The frontier of the last batch sent.
     sent: Option<Time>,
+    /// When a batch was last sent, and the partitions' progress committed without answers.
+    sent_at: std::time::Instant,
+    progress_sent: BTreeMap<String, PartitionProgress>,
 }
+
+/// How often a follower that reads lines but moves no watermark (duplicates, a caught-up log
+/// whose last rows wait for the watermark) commits its offsets.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Held while PostgreSQL commits, as `COMMIT_LOCK` is while the store does.
 pub static MIRROR_LOCK: Mutex<()> = Mutex::new(());
@@ -950,12 +957,13 @@ impl Committer {
                 Ok(store)
             })
             .expect("spawning the commit thread");
-        Committer { queue: Some(queue), thread: Some(thread), mirror_thread, sent }
+        Committer { queue: Some(queue), thread: Some(thread), mirror_thread, sent, sent_at: std::time::Instant::now(), progress_sent: BTreeMap::new() }
     }
 
     /// Hands `batch` to the commit thread with `frontier`, leaving `batch` empty (its partition
     /// names kept). A batch of progress alone, with no new frontier, waits for the next one:
-    /// offsets without answers need no transaction of their own.
+    /// offsets without answers need no transaction of their own, except now and then
+    /// (`PROGRESS_EVERY`), so that the offsets of lines that move nothing still get committed.
     pub fn commit(&mut self, frontier: Option<Time>, batch: &mut Batch) -> Result<(), String> {
         let advances = match (frontier, self.sent) {
             (None, _) | (_, None) => true,
@@ -963,8 +971,13 @@ impl Committer {
         };
         let has_answers = !(batch.changes.is_empty() && batch.snapshots.is_empty() && batch.dead_letters.is_empty());
         if !advances && !has_answers {
-            return Ok(());
+            let new_progress = batch.progress.iter().any(|(name, p)| self.progress_sent.get(name) != Some(p));
+            if !new_progress || self.sent_at.elapsed() < PROGRESS_EVERY {
+                return Ok(());
+            }
         }
+        self.sent_at = std::time::Instant::now();
+        self.progress_sent.extend(batch.progress.iter().map(|(name, p)| (name.clone(), *p)));
         let names = batch.partition_names.clone();
         let full = std::mem::replace(batch, Batch { partition_names: names, ..Default::default() });
         self.sent = frontier.or(Some(Time::MAX)).max(self.sent);
