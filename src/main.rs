@@ -411,7 +411,8 @@ fn execute(command: Command) -> Result<(), String> {
                         watermark_delay_ms: config.rules.watermark_delay_ms,
                         allowed_lateness_ms: config.rules.allowed_lateness_ms,
                     }));
-                    let server = serve(address, Arc::clone(&state), args.token.clone())?;
+                    let loops = clickagg::serve::http::event_loops_beside(config.workers);
+                    let server = serve(address, Arc::clone(&state), args.token.clone(), loops)?;
                     eprintln!("clickagg: serving on http://{}/", server.address);
                     Some(state)
                 }

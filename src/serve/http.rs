@@ -13,27 +13,56 @@ use clickagg_dataflows::{Minute, MINUTE_MS};
 
 use clickagg_dataflows::render::filters::FilterKey;
 
-use super::listener::{listen, Request, Response};
+use super::listener::{listen, Handler, Request, Response};
 use super::params::{bad, count_range, parse_id, parse_minute, parse_query, Failure, Params, TopSpan, MAX_COUNT, MAX_URL_BYTES};
 use crate::source::parse::parse_ip;
 use super::state::{top_of, Materialized, ServingState, Subject};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
+/// How many event loops serve next to `workers` dataflow workers: the cores the workers leave,
+/// at least one. A loop that shares a core with a busy worker waits a scheduler tick (4 ms) at
+/// a time for it, and every connection on that loop waits too; on this project's two-core
+/// machine one loop measured a lower p99 than two (`bench/`, serving).
+pub fn event_loops_beside(workers: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.saturating_sub(workers).clamp(1, 8)
+}
+
 /// A running server; its threads serve until the process ends.
 pub struct HttpServer {
     pub address: std::net::SocketAddr,
 }
 
-/// Binds `address` and serves `state`. Fails at once, with the reason, if the address cannot be
-/// bound.
-pub fn serve(address: &str, state: Arc<ServingState>, token: Option<String>) -> Result<HttpServer, crate::error::EdgeError> {
-    let handler = move |request: &Request| {
-        let (status, content_type, body) = respond(request, &state, token.as_deref());
-        Response { status, content_type, body }
-    };
-    let local = listen(address, handler).map_err(|source| crate::error::EdgeError::Listen { address: address.to_string(), source })?;
+/// Binds `address` and serves `state` on `event_loops` threads. Fails at once, with the
+/// reason, if the address cannot be bound.
+pub fn serve(
+    address: &str,
+    state: Arc<ServingState>,
+    token: Option<String>,
+    event_loops: usize,
+) -> Result<HttpServer, crate::error::EdgeError> {
+    let local = listen(address, Api { state, token }, event_loops).map_err(|source| crate::error::EdgeError::Listen { address: address.to_string(), source })?;
     Ok(HttpServer { address: local })
+}
+
+struct Api {
+    state: Arc<ServingState>,
+    token: Option<String>,
+}
+
+impl Handler for Api {
+    fn respond(&self, request: &Request) -> Response {
+        let (status, content_type, body) = respond(request, &self.state, self.token.as_deref());
+        Response { status, content_type, body }
+    }
+
+    /// A peek, and a filter by ip or user_id (answered by a peek), wait on the workers.
+    fn waits(&self, request: &Request) -> bool {
+        let (path, query) = request.target.split_once('?').unwrap_or((&request.target, ""));
+        path.trim_end_matches('/') == "/v1/introspection/peek"
+            || query.split('&').any(|pair| pair.starts_with("ip=") || pair.starts_with("user_id="))
+    }
 }
 
 fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16, &'static str, String) {
