@@ -429,9 +429,18 @@ impl OutputSink {
     fn publish_serving(&mut self, frontier: Option<Time>) {
         // Serving-only answers: a change at or after its minute's final time is retention
         // forgetting it, as for the view files.
-        // At the end of the input, updates from the end of the last minute on are the sliding
-        // windows emptying as their minutes expire: the answers stand as of that boundary.
-        let limit = frontier.unwrap_or_else(|| self.last_minute.map_or(0, |m| (m as Time + 1) * MINUTE_MS));
+        // Once every row is read, updates from the end of the last minute on are the sliding
+        // windows emptying as their minutes expire: the answers stand as of that boundary, and
+        // so does the watermark they report. The frontier may pass through those times before
+        // it is empty (when one path of the dataflow finishes before another), so the end is
+        // recognised by the partitions being read to the end, not only by the empty frontier.
+        let end = self.last_minute.map_or(0, |m| (m as Time + 1) * MINUTE_MS);
+        let read = !self.summary.partitions.is_empty() && self.summary.partitions.iter().all(|p| p.finished);
+        let frontier = match frontier {
+            Some(f) if read => Some(f.min(end)),
+            other => other,
+        };
+        let limit = frontier.unwrap_or(end);
         while let Some(entry) = self.pending_serving.first_entry() {
             if *entry.key() >= limit {
                 if frontier.is_none() {
