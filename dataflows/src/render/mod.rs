@@ -7,6 +7,7 @@ pub mod filters;
 pub mod fraud;
 pub mod temporal;
 pub mod topk;
+pub mod windows;
 
 use differential_dataflow::VecCollection;
 
@@ -25,7 +26,6 @@ pub fn arrangement_schema(name: &str) -> Option<(&'static str, &'static str)> {
         "AdMinute" | "FraudMinute" => ("(minute, ad_id)", "()"),
         "CampaignMinute" => ("(minute, campaign_id)", "()"),
         "CountryMinute" => ("(minute, country, ad_id)", "()"),
-        "WindowCounts" => ("(window minutes, ad_id)", "()"),
         "CountryWindowCounts" => ("(window minutes, (country, ad_id))", "()"),
         "CampaignWindowCounts" => ("(window minutes, campaign_id)", "()"),
         "CampaignCountryMinute" => ("(minute, country, campaign_id)", "()"),
@@ -38,7 +38,7 @@ pub fn arrangement_schema(name: &str) -> Option<(&'static str, &'static str)> {
         "ClicksByIp" => ("ip", "FilterRow (minute, ad_id, campaign_id, country, user_id, ip)"),
         "ClicksByUser" => ("user_id", "FilterRow (minute, ad_id, campaign_id, country, user_id, ip)"),
         n if n.starts_with("TopMinute") => ("(minute, ad_id bucket)", RANK),
-        n if n.starts_with("TopWindow") => ("(window minutes, ad_id bucket)", RANK),
+        "TopWindow" => ("(window minutes, 0)", RANK),
         _ => return None,
     })
 }
@@ -64,12 +64,8 @@ where
     let rules = *rules;
     let contributions = temporal::expiring_from(&format!("{name}Contributions"), per_minute, move |(key, clicks), time| {
         let (minute, key) = split(key);
-        let current = rules.minute_final_at(minute).is_none_or(|final_at| time < final_at);
-        let from = rules.window_time(time);
-        windows
-            .iter()
-            .filter(move |_| current)
-            .map(move |&window| ((window, key.clone()), from, (minute + window) as u64 * MINUTE_MS, *clicks as isize))
+        windows::contributions(rules, &windows, minute, time)
+            .map(|(index, from, until)| ((windows[index], key.clone()), from, until, *clicks as isize))
             .collect::<Vec<_>>()
     });
     counts::count_named(name, contributions)
@@ -158,9 +154,7 @@ pub fn render_clicks<'scope>(
         topk::top_k("TopMinute", per_ad, plan).leave_region(scope)
     });
     let top_window = scope.region_named("SlidingWindows", |inner| {
-        let window_counts = sliding_counts("WindowCounts", counts.ad.clone().enter_region(inner), &plan.windows, &rules, |&(minute, ad)| (minute, ad));
-        let per_window = window_counts.map(|((window, ad), clicks)| (window, (ad, clicks)));
-        topk::top_k("TopWindow", per_window, plan).leave_region(scope)
+        windows::sliding_top_k("TopWindow", counts.ad.clone().enter_region(inner), plan, &rules).leave_region(scope)
     });
 
     let answers = counts
