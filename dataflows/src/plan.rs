@@ -6,8 +6,9 @@
 pub struct Plan {
     /// How many ads each top-K keeps (SPEC: 100).
     pub top_k: usize,
-    /// Hierarchical top-K: the number of hash buckets of ad_id at each level before the final
-    /// per-minute group, finest first. Each level keeps the top K of each bucket, so one click
+    /// Hierarchical top-K ([`crate::render::topk::top_k`], which ranks each minute, and the
+    /// per-country views kept for serving): the number of hash buckets of ad_id at each level
+    /// before the final group, finest first. Each level keeps the top K of each bucket, so one click
     /// re-sorts a bucket of about `ads_per_minute / buckets[0]` entries, then groups of
     /// `K * buckets[i] / buckets[i+1]`, instead of every ad of the minute.
     pub top_k_buckets: Vec<u32>,

@@ -38,7 +38,7 @@ pub fn arrangement_schema(name: &str) -> Option<(&'static str, &'static str)> {
         "ClicksByIp" => ("ip", "FilterRow (minute, ad_id, campaign_id, country, user_id, ip)"),
         "ClicksByUser" => ("user_id", "FilterRow (minute, ad_id, campaign_id, country, user_id, ip)"),
         n if n.starts_with("TopMinute") => ("(minute, ad_id bucket)", RANK),
-        "TopWindow" => ("(window minutes, 0)", RANK),
+        "TopWindow" => ("window minutes", RANK),
         _ => return None,
     })
 }
