@@ -173,6 +173,16 @@ struct Connection {
     awaits_writable: bool,
 }
 
+impl Connection {
+    /// Queues `response`; the connection closes after it unless `keep_alive`.
+    fn answer(&mut self, response: &Response, keep_alive: bool) {
+        self.output.extend_from_slice(&render(response, keep_alive));
+        if !keep_alive {
+            self.phase = Phase::Closing;
+        }
+    }
+}
+
 struct EventLoop<H> {
     poll: Poll,
     shared: Arc<Shared<H>>,
@@ -424,13 +434,7 @@ impl<H: Handler> EventLoop<H> {
             };
             let keep_alive = request.keep_alive();
             if !self.shared.handler.waits(&request) {
-                let response = self.shared.handler.respond(&request);
-                connection
-                    .output
-                    .extend_from_slice(&render(&response, keep_alive));
-                if !keep_alive {
-                    connection.phase = Phase::Closing;
-                }
+                connection.answer(&self.shared.handler.respond(&request), keep_alive);
                 continue;
             }
             if self.shared.waiting.fetch_add(1, Ordering::SeqCst) >= MAX_WAITING {
@@ -439,12 +443,7 @@ impl<H: Handler> EventLoop<H> {
                     503,
                     &format!("more than {MAX_WAITING} filtered queries at once"),
                 );
-                connection
-                    .output
-                    .extend_from_slice(&render(&busy, keep_alive));
-                if !keep_alive {
-                    connection.phase = Phase::Closing;
-                }
+                connection.answer(&busy, keep_alive);
                 continue;
             }
             connection.phase = Phase::Waiting;
