@@ -57,11 +57,12 @@ impl Handler for Api {
         Response { status, content_type, body }
     }
 
-    /// A peek, and a filter by ip or user_id (answered by a peek), wait on the workers.
+    /// A peek, and a filter by ip or user_id (answered by a peek), wait on the workers. The
+    /// query is decoded as `respond` decodes it, so that no spelling of `ip` slips past.
     fn waits(&self, request: &Request) -> bool {
         let (path, query) = request.target.split_once('?').unwrap_or((&request.target, ""));
         path.trim_end_matches('/') == "/v1/introspection/peek"
-            || query.split('&').any(|pair| pair.starts_with("ip=") || pair.starts_with("user_id="))
+            || parse_query(query).is_ok_and(|params| params.get("ip").is_some() || params.get("user_id").is_some())
     }
 }
 
