@@ -66,8 +66,6 @@ pub struct Materialized {
     pub campaign_window: HashMap<(u32, u64), u64>,
     /// The maintained top K of each minute, ranked.
     pub top_minute: BTreeMap<Minute, BTreeSet<Ranked>>,
-    /// The maintained top K of the last M minutes as the dataflow holds it now.
-    pub window_members: BTreeMap<u32, BTreeSet<Ranked>>,
     /// The top K of each window at the latest minute boundaries, as `top_window_{M}m.csv` has
     /// them (a few are kept: the frontier can run ahead of the boundary answers stand at).
     pub window_snapshots: BTreeMap<Minute, BTreeMap<u32, Vec<(u64, u64)>>>,
@@ -151,7 +149,9 @@ impl Materialized {
                 self.counters.excluded = (self.counters.excluded as i64 + diff as i64 * clicks as i64) as u64;
                 self.last_minute = self.last_minute.max(Some(minute));
             }
-            Answer::TopWindow { window, ad, clicks } => member(self.window_members.entry(window).or_default(), ad, clicks, diff),
+            // Windows are served from the sink's boundary snapshots (`window_snapshots`), the
+            // rows `top_window_{M}m.csv` has; the dataflow's current window is not read.
+            Answer::TopWindow { .. } => {}
         }
     }
 
