@@ -25,6 +25,7 @@ use crate::serve::{peek, ServingState};
 use clickagg_dataflows::render::counts::count_named;
 use clickagg_dataflows::render::topk::top_k;
 use clickagg_dataflows::render::sliding_counts;
+use clickagg_dataflows::render::windows::sliding_top_k;
 use clickagg_dataflows::render::filters::render_filters;
 use crate::sink::{OutputSink, Summary};
 use crate::source::{list_partitions, partition_name, PartitionSource, SourceOutput};
@@ -390,9 +391,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                     let per_country_minute = country.clone().map(|((minute, country, ad), clicks)| ((minute, country), (ad, clicks)));
                     let top_country_minute = top_k("TopCountryMinute", per_country_minute, plan)
                         .map(|((minute, country), (ad, clicks))| ServingAnswer::TopCountryMinute { minute, country, ad, clicks });
-                    let country_windows = sliding_counts("CountryWindowCounts", country, &plan.windows, rules, |&(m, c, ad)| (m, (c, ad)));
-                    let per_country_window = country_windows.map(|((window, (country, ad)), clicks)| ((window, country), (ad, clicks)));
-                    let top_country_window = top_k("TopCountryWindow", per_country_window, plan)
+                    let top_country_window = sliding_top_k("TopCountryWindow", country, plan, rules, |&(m, c, ad)| (m, c, ad))
                         .map(|((window, country), (ad, clicks))| ServingAnswer::TopCountryWindow { window, country, ad, clicks });
                     let campaign_windows = sliding_counts("CampaignWindowCounts", counts.campaign.enter_region(inner), &plan.windows, rules, |&(m, campaign)| (m, campaign))
                         .map(|((window, campaign), clicks)| ServingAnswer::CampaignWindow { window, campaign, clicks });

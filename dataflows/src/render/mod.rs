@@ -26,11 +26,10 @@ pub fn arrangement_schema(name: &str) -> Option<(&'static str, &'static str)> {
         "AdMinute" | "FraudMinute" => ("(minute, ad_id)", "()"),
         "CampaignMinute" => ("(minute, campaign_id)", "()"),
         "CountryMinute" => ("(minute, country, ad_id)", "()"),
-        "CountryWindowCounts" => ("(window minutes, (country, ad_id))", "()"),
         "CampaignWindowCounts" => ("(window minutes, campaign_id)", "()"),
         "CampaignCountryMinute" => ("(minute, country, campaign_id)", "()"),
         n if n.starts_with("TopCountryMinute") => ("((minute, country), ad_id bucket)", RANK),
-        n if n.starts_with("TopCountryWindow") => ("((window minutes, country), ad_id bucket)", RANK),
+        "TopCountryWindow" => ("(window minutes, country)", RANK),
         "IpMinute" | "IpMinuteOverLimit" => ("(minute, ip)", "()"),
         "UserMinute" | "UserMinuteOverLimit" => ("(minute, user_id)", "()"),
         "ClicksByIpMinute" => ("(minute, ip)", "(ClickKey, ClickAttrs)"),
@@ -154,7 +153,9 @@ pub fn render_clicks<'scope>(
         topk::top_k("TopMinute", per_ad, plan).leave_region(scope)
     });
     let top_window = scope.region_named("SlidingWindows", |inner| {
-        windows::sliding_top_k("TopWindow", counts.ad.clone().enter_region(inner), plan, &rules).leave_region(scope)
+        windows::sliding_top_k("TopWindow", counts.ad.clone().enter_region(inner), plan, &rules, |&(minute, ad)| (minute, (), ad))
+            .map(|((window, ()), ranked)| (window, ranked))
+            .leave_region(scope)
     });
 
     let answers = counts

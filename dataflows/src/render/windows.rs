@@ -31,22 +31,36 @@ pub fn contributions(rules: EventTimeRules, windows: &[u32], minute: Minute, tim
         .map(move |(index, &window)| (index, from, from.max((minute + window) as u64 * MINUTE_MS)))
 }
 
-/// The top `plan.top_k` ads of each window of `plan.windows`, by clicks over the window's last M
-/// minutes, as `(window minutes, (ad, clicks))`, from the per-minute counts `((minute, ad),
-/// clicks)` (one record per key with clicks > 0). Ranked by clicks descending, then ad ascending.
-pub fn sliding_top_k<'scope>(
+/// The top `plan.top_k` ads of each window of `plan.windows` in each group, by clicks over the
+/// window's last M minutes, as `((window minutes, group), (ad, clicks))`, from per-minute counts
+/// `(key, clicks)` (one record per key with clicks > 0) whose key `split` takes apart into
+/// `(minute, group, ad)`. Ranked by clicks descending, then ad ascending.
+pub fn sliding_top_k<'scope, C, G>(
     name: &str,
-    per_minute: VecCollection<'scope, Time, ((Minute, u64), u64)>,
+    per_minute: VecCollection<'scope, Time, (C, u64)>,
     plan: &Plan,
     rules: &EventTimeRules,
-) -> VecCollection<'scope, Time, (u32, (u64, u64))> {
+    split: impl Fn(&C) -> (Minute, G, u64) + Clone + 'static,
+) -> VecCollection<'scope, Time, ((u32, G), (u64, u64))>
+where
+    C: differential_dataflow::ExchangeData,
+    G: differential_dataflow::ExchangeData + std::hash::Hash,
+{
     let windows = plan.windows.clone();
     let rules = *rules;
-    let changes = move |&((minute, ad), clicks): &((Minute, u64), u64), time: Time, diff: isize| {
-        let change = clicks as i64 * diff as i64;
+    let ad_of = {
+        let split = split.clone();
+        move |(key, _): &(C, u64)| split(key).2
+    };
+    let changes = move |(key, clicks): &(C, u64), time: Time, diff: isize| {
+        let (minute, group, ad) = split(key);
+        let change = *clicks as i64 * diff as i64;
         contributions(rules, &windows, minute, time)
-            .flat_map(|(index, from, until)| [(windows[index], ad, from, change), (windows[index], ad, until, -change)])
+            .flat_map(|(index, from, until)| {
+                let window_group = (windows[index], group.clone());
+                [(window_group.clone(), ad, from, change), (window_group, ad, until, -change)]
+            })
             .collect::<Vec<_>>()
     };
-    top_k_of_counts(name, per_minute, |&((_, ad), _)| ad, changes, plan.top_k)
+    top_k_of_counts(name, per_minute, ad_of, changes, plan.top_k)
 }
