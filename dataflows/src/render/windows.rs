@@ -31,6 +31,9 @@ pub fn contributions(rules: EventTimeRules, windows: &[u32], minute: Minute, tim
         .map(move |(index, &window)| (index, from, from.max((minute + window) as u64 * MINUTE_MS)))
 }
 
+/// `((window minutes, group), (ad, clicks))`: the ads in the top K of each window of each group.
+pub type WindowTops<'scope, G> = VecCollection<'scope, Time, ((u32, G), (u64, u64))>;
+
 /// The top `plan.top_k` ads of each window of `plan.windows` in each group, by clicks over the
 /// window's last M minutes, as `((window minutes, group), (ad, clicks))`, from per-minute counts
 /// `(key, clicks)` (one record per key with clicks > 0) whose key `split` takes apart into
@@ -41,7 +44,7 @@ pub fn sliding_top_k<'scope, C, G>(
     plan: &Plan,
     rules: &EventTimeRules,
     split: impl Fn(&C) -> (Minute, G, u64) + Clone + 'static,
-) -> VecCollection<'scope, Time, ((u32, G), (u64, u64))>
+) -> WindowTops<'scope, G>
 where
     C: differential_dataflow::ExchangeData,
     G: differential_dataflow::ExchangeData + std::hash::Hash,
