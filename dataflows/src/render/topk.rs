@@ -11,7 +11,7 @@
 //! minute with it measured no faster than [`top_k`], in a replay or in follow mode, so the minutes
 //! keep their inspectable arrangements.)
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
@@ -123,7 +123,7 @@ where
         let mut pending: BTreeMap<Time, Pending<G>> = BTreeMap::new();
         // Per group: this worker's ads' counts, and the local top K last sent.
         let mut counts: HashMap<G, HashMap<u64, i64>> = HashMap::new();
-        let mut sent: HashMap<G, Vec<(u64, u64)>> = HashMap::new();
+        let mut sent: HashMap<G, Vec<Rank>> = HashMap::new();
         let mut ranked: Vec<Rank> = Vec::new();
         move |(input, frontier), output| {
             input.for_each(|capability, data| {
@@ -140,7 +140,7 @@ where
                     break;
                 }
                 let (capability, held) = entry.remove();
-                let mut touched: Vec<G> = Vec::new();
+                let mut touched: BTreeSet<G> = BTreeSet::new();
                 for ((group, ad), change) in held {
                     if change == 0 {
                         continue;
@@ -152,10 +152,8 @@ where
                     if *count == 0 {
                         group_counts.remove(&ad);
                     }
-                    touched.push(group);
+                    touched.insert(group);
                 }
-                touched.sort();
-                touched.dedup();
                 let mut session = output.session(&capability);
                 for group in touched {
                     ranked.clear();
@@ -163,25 +161,23 @@ where
                         ranked.extend(group_counts.iter().map(|(&ad, &clicks)| rank(ad, clicks as u64)));
                     }
                     select_first(&mut ranked, k);
-                    let top: Vec<(u64, u64)> = ranked.iter().map(|&r| unrank(r)).collect();
                     let before = sent.remove(&group).unwrap_or_default();
-                    for &entry in before.iter().filter(|entry| !top.contains(entry)) {
-                        session.give(((group.clone(), entry), *capability.time(), -1isize));
+                    for &r in before.iter().filter(|r| !ranked.contains(r)) {
+                        session.give(((group.clone(), r), *capability.time(), -1isize));
                     }
-                    for &entry in top.iter().filter(|entry| !before.contains(entry)) {
-                        session.give(((group.clone(), entry), *capability.time(), 1isize));
+                    for &r in ranked.iter().filter(|r| !before.contains(r)) {
+                        session.give(((group.clone(), r), *capability.time(), 1isize));
                     }
-                    if top.is_empty() {
+                    if ranked.is_empty() {
                         counts.remove(&group);
                     } else {
-                        sent.insert(group, top);
+                        sent.insert(group, ranked.clone());
                     }
                 }
             }
         }
     });
-    let candidates = local.as_collection().map(|(group, (ad, clicks))| (group, rank(ad, clicks)));
-    keep_top(name, candidates, k).map(|(group, r)| (group, unrank(r)))
+    keep_top(name, local.as_collection(), k).map(|(group, r)| (group, unrank(r)))
 }
 
 /// Leaves the first `k` of `ranked` at its front, sorted, and drops the rest, in time linear in
