@@ -1,139 +1,383 @@
-//! De-duplication of retried deliveries (SPEC §2 "Duplicates").
+//! De-duplication of retried deliveries (SPEC §2 "Duplicates"), and the retention of its state.
 
-use std::hash::Hash;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use differential_dataflow::collection::AsCollection;
-use differential_dataflow::trace::cursor::cursor_list;
-use differential_dataflow::trace::{Cursor, TraceReader};
-use differential_dataflow::{ExchangeData, VecCollection};
-use timely::dataflow::channels::pact::Pipeline;
+use differential_dataflow::logging::{BatchEvent, DifferentialEventBuilder, DropEvent, Logger, MergeEvent};
+use differential_dataflow::VecCollection;
+use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::CapabilitySet;
-use timely::progress::Antichain;
+use timely::dataflow::operators::Capability;
 
-use crate::types::{Click, ClickAttrs, ClickKey, Time};
+use crate::event_time::EventTimeRules;
+use crate::types::{minute_of, Click, ClickAttrs, ClickKey, Minute, Time};
 
 /// One record per distinct `(event_id, ts)`: the copy with the smallest attributes.
 ///
 /// At every time the output holds, for each click with at least one visible copy, the minimum
 /// of the visible copies; so a click counts from its earliest visible copy on, and a smaller
 /// copy arriving later moves the count (a retraction and a restatement downstream).
-pub fn distinct_clicks<'scope>(
-    deliveries: VecCollection<'scope, Time, Click>,
-) -> VecCollection<'scope, Time, (ClickKey, ClickAttrs)> {
-    smallest_per_key("DistinctClicks", deliveries.map(|click| (click.key, click.attrs)))
-}
-
-/// For each key, its smallest value with positive multiplicity: what `reduce` with
-/// `output.push((input[0].0, 1))` computes, for totally ordered times.
 ///
-/// `reduce` keeps an arrangement of its output to compare against; with totally ordered
-/// times the previous answer can be recomputed from the input arrangement alone (as
-/// `count_total` does), which halves the state of de-duplication, where nearly every key is a
-/// single click. Output is `(key, value)` with `-1` for the value that stops being the
-/// smallest and `+1` for the one that starts, at the time that happens.
-pub fn smallest_per_key<'scope, K, V>(
+/// With a lateness bound, a copy is visible from its time until its minute is final
+/// (`rules.minute_final_at`): then every click of the minute is retracted, at that time, and the
+/// minute's state is dropped; a copy that arrives once its minute is final is never visible.
+/// This is the collection that retracting each delivery at its minute's final time and taking
+/// the smallest copy per key gives, time for time, without holding a retraction per delivery or
+/// arranging the deliveries: each worker keeps, for its share of the keys, one hash map per live
+/// minute, and forgets a minute by dropping its map.
+///
+/// The state is reported through differential's arrangement log (one batch per live minute, its
+/// length the clicks held), so introspection lists it beside the arrangements under `name`.
+pub fn distinct_clicks<'scope>(
     name: &str,
-    updates: VecCollection<'scope, Time, (K, V)>,
-) -> VecCollection<'scope, Time, (K, V)>
-where
-    K: ExchangeData + Hash,
-    V: ExchangeData,
-{
-    let arranged = updates.arrange_by_key_named(&format!("Arrange: {name}"));
-    let mut trace = arranged.trace.clone();
-    arranged
-        .stream
-        .unary_frontier(Pipeline, name, move |_, _| {
-            // The times of the batches received so far: [lower, upper).
-            let mut lower_limit = Antichain::from_elem(0);
-            let mut upper_limit = Antichain::from_elem(0);
-            // Accumulated values of the current key, sorted, all non-zero.
-            let mut values: Vec<(V, isize)> = Vec::new();
-            let mut changes: Vec<(Time, V, isize)> = Vec::new();
-
-            move |(input, _frontier), output| {
-                let mut batches = Vec::new();
-                lower_limit.clone_from(&upper_limit);
-                let mut caps = CapabilitySet::new();
-                input.for_each(|capability, received| {
-                    for capability in capability.retain_stamp(0).iter() {
-                        caps.insert(capability.clone());
-                    }
-                    for batch in received.drain(..) {
-                        upper_limit.clone_from(batch.upper()); // batches arrive in order
-                        batches.push(batch);
+    deliveries: VecCollection<'scope, Time, Click>,
+    rules: &EventTimeRules,
+) -> VecCollection<'scope, Time, (ClickKey, ClickAttrs)> {
+    let rules = *rules;
+    let scope = deliveries.scope();
+    let logger: Option<Logger> = scope.worker().logger_for::<DifferentialEventBuilder>("differential/arrange").map(Into::into);
+    let by_key = Exchange::new(|update: &(Click, Time, isize)| update.0.key.event as u64);
+    deliveries
+        .inner
+        .unary_frontier(by_key, name, move |_, info| {
+            let operator = info.global_id;
+            // Deliveries by time, applied in time order once the frontier has passed their time.
+            let mut pending: BTreeMap<Time, (Capability<Time>, Vec<Click>, Vec<isize>)> = BTreeMap::new();
+            let mut minutes: HashMap<Minute, LiveMinute> = HashMap::new();
+            // Which minutes become final when: at most one per time, as final times grow with minutes.
+            let mut finals: BTreeMap<Time, Minute> = BTreeMap::new();
+            move |(input, frontier), output| {
+                input.for_each(|capability, data| {
+                    for (click, time, diff) in data.drain(..) {
+                        let (_, clicks, diffs) =
+                            pending.entry(time).or_insert_with(|| (capability.delayed(&time, 0), Vec::new(), Vec::new()));
+                        clicks.push(click);
+                        diffs.push(diff);
                     }
                 });
-
-                if !caps.is_empty() {
-                    let mut session = output.session(&caps);
-                    let (mut batch_cursor, batch_storage) =
-                        cursor_list(batches.into_iter().filter_map(|b| b.inner).collect());
-                    let (mut trace_cursor, trace_storage) =
-                        cursor_list(trace.batches_through(lower_limit.borrow()).expect("trace compacted too far"));
-
-                    while let Some(key) = batch_cursor.get_key(&batch_storage) {
-                        values.clear();
-                        trace_cursor.seek_key(&trace_storage, key);
-                        if trace_cursor.get_key(&trace_storage) == Some(key) {
-                            while let Some(value) = trace_cursor.get_val(&trace_storage) {
-                                let mut count = 0isize;
-                                trace_cursor.map_times(&trace_storage, |_, diff| count += *diff);
-                                if count != 0 {
-                                    values.push((value.clone(), count));
+                let complete = |time: &Time| frontier.frontier().first().is_none_or(|f| f > time);
+                loop {
+                    let next_input = pending.first_key_value().map(|(&t, _)| t).filter(complete);
+                    let next_final = finals.first_key_value().map(|(&t, _)| t).filter(complete);
+                    match (next_input, next_final) {
+                        // A minute final at `t` takes no copies at `t`: retire it first.
+                        (_, Some(at)) if next_input.is_none_or(|t| at <= t) => {
+                            let (_, minute) = finals.pop_first().expect("just seen");
+                            let live = minutes.remove(&minute).expect("a final time for a live minute");
+                            let capability = live.final_at.as_ref().expect("a final time, so a capability for it");
+                            let mut session = output.session(capability);
+                            for (key, copies) in &live.clicks {
+                                if let Some(attrs) = copies.smallest() {
+                                    session.give(((*key, attrs), at, -1isize));
                                 }
-                                trace_cursor.step_val(&trace_storage);
+                            }
+                            if let Some(logger) = &logger {
+                                logger.log(DropEvent { operator, length: live.reported });
                             }
                         }
-                        changes.clear();
-                        while let Some(value) = batch_cursor.get_val(&batch_storage) {
-                            batch_cursor.map_times(&batch_storage, |time, diff| changes.push((*time, value.clone(), *diff)));
-                            batch_cursor.step_val(&batch_storage);
-                        }
-                        changes.sort_by_key(|change| change.0);
-
-                        let mut next = 0;
-                        while next < changes.len() {
-                            let time = changes[next].0;
-                            let before = smallest(&values).cloned();
-                            while next < changes.len() && changes[next].0 == time {
-                                let (_, value, diff) = &changes[next];
-                                match values.binary_search_by(|(v, _)| v.cmp(value)) {
-                                    Ok(at) => {
-                                        values[at].1 += diff;
-                                        if values[at].1 == 0 {
-                                            values.remove(at);
-                                        }
+                        (Some(_), _) => {
+                            let (_, (capability, clicks, diffs)) = pending.pop_first().expect("just seen");
+                            let time = *capability.time();
+                            let mut session = output.session(&capability);
+                            let mut touched: Vec<Minute> = Vec::new();
+                            for (click, diff) in clicks.into_iter().zip(diffs) {
+                                let minute = minute_of(click.key.ts);
+                                let final_at = rules.minute_final_at(minute);
+                                if final_at.is_some_and(|at| at <= time) {
+                                    continue;
+                                }
+                                let live = minutes.entry(minute).or_insert_with(|| {
+                                    if let Some(at) = final_at {
+                                        finals.insert(at, minute);
                                     }
-                                    Err(at) => values.insert(at, (value.clone(), *diff)),
+                                    if let Some(logger) = &logger {
+                                        logger.log(BatchEvent { operator, length: 0 });
+                                    }
+                                    LiveMinute {
+                                        final_at: final_at.map(|at| capability.delayed(&at)),
+                                        clicks: ClickMap::default(),
+                                        reported: 0,
+                                    }
+                                });
+                                if !touched.contains(&minute) {
+                                    touched.push(minute);
                                 }
-                                next += 1;
+                                let copies = live.clicks.entry(click.key).or_default();
+                                let before = copies.smallest();
+                                copies.add(click.attrs, diff);
+                                let after = copies.smallest();
+                                if copies.is_empty() {
+                                    live.clicks.remove(&click.key);
+                                }
+                                if before != after {
+                                    if let Some(old) = before {
+                                        session.give(((click.key, old), time, -1isize));
+                                    }
+                                    if let Some(new) = after {
+                                        session.give(((click.key, new), time, 1isize));
+                                    }
+                                }
                             }
-                            let after = smallest(&values);
-                            if before.as_ref() != after {
-                                if let Some(old) = before {
-                                    session.give(((key.clone(), old), time, -1));
-                                }
-                                if let Some(new) = after {
-                                    session.give(((key.clone(), new.clone()), time, 1));
+                            if let Some(logger) = &logger {
+                                for minute in touched {
+                                    let live = minutes.get_mut(&minute).expect("touched, so live");
+                                    // The minute's batch changes size: an empty batch merged into it.
+                                    logger.log(BatchEvent { operator, length: 0 });
+                                    logger.log(MergeEvent {
+                                        operator,
+                                        scale: 0,
+                                        length1: live.reported,
+                                        length2: 0,
+                                        complete: Some(live.clicks.len()),
+                                    });
+                                    live.reported = live.clicks.len();
                                 }
                             }
                         }
-                        batch_cursor.step_key(&batch_storage);
+                        (None, _) => break,
                     }
                 }
-
-                // The arrangement only ever needs to be read as of the current lower limit.
-                trace.advance_upper(&mut upper_limit);
-                trace.set_logical_compaction(upper_limit.borrow());
-                trace.set_physical_compaction(upper_limit.borrow());
+                // Once the input is complete nothing changes any more: minutes that are never
+                // final (no lateness bound) are forgotten too.
+                if frontier.frontier().is_empty() {
+                    for (_, live) in minutes.drain() {
+                        if let Some(logger) = &logger {
+                            logger.log(DropEvent { operator, length: live.reported });
+                        }
+                    }
+                }
             }
         })
         .as_collection()
 }
 
-/// The smallest value with positive multiplicity.
-fn smallest<V>(values: &[(V, isize)]) -> Option<&V> {
-    values.iter().find(|(_, count)| *count > 0).map(|(value, _)| value)
+/// The clicks of one minute that can still change, and the capability to retract them when the
+/// minute is final.
+struct LiveMinute {
+    /// `None` without a lateness bound: the minute is never final, and no capability is held.
+    final_at: Option<Capability<Time>>,
+    clicks: ClickMap,
+    /// How many clicks the arrangement log was last told of.
+    reported: usize,
+}
+
+type ClickMap = HashMap<ClickKey, Copies, BuildHasherDefault<PreHashed>>;
+
+/// The visible copies of one click, with their multiplicities: nearly always one copy, so it is
+/// kept inline.
+#[derive(Default)]
+enum Copies {
+    #[default]
+    None,
+    One(ClickAttrs, isize),
+    /// Sorted by attributes, all multiplicities non-zero.
+    Many(Vec<(ClickAttrs, isize)>),
+}
+
+impl Copies {
+    /// The smallest copy with positive multiplicity.
+    fn smallest(&self) -> Option<ClickAttrs> {
+        match self {
+            Copies::None => None,
+            Copies::One(attrs, count) => (*count > 0).then_some(*attrs),
+            Copies::Many(copies) => copies.iter().find(|(_, count)| *count > 0).map(|(attrs, _)| *attrs),
+        }
+    }
+
+    fn add(&mut self, attrs: ClickAttrs, diff: isize) {
+        match self {
+            Copies::None => *self = Copies::One(attrs, diff),
+            Copies::One(held, count) if *held == attrs => *count += diff,
+            Copies::One(held, count) => {
+                let mut copies = vec![(*held, *count), (attrs, diff)];
+                copies.sort_by_key(|(attrs, _)| *attrs);
+                *self = Copies::Many(copies);
+            }
+            Copies::Many(copies) => match copies.binary_search_by_key(&attrs, |(held, _)| *held) {
+                Ok(at) => copies[at].1 += diff,
+                Err(at) => copies.insert(at, (attrs, diff)),
+            },
+        }
+        match self {
+            Copies::One(_, 0) => *self = Copies::None,
+            Copies::Many(copies) => {
+                copies.retain(|(_, count)| *count != 0);
+                if copies.is_empty() {
+                    *self = Copies::None;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Copies::None)
+    }
+}
+
+/// A hasher for keys that are hashes already: a click's key is the XXH3-128 of its event_id
+/// (and its ts), so mixing its words is enough, and much cheaper than SipHash.
+#[derive(Default)]
+struct PreHashed(u64);
+
+impl Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(26) ^ word).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_u128(&mut self, word: u128) {
+        self.write_u64(word as u64);
+        self.write_u64((word >> 64) as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use differential_dataflow::input::Input;
+    use timely::dataflow::operators::{Inspect, Probe};
+
+    use super::{distinct_clicks, Copies};
+    use crate::event_time::EventTimeRules;
+    use crate::types::{Click, ClickAttrs, ClickKey, Country, Ip, Time, MINUTE_MS};
+
+    fn attrs(ad: u64) -> ClickAttrs {
+        ClickAttrs { ad, campaign: 1, user: 1, ip: Ip(1), country: Country(1) }
+    }
+
+    #[test]
+    fn copies_keep_the_smallest_visible_one() {
+        let mut copies = Copies::default();
+        assert_eq!(copies.smallest(), None);
+        copies.add(attrs(5), 1);
+        copies.add(attrs(5), 1);
+        assert_eq!(copies.smallest(), Some(attrs(5)));
+        copies.add(attrs(3), 1);
+        assert_eq!(copies.smallest(), Some(attrs(3)));
+        copies.add(attrs(3), -1);
+        assert_eq!(copies.smallest(), Some(attrs(5)));
+        // A negative multiplicity is held, and does not count as visible.
+        copies.add(attrs(1), -1);
+        assert_eq!(copies.smallest(), Some(attrs(5)));
+        copies.add(attrs(5), -2);
+        assert_eq!(copies.smallest(), None);
+        assert!(!copies.is_empty());
+        copies.add(attrs(1), 1);
+        assert!(copies.is_empty());
+    }
+
+    /// Deliveries `(click, time, diff)` from a seeded generator: few distinct clicks, so that
+    /// copies collide and disagree, over a few minutes, with times that run ahead of a click's
+    /// minute by up to three minutes (late copies, and copies after the minute is final).
+    fn deliveries(seed: u64, count: usize) -> Vec<(Click, Time, isize)> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move |bound: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % bound
+        };
+        let mut updates: Vec<(Click, Time, isize)> = (0..count)
+            .map(|_| {
+                let ts = next(4 * MINUTE_MS);
+                let key = ClickKey { event: u128::from(next(40)), ts: ts - ts % 20_000 };
+                let time = key.ts + next(3 * MINUTE_MS);
+                let time = time - time % 10_000;
+                // Now and then a delivery is taken back (a retraction upstream).
+                let diff = if next(10) == 0 { -1 } else { 1 };
+                (Click { key, attrs: attrs(next(4)) }, time, diff)
+            })
+            .collect();
+        updates.sort_by_key(|update| update.1);
+        updates
+    }
+
+    /// What the output must hold at `time`: for each key, the smallest copy whose multiplicity,
+    /// over the deliveries at or before `time` that are still visible then, is positive.
+    fn reference(updates: &[(Click, Time, isize)], rules: &EventTimeRules, time: Time) -> BTreeMap<(ClickKey, ClickAttrs), isize> {
+        let mut copies: BTreeMap<(ClickKey, ClickAttrs), isize> = BTreeMap::new();
+        for (click, at, diff) in updates {
+            let final_at = rules.minute_final_at(click.minute());
+            if *at <= time && final_at.is_none_or(|f| *at < f && time < f) {
+                *copies.entry((click.key, click.attrs)).or_default() += diff;
+            }
+        }
+        let mut smallest: BTreeMap<ClickKey, ClickAttrs> = BTreeMap::new();
+        for (&(key, attrs), &count) in &copies {
+            if count > 0 {
+                smallest.entry(key).or_insert(attrs);
+            }
+        }
+        smallest.into_iter().map(|(key, attrs)| ((key, attrs), 1)).collect()
+    }
+
+    fn run(updates: Vec<(Click, Time, isize)>, rules: EventTimeRules, workers: usize) -> Vec<((ClickKey, ClickAttrs), Time, isize)> {
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let shared = Arc::clone(&output);
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let shared = Arc::clone(&shared);
+            let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, deliveries) = scope.new_collection::<Click, isize>();
+                let probe = distinct_clicks("DistinctClicks", deliveries, &rules)
+                    .inner
+                    .inspect(move |update| shared.lock().unwrap().push(*update))
+                    .probe()
+                    .0;
+                (input, probe)
+            });
+            if worker.index() == 0 {
+                for &(click, time, diff) in &updates {
+                    input.advance_to(time);
+                    input.update(click, diff);
+                }
+            }
+            input.close();
+            while !probe.done() {
+                worker.step();
+            }
+        })
+        .unwrap();
+        let output = output.lock().unwrap().clone();
+        output
+    }
+
+    #[test]
+    fn distinct_clicks_match_a_reference_at_every_time() {
+        let bounded = EventTimeRules { watermark_delay_ms: 0, allowed_lateness_ms: Some(60_000), tick_ms: 10_000 };
+        let unbounded = EventTimeRules { allowed_lateness_ms: None, ..bounded };
+        for seed in 0..6 {
+            for (rules, workers) in [(bounded, 1), (bounded, 3), (unbounded, 2)] {
+                let updates = deliveries(seed, 400);
+                let output = run(updates.clone(), rules, workers);
+                let mut times: Vec<Time> = updates.iter().map(|u| u.1).chain(output.iter().map(|u| u.1)).collect();
+                times.sort();
+                times.dedup();
+                for &time in &times {
+                    let mut held: BTreeMap<(ClickKey, ClickAttrs), isize> = BTreeMap::new();
+                    for (record, _, diff) in output.iter().filter(|u| u.1 <= time) {
+                        *held.entry(*record).or_default() += diff;
+                    }
+                    held.retain(|_, count| *count != 0);
+                    assert_eq!(held, reference(&updates, &rules, time), "seed {seed}, {workers} workers, time {time}, {rules:?}");
+                }
+                // With retention every click leaves again once its minute is final.
+                let mut left: BTreeMap<(ClickKey, ClickAttrs), isize> = BTreeMap::new();
+                for (record, _, diff) in &output {
+                    *left.entry(*record).or_default() += diff;
+                }
+                left.retain(|_, count| *count != 0);
+                assert_eq!(left.is_empty(), rules.allowed_lateness_ms.is_some(), "seed {seed}, {workers} workers, {rules:?}");
+            }
+        }
+    }
 }

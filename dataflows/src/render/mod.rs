@@ -109,7 +109,7 @@ pub struct Rendered<'scope> {
 
 /// Renders the whole plan over the stream of click deliveries (duplicates included).
 ///
-/// With a lateness bound, every delivery is retracted again once its minute is final
+/// With a lateness bound, every distinct click is retracted again once its minute is final
 /// (`rules.minute_final_at`), so that de-duplication and per-minute state hold only the minutes
 /// that can still change; the sink has written those minutes' answers by then, and ignores the
 /// retractions.
@@ -120,17 +120,8 @@ pub fn render_clicks<'scope>(
 ) -> Rendered<'scope> {
     let scope = deliveries.scope();
     let rules = *rules;
-    let deliveries = match rules.allowed_lateness_ms {
-        Some(_) => scope.region_named("Retention", |inner| {
-            temporal::expiring("RetireFinalMinutes", deliveries.enter_region(inner), move |click: &Click, _| {
-                rules.minute_final_at(click.minute()).map(|expiry| (*click, expiry, 1))
-            })
-            .leave_region(scope)
-        }),
-        None => deliveries,
-    };
     let clicks = scope.region_named("Dedup", |inner| {
-        dedup::distinct_clicks(deliveries.enter_region(inner)).leave_region(scope)
+        dedup::distinct_clicks("DistinctClicks", deliveries.enter_region(inner), &rules).leave_region(scope)
     });
     let (clicks, excluded) = if plan.fraud.is_active() {
         scope.region_named("Fraud", |inner| {

@@ -11,34 +11,20 @@ use timely::dataflow::operators::Capability;
 
 use crate::types::Time;
 
-/// For each update `(d, t, r)` and each `(e, expiry, w)` that `logic(&d, t)` yields, emits
-/// `(e, t, w·r)` and `(e, max(t, expiry), -w·r)`: `e` is in the output from `t` until `expiry`
-/// (never, when it arrives at or after `expiry`).
+/// For each update `(d, t, r)` and each `(e, from, until, w)` that `logic(&d, t)` yields, emits
+/// `(e, max(t, from), w·r)` and `(e, max(t, from, until), -w·r)`: `e` is in the output from
+/// `max(t, from)` until `until` (never, when it would enter at or after `until`).
 ///
 /// The retractions are held here, by time, and sent only once the input frontier reaches their
 /// time. Sent at once, they would wait in the next arrangement's batcher, which re-sorts every
 /// update it holds back each time it seals a batch: with minutes of retractions pending, that
-/// was a third of a replay's time. Times are coarse (ticks), so few capabilities are held.
+/// was a third of a replay's time. Times are coarse (ticks), so few capabilities are held. An
+/// update postponed by `from` is held the same way, and for the same reason: postponing to a
+/// coarser time lets an expensive downstream operator (a sliding window's count) run once per
+/// coarse time instead of once per tick.
 ///
 /// `logic` must be a pure function of its arguments, so that every worker count gives the same
 /// updates.
-pub fn expiring<'scope, D, D2, I, L>(name: &str, input: VecCollection<'scope, Time, D>, logic: L) -> VecCollection<'scope, Time, D2>
-where
-    D: Clone + 'static,
-    D2: Ord + Clone + 'static,
-    I: IntoIterator<Item = (D2, Time, isize)>,
-    L: FnMut(&D, Time) -> I + 'static,
-{
-    let mut logic = logic;
-    render_expiring(name, input, move |d: &D, t| logic(d, t).into_iter().map(move |(e, expiry, w)| (e, t, expiry, w)), true, None)
-}
-
-/// As [`expiring`], except that each `(e, from, until, w)` that `logic(&d, t)` yields enters at
-/// `max(t, from)` instead of `t`, and leaves at `until` (if later). An update postponed this way is
-/// held here until the frontier reaches its time, like the retractions, and for the same reason.
-///
-/// Postponing to a coarser time lets an expensive downstream operator (a sliding window's top K)
-/// run once per coarse time instead of once per tick.
 pub fn expiring_from<'scope, D, D2, I, L>(name: &str, input: VecCollection<'scope, Time, D>, logic: L) -> VecCollection<'scope, Time, D2>
 where
     D: Clone + 'static,
@@ -49,9 +35,10 @@ where
     render_expiring(name, input, logic, true, None)
 }
 
-/// As [`expiring`], except that retractions still held when the input ends are dropped, not
-/// sent: the output keeps what it held at the last frontier, for reading after a replay. The
-/// last input frontier seen is recorded in `observed`.
+/// As [`expiring_from`] with every `e` entering at `t`, so that `logic` yields `(e, until, w)`,
+/// except that retractions still held when the input ends are dropped, not sent: the output
+/// keeps what it held at the last frontier, for reading after a replay. The last input frontier
+/// seen is recorded in `observed`.
 pub fn expiring_observed<'scope, D, D2, I, L>(
     name: &str,
     input: VecCollection<'scope, Time, D>,
