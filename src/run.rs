@@ -391,9 +391,10 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                     let per_country_minute = country.clone().map(|((minute, country, ad), clicks)| ((minute, country), (ad, clicks)));
                     let top_country_minute = top_k("TopCountryMinute", per_country_minute, plan)
                         .map(|((minute, country), (ad, clicks))| ServingAnswer::TopCountryMinute { minute, country, ad, clicks });
-                    let top_country_window = sliding_top_k("TopCountryWindow", country, plan, rules, |&(m, c, ad)| (m, c, ad))
+                    let country_clicks = counts.clicks.country.enter_region(inner);
+                    let top_country_window = sliding_top_k("TopCountryWindow", country_clicks, plan, rules, |&(m, c, ad)| (m, c, ad))
                         .map(|((window, country), (ad, clicks))| ServingAnswer::TopCountryWindow { window, country, ad, clicks });
-                    let campaign_windows = sliding_counts("CampaignWindowCounts", counts.campaign.enter_region(inner), &plan.windows, rules, |&(m, campaign)| (m, campaign))
+                    let campaign_windows = sliding_counts("CampaignWindowCounts", counts.clicks.campaign.enter_region(inner), &plan.windows, rules, |&(m, campaign)| (m, campaign))
                         .map(|((window, campaign), clicks)| ServingAnswer::CampaignWindow { window, campaign, clicks });
                     campaign_country
                         .concat(top_country_minute)

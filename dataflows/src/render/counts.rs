@@ -14,18 +14,31 @@ pub struct MinuteCounts<'scope> {
     pub ad: VecCollection<'scope, Time, ((Minute, u64), u64)>,
     pub campaign: VecCollection<'scope, Time, ((Minute, u64), u64)>,
     pub country: VecCollection<'scope, Time, ((Minute, Country, u64), u64)>,
+    /// The clicks behind the counts, as they arrive: each key with a multiplicity equal to the
+    /// clicks it gains (or loses), pre-aggregated in the worker and not yet exchanged. Whatever
+    /// adds counts up again (a sliding window over minutes) reads these instead: one update per
+    /// change, where the counts give two (`-old`, `+new`).
+    pub clicks: MinuteClicks<'scope>,
+}
+
+/// See [`MinuteCounts::clicks`].
+#[derive(Clone)]
+pub struct MinuteClicks<'scope> {
+    pub ad: VecCollection<'scope, Time, (Minute, u64)>,
+    pub campaign: VecCollection<'scope, Time, (Minute, u64)>,
+    pub country: VecCollection<'scope, Time, (Minute, Country, u64)>,
 }
 
 /// Counts distinct clicks per (minute, ad), (minute, campaign) and (minute, country, ad).
 pub fn minute_counts<'scope>(clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>) -> MinuteCounts<'scope> {
-    let ad = count_named("AdMinute", clicks.clone().map(|(key, attrs)| (crate::types::minute_of(key.ts), attrs.ad)));
-    let campaign =
-        count_named("CampaignMinute", clicks.clone().map(|(key, attrs)| (crate::types::minute_of(key.ts), attrs.campaign)));
-    let country = count_named(
+    let (ad, ad_clicks) = count_with_changes("AdMinute", clicks.clone().map(|(key, attrs)| (crate::types::minute_of(key.ts), attrs.ad)));
+    let (campaign, campaign_clicks) =
+        count_with_changes("CampaignMinute", clicks.clone().map(|(key, attrs)| (crate::types::minute_of(key.ts), attrs.campaign)));
+    let (country, country_clicks) = count_with_changes(
         "CountryMinute",
         clicks.map(|(key, attrs)| (crate::types::minute_of(key.ts), attrs.country, attrs.ad)),
     );
-    MinuteCounts { ad, campaign, country }
+    MinuteCounts { ad, campaign, country, clicks: MinuteClicks { ad: ad_clicks, campaign: campaign_clicks, country: country_clicks } }
 }
 
 /// Counts records per key (sums their multiplicities, which may be any weight), in an
@@ -38,13 +51,27 @@ pub fn count_named<'scope, K>(name: &str, keys: VecCollection<'scope, Time, K>) 
 where
     K: differential_dataflow::ExchangeData + std::hash::Hash,
 {
-    pre_aggregate(&format!("PreAggregate: {name}"), keys)
+    count_with_changes(name, keys).0
+}
+
+/// [`count_named`], and the pre-aggregated changes it counts (see [`MinuteCounts::clicks`]).
+fn count_with_changes<'scope, K>(
+    name: &str,
+    keys: VecCollection<'scope, Time, K>,
+) -> (VecCollection<'scope, Time, (K, u64)>, VecCollection<'scope, Time, K>)
+where
+    K: differential_dataflow::ExchangeData + std::hash::Hash,
+{
+    let changes = pre_aggregate(&format!("PreAggregate: {name}"), keys);
+    let counts = changes
+        .clone()
         .arrange_by_self_named(&format!("Arrange: {name}"))
         .count_total_core::<isize>()
         .map(|(key, clicks)| {
             debug_assert!(clicks > 0);
             (key, clicks as u64)
-        })
+        });
+    (counts, changes)
 }
 
 /// Consolidates, inside the worker, everything one activation receives, before the exchange.

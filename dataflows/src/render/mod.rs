@@ -43,14 +43,15 @@ pub fn arrangement_schema(name: &str) -> Option<(&'static str, &'static str)> {
 }
 
 /// Sliding counts: for each window M of `windows` and each key, the clicks of the last M
-/// minutes, from per-minute counts `((minute, key), clicks)` keyed by `split`.
+/// minutes, from the clicks per minute and key (`C`, with the clicks as its multiplicity, as
+/// [`counts::MinuteCounts::clicks`] gives them), keyed by `split`.
 ///
-/// A minute's count changes before it is final are its answer; later ones are retention
-/// forgetting it, which must not take it out of a window early. Each contribution leaves the
-/// window of M minutes when that window has moved past its minute.
+/// A minute's clicks before it is final are its answer; later changes are retention forgetting
+/// it, which must not take it out of a window early. Each contribution leaves the window of M
+/// minutes when that window has moved past its minute.
 pub fn sliding_counts<'scope, C, K>(
     name: &str,
-    per_minute: VecCollection<'scope, Time, (C, u64)>,
+    clicks: VecCollection<'scope, Time, C>,
     windows: &[u32],
     rules: &EventTimeRules,
     split: impl Fn(&C) -> (crate::types::Minute, K) + 'static,
@@ -61,10 +62,10 @@ where
 {
     let windows = windows.to_vec();
     let rules = *rules;
-    let contributions = temporal::expiring_from(&format!("{name}Contributions"), per_minute, move |(key, clicks), time| {
+    let contributions = temporal::expiring_from(&format!("{name}Contributions"), clicks, move |key, time| {
         let (minute, key) = split(key);
         windows::contributions(rules, &windows, minute, time)
-            .map(|(index, from, until)| ((windows[index], key.clone()), from, until, *clicks as isize))
+            .map(|(index, from, until)| ((windows[index], key.clone()), from, until, 1))
             .collect::<Vec<_>>()
     });
     counts::count_named(name, contributions)
@@ -137,6 +138,11 @@ pub fn render_clicks<'scope>(
             ad: counts.ad.leave_region(scope),
             campaign: counts.campaign.leave_region(scope),
             country: counts.country.leave_region(scope),
+            clicks: counts::MinuteClicks {
+                ad: counts.clicks.ad.leave_region(scope),
+                campaign: counts.clicks.campaign.leave_region(scope),
+                country: counts.clicks.country.leave_region(scope),
+            },
         }
     });
     let top = scope.region_named("TopK", |inner| {
@@ -144,7 +150,7 @@ pub fn render_clicks<'scope>(
         topk::top_k("TopMinute", per_ad, plan).leave_region(scope)
     });
     let top_window = scope.region_named("SlidingWindows", |inner| {
-        windows::sliding_top_k("TopWindow", counts.ad.clone().enter_region(inner), plan, &rules, |&(minute, ad)| (minute, (), ad))
+        windows::sliding_top_k("TopWindow", counts.clicks.ad.clone().enter_region(inner), plan, &rules, |&(minute, ad)| (minute, (), ad))
             .map(|((window, ()), ranked)| (window, ranked))
             .leave_region(scope)
     });

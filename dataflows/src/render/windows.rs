@@ -15,9 +15,8 @@ use crate::plan::Plan;
 use crate::render::topk::top_k_of_counts;
 use crate::types::{Minute, Time, MINUTE_MS};
 
-/// How one per-minute count update `((minute, key), clicks)` at `time` moves the sliding counts:
-/// for each window M, `(window index, from, until, clicks)`, meaning "add `clicks` from `from`
-/// until `until`". A minute's changes before it is final are its answer; later ones are
+/// How a change at `time` to the clicks of `minute` moves the sliding counts: for each window M,
+/// `(window index, from, until)`, meaning "add the change from `from` until `until`". A minute's changes before it is final are its answer; later ones are
 /// retention forgetting it, which must not take it out of a window early, so they yield nothing.
 /// Contributions enter at the minute's last tick ([`EventTimeRules::window_time`]), so that a
 /// window's top K changes twice a minute, not once per tick.
@@ -35,12 +34,13 @@ pub fn contributions(rules: EventTimeRules, windows: &[u32], minute: Minute, tim
 pub type WindowTops<'scope, G> = VecCollection<'scope, Time, ((u32, G), (u64, u64))>;
 
 /// The top `plan.top_k` ads of each window of `plan.windows` in each group, by clicks over the
-/// window's last M minutes, as `((window minutes, group), (ad, clicks))`, from per-minute counts
-/// `(key, clicks)` (one record per key with clicks > 0) whose key `split` takes apart into
-/// `(minute, group, ad)`. Ranked by clicks descending, then ad ascending.
+/// window's last M minutes, as `((window minutes, group), (ad, clicks))`, from the clicks per
+/// minute and key (`C`, with the clicks as its multiplicity, as
+/// [`MinuteCounts::clicks`](crate::render::counts::MinuteCounts::clicks) gives them), whose key
+/// `split` takes apart into `(minute, group, ad)`. Ranked by clicks descending, then ad ascending.
 pub fn sliding_top_k<'scope, C, G>(
     name: &str,
-    per_minute: VecCollection<'scope, Time, (C, u64)>,
+    clicks: VecCollection<'scope, Time, C>,
     plan: &Plan,
     rules: &EventTimeRules,
     split: impl Fn(&C) -> (Minute, G, u64) + Clone + 'static,
@@ -53,11 +53,11 @@ where
     let rules = *rules;
     let ad_of = {
         let split = split.clone();
-        move |(key, _): &(C, u64)| split(key).2
+        move |key: &C| split(key).2
     };
-    let changes = move |(key, clicks): &(C, u64), time: Time, diff: isize| {
+    let changes = move |key: &C, time: Time, diff: isize| {
         let (minute, group, ad) = split(key);
-        let change = *clicks as i64 * diff as i64;
+        let change = diff as i64;
         contributions(rules, &windows, minute, time)
             .flat_map(|(index, from, until)| {
                 let window_group = (windows[index], group.clone());
@@ -65,5 +65,5 @@ where
             })
             .collect::<Vec<_>>()
     };
-    top_k_of_counts(name, per_minute, ad_of, changes, plan.top_k)
+    top_k_of_counts(name, clicks, ad_of, changes, plan.top_k)
 }
