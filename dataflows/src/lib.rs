@@ -7,6 +7,7 @@
 
 pub mod answer;
 pub mod event_time;
+pub mod hashing;
 pub mod plan;
 pub mod render;
 pub mod types;

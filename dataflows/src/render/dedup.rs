@@ -1,7 +1,6 @@
 //! De-duplication of retried deliveries (SPEC §2 "Duplicates"), and the retention of its state.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::logging::{BatchEvent, DifferentialEventBuilder, DropEvent, Logger, MergeEvent};
@@ -11,6 +10,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
 use crate::event_time::EventTimeRules;
+use crate::hashing::FastMap;
 use crate::types::{minute_of, Click, ClickAttrs, ClickKey, Minute, Time};
 
 /// One record per distinct `(event_id, ts)`: the copy with the smallest attributes.
@@ -47,6 +47,9 @@ pub fn distinct_clicks<'scope>(
             let mut minutes: HashMap<Minute, LiveMinute> = HashMap::new();
             // Which minutes become final when: at most one per time, as final times grow with minutes.
             let mut finals: BTreeMap<Time, Minute> = BTreeMap::new();
+            // A new minute's map starts as large as the last retired one was, not empty: growing
+            // by doubling rehashes every click of a minute about once more.
+            let mut expected_clicks = 0;
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
                     for (click, time, diff) in data.drain(..) {
@@ -65,6 +68,7 @@ pub fn distinct_clicks<'scope>(
                         (_, Some(at)) if next_input.is_none_or(|t| at <= t) => {
                             let (_, minute) = finals.pop_first().expect("just seen");
                             let live = minutes.remove(&minute).expect("a final time for a live minute");
+                            expected_clicks = live.clicks.len();
                             let capability = live.final_at.as_ref().expect("a final time, so a capability for it");
                             let mut session = output.session(capability);
                             for (key, copies) in &live.clicks {
@@ -96,7 +100,7 @@ pub fn distinct_clicks<'scope>(
                                     }
                                     LiveMinute {
                                         final_at: final_at.map(|at| capability.delayed(&at)),
-                                        clicks: ClickMap::default(),
+                                        clicks: ClickMap::with_capacity_and_hasher(expected_clicks, Default::default()),
                                         reported: 0,
                                     }
                                 });
@@ -162,7 +166,7 @@ struct LiveMinute {
     reported: usize,
 }
 
-type ClickMap = HashMap<ClickKey, Copies, BuildHasherDefault<PreHashed>>;
+type ClickMap = FastMap<ClickKey, Copies>;
 
 /// The visible copies of one click, with their multiplicities: nearly always one copy, so it is
 /// kept inline.
@@ -216,29 +220,6 @@ impl Copies {
     }
 }
 
-/// A hasher for keys that are hashes already: a click's key is the XXH3-128 of its event_id
-/// (and its ts), so mixing its words is enough, and much cheaper than SipHash.
-#[derive(Default)]
-struct PreHashed(u64);
-
-impl Hasher for PreHashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.write_u64(u64::from(byte));
-        }
-    }
-    fn write_u64(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(26) ^ word).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-    fn write_u128(&mut self, word: u128) {
-        self.write_u64(word as u64);
-        self.write_u64((word >> 64) as u64);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -249,6 +230,7 @@ mod tests {
 
     use super::{distinct_clicks, Copies};
     use crate::event_time::EventTimeRules;
+use crate::hashing::FastMap;
     use crate::types::{Click, ClickAttrs, ClickKey, Country, Ip, Time, MINUTE_MS};
 
     fn attrs(ad: u64) -> ClickAttrs {

@@ -11,7 +11,7 @@
 //! minute with it measured no faster than [`top_k`], in a replay or in follow mode, so the minutes
 //! keep their inspectable arrangements.)
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
@@ -19,6 +19,7 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
+use crate::hashing::FastMap;
 use crate::plan::Plan;
 use crate::types::Time;
 
@@ -84,7 +85,7 @@ where
 }
 
 /// What is held for one time: its capability and each (group, ad)'s change of count.
-type Pending<G> = (Capability<Time>, HashMap<(G, u64), i64>);
+type Pending<G> = (Capability<Time>, FastMap<(G, u64), i64>);
 
 /// The top `k` ads of each group, from changes to per-ad counts: `changes(datum, time, diff)`
 /// says whose count moves, `(group, ad, at, change)`, from time `at` (at or after `time`) on.
@@ -122,14 +123,14 @@ where
     let local = input.inner.unary_frontier(by_ad, &operator.clone(), move |_, _| {
         let mut pending: BTreeMap<Time, Pending<G>> = BTreeMap::new();
         // Per group: this worker's ads' counts, and the local top K last sent.
-        let mut counts: HashMap<G, HashMap<u64, i64>> = HashMap::new();
-        let mut sent: HashMap<G, Vec<Rank>> = HashMap::new();
+        let mut counts: FastMap<G, FastMap<u64, i64>> = FastMap::default();
+        let mut sent: FastMap<G, Vec<Rank>> = FastMap::default();
         let mut ranked: Vec<Rank> = Vec::new();
         move |(input, frontier), output| {
             input.for_each(|capability, data| {
                 for (datum, time, diff) in data.drain(..) {
                     for (group, ad, at, change) in changes(&datum, time, diff) {
-                        let (_, held) = pending.entry(at).or_insert_with(|| (capability.delayed(&at, 0), HashMap::new()));
+                        let (_, held) = pending.entry(at).or_insert_with(|| (capability.delayed(&at, 0), FastMap::default()));
                         *held.entry((group, ad)).or_insert(0) += change;
                     }
                 }
