@@ -2,7 +2,11 @@
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::operators::CountTotal;
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
 use differential_dataflow::VecCollection;
 
@@ -31,14 +35,13 @@ pub struct MinuteClicks<'scope> {
 
 /// Counts distinct clicks per (minute, ad), (minute, campaign) and (minute, country, ad).
 pub fn minute_counts<'scope>(clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>) -> MinuteCounts<'scope> {
-    let (ad, ad_clicks) = count_with_changes("AdMinute", clicks.clone().map(|(key, attrs)| (crate::types::minute_of(key.ts), attrs.ad)));
-    let (campaign, campaign_clicks) =
-        count_with_changes("CampaignMinute", clicks.clone().map(|(key, attrs)| (crate::types::minute_of(key.ts), attrs.campaign)));
-    let (country, country_clicks) = count_with_changes(
-        "CountryMinute",
-        clicks.map(|(key, attrs)| (crate::types::minute_of(key.ts), attrs.country, attrs.ad)),
-    );
-    MinuteCounts { ad, campaign, country, clicks: MinuteClicks { ad: ad_clicks, campaign: campaign_clicks, country: country_clicks } }
+    let keys = pre_aggregate_minute_keys(clicks);
+    MinuteCounts {
+        ad: count_pre_aggregated("AdMinute", keys.ad.clone()),
+        campaign: count_pre_aggregated("CampaignMinute", keys.campaign.clone()),
+        country: count_pre_aggregated("CountryMinute", keys.country.clone()),
+        clicks: keys,
+    }
 }
 
 /// Counts records per key (sums their multiplicities, which may be any weight), in an
@@ -51,27 +54,59 @@ pub fn count_named<'scope, K>(name: &str, keys: VecCollection<'scope, Time, K>) 
 where
     K: differential_dataflow::ExchangeData + std::hash::Hash,
 {
-    count_with_changes(name, keys).0
+    count_pre_aggregated(name, pre_aggregate(&format!("PreAggregate: {name}"), keys))
 }
 
-/// [`count_named`], and the pre-aggregated changes it counts (see [`MinuteCounts::clicks`]).
-fn count_with_changes<'scope, K>(
-    name: &str,
-    keys: VecCollection<'scope, Time, K>,
-) -> (VecCollection<'scope, Time, (K, u64)>, VecCollection<'scope, Time, K>)
+/// [`count_named`] of keys already consolidated in the worker.
+fn count_pre_aggregated<'scope, K>(name: &str, changes: VecCollection<'scope, Time, K>) -> VecCollection<'scope, Time, (K, u64)>
 where
     K: differential_dataflow::ExchangeData + std::hash::Hash,
 {
-    let changes = pre_aggregate(&format!("PreAggregate: {name}"), keys);
-    let counts = changes
-        .clone()
-        .arrange_by_self_named(&format!("Arrange: {name}"))
-        .count_total_core::<isize>()
-        .map(|(key, clicks)| {
-            debug_assert!(clicks > 0);
-            (key, clicks as u64)
-        });
-    (counts, changes)
+    changes.arrange_by_self_named(&format!("Arrange: {name}")).count_total_core::<isize>().map(|(key, clicks)| {
+        debug_assert!(clicks > 0);
+        (key, clicks as u64)
+    })
+}
+
+/// The (minute, ad), (minute, campaign) and (minute, country, ad) keys of the clicks, each
+/// consolidated as [`pre_aggregate`] does, in one pass over the clicks: every reader of a stream
+/// gets its own copy of each of its batches, so three readers would copy every click three times.
+fn pre_aggregate_minute_keys<'scope>(clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>) -> MinuteClicks<'scope> {
+    let mut builder = OperatorBuilder::new("PreAggregate: MinuteKeys".to_owned(), clicks.scope());
+    let mut input = builder.new_input(clicks.inner, Pipeline);
+    let (ad, ad_stream) = builder.new_output();
+    let (campaign, campaign_stream) = builder.new_output();
+    let (country, country_stream) = builder.new_output();
+    let mut ad = OutputBuilder::<_, CapacityContainerBuilder<Vec<((Minute, u64), Time, isize)>>>::from(ad);
+    let mut campaign = OutputBuilder::<_, CapacityContainerBuilder<Vec<((Minute, u64), Time, isize)>>>::from(campaign);
+    let mut country = OutputBuilder::<_, CapacityContainerBuilder<Vec<((Minute, Country, u64), Time, isize)>>>::from(country);
+    builder.build(move |_initial_capabilities| {
+        let (mut ads, mut campaigns, mut countries) = (Vec::new(), Vec::new(), Vec::new());
+        move |_frontiers| {
+            // One capability per output, at the least time received.
+            let mut least: Vec<Capability<Time>> = Vec::new();
+            input.for_each(|capability, data| {
+                if least.first().is_none_or(|l| capability.least().is_some_and(|t| t < l.time())) {
+                    least = (0..3).map(|port| capability.retain_least(port).expect("a message has a time")).collect();
+                }
+                for ((key, attrs), time, diff) in data.drain(..) {
+                    let minute = crate::types::minute_of(key.ts);
+                    ads.push(((minute, attrs.ad), time, diff));
+                    campaigns.push(((minute, attrs.campaign), time, diff));
+                    countries.push(((minute, attrs.country, attrs.ad), time, diff));
+                }
+            });
+            if let [ad_at, campaign_at, country_at] = &least[..] {
+                differential_dataflow::consolidation::consolidate_updates(&mut ads);
+                ad.activate().session(ad_at).give_iterator(ads.drain(..));
+                differential_dataflow::consolidation::consolidate_updates(&mut campaigns);
+                campaign.activate().session(campaign_at).give_iterator(campaigns.drain(..));
+                differential_dataflow::consolidation::consolidate_updates(&mut countries);
+                country.activate().session(country_at).give_iterator(countries.drain(..));
+            }
+        }
+    });
+    MinuteClicks { ad: ad_stream.as_collection(), campaign: campaign_stream.as_collection(), country: country_stream.as_collection() }
 }
 
 /// Consolidates, inside the worker, everything one activation receives, before the exchange.
