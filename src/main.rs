@@ -312,15 +312,20 @@ impl GenerateArgs {
 /// `mi_option_purge_delay` in mimalloc.h's option enum (the sys crate does not name it).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 14 + 1;
 
-/// Freed pages stay with the process instead of going back to the kernel after 10 ms: a replay
+/// Freed pages stay with the process instead of going back to the kernel after a delay: a replay
 /// frees and reallocates large batches and per-minute state continuously, and zeroing fresh pages
-/// was a fifth of its CPU time at 10 ms, and still a tenth at 1 s. Memory then stays at its high
-/// mark, which the retention bounds; `MIMALLOC_PURGE_DELAY` (milliseconds) overrides this.
+/// was a fifth of its CPU time with a 10 ms delay, and still a seventh with mimalloc 3's default
+/// of 1 s. Memory then stays at its high mark, which the retention bounds;
+/// `MIMALLOC_PURGE_DELAY` (milliseconds) overrides this.
 fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: plain calls into mimalloc's option table; the guard checks that the index really is
-    // the purge delay (its documented default is 10 ms) before changing it.
+    // the purge delay (its documented defaults are 10 ms, and 1 s since mimalloc 3) before
+    // changing it.
     unsafe {
-        if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == 10 {
+        if matches!(libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY), 10 | 1000) {
             libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
         }
     }
