@@ -1,17 +1,11 @@
 //! De-duplication of retried deliveries (SPEC §2 "Duplicates"), and the retention of its state.
 
-use std::collections::{BTreeMap, HashMap};
-
-use differential_dataflow::collection::AsCollection;
-use differential_dataflow::logging::{BatchEvent, DifferentialEventBuilder, DropEvent, Logger, MergeEvent};
 use differential_dataflow::VecCollection;
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Capability;
 
 use crate::event_time::EventTimeRules;
 use crate::hashing::FastMap;
-use crate::types::{minute_of, Click, ClickAttrs, ClickKey, Minute, Time};
+use crate::render::minute_state::{per_minute, MinuteState};
+use crate::types::{Click, ClickAttrs, ClickKey, Time};
 
 /// One record per distinct `(event_id, ts)`: the copy with the smallest attributes.
 ///
@@ -25,148 +19,58 @@ use crate::types::{minute_of, Click, ClickAttrs, ClickKey, Minute, Time};
 /// This is the collection that retracting each delivery at its minute's final time and taking
 /// the smallest copy per key gives, time for time, without holding a retraction per delivery or
 /// arranging the deliveries: each worker keeps, for its share of the keys, one hash map per live
-/// minute, and forgets a minute by dropping its map.
-///
-/// The state is reported through differential's arrangement log (one batch per live minute, its
-/// length the clicks held), so introspection lists it beside the arrangements under `name`.
+/// minute ([`per_minute`]).
 pub fn distinct_clicks<'scope>(
     name: &str,
     deliveries: VecCollection<'scope, Time, Click>,
     rules: &EventTimeRules,
 ) -> VecCollection<'scope, Time, (ClickKey, ClickAttrs)> {
-    let rules = *rules;
-    let scope = deliveries.scope();
-    let logger: Option<Logger> = scope.worker().logger_for::<DifferentialEventBuilder>("differential/arrange").map(Into::into);
-    let by_key = Exchange::new(|update: &(Click, Time, isize)| update.0.key.event as u64);
-    deliveries
-        .inner
-        .unary_frontier(by_key, name, move |_, info| {
-            let operator = info.global_id;
-            // Deliveries by time, applied in time order once the frontier has passed their time.
-            let mut pending: BTreeMap<Time, (Capability<Time>, Vec<Click>, Vec<isize>)> = BTreeMap::new();
-            let mut minutes: HashMap<Minute, LiveMinute> = HashMap::new();
-            // Which minutes become final when: at most one per time, as final times grow with minutes.
-            let mut finals: BTreeMap<Time, Minute> = BTreeMap::new();
-            // A new minute's map starts as large as the last retired one was, not empty: growing
-            // by doubling rehashes every click of a minute about once more.
-            let mut expected_clicks = 0;
-            move |(input, frontier), output| {
-                input.for_each(|capability, data| {
-                    for (click, time, diff) in data.drain(..) {
-                        let (_, clicks, diffs) =
-                            pending.entry(time).or_insert_with(|| (capability.delayed(&time, 0), Vec::new(), Vec::new()));
-                        clicks.push(click);
-                        diffs.push(diff);
-                    }
-                });
-                let complete = |time: &Time| frontier.frontier().first().is_none_or(|f| f > time);
-                loop {
-                    let next_input = pending.first_key_value().map(|(&t, _)| t).filter(complete);
-                    let next_final = finals.first_key_value().map(|(&t, _)| t).filter(complete);
-                    match (next_input, next_final) {
-                        // A minute final at `t` takes no copies at `t`: retire it first.
-                        (_, Some(at)) if next_input.is_none_or(|t| at <= t) => {
-                            let (_, minute) = finals.pop_first().expect("just seen");
-                            let live = minutes.remove(&minute).expect("a final time for a live minute");
-                            expected_clicks = live.clicks.len();
-                            let capability = live.final_at.as_ref().expect("a final time, so a capability for it");
-                            let mut session = output.session(capability);
-                            for (key, copies) in &live.clicks {
-                                if let Some(attrs) = copies.smallest() {
-                                    session.give(((*key, attrs), at, -1isize));
-                                }
-                            }
-                            if let Some(logger) = &logger {
-                                logger.log(DropEvent { operator, length: live.reported });
-                            }
-                        }
-                        (Some(_), _) => {
-                            let (_, (capability, clicks, diffs)) = pending.pop_first().expect("just seen");
-                            let time = *capability.time();
-                            let mut session = output.session(&capability);
-                            let mut touched: Vec<Minute> = Vec::new();
-                            for (click, diff) in clicks.into_iter().zip(diffs) {
-                                let minute = minute_of(click.key.ts);
-                                let final_at = rules.minute_final_at(minute);
-                                if final_at.is_some_and(|at| at <= time) {
-                                    continue;
-                                }
-                                let live = minutes.entry(minute).or_insert_with(|| {
-                                    if let Some(at) = final_at {
-                                        finals.insert(at, minute);
-                                    }
-                                    if let Some(logger) = &logger {
-                                        logger.log(BatchEvent { operator, length: 0 });
-                                    }
-                                    LiveMinute {
-                                        final_at: final_at.map(|at| capability.delayed(&at)),
-                                        clicks: ClickMap::with_capacity_and_hasher(expected_clicks, Default::default()),
-                                        reported: 0,
-                                    }
-                                });
-                                if !touched.contains(&minute) {
-                                    touched.push(minute);
-                                }
-                                let copies = live.clicks.entry(click.key).or_default();
-                                let before = copies.smallest();
-                                copies.add(click.attrs, diff);
-                                let after = copies.smallest();
-                                if copies.is_empty() {
-                                    live.clicks.remove(&click.key);
-                                }
-                                if before != after {
-                                    if let Some(old) = before {
-                                        session.give(((click.key, old), time, -1isize));
-                                    }
-                                    if let Some(new) = after {
-                                        session.give(((click.key, new), time, 1isize));
-                                    }
-                                }
-                            }
-                            if let Some(logger) = &logger {
-                                for minute in touched {
-                                    let live = minutes.get_mut(&minute).expect("touched, so live");
-                                    // The minute's batch changes size: an empty batch merged into it.
-                                    logger.log(BatchEvent { operator, length: 0 });
-                                    logger.log(MergeEvent {
-                                        operator,
-                                        scale: 0,
-                                        length1: live.reported,
-                                        length2: 0,
-                                        complete: Some(live.clicks.len()),
-                                    });
-                                    live.reported = live.clicks.len();
-                                }
-                            }
-                        }
-                        (None, _) => break,
-                    }
-                }
-                // Once the input is complete nothing changes any more: minutes that are never
-                // final (no lateness bound) are forgotten too.
-                if frontier.frontier().is_empty() {
-                    for (_, live) in minutes.drain() {
-                        if let Some(logger) = &logger {
-                            logger.log(DropEvent { operator, length: live.reported });
-                        }
-                    }
-                }
+    per_minute::<DistinctClicks>(name, deliveries, |click| click.key.event as u64, Click::minute, rules)
+}
+
+/// One minute's clicks, each with its visible copies.
+struct DistinctClicks(FastMap<ClickKey, Copies>);
+
+impl MinuteState for DistinctClicks {
+    type Update = Click;
+    type Output = (ClickKey, ClickAttrs);
+
+    fn with_capacity(capacity: usize) -> Self {
+        DistinctClicks(FastMap::with_capacity_and_hasher(capacity, Default::default()))
+    }
+
+    fn apply(&mut self, click: Click, diff: isize, emit: &mut impl FnMut(Self::Output, isize)) {
+        let copies = self.0.entry(click.key).or_default();
+        let before = copies.smallest();
+        copies.add(click.attrs, diff);
+        let after = copies.smallest();
+        if copies.is_empty() {
+            self.0.remove(&click.key);
+        }
+        if before != after {
+            if let Some(old) = before {
+                emit((click.key, old), -1);
             }
-        })
-        .as_collection()
-}
+            if let Some(new) = after {
+                emit((click.key, new), 1);
+            }
+        }
+    }
 
-/// The clicks of one minute that can still change, and the capability to retract them when the
-/// minute is final.
-struct LiveMinute {
-    /// `None` without a lateness bound: the minute is never final, and no capability is held.
-    final_at: Option<Capability<Time>>,
-    clicks: ClickMap,
-    /// How many clicks the arrangement log was last told of.
-    reported: usize,
-}
+    fn settle(&mut self, _emit: &mut impl FnMut(Self::Output, isize)) {}
 
-type ClickMap = FastMap<ClickKey, Copies>;
+    fn retire(self, emit: &mut impl FnMut(Self::Output, isize)) {
+        for (key, copies) in self.0 {
+            if let Some(attrs) = copies.smallest() {
+                emit((key, attrs), -1);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
 
 /// The visible copies of one click, with their multiplicities: nearly always one copy, so it is
 /// kept inline.

@@ -5,6 +5,7 @@ pub mod counts;
 pub mod dedup;
 pub mod filters;
 pub mod fraud;
+pub mod minute_state;
 pub mod temporal;
 pub mod topk;
 pub mod windows;

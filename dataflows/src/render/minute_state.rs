@@ -1,0 +1,187 @@
+//! Keyed state per minute, in hash maps, forgotten when the minute is final.
+//!
+//! An arrangement forgets a minute only when every update of it is retracted: a retraction per
+//! click, sorted, merged and compacted like the click itself was. State that belongs to one minute
+//! can do better: it is dropped whole once the minute is final, and what it contributed is
+//! retracted from the output then, once per key. [`per_minute`] runs such state — de-duplication
+//! and the per-minute counts — applying each time's updates in time order once the frontier has
+//! passed it, as differential's operators do.
+
+use std::collections::{BTreeMap, HashMap};
+
+use differential_dataflow::collection::AsCollection;
+use differential_dataflow::logging::{BatchEvent, DifferentialEventBuilder, DropEvent, Logger, MergeEvent};
+use differential_dataflow::{ExchangeData, VecCollection};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+
+use crate::event_time::EventTimeRules;
+use crate::types::{Minute, Time};
+
+/// The state one minute keeps, for one worker's share of the keys.
+pub trait MinuteState: Sized + 'static {
+    /// What arrives: one record, with a multiplicity.
+    type Update: ExchangeData;
+    /// What leaves.
+    type Output: Clone + 'static;
+
+    /// An empty state with room for about `capacity` keys.
+    fn with_capacity(capacity: usize) -> Self;
+    /// Applies one update of the time being processed; `emit` sends output changes at that time.
+    fn apply(&mut self, update: Self::Update, diff: isize, emit: &mut impl FnMut(Self::Output, isize));
+    /// Called once a time's updates are all applied, for the state to send changes it nets per time.
+    fn settle(&mut self, emit: &mut impl FnMut(Self::Output, isize));
+    /// The minute is final: retracts everything the state has sent and not retracted.
+    fn retire(self, emit: &mut impl FnMut(Self::Output, isize));
+    /// How many keys it holds.
+    fn len(&self) -> usize;
+}
+
+/// Runs a [`MinuteState`] per minute (`minute_of` each update), each worker holding the keys
+/// that `route` sends it.
+///
+/// Updates are applied in time order, each time once the input frontier has passed it. With a
+/// lateness bound, a minute's state is retired at `rules.minute_final_at(minute)`, before that
+/// time's updates are applied, and updates of a minute at or after that time are ignored: they
+/// can only be retention retractions, and the retirement has already taken everything out. Without
+/// one, minutes are never final, and their state is dropped without retractions once the input
+/// ends.
+///
+/// The state is reported through differential's arrangement log (one batch per live minute, its
+/// length the keys held), so introspection lists it beside the arrangements, under `name`.
+///
+/// `route` and `minute_of` must be pure functions, so that every worker count gives the same
+/// output.
+pub fn per_minute<'scope, S: MinuteState>(
+    name: &str,
+    input: VecCollection<'scope, Time, S::Update>,
+    route: impl Fn(&S::Update) -> u64 + 'static,
+    minute_of: impl Fn(&S::Update) -> Minute + 'static,
+    rules: &EventTimeRules,
+) -> VecCollection<'scope, Time, S::Output> {
+    let rules = *rules;
+    let logger: Option<Logger> =
+        input.scope().worker().logger_for::<DifferentialEventBuilder>("differential/arrange").map(Into::into);
+    let exchange = Exchange::new(move |update: &(S::Update, Time, isize)| route(&update.0));
+    input
+        .inner
+        .unary_frontier(exchange, name, move |_, info| {
+            let log = StateLog { logger, operator: info.global_id };
+            // Updates by time, applied in time order once the frontier has passed their time.
+            let mut pending: BTreeMap<Time, (Capability<Time>, Vec<(S::Update, isize)>)> = BTreeMap::new();
+            let mut minutes: HashMap<Minute, Live<S>> = HashMap::new();
+            // When each live minute becomes final: at most one per time, as final times grow with
+            // minutes.
+            let mut finals: BTreeMap<Time, Minute> = BTreeMap::new();
+            // A new minute's state starts as large as the last retired one was, not empty: growing
+            // by doubling rehashes every key of a minute about once more.
+            let mut expected_keys = 0;
+            let mut touched: Vec<Minute> = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each(|capability, data| {
+                    for (update, time, diff) in data.drain(..) {
+                        let (_, updates) = pending.entry(time).or_insert_with(|| (capability.delayed(&time, 0), Vec::new()));
+                        updates.push((update, diff));
+                    }
+                });
+                let complete = |time: &Time| frontier.frontier().first().is_none_or(|f| f > time);
+                loop {
+                    let next_input = pending.first_key_value().map(|(&t, _)| t).filter(complete);
+                    let next_final = finals.first_key_value().map(|(&t, _)| t).filter(complete);
+                    match (next_input, next_final) {
+                        // A minute final at `t` takes no updates at `t`: retire it first.
+                        (_, Some(at)) if next_input.is_none_or(|t| at <= t) => {
+                            let (_, minute) = finals.pop_first().expect("just seen");
+                            let live = minutes.remove(&minute).expect("a final time for a live minute");
+                            expected_keys = live.state.len();
+                            let capability = live.final_at.expect("a final time, so a capability for it");
+                            let mut session = output.session(&capability);
+                            live.state.retire(&mut |out, diff| session.give((out, at, diff)));
+                            log.dropped(live.reported);
+                        }
+                        (Some(_), _) => {
+                            let (_, (capability, updates)) = pending.pop_first().expect("just seen");
+                            let time = *capability.time();
+                            let mut session = output.session(&capability);
+                            let mut emit = |out, diff| session.give((out, time, diff));
+                            for (update, diff) in updates {
+                                let minute = minute_of(&update);
+                                let final_at = rules.minute_final_at(minute);
+                                if final_at.is_some_and(|at| at <= time) {
+                                    continue;
+                                }
+                                let live = minutes.entry(minute).or_insert_with(|| {
+                                    if let Some(at) = final_at {
+                                        finals.insert(at, minute);
+                                    }
+                                    log.created();
+                                    Live {
+                                        final_at: final_at.map(|at| capability.delayed(&at)),
+                                        state: S::with_capacity(expected_keys),
+                                        reported: 0,
+                                    }
+                                });
+                                if !touched.contains(&minute) {
+                                    touched.push(minute);
+                                }
+                                live.state.apply(update, diff, &mut emit);
+                            }
+                            for minute in touched.drain(..) {
+                                let live = minutes.get_mut(&minute).expect("touched, so live");
+                                live.state.settle(&mut emit);
+                                log.resized(live.reported, live.state.len());
+                                live.reported = live.state.len();
+                            }
+                        }
+                        (None, _) => break,
+                    }
+                }
+                // Once the input is complete nothing changes any more: minutes that are never
+                // final (no lateness bound) are forgotten too.
+                if frontier.frontier().is_empty() {
+                    for (_, live) in minutes.drain() {
+                        log.dropped(live.reported);
+                    }
+                }
+            }
+        })
+        .as_collection()
+}
+
+/// One live minute: its state, and the capability to retract it when the minute is final.
+struct Live<S> {
+    /// `None` without a lateness bound: the minute is never final, and no capability is held.
+    final_at: Option<Capability<Time>>,
+    state: S,
+    /// How many keys the arrangement log was last told of.
+    reported: usize,
+}
+
+/// Reports a live minute's state as one batch of an arrangement, whose length is its keys: the
+/// events balance as the spine's do (introspection adds a batch per `Batch`, removes one per
+/// completed `Merge` and per `Drop`).
+struct StateLog {
+    logger: Option<Logger>,
+    operator: usize,
+}
+
+impl StateLog {
+    fn created(&self) {
+        if let Some(logger) = &self.logger {
+            logger.log(BatchEvent { operator: self.operator, length: 0 });
+        }
+    }
+    /// An empty batch merged into the minute's, leaving it `to` long.
+    fn resized(&self, from: usize, to: usize) {
+        if let (Some(logger), true) = (&self.logger, from != to) {
+            logger.log(BatchEvent { operator: self.operator, length: 0 });
+            logger.log(MergeEvent { operator: self.operator, scale: 0, length1: from, length2: 0, complete: Some(to) });
+        }
+    }
+    fn dropped(&self, length: usize) {
+        if let Some(logger) = &self.logger {
+            logger.log(DropEvent { operator: self.operator, length });
+        }
+    }
+}
