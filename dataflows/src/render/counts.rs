@@ -10,6 +10,13 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::operators::generic::Operator;
 use differential_dataflow::VecCollection;
 
+use std::hash::{BuildHasher, BuildHasherDefault, Hash};
+
+use differential_dataflow::ExchangeData;
+
+use crate::event_time::EventTimeRules;
+use crate::hashing::{FastHasher, FastMap};
+use crate::render::minute_state::{per_minute, MinuteState};
 use crate::types::{ClickAttrs, ClickKey, Country, Minute, Time};
 
 /// The per-minute count collections: `(key, clicks)`, one record per key with clicks > 0.
@@ -34,13 +41,110 @@ pub struct MinuteClicks<'scope> {
 }
 
 /// Counts distinct clicks per (minute, ad), (minute, campaign) and (minute, country, ad).
-pub fn minute_counts<'scope>(clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>) -> MinuteCounts<'scope> {
+pub fn minute_counts<'scope>(clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>, rules: &EventTimeRules) -> MinuteCounts<'scope> {
     let keys = pre_aggregate_minute_keys(clicks);
     MinuteCounts {
-        ad: count_pre_aggregated("AdMinute", keys.ad.clone()),
-        campaign: count_pre_aggregated("CampaignMinute", keys.campaign.clone()),
-        country: count_pre_aggregated("CountryMinute", keys.country.clone()),
+        ad: count_per_minute("AdMinute", keys.ad.clone(), rules),
+        campaign: count_per_minute("CampaignMinute", keys.campaign.clone(), rules),
+        country: count_per_minute("CountryMinute", keys.country.clone(), rules),
         clicks: keys,
+    }
+}
+
+/// A key that belongs to one minute.
+pub trait MinuteKey: ExchangeData + Hash {
+    fn minute(&self) -> Minute;
+}
+
+impl MinuteKey for (Minute, u64) {
+    fn minute(&self) -> Minute {
+        self.0
+    }
+}
+
+impl MinuteKey for (Minute, Country, u64) {
+    fn minute(&self) -> Minute {
+        self.0
+    }
+}
+
+/// What [`count_named`] computes, for keys that each belong to one minute, given a minute's
+/// updates until it is final and then its retention retractions (as de-duplication's output is):
+/// the counts are kept per minute in hash maps ([`per_minute`]), and a minute's counts are
+/// retracted, once per key, when the minute is final, instead of sorting and arranging every
+/// click's update and its retraction. Changes are netted per time, as `count_total` nets them.
+pub fn count_per_minute<'scope, K: MinuteKey>(
+    name: &str,
+    changes: VecCollection<'scope, Time, K>,
+    rules: &EventTimeRules,
+) -> VecCollection<'scope, Time, (K, u64)> {
+    let hasher = BuildHasherDefault::<FastHasher>::default();
+    per_minute::<CountsOfMinute<K>>(name, changes, move |key| hasher.hash_one(key), K::minute, rules)
+}
+
+/// `clicks` before the first change of the time being processed; `UNTOUCHED` when it has none.
+struct Count {
+    clicks: i64,
+    before: i64,
+}
+
+const UNTOUCHED: i64 = i64::MIN;
+
+/// One minute's counts, and the keys changed at the time being processed.
+struct CountsOfMinute<K> {
+    counts: FastMap<K, Count>,
+    changed: Vec<K>,
+}
+
+impl<K: MinuteKey> MinuteState for CountsOfMinute<K> {
+    type Update = K;
+    type Output = (K, u64);
+
+    fn with_capacity(capacity: usize) -> Self {
+        CountsOfMinute { counts: FastMap::with_capacity_and_hasher(capacity, Default::default()), changed: Vec::new() }
+    }
+
+    fn apply(&mut self, key: K, diff: isize, _emit: &mut impl FnMut(Self::Output, isize)) {
+        let count = match self.counts.get_mut(&key) {
+            Some(count) => count,
+            None => self.counts.entry(key.clone()).or_insert(Count { clicks: 0, before: UNTOUCHED }),
+        };
+        if count.before == UNTOUCHED {
+            count.before = count.clicks;
+            self.changed.push(key);
+        }
+        count.clicks += diff as i64;
+    }
+
+    fn settle(&mut self, emit: &mut impl FnMut(Self::Output, isize)) {
+        for key in self.changed.drain(..) {
+            let count = self.counts.get_mut(&key).expect("a changed key has a count");
+            let (before, now) = (std::mem::replace(&mut count.before, UNTOUCHED), count.clicks);
+            assert!(now >= 0, "a count went below zero");
+            if now == 0 {
+                self.counts.remove(&key);
+            }
+            if before != now {
+                if before > 0 {
+                    emit((key.clone(), before as u64), -1);
+                }
+                if now > 0 {
+                    emit((key, now as u64), 1);
+                }
+            }
+        }
+    }
+
+    fn retire(self, emit: &mut impl FnMut(Self::Output, isize)) {
+        for (key, count) in self.counts {
+            if count.clicks > 0 {
+                emit((key, count.clicks as u64), -1);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.counts.len()
     }
 }
 

@@ -134,7 +134,7 @@ pub fn render_clicks<'scope>(
         (clicks, None)
     };
     let counts = scope.region_named("MinuteCounts", |inner| {
-        let counts = counts::minute_counts(clicks.clone().enter_region(inner));
+        let counts = counts::minute_counts(clicks.clone().enter_region(inner), &rules);
         counts::MinuteCounts {
             ad: counts.ad.leave_region(scope),
             campaign: counts.campaign.leave_region(scope),
