@@ -79,7 +79,7 @@ fn scripted_commands_answer_what_the_api_answers() {
     // Introspection: the named arrangements with their types, and the operators by region.
     assert!(out.contains("DistinctClicks") && out.contains("ClickKey (xxh3-128 of event_id, ts) -> ClickAttrs"), "{out}");
     assert!(out.contains("only the filter arrangements are still held"), "{out}");
-    for operator in ["Dedup", "DistinctClicks", "MinuteCounts", "Arrange: AdMinute", "TopK", "SlidingWindows", "TopWindowLocal"] {
+    for operator in ["Dedup", "DistinctClicks", "MinuteCounts", "AdMinute", "TopK", "SlidingWindows", "TopWindowLocal"] {
         assert!(out.lines().any(|l| l.ends_with(&format!("  {operator}"))), "operator {operator} missing: {out}");
     }
     // Batch, merge and drop events balance: a completed dataflow holds nothing but the

@@ -134,7 +134,6 @@ mod tests {
 
     use super::{distinct_clicks, Copies};
     use crate::event_time::EventTimeRules;
-use crate::hashing::FastMap;
     use crate::types::{Click, ClickAttrs, ClickKey, Country, Ip, Time, MINUTE_MS};
 
     fn attrs(ad: u64) -> ClickAttrs {
