@@ -22,7 +22,7 @@ use clickagg_dataflows::{
 
 use crate::cluster::{self, Cluster, Greeting};
 use crate::serve::{peek, ServingState};
-use clickagg_dataflows::render::counts::count_named;
+use clickagg_dataflows::render::counts::count_per_minute;
 use clickagg_dataflows::render::topk::top_k;
 use clickagg_dataflows::render::sliding_counts;
 use clickagg_dataflows::render::windows::sliding_top_k;
@@ -384,7 +384,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                 let (plan, rules) = (&config.plan, &config.rules);
                 scope.region_named("ServingViews", |inner| {
                     let per_campaign = clicks.enter_region(inner).map(|(key, attrs)| (minute_of(key.ts), attrs.country, attrs.campaign));
-                    let campaign_country = count_named("CampaignCountryMinute", per_campaign).map(|((minute, country, campaign), clicks)| {
+                    let campaign_country = count_per_minute("CampaignCountryMinute", per_campaign, &dataflow_rules).map(|((minute, country, campaign), clicks)| {
                         ServingAnswer::CampaignCountryMinute { minute, country, campaign, clicks }
                     });
                     let country = counts.country.enter_region(inner);
