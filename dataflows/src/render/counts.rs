@@ -172,6 +172,11 @@ where
     })
 }
 
+/// The non-zero sums of `sums`, as updates, leaving it empty (with its room).
+fn drain_changes<K>(sums: &mut FastMap<(K, Time), isize>) -> impl Iterator<Item = (K, Time, isize)> + '_ {
+    sums.drain().filter(|(_, diff)| *diff != 0).map(|((key, time), diff)| (key, time, diff))
+}
+
 /// The (minute, ad), (minute, campaign) and (minute, country, ad) keys of the clicks, each
 /// consolidated as [`pre_aggregate`] does, in one pass over the clicks: every reader of a stream
 /// gets its own copy of each of its batches, so three readers would copy every click three times.
@@ -185,7 +190,11 @@ fn pre_aggregate_minute_keys<'scope>(clicks: VecCollection<'scope, Time, (ClickK
     let mut campaign = OutputBuilder::<_, CapacityContainerBuilder<Vec<((Minute, u64), Time, isize)>>>::from(campaign);
     let mut country = OutputBuilder::<_, CapacityContainerBuilder<Vec<((Minute, Country, u64), Time, isize)>>>::from(country);
     builder.build(move |_initial_capabilities| {
-        let (mut ads, mut campaigns, mut countries) = (Vec::new(), Vec::new(), Vec::new());
+        // Summed in hash maps rather than sorted: a batch is mostly distinct keys, and sorting
+        // them only to find the few that repeat cost more than the counting after it.
+        let mut ads: FastMap<((Minute, u64), Time), isize> = FastMap::default();
+        let mut campaigns: FastMap<((Minute, u64), Time), isize> = FastMap::default();
+        let mut countries: FastMap<((Minute, Country, u64), Time), isize> = FastMap::default();
         move |_frontiers| {
             // One capability per output, at the least time received.
             let mut least: Vec<Capability<Time>> = Vec::new();
@@ -195,18 +204,15 @@ fn pre_aggregate_minute_keys<'scope>(clicks: VecCollection<'scope, Time, (ClickK
                 }
                 for ((key, attrs), time, diff) in data.drain(..) {
                     let minute = crate::types::minute_of(key.ts);
-                    ads.push(((minute, attrs.ad), time, diff));
-                    campaigns.push(((minute, attrs.campaign), time, diff));
-                    countries.push(((minute, attrs.country, attrs.ad), time, diff));
+                    *ads.entry(((minute, attrs.ad), time)).or_default() += diff;
+                    *campaigns.entry(((minute, attrs.campaign), time)).or_default() += diff;
+                    *countries.entry(((minute, attrs.country, attrs.ad), time)).or_default() += diff;
                 }
             });
             if let [ad_at, campaign_at, country_at] = &least[..] {
-                differential_dataflow::consolidation::consolidate_updates(&mut ads);
-                ad.activate().session(ad_at).give_iterator(ads.drain(..));
-                differential_dataflow::consolidation::consolidate_updates(&mut campaigns);
-                campaign.activate().session(campaign_at).give_iterator(campaigns.drain(..));
-                differential_dataflow::consolidation::consolidate_updates(&mut countries);
-                country.activate().session(country_at).give_iterator(countries.drain(..));
+                ad.activate().session(ad_at).give_iterator(drain_changes(&mut ads));
+                campaign.activate().session(campaign_at).give_iterator(drain_changes(&mut campaigns));
+                country.activate().session(country_at).give_iterator(drain_changes(&mut countries));
             }
         }
     });
