@@ -135,8 +135,8 @@ impl<K: MinuteKey> MinuteState for CountsOfMinute<K> {
         }
     }
 
-    fn retire(self, emit: &mut impl FnMut(Self::Output, isize)) {
-        for (key, count) in self.counts {
+    fn retire(&mut self, emit: &mut impl FnMut(Self::Output, isize)) {
+        for (key, count) in self.counts.drain() {
             if count.clicks > 0 {
                 emit((key, count.clicks as u64), -1);
             }

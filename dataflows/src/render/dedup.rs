@@ -59,8 +59,8 @@ impl MinuteState for DistinctClicks {
 
     fn settle(&mut self, _emit: &mut impl FnMut(Self::Output, isize)) {}
 
-    fn retire(self, emit: &mut impl FnMut(Self::Output, isize)) {
-        for (key, copies) in self.0 {
+    fn retire(&mut self, emit: &mut impl FnMut(Self::Output, isize)) {
+        for (key, copies) in self.0.drain() {
             if let Some(attrs) = copies.smallest() {
                 emit((key, attrs), -1);
             }

@@ -32,8 +32,9 @@ pub trait MinuteState: Sized + 'static {
     fn apply(&mut self, update: Self::Update, diff: isize, emit: &mut impl FnMut(Self::Output, isize));
     /// Called once a time's updates are all applied, for the state to send changes it nets per time.
     fn settle(&mut self, emit: &mut impl FnMut(Self::Output, isize));
-    /// The minute is final: retracts everything the state has sent and not retracted.
-    fn retire(self, emit: &mut impl FnMut(Self::Output, isize));
+    /// The minute is final: retracts everything the state has sent and not retracted, and leaves
+    /// the state empty, for a later minute to reuse with its room.
+    fn retire(&mut self, emit: &mut impl FnMut(Self::Output, isize));
     /// How many keys it holds.
     fn len(&self) -> usize;
 }
@@ -74,14 +75,18 @@ pub fn per_minute<'scope, S: MinuteState>(
             // When each live minute becomes final: at most one per time, as final times grow with
             // minutes.
             let mut finals: BTreeMap<Time, Minute> = BTreeMap::new();
-            // A new minute's state starts as large as the last retired one was, not empty: growing
-            // by doubling rehashes every key of a minute about once more.
-            let mut expected_keys = 0;
+            // A new minute takes over the state of the last retired one, emptied but with its room:
+            // growing from empty rehashes every key about once more, and fresh memory is zeroed by
+            // the kernel on first touch. The same goes for the lists of a time's updates.
+            let mut spare_state: Option<S> = None;
+            let mut spare_lists: Vec<Vec<(S::Update, isize)>> = Vec::new();
             let mut touched: Vec<Minute> = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
                     for (update, time, diff) in data.drain(..) {
-                        let (_, updates) = pending.entry(time).or_insert_with(|| (capability.delayed(&time, 0), Vec::new()));
+                        let (_, updates) = pending
+                            .entry(time)
+                            .or_insert_with(|| (capability.delayed(&time, 0), spare_lists.pop().unwrap_or_default()));
                         updates.push((update, diff));
                     }
                 });
@@ -93,19 +98,19 @@ pub fn per_minute<'scope, S: MinuteState>(
                         // A minute final at `t` takes no updates at `t`: retire it first.
                         (_, Some(at)) if next_input.is_none_or(|t| at <= t) => {
                             let (_, minute) = finals.pop_first().expect("just seen");
-                            let live = minutes.remove(&minute).expect("a final time for a live minute");
-                            expected_keys = live.state.len();
+                            let mut live = minutes.remove(&minute).expect("a final time for a live minute");
                             let capability = live.final_at.expect("a final time, so a capability for it");
                             let mut session = output.session(&capability);
                             live.state.retire(&mut |out, diff| session.give((out, at, diff)));
                             log.dropped(live.reported);
+                            spare_state = Some(live.state);
                         }
                         (Some(_), _) => {
-                            let (_, (capability, updates)) = pending.pop_first().expect("just seen");
+                            let (_, (capability, mut updates)) = pending.pop_first().expect("just seen");
                             let time = *capability.time();
                             let mut session = output.session(&capability);
                             let mut emit = |out, diff| session.give((out, time, diff));
-                            for (update, diff) in updates {
+                            for (update, diff) in updates.drain(..) {
                                 let minute = minute_of(&update);
                                 let final_at = rules.minute_final_at(minute);
                                 if final_at.is_some_and(|at| at <= time) {
@@ -118,7 +123,7 @@ pub fn per_minute<'scope, S: MinuteState>(
                                     log.created();
                                     Live {
                                         final_at: final_at.map(|at| capability.delayed(&at)),
-                                        state: S::with_capacity(expected_keys),
+                                        state: spare_state.take().unwrap_or_else(|| S::with_capacity(0)),
                                         reported: 0,
                                     }
                                 });
@@ -127,6 +132,7 @@ pub fn per_minute<'scope, S: MinuteState>(
                                 }
                                 live.state.apply(update, diff, &mut emit);
                             }
+                            spare_lists.push(updates);
                             for minute in touched.drain(..) {
                                 let live = minutes.get_mut(&minute).expect("touched, so live");
                                 live.state.settle(&mut emit);
