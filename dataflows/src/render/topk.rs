@@ -87,8 +87,9 @@ where
 /// What is held for one time: its capability and each (group, ad)'s change of count.
 type Pending<G> = (Capability<Time>, FastMap<(G, u64), i64>);
 
-/// The top `k` ads of each group, from changes to per-ad counts: `changes(datum, time, diff)`
-/// says whose count moves, `(group, ad, at, change)`, from time `at` (at or after `time`) on.
+/// The top `k` ads of each group, from changes to per-ad counts: `changes(datum, time, diff, emit)`
+/// says whose count moves, calling `emit(group, ad, at, change)` for a change from time `at` (at
+/// or after `time`) on.
 /// The output is `(group, (ad, clicks))` for the ads that rank in the top K of their group by
 /// clicks descending, then ad ascending: the same collection, time for time, as counting the
 /// changes per (group, ad) and ranking them with [`top_k`].
@@ -105,7 +106,7 @@ type Pending<G> = (Capability<Time>, FastMap<(G, u64), i64>);
 ///
 /// `changes` must be a pure function of its arguments, so that every worker count gives the same
 /// output, and no count may go below zero.
-pub fn top_k_of_counts<'scope, D, G, I, L>(
+pub fn top_k_of_counts<'scope, D, G, L>(
     name: &str,
     input: VecCollection<'scope, Time, D>,
     ad_of: impl Fn(&D) -> u64 + 'static,
@@ -115,8 +116,7 @@ pub fn top_k_of_counts<'scope, D, G, I, L>(
 where
     D: differential_dataflow::ExchangeData,
     G: differential_dataflow::ExchangeData + std::hash::Hash,
-    I: IntoIterator<Item = (G, u64, Time, i64)>,
-    L: FnMut(&D, Time, isize) -> I + 'static,
+    L: FnMut(&D, Time, isize, &mut dyn FnMut(G, u64, Time, i64)) + 'static,
 {
     let by_ad = Exchange::new(move |update: &(D, Time, isize)| u64::from(bucket_of(ad_of(&update.0))));
     let operator = format!("{name}Local");
@@ -129,10 +129,10 @@ where
         move |(input, frontier), output| {
             input.for_each(|capability, data| {
                 for (datum, time, diff) in data.drain(..) {
-                    for (group, ad, at, change) in changes(&datum, time, diff) {
+                    changes(&datum, time, diff, &mut |group, ad, at, change| {
                         let (_, held) = pending.entry(at).or_insert_with(|| (capability.delayed(&at, 0), FastMap::default()));
                         *held.entry((group, ad)).or_insert(0) += change;
-                    }
+                    });
                 }
             });
             // A time is complete once the frontier is past it: nothing more can arrive for it.

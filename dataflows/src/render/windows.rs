@@ -55,15 +55,13 @@ where
         let split = split.clone();
         move |key: &C| split(key).2
     };
-    let changes = move |key: &C, time: Time, diff: isize| {
+    let changes = move |key: &C, time: Time, diff: isize, emit: &mut dyn FnMut((u32, G), u64, Time, i64)| {
         let (minute, group, ad) = split(key);
         let change = diff as i64;
-        contributions(rules, &windows, minute, time)
-            .flat_map(|(index, from, until)| {
-                let window_group = (windows[index], group.clone());
-                [(window_group.clone(), ad, from, change), (window_group, ad, until, -change)]
-            })
-            .collect::<Vec<_>>()
+        for (index, from, until) in contributions(rules, &windows, minute, time) {
+            emit((windows[index], group.clone()), ad, from, change);
+            emit((windows[index], group.clone()), ad, until, -change);
+        }
     };
     top_k_of_counts(name, clicks, ad_of, changes, plan.top_k)
 }
