@@ -6,12 +6,13 @@
 //! count re-sorts one small bucket, and moves up only while it is still among the winners. It
 //! ranks any collection of counts, all in arrangements.
 //!
-//! [`top_k_of_counts`] ranks counts it keeps itself, one share of the ads per worker, and is
-//! cheaper when many counts of a group change at once: the sliding windows use it. (Ranking each
-//! minute with it measured no faster than [`top_k`], in a replay or in follow mode, so the minutes
-//! keep their inspectable arrangements.)
+//! [`top_k_of_counts`] ranks counts it keeps itself, one share of the ads per worker, and updates
+//! each worker's top K from the changed counts alone unless one of its members falls. The minutes
+//! (whose counts only rise until the minute is forgotten) and the sliding windows (where every
+//! count of a window changes each minute) use it; the per-country minutes, served only, keep
+//! [`top_k`] and its inspectable arrangements.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
@@ -19,7 +20,7 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
-use crate::hashing::FastMap;
+use crate::hashing::{FastMap, FastSet};
 use crate::plan::Plan;
 use crate::types::Time;
 
@@ -98,8 +99,10 @@ type Pending<G> = (Capability<Time>, FastMap<(G, u64), i64>);
 /// change touches. When most counts of a group change at once — a sliding window moving on,
 /// which changes nearly every active ad's count — that is every bucket, every time. Here each
 /// worker keeps the counts of its share of the ads (by `ad_of`) in hash maps, applies a time's
-/// changes once the frontier has passed it, selects the local top K of each changed group in
-/// linear time, and sends on only what entered or left that local top K. The global top K is
+/// changes once the frontier has passed it, and finds the new local top K of each changed group
+/// from the last one and the changed counts: only they can have risen into it. Only when a member
+/// of a full local top K falls is it selected again from every count of the group, in linear
+/// time. It sends on only what entered or left that local top K. The global top K is
 /// the top K of the workers' local tops (the shares are disjoint): a `reduce` over at most
 /// workers × K records per group. The counts are not an arrangement, so they cannot be shared
 /// or inspected as one; that is the price.
@@ -141,34 +144,54 @@ where
                     break;
                 }
                 let (capability, held) = entry.remove();
-                let mut touched: BTreeSet<G> = BTreeSet::new();
+                let mut touched: BTreeMap<G, Touched> = BTreeMap::new();
                 for ((group, ad), change) in held {
                     if change == 0 {
                         continue;
                     }
                     let group_counts = counts.entry(group.clone()).or_default();
                     let count = group_counts.entry(ad).or_insert(0);
+                    let old = *count;
                     *count += change;
-                    assert!(*count >= 0, "{operator}: a count went below zero");
-                    if *count == 0 {
+                    let new = *count;
+                    assert!(new >= 0, "{operator}: a count went below zero");
+                    if new == 0 {
                         group_counts.remove(&ad);
                     }
-                    touched.insert(group);
+                    // A full local top K loses a member to ads outside it only when one of its
+                    // members falls: then it must be found again from every count.
+                    let falls_from_top = change < 0
+                        && sent.get(&group).is_some_and(|top| top.len() == k && top.binary_search(&rank(ad, old as u64)).is_ok());
+                    let touched = touched.entry(group).or_default();
+                    touched.rescan |= falls_from_top;
+                    touched.changed.push((ad, new as u64));
                 }
                 let mut session = output.session(&capability);
-                for group in touched {
+                for (group, touched) in touched {
+                    let before = sent.remove(&group).unwrap_or_default();
                     ranked.clear();
-                    if let Some(group_counts) = counts.get(&group) {
-                        ranked.extend(group_counts.iter().map(|(&ad, &clicks)| rank(ad, clicks as u64)));
+                    if touched.rescan {
+                        if let Some(group_counts) = counts.get(&group) {
+                            ranked.extend(group_counts.iter().map(|(&ad, &clicks)| rank(ad, clicks as u64)));
+                        }
+                    } else {
+                        // Every ad outside the top K ranks below its last member, and only the
+                        // changed ones can have risen above it.
+                        let changed: FastSet<u64> = touched.changed.iter().map(|&(ad, _)| ad).collect();
+                        let last = (before.len() == k).then(|| before[k - 1]);
+                        ranked.extend(before.iter().filter(|(_, ad)| !changed.contains(ad)));
+                        ranked.extend(
+                            touched
+                                .changed
+                                .iter()
+                                .filter(|&&(_, clicks)| clicks > 0)
+                                .map(|&(ad, clicks)| rank(ad, clicks))
+                                .filter(|r| last.is_none_or(|last| *r <= last)),
+                        );
                     }
                     select_first(&mut ranked, k);
-                    let before = sent.remove(&group).unwrap_or_default();
-                    for &r in before.iter().filter(|r| !ranked.contains(r)) {
-                        session.give(((group.clone(), r), *capability.time(), -1isize));
-                    }
-                    for &r in ranked.iter().filter(|r| !before.contains(r)) {
-                        session.give(((group.clone(), r), *capability.time(), 1isize));
-                    }
+                    let time = *capability.time();
+                    for_each_difference(&before, &ranked, |r, diff| session.give(((group.clone(), r), time, diff)));
                     if ranked.is_empty() {
                         counts.remove(&group);
                     } else {
@@ -179,6 +202,41 @@ where
         }
     });
     keep_top(name, local.as_collection(), k).map(|(group, r)| (group, unrank(r)))
+}
+
+/// What one time changed in one group: each changed ad with its new count, and whether a member
+/// of the local top K fell.
+#[derive(Default)]
+struct Touched {
+    rescan: bool,
+    changed: Vec<(u64, u64)>,
+}
+
+/// Calls `give(r, -1)` for each rank of `before` not in `after` and `give(r, 1)` for each of
+/// `after` not in `before`; both sorted.
+fn for_each_difference(before: &[Rank], after: &[Rank], mut give: impl FnMut(Rank, isize)) {
+    let (mut b, mut a) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        match (b.peek(), a.peek()) {
+            (Some(&&x), Some(&&y)) if x == y => {
+                b.next();
+                a.next();
+            }
+            (Some(&&x), Some(&&y)) if x < y => {
+                give(x, -1);
+                b.next();
+            }
+            (_, Some(&&y)) => {
+                give(y, 1);
+                a.next();
+            }
+            (Some(&&x), None) => {
+                give(x, -1);
+                b.next();
+            }
+            (None, None) => break,
+        }
+    }
 }
 
 /// Leaves the first `k` of `ranked` at its front, sorted, and drops the rest, in time linear in
@@ -193,7 +251,14 @@ fn select_first(ranked: &mut Vec<Rank>, k: usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::select_first;
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use differential_dataflow::input::Input;
+    use timely::dataflow::operators::{Inspect, Probe};
+
+    use super::{select_first, top_k_of_counts};
+    use crate::types::Time;
 
     #[test]
     fn select_first_keeps_the_first_k_in_order() {
@@ -207,5 +272,114 @@ mod tests {
         let mut short = vec![(3, 1), (1, 2)];
         select_first(&mut short, 10);
         assert_eq!(short, vec![(1, 2), (3, 1)]);
+    }
+
+    /// Count changes `((group, ad), time, change)` from a seeded generator: mostly clicks, some
+    /// taken back, and now and then a group emptied (a minute forgotten), never below zero.
+    fn changes(seed: u64, count: usize) -> Vec<((u32, u64), Time, isize)> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move |bound: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % bound
+        };
+        let mut counts: BTreeMap<(u32, u64), isize> = BTreeMap::new();
+        let mut changes = Vec::new();
+        let mut time = 0;
+        for _ in 0..count {
+            time += next(3);
+            let group = next(3) as u32;
+            match next(20) {
+                0 => {
+                    for (key, clicks) in counts.iter_mut().filter(|(key, _)| key.0 == group) {
+                        changes.push((*key, time, -*clicks));
+                        *clicks = 0;
+                    }
+                }
+                1..=4 => {
+                    let key = (group, next(30));
+                    let clicks = counts.entry(key).or_default();
+                    let taken = (next(3) as isize).min(*clicks);
+                    *clicks -= taken;
+                    changes.push((key, time, -taken));
+                }
+                _ => {
+                    let key = (group, next(30));
+                    let added = 1 + next(4) as isize;
+                    *counts.entry(key).or_default() += added;
+                    changes.push((key, time, added));
+                }
+            }
+        }
+        changes.retain(|change| change.2 != 0);
+        changes
+    }
+
+    /// The top `k` of each group at `time`, by clicks descending then ad, from every change so far.
+    fn reference(changes: &[((u32, u64), Time, isize)], time: Time, k: usize) -> BTreeMap<(u32, (u64, u64)), isize> {
+        let mut counts: BTreeMap<(u32, u64), isize> = BTreeMap::new();
+        for (key, _, change) in changes.iter().filter(|c| c.1 <= time) {
+            *counts.entry(*key).or_default() += change;
+        }
+        let mut tops = BTreeMap::new();
+        for group in 0..3 {
+            let mut ranked: Vec<(u64, u64)> =
+                counts.iter().filter(|(key, clicks)| key.0 == group && **clicks > 0).map(|(key, clicks)| (u64::MAX - *clicks as u64, key.1)).collect();
+            ranked.sort();
+            for (inverse, ad) in ranked.into_iter().take(k) {
+                tops.insert((group, (ad, u64::MAX - inverse)), 1);
+            }
+        }
+        tops
+    }
+
+    #[test]
+    fn top_k_of_counts_matches_a_reference_at_every_time() {
+        for seed in 0..8 {
+            for workers in [1, 3] {
+                let k = 5;
+                let changes = changes(seed, 400);
+                let output = Arc::new(Mutex::new(Vec::new()));
+                let (shared, input_changes) = (Arc::clone(&output), changes.clone());
+                timely::execute(timely::Config::process(workers), move |worker| {
+                    let shared = Arc::clone(&shared);
+                    let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                        let (input, keys) = scope.new_collection::<(u32, u64), isize>();
+                        let changes = |&(group, ad): &(u32, u64), time, diff: isize, emit: &mut dyn FnMut(_, _, _, _)| {
+                            emit(group, ad, time, diff as i64)
+                        };
+                        let probe = top_k_of_counts("Top", keys, |&(_, ad)| ad, changes, k)
+                            .inner
+                            .inspect(move |update| shared.lock().unwrap().push(*update))
+                            .probe()
+                            .0;
+                        (input, probe)
+                    });
+                    if worker.index() == 0 {
+                        for &(key, time, change) in &input_changes {
+                            input.advance_to(time);
+                            input.update(key, change);
+                        }
+                    }
+                    input.close();
+                    while !probe.done() {
+                        worker.step();
+                    }
+                })
+                .unwrap();
+                let output = output.lock().unwrap().clone();
+                let mut times: Vec<Time> = changes.iter().map(|c| c.1).collect();
+                times.dedup();
+                for &time in &times {
+                    let mut held: BTreeMap<(u32, (u64, u64)), isize> = BTreeMap::new();
+                    for (record, _, diff) in output.iter().filter(|u| u.1 <= time) {
+                        *held.entry(*record).or_default() += diff;
+                    }
+                    held.retain(|_, n| *n != 0);
+                    assert_eq!(held, reference(&changes, time, k), "seed {seed}, {workers} workers, time {time}");
+                }
+            }
+        }
     }
 }
