@@ -62,8 +62,7 @@ pub fn per_minute<'scope, S: MinuteState>(
     rules: &EventTimeRules,
 ) -> VecCollection<'scope, Time, S::Output> {
     let rules = *rules;
-    let logger: Option<Logger> =
-        input.scope().worker().logger_for::<DifferentialEventBuilder>("differential/arrange").map(Into::into);
+    let logger = StateLog::logger(&input.scope());
     let exchange = Exchange::new(move |update: &(S::Update, Time, isize)| route(&update.0));
     input
         .inner
@@ -164,28 +163,33 @@ struct Live<S> {
     reported: usize,
 }
 
-/// Reports a live minute's state as one batch of an arrangement, whose length is its keys: the
-/// events balance as the spine's do (introspection adds a batch per `Batch`, removes one per
-/// completed `Merge` and per `Drop`).
-struct StateLog {
-    logger: Option<Logger>,
-    operator: usize,
+/// Reports hash state as batches of an arrangement (one per live minute here), whose lengths are
+/// the keys held, so that introspection lists it beside the arrangements: the events balance as
+/// the spine's do (introspection adds a batch per `Batch`, removes one per completed `Merge` and
+/// per `Drop`).
+pub(crate) struct StateLog {
+    pub(crate) logger: Option<Logger>,
+    pub(crate) operator: usize,
 }
 
 impl StateLog {
-    fn created(&self) {
+    /// The worker's arrangement logger, if logging is on.
+    pub(crate) fn logger(scope: &timely::dataflow::Scope<'_, Time>) -> Option<Logger> {
+        scope.worker().logger_for::<DifferentialEventBuilder>("differential/arrange").map(Into::into)
+    }
+    pub(crate) fn created(&self) {
         if let Some(logger) = &self.logger {
             logger.log(BatchEvent { operator: self.operator, length: 0 });
         }
     }
     /// An empty batch merged into the minute's, leaving it `to` long.
-    fn resized(&self, from: usize, to: usize) {
+    pub(crate) fn resized(&self, from: usize, to: usize) {
         if let (Some(logger), true) = (&self.logger, from != to) {
             logger.log(BatchEvent { operator: self.operator, length: 0 });
             logger.log(MergeEvent { operator: self.operator, scale: 0, length1: from, length2: 0, complete: Some(to) });
         }
     }
-    fn dropped(&self, length: usize) {
+    pub(crate) fn dropped(&self, length: usize) {
         if let Some(logger) = &self.logger {
             logger.log(DropEvent { operator: self.operator, length });
         }

@@ -37,7 +37,10 @@ pub fn arrangement_schema(name: &str) -> Option<(&'static str, &'static str)> {
         "ClicksByUserMinute" => ("(minute, user_id)", "(ClickKey, ClickAttrs)"),
         "ClicksByIp" => ("ip", "FilterRow (minute, ad_id, campaign_id, country, user_id, ip)"),
         "ClicksByUser" => ("user_id", "FilterRow (minute, ad_id, campaign_id, country, user_id, ip)"),
-        n if n.starts_with("TopMinute") => ("(minute, ad_id bucket)", RANK),
+        "TopMinute" => ("minute", RANK),
+        "TopMinuteLocal" => ("minute", "clicks per ad_id, this worker's share"),
+        "TopWindowLocal" => ("(window minutes, ())", "clicks per ad_id, this worker's share"),
+        "TopCountryWindowLocal" => ("(window minutes, country)", "clicks per ad_id, this worker's share"),
         "TopWindow" => ("window minutes", RANK),
         _ => return None,
     })

@@ -22,6 +22,7 @@ use timely::dataflow::operators::Capability;
 
 use crate::hashing::{FastMap, FastSet};
 use crate::plan::Plan;
+use crate::render::minute_state::StateLog;
 use crate::types::Time;
 
 /// Sort key of a ranked entry: clicks descending, then ad ascending.
@@ -123,7 +124,12 @@ where
 {
     let by_ad = Exchange::new(move |update: &(D, Time, isize)| u64::from(bucket_of(ad_of(&update.0))));
     let operator = format!("{name}Local");
-    let local = input.inner.unary_frontier(by_ad, &operator.clone(), move |_, _| {
+    let logger = StateLog::logger(&input.scope());
+    let local = input.inner.unary_frontier(by_ad, &operator.clone(), move |_, info| {
+        // The counts held, reported as one batch (see `StateLog`) until the input ends.
+        let log = StateLog { logger, operator: info.global_id };
+        log.created();
+        let mut reported = Some(0);
         let mut pending: BTreeMap<Time, Pending<G>> = BTreeMap::new();
         // Per group: this worker's ads' counts, and the local top K last sent.
         let mut counts: FastMap<G, FastMap<u64, i64>> = FastMap::default();
@@ -197,6 +203,18 @@ where
                     } else {
                         sent.insert(group, ranked.clone());
                     }
+                }
+                if let Some(before) = reported {
+                    let held = counts.values().map(|group_counts| group_counts.len()).sum();
+                    log.resized(before, held);
+                    reported = Some(held);
+                }
+            }
+            if frontier.frontier().is_empty() && pending.is_empty() {
+                if let Some(held) = reported.take() {
+                    log.dropped(held);
+                    counts.clear();
+                    sent.clear();
                 }
             }
         }
