@@ -172,6 +172,41 @@ where
     })
 }
 
+/// Each completed time's updates, consolidated in the worker and sent as one sorted run, once
+/// the frontier has passed the time.
+///
+/// Whatever gathers a collection on one worker to consolidate it per time (the sink) then sorts
+/// a few long sorted runs, one per worker, which a run-adaptive sort merges instead of sorting
+/// from scratch; and each worker's share of that sorting runs in parallel. It adds no delay to
+/// such a consumer, which waits for the same frontier before it reads a time.
+pub fn consolidate_completed_times<'scope, D>(name: &str, updates: VecCollection<'scope, Time, D>) -> VecCollection<'scope, Time, D>
+where
+    D: differential_dataflow::Data,
+{
+    updates
+        .inner
+        .unary_frontier(Pipeline, name, |_, _| {
+            let mut pending: std::collections::BTreeMap<Time, (Capability<Time>, Vec<(D, Time, isize)>)> = Default::default();
+            move |(input, frontier), output| {
+                input.for_each(|capability, data| {
+                    for update in data.drain(..) {
+                        let time = update.1;
+                        pending.entry(time).or_insert_with(|| (capability.delayed(&time, 0), Vec::new())).1.push(update);
+                    }
+                });
+                while let Some(entry) = pending.first_entry() {
+                    if frontier.frontier().first().is_some_and(|f| f <= entry.key()) {
+                        break;
+                    }
+                    let (capability, mut updates) = entry.remove();
+                    differential_dataflow::consolidation::consolidate_updates(&mut updates);
+                    output.session(&capability).give_container(&mut updates);
+                }
+            }
+        })
+        .as_collection()
+}
+
 /// The non-zero sums of `sums`, as updates, leaving it empty (with its room).
 fn drain_changes<K>(sums: &mut FastMap<(K, Time), isize>) -> impl Iterator<Item = (K, Time, isize)> + '_ {
     sums.drain().filter(|(_, diff)| *diff != 0).map(|((key, time), diff)| (key, time, diff))

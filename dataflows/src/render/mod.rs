@@ -185,5 +185,7 @@ pub fn render_clicks<'scope>(
         None => answers,
     };
 
+    // The sink consolidates every answer per time on one worker: hand it sorted runs.
+    let answers = counts::consolidate_completed_times("SortAnswers", answers);
     Rendered { clicks, answers, counts }
 }
