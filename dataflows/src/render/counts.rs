@@ -289,12 +289,9 @@ where
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex};
-
-    use differential_dataflow::input::Input;
-    use timely::dataflow::operators::{Inspect, Probe};
 
     use super::count_per_minute;
+    use crate::render::testing::{generator, held_at, run_operator, times_of};
     use crate::event_time::EventTimeRules;
     use crate::types::{minute_of, Minute, Time, MINUTE_MS};
 
@@ -302,13 +299,7 @@ mod tests {
     /// on, some taken back later (a smaller copy moved them), and every click still counted
     /// retracted when its minute is final.
     fn updates(seed: u64, count: usize, rules: &EventTimeRules) -> Vec<((Minute, u64), Time, isize)> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = move |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
+        let mut next = generator(seed);
         let mut updates = Vec::new();
         for _ in 0..count {
             let ts = next(4 * MINUTE_MS);
@@ -336,36 +327,8 @@ mod tests {
         for seed in 0..6 {
             for (rules, workers) in [(bounded, 1), (bounded, 3), (unbounded, 2)] {
                 let updates = updates(seed, 300, &rules);
-                let output = Arc::new(Mutex::new(Vec::new()));
-                let (shared, input_updates) = (Arc::clone(&output), updates.clone());
-                timely::execute(timely::Config::process(workers), move |worker| {
-                    let shared = Arc::clone(&shared);
-                    let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
-                        let (input, keys) = scope.new_collection::<(Minute, u64), isize>();
-                        let probe = count_per_minute("AdMinute", keys, &rules)
-                            .inner
-                            .inspect(move |update| shared.lock().unwrap().push(*update))
-                            .probe()
-                            .0;
-                        (input, probe)
-                    });
-                    if worker.index() == 0 {
-                        for &(key, time, diff) in &input_updates {
-                            input.advance_to(time);
-                            input.update(key, diff);
-                        }
-                    }
-                    input.close();
-                    while !probe.done() {
-                        worker.step();
-                    }
-                })
-                .unwrap();
-                let output = output.lock().unwrap().clone();
-                let mut times: Vec<Time> = updates.iter().map(|u| u.1).chain(output.iter().map(|u| u.1)).collect();
-                times.sort();
-                times.dedup();
-                for &time in &times {
+                let output = run_operator(workers, &updates, move |keys| count_per_minute("AdMinute", keys, &rules));
+                for time in times_of(&updates, &output) {
                     // The reference: every update up to `time`, summed per key.
                     let mut counts: BTreeMap<(Minute, u64), isize> = BTreeMap::new();
                     for (key, _, diff) in updates.iter().filter(|u| u.1 <= time) {
@@ -373,12 +336,7 @@ mod tests {
                     }
                     let expected: BTreeMap<((Minute, u64), u64), isize> =
                         counts.into_iter().filter(|(_, n)| *n > 0).map(|(key, n)| ((key, n as u64), 1)).collect();
-                    let mut held: BTreeMap<((Minute, u64), u64), isize> = BTreeMap::new();
-                    for (record, _, diff) in output.iter().filter(|u| u.1 <= time) {
-                        *held.entry(*record).or_default() += diff;
-                    }
-                    held.retain(|_, n| *n != 0);
-                    assert_eq!(held, expected, "seed {seed}, {workers} workers, time {time}, {rules:?}");
+                    assert_eq!(held_at(&output, time), expected, "seed {seed}, {workers} workers, time {time}, {rules:?}");
                 }
                 // Each count is sent once per change of the time it changes at, not once per update.
                 let changes: std::collections::BTreeSet<(Time, (Minute, u64))> = output.iter().map(|(record, time, _)| (*time, record.0)).collect();

@@ -127,12 +127,9 @@ impl Copies {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex};
-
-    use differential_dataflow::input::Input;
-    use timely::dataflow::operators::{Inspect, Probe};
 
     use super::{distinct_clicks, Copies};
+    use crate::render::testing::{generator, held_at, run_operator, times_of};
     use crate::event_time::EventTimeRules;
     use crate::types::{Click, ClickAttrs, ClickKey, Country, Ip, Time, MINUTE_MS};
 
@@ -165,13 +162,7 @@ mod tests {
     /// copies collide and disagree, over a few minutes, with times that run ahead of a click's
     /// minute by up to three minutes (late copies, and copies after the minute is final).
     fn deliveries(seed: u64, count: usize) -> Vec<(Click, Time, isize)> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = move |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
+        let mut next = generator(seed);
         let mut updates: Vec<(Click, Time, isize)> = (0..count)
             .map(|_| {
                 let ts = next(4 * MINUTE_MS);
@@ -206,36 +197,6 @@ mod tests {
         smallest.into_iter().map(|(key, attrs)| ((key, attrs), 1)).collect()
     }
 
-    fn run(updates: Vec<(Click, Time, isize)>, rules: EventTimeRules, workers: usize) -> Vec<((ClickKey, ClickAttrs), Time, isize)> {
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let shared = Arc::clone(&output);
-        timely::execute(timely::Config::process(workers), move |worker| {
-            let shared = Arc::clone(&shared);
-            let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
-                let (input, deliveries) = scope.new_collection::<Click, isize>();
-                let probe = distinct_clicks("DistinctClicks", deliveries, &rules)
-                    .inner
-                    .inspect(move |update| shared.lock().unwrap().push(*update))
-                    .probe()
-                    .0;
-                (input, probe)
-            });
-            if worker.index() == 0 {
-                for &(click, time, diff) in &updates {
-                    input.advance_to(time);
-                    input.update(click, diff);
-                }
-            }
-            input.close();
-            while !probe.done() {
-                worker.step();
-            }
-        })
-        .unwrap();
-        let output = output.lock().unwrap().clone();
-        output
-    }
-
     #[test]
     fn distinct_clicks_match_a_reference_at_every_time() {
         let bounded = EventTimeRules { watermark_delay_ms: 0, allowed_lateness_ms: Some(60_000), tick_ms: 10_000 };
@@ -243,25 +204,12 @@ mod tests {
         for seed in 0..6 {
             for (rules, workers) in [(bounded, 1), (bounded, 3), (unbounded, 2)] {
                 let updates = deliveries(seed, 400);
-                let output = run(updates.clone(), rules, workers);
-                let mut times: Vec<Time> = updates.iter().map(|u| u.1).chain(output.iter().map(|u| u.1)).collect();
-                times.sort();
-                times.dedup();
-                for &time in &times {
-                    let mut held: BTreeMap<(ClickKey, ClickAttrs), isize> = BTreeMap::new();
-                    for (record, _, diff) in output.iter().filter(|u| u.1 <= time) {
-                        *held.entry(*record).or_default() += diff;
-                    }
-                    held.retain(|_, count| *count != 0);
-                    assert_eq!(held, reference(&updates, &rules, time), "seed {seed}, {workers} workers, time {time}, {rules:?}");
+                let output = run_operator(workers, &updates, move |deliveries| distinct_clicks("DistinctClicks", deliveries, &rules));
+                for time in times_of(&updates, &output) {
+                    assert_eq!(held_at(&output, time), reference(&updates, &rules, time), "seed {seed}, {workers} workers, time {time}, {rules:?}");
                 }
                 // With retention every click leaves again once its minute is final.
-                let mut left: BTreeMap<(ClickKey, ClickAttrs), isize> = BTreeMap::new();
-                for (record, _, diff) in &output {
-                    *left.entry(*record).or_default() += diff;
-                }
-                left.retain(|_, count| *count != 0);
-                assert_eq!(left.is_empty(), rules.allowed_lateness_ms.is_some(), "seed {seed}, {workers} workers, {rules:?}");
+                assert_eq!(held_at(&output, Time::MAX).is_empty(), rules.allowed_lateness_ms.is_some(), "seed {seed}, {workers} workers, {rules:?}");
             }
         }
     }

@@ -7,6 +7,8 @@ pub mod filters;
 pub mod fraud;
 pub mod minute_state;
 pub mod temporal;
+#[cfg(test)]
+mod testing;
 pub mod topk;
 pub mod windows;
 

@@ -270,12 +270,9 @@ fn select_first(ranked: &mut Vec<Rank>, k: usize) {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex};
-
-    use differential_dataflow::input::Input;
-    use timely::dataflow::operators::{Inspect, Probe};
 
     use super::{select_first, top_k_of_counts};
+    use crate::render::testing::{generator, held_at, run_operator, times_of};
     use crate::types::Time;
 
     #[test]
@@ -295,13 +292,7 @@ mod tests {
     /// Count changes `((group, ad), time, change)` from a seeded generator: mostly clicks, some
     /// taken back, and now and then a group emptied (a minute forgotten), never below zero.
     fn changes(seed: u64, count: usize) -> Vec<((u32, u64), Time, isize)> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut next = move |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
+        let mut next = generator(seed);
         let mut counts: BTreeMap<(u32, u64), isize> = BTreeMap::new();
         let mut changes = Vec::new();
         let mut time = 0;
@@ -358,44 +349,14 @@ mod tests {
             for workers in [1, 3] {
                 let k = 5;
                 let changes = changes(seed, 400);
-                let output = Arc::new(Mutex::new(Vec::new()));
-                let (shared, input_changes) = (Arc::clone(&output), changes.clone());
-                timely::execute(timely::Config::process(workers), move |worker| {
-                    let shared = Arc::clone(&shared);
-                    let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
-                        let (input, keys) = scope.new_collection::<(u32, u64), isize>();
-                        let changes = |&(group, ad): &(u32, u64), time, diff: isize, emit: &mut dyn FnMut(_, _, _, _)| {
-                            emit(group, ad, time, diff as i64)
-                        };
-                        let probe = top_k_of_counts("Top", keys, |&(_, ad)| ad, changes, k)
-                            .inner
-                            .inspect(move |update| shared.lock().unwrap().push(*update))
-                            .probe()
-                            .0;
-                        (input, probe)
-                    });
-                    if worker.index() == 0 {
-                        for &(key, time, change) in &input_changes {
-                            input.advance_to(time);
-                            input.update(key, change);
-                        }
-                    }
-                    input.close();
-                    while !probe.done() {
-                        worker.step();
-                    }
-                })
-                .unwrap();
-                let output = output.lock().unwrap().clone();
-                let mut times: Vec<Time> = changes.iter().map(|c| c.1).collect();
-                times.dedup();
-                for &time in &times {
-                    let mut held: BTreeMap<(u32, (u64, u64)), isize> = BTreeMap::new();
-                    for (record, _, diff) in output.iter().filter(|u| u.1 <= time) {
-                        *held.entry(*record).or_default() += diff;
-                    }
-                    held.retain(|_, n| *n != 0);
-                    assert_eq!(held, reference(&changes, time, k), "seed {seed}, {workers} workers, time {time}");
+                let output = run_operator(workers, &changes, move |keys| {
+                    let changes = |&(group, ad): &(u32, u64), time, diff: isize, emit: &mut dyn FnMut(_, _, _, _)| {
+                        emit(group, ad, time, diff as i64)
+                    };
+                    top_k_of_counts("Top", keys, |&(_, ad)| ad, changes, k)
+                });
+                for time in times_of(&changes, &output) {
+                    assert_eq!(held_at(&output, time), reference(&changes, time, k), "seed {seed}, {workers} workers, time {time}");
                 }
             }
         }

@@ -1,0 +1,76 @@
+//! What the operators' reference tests share: a seeded generator, a run of one operator over
+//! given updates on some number of workers, and the collection its output holds at a time.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use differential_dataflow::input::Input;
+use differential_dataflow::VecCollection;
+use timely::dataflow::operators::{Inspect, Probe};
+
+use crate::types::Time;
+
+/// A seeded xorshift generator: `next(bound)` is in `0..bound`.
+pub fn generator(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    move |bound| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound
+    }
+}
+
+/// Every update the operator `build` makes on `workers` workers, from `updates` (sorted by time)
+/// fed in on worker 0.
+pub fn run_operator<D, O>(
+    workers: usize,
+    updates: &[(D, Time, isize)],
+    build: impl for<'scope> Fn(VecCollection<'scope, Time, D>) -> VecCollection<'scope, Time, O> + Send + Sync + 'static,
+) -> Vec<(O, Time, isize)>
+where
+    D: differential_dataflow::ExchangeData + Sync,
+    O: Clone + Send + 'static,
+{
+    let output = Arc::new(Mutex::new(Vec::new()));
+    let (shared, updates) = (Arc::clone(&output), updates.to_vec());
+    timely::execute(timely::Config::process(workers), move |worker| {
+        let shared = Arc::clone(&shared);
+        let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
+            let (input, collection) = scope.new_collection::<D, isize>();
+            let probe = build(collection).inner.inspect(move |update| shared.lock().unwrap().push(update.clone())).probe().0;
+            (input, probe)
+        });
+        if worker.index() == 0 {
+            for (datum, time, diff) in &updates {
+                input.advance_to(*time);
+                input.update(datum.clone(), *diff);
+            }
+        }
+        input.close();
+        while !probe.done() {
+            worker.step();
+        }
+    })
+    .unwrap();
+    let output = output.lock().unwrap().clone();
+    output
+}
+
+/// What `output` holds at `time`: its updates up to then, summed, without the zeros.
+pub fn held_at<O: Ord + Clone>(output: &[(O, Time, isize)], time: Time) -> BTreeMap<O, isize> {
+    let mut held: BTreeMap<O, isize> = BTreeMap::new();
+    for (record, _, diff) in output.iter().filter(|update| update.1 <= time) {
+        *held.entry(record.clone()).or_default() += diff;
+    }
+    held.retain(|_, count| *count != 0);
+    held
+}
+
+/// Every time at which `updates` or `output` has an update, in order.
+pub fn times_of<D, O>(updates: &[(D, Time, isize)], output: &[(O, Time, isize)]) -> Vec<Time> {
+    let mut times: Vec<Time> = updates.iter().map(|u| u.1).chain(output.iter().map(|u| u.1)).collect();
+    times.sort();
+    times.dedup();
+    times
+}
