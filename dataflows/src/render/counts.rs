@@ -143,7 +143,7 @@ impl<K: MinuteKey> MinuteState for CountsOfMinute<K> {
         }
     }
 
-    fn len(&self) -> usize {
+    fn keys(&self) -> usize {
         self.counts.len()
     }
 }
@@ -172,6 +172,9 @@ where
     })
 }
 
+/// A time's capability and the updates received for it.
+type HeldTime<D> = (Capability<Time>, Vec<(D, Time, isize)>);
+
 /// Each completed time's updates, consolidated in the worker and sent as one sorted run, once
 /// the frontier has passed the time.
 ///
@@ -186,7 +189,7 @@ where
     updates
         .inner
         .unary_frontier(Pipeline, name, |_, _| {
-            let mut pending: std::collections::BTreeMap<Time, (Capability<Time>, Vec<(D, Time, isize)>)> = Default::default();
+            let mut pending: std::collections::BTreeMap<Time, HeldTime<D>> = Default::default();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
                     for update in data.drain(..) {

@@ -67,7 +67,7 @@ impl MinuteState for DistinctClicks {
         }
     }
 
-    fn len(&self) -> usize {
+    fn keys(&self) -> usize {
         self.0.len()
     }
 }

@@ -36,7 +36,7 @@ pub trait MinuteState: Sized + 'static {
     /// the state empty, for a later minute to reuse with its room.
     fn retire(&mut self, emit: &mut impl FnMut(Self::Output, isize));
     /// How many keys it holds.
-    fn len(&self) -> usize;
+    fn keys(&self) -> usize;
 }
 
 /// Runs a [`MinuteState`] per minute (`minute_of` each update), each worker holding the keys
@@ -69,7 +69,7 @@ pub fn per_minute<'scope, S: MinuteState>(
         .unary_frontier(exchange, name, move |_, info| {
             let log = StateLog { logger, operator: info.global_id };
             // Updates by time, applied in time order once the frontier has passed their time.
-            let mut pending: BTreeMap<Time, (Capability<Time>, Vec<(S::Update, isize)>)> = BTreeMap::new();
+            let mut pending: BTreeMap<Time, HeldTime<S::Update>> = BTreeMap::new();
             let mut minutes: HashMap<Minute, Live<S>> = HashMap::new();
             // When each live minute becomes final: at most one per time, as final times grow with
             // minutes.
@@ -135,8 +135,8 @@ pub fn per_minute<'scope, S: MinuteState>(
                             for minute in touched.drain(..) {
                                 let live = minutes.get_mut(&minute).expect("touched, so live");
                                 live.state.settle(&mut emit);
-                                log.resized(live.reported, live.state.len());
-                                live.reported = live.state.len();
+                                log.resized(live.reported, live.state.keys());
+                                live.reported = live.state.keys();
                             }
                         }
                         (None, _) => break,
@@ -153,6 +153,9 @@ pub fn per_minute<'scope, S: MinuteState>(
         })
         .as_collection()
 }
+
+/// A time's capability and the updates received for it, with their multiplicities.
+type HeldTime<U> = (Capability<Time>, Vec<(U, isize)>);
 
 /// One live minute: its state, and the capability to retract it when the minute is final.
 struct Live<S> {
