@@ -6,8 +6,8 @@
 pub struct Plan {
     /// How many ads each top-K keeps (SPEC: 100).
     pub top_k: usize,
-    /// Hierarchical top-K ([`crate::render::topk::top_k`], which ranks each minute, and the
-    /// per-country views kept for serving): the number of hash buckets of ad_id at each level
+    /// Hierarchical top-K ([`crate::render::topk::top_k`], which ranks the per-country minutes
+    /// kept for serving): the number of hash buckets of ad_id at each level
     /// before the final group, finest first. Each level keeps the top K of each bucket, so one click
     /// re-sorts a bucket of about `ads_per_minute / buckets[0]` entries, then groups of
     /// `K * buckets[i] / buckets[i+1]`, instead of every ad of the minute.

@@ -96,13 +96,15 @@ struct CountsOfMinute<K> {
     changed: Vec<K>,
 }
 
+impl<K> Default for CountsOfMinute<K> {
+    fn default() -> Self {
+        CountsOfMinute { counts: FastMap::default(), changed: Vec::new() }
+    }
+}
+
 impl<K: MinuteKey> MinuteState for CountsOfMinute<K> {
     type Update = K;
     type Output = (K, u64);
-
-    fn with_capacity(capacity: usize) -> Self {
-        CountsOfMinute { counts: FastMap::with_capacity_and_hasher(capacity, Default::default()), changed: Vec::new() }
-    }
 
     fn apply(&mut self, key: K, diff: isize, _emit: &mut impl FnMut(Self::Output, isize)) {
         let count = match self.counts.get_mut(&key) {

@@ -29,15 +29,12 @@ pub fn distinct_clicks<'scope>(
 }
 
 /// One minute's clicks, each with its visible copies.
+#[derive(Default)]
 struct DistinctClicks(FastMap<ClickKey, Copies>);
 
 impl MinuteState for DistinctClicks {
     type Update = Click;
     type Output = (ClickKey, ClickAttrs);
-
-    fn with_capacity(capacity: usize) -> Self {
-        DistinctClicks(FastMap::with_capacity_and_hasher(capacity, Default::default()))
-    }
 
     fn apply(&mut self, click: Click, diff: isize, emit: &mut impl FnMut(Self::Output, isize)) {
         let copies = self.0.entry(click.key).or_default();

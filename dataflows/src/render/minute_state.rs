@@ -20,14 +20,14 @@ use crate::event_time::EventTimeRules;
 use crate::types::{Minute, Time};
 
 /// The state one minute keeps, for one worker's share of the keys.
-pub trait MinuteState: Sized + 'static {
+///
+/// `Default` is the empty state of a minute's first use.
+pub trait MinuteState: Default + 'static {
     /// What arrives: one record, with a multiplicity.
     type Update: ExchangeData;
     /// What leaves.
     type Output: Clone + 'static;
 
-    /// An empty state with room for about `capacity` keys.
-    fn with_capacity(capacity: usize) -> Self;
     /// Applies one update of the time being processed; `emit` sends output changes at that time.
     fn apply(&mut self, update: Self::Update, diff: isize, emit: &mut impl FnMut(Self::Output, isize));
     /// Called once a time's updates are all applied, for the state to send changes it nets per time.
@@ -122,7 +122,7 @@ pub fn per_minute<'scope, S: MinuteState>(
                                     log.created();
                                     Live {
                                         final_at: final_at.map(|at| capability.delayed(&at)),
-                                        state: spare_state.take().unwrap_or_else(|| S::with_capacity(0)),
+                                        state: spare_state.take().unwrap_or_default(),
                                         reported: 0,
                                     }
                                 });
