@@ -1,18 +1,15 @@
 //! Per-minute counts (SPEC §3 answers 1 and 3).
 
+use std::hash::{BuildHasher, BuildHasherDefault, Hash};
+
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::operators::CountTotal;
+use differential_dataflow::{ExchangeData, VecCollection};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
-use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::generic::{Operator, OutputBuilder};
 use timely::dataflow::operators::Capability;
-use timely::dataflow::operators::generic::Operator;
-use differential_dataflow::VecCollection;
-
-use std::hash::{BuildHasher, BuildHasherDefault, Hash};
-
-use differential_dataflow::ExchangeData;
 
 use crate::event_time::EventTimeRules;
 use crate::hashing::{FastHasher, FastMap};
