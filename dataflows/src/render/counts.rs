@@ -293,7 +293,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::count_per_minute;
-    use crate::render::testing::{generator, held_at, run_operator, times_of};
+    use crate::render::testing::{generator, held_at, run_operator, rules_and_workers, times_of};
     use crate::event_time::EventTimeRules;
     use crate::types::{minute_of, Minute, Time, MINUTE_MS};
 
@@ -324,10 +324,8 @@ mod tests {
 
     #[test]
     fn counts_per_minute_match_a_reference_at_every_time() {
-        let bounded = EventTimeRules { watermark_delay_ms: 0, allowed_lateness_ms: Some(60_000), tick_ms: 10_000 };
-        let unbounded = EventTimeRules { allowed_lateness_ms: None, ..bounded };
         for seed in 0..6 {
-            for (rules, workers) in [(bounded, 1), (bounded, 3), (unbounded, 2)] {
+            for (rules, workers) in rules_and_workers() {
                 let updates = updates(seed, 300, &rules);
                 let output = run_operator(workers, &updates, move |keys| count_per_minute("AdMinute", keys, &rules));
                 for time in times_of(&updates, &output) {

@@ -126,7 +126,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::{distinct_clicks, Copies};
-    use crate::render::testing::{generator, held_at, run_operator, times_of};
+    use crate::render::testing::{generator, held_at, run_operator, rules_and_workers, times_of};
     use crate::event_time::EventTimeRules;
     use crate::types::{Click, ClickAttrs, ClickKey, Country, Ip, Time, MINUTE_MS};
 
@@ -196,10 +196,8 @@ mod tests {
 
     #[test]
     fn distinct_clicks_match_a_reference_at_every_time() {
-        let bounded = EventTimeRules { watermark_delay_ms: 0, allowed_lateness_ms: Some(60_000), tick_ms: 10_000 };
-        let unbounded = EventTimeRules { allowed_lateness_ms: None, ..bounded };
         for seed in 0..6 {
-            for (rules, workers) in [(bounded, 1), (bounded, 3), (unbounded, 2)] {
+            for (rules, workers) in rules_and_workers() {
                 let updates = deliveries(seed, 400);
                 let output = run_operator(workers, &updates, move |deliveries| distinct_clicks("DistinctClicks", deliveries, &rules));
                 for time in times_of(&updates, &output) {

@@ -8,7 +8,16 @@ use differential_dataflow::input::Input;
 use differential_dataflow::VecCollection;
 use timely::dataflow::operators::{Inspect, Probe};
 
+use crate::event_time::EventTimeRules;
 use crate::types::Time;
+
+/// The settings the per-minute operators are tried under: one-minute lateness on 1 and 3
+/// workers, and no lateness bound (nothing is ever final) on 2.
+pub fn rules_and_workers() -> [(EventTimeRules, usize); 3] {
+    let bounded = EventTimeRules { watermark_delay_ms: 0, allowed_lateness_ms: Some(60_000), tick_ms: 10_000 };
+    let unbounded = EventTimeRules { allowed_lateness_ms: None, ..bounded };
+    [(bounded, 1), (bounded, 3), (unbounded, 2)]
+}
 
 /// A seeded xorshift generator: `next(bound)` is in `0..bound`.
 pub fn generator(seed: u64) -> impl FnMut(u64) -> u64 {
