@@ -17,7 +17,7 @@ use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::Probe;
 
 use clickagg_dataflows::{
-    minute_of, render::render_clicks, Click, DeadLetter, EventTimeRules, Plan, ServingAnswer, SinkRecord, SourceNote, Time,
+    minute_of, render::{answers_for_sink, render_clicks}, Click, DeadLetter, EventTimeRules, Plan, ServingAnswer, SinkRecord, SourceNote, Time,
 };
 
 use crate::cluster::{self, Cluster, Greeting};
@@ -404,7 +404,8 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                         .leave_region(scope)
                 })
             });
-            let records = rendered.answers.map(SinkRecord::Answer).concat(note_collection.map(SinkRecord::Note));
+            let answers = answers_for_sink(rendered.answers, &dataflow_rules, config.serving.is_some());
+            let records = answers.map(SinkRecord::Answer).concat(note_collection.map(SinkRecord::Note));
             let records = match serving_answers {
                 Some(serving) => records.concat(serving),
                 None => records,

@@ -174,14 +174,21 @@ where
 /// A time's capability and the updates received for it.
 type HeldTime<D> = (Capability<Time>, Vec<(D, Time, isize)>);
 
-/// Each completed time's updates, consolidated in the worker and sent as one sorted run, once
-/// the frontier has passed the time.
+/// Each completed time's updates for which `keep(data, time)` holds, consolidated in the worker
+/// and sent as one sorted run, once the frontier has passed the time.
 ///
 /// Whatever gathers a collection on one worker to consolidate it per time (the sink) then sorts
 /// a few long sorted runs, one per worker, which a run-adaptive sort merges instead of sorting
 /// from scratch; and each worker's share of that sorting runs in parallel. It adds no delay to
 /// such a consumer, which waits for the same frontier before it reads a time.
-pub fn consolidate_completed_times<'scope, D>(name: &str, updates: VecCollection<'scope, Time, D>) -> VecCollection<'scope, Time, D>
+///
+/// `keep` sees each update before it is held, so what it drops costs neither memory nor sorting;
+/// it must depend on the data and time only, not on the diff.
+pub fn consolidate_completed_times<'scope, D>(
+    name: &str,
+    updates: VecCollection<'scope, Time, D>,
+    keep: impl Fn(&D, Time) -> bool + 'static,
+) -> VecCollection<'scope, Time, D>
 where
     D: differential_dataflow::Data,
 {
@@ -191,7 +198,7 @@ where
             let mut pending: std::collections::BTreeMap<Time, HeldTime<D>> = Default::default();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
-                    for update in data.drain(..) {
+                    for update in data.drain(..).filter(|(data, time, _)| keep(data, *time)) {
                         let time = update.1;
                         pending.entry(time).or_insert_with(|| (capability.delayed(&time, 0), Vec::new())).1.push(update);
                     }
