@@ -1,7 +1,7 @@
 //! `clickagg run`: one timely computation over all partitions, in one process or several. Each
 //! of the computation's W·N workers reads partitions `i, i+W·N, …`; its input frontier is the
 //! watermark of those partitions, so the computation's frontier is the watermark of SPEC §2.
-//! The sink lives on worker 0, in process 0.
+//! Worker 0 of process 0 gathers the answers and hands them to the sink, which runs on a thread of its own.
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -27,7 +27,7 @@ use clickagg_dataflows::render::topk::top_k;
 use clickagg_dataflows::render::sliding_counts;
 use clickagg_dataflows::render::windows::sliding_top_k;
 use clickagg_dataflows::render::filters::render_filters;
-use crate::sink::{OutputSink, Summary};
+use crate::sink::{OutputSink, SinkThread, Summary};
 use crate::source::{list_partitions, partition_name, PartitionSource, SourceOutput};
 use crate::store::Store;
 use clickagg_dataflows::PartitionProgress;
@@ -330,6 +330,14 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         if let Some(state) = &config.serving {
             sink.serve_into(Arc::clone(state));
         }
+        let serving = config.serving.is_some();
+        let sink = SinkThread::spawn(sink, move || {
+            if serving {
+                // Ingest, as the workers are: the server's threads come first.
+                lower_thread_priority(WORKER_NICENESS);
+            }
+        })
+        .map_err(|e| format!("cannot start the sink's thread: {e}"))?;
         Some(sink)
     } else {
         None
@@ -360,7 +368,6 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         let peers = worker.peers();
         let sink = if index == 0 { sink.lock().ok().and_then(|mut s| s.take()) } else { None };
         let sink = Rc::new(RefCell::new(sink));
-        let sink_error: Rc<RefCell<Option<String>>> = Rc::new(RefCell::new(None));
         let mut probe = ProbeHandle::new();
         if let Some(state) = &config.serving {
             crate::introspect::install(worker, Arc::clone(&state.introspection));
@@ -411,24 +418,14 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                 None => records,
             };
             let sink = Rc::clone(&sink);
-            let sink_error = Rc::clone(&sink_error);
             records
                 .inner
                 .probe_with(&mut probe)
                 .sink(Exchange::new(|_| 0), "OutputSink", move |(input, frontier)| {
-                    let mut sink = sink.borrow_mut();
-                    input.for_each(|_time, data| {
-                        if let Some(sink) = sink.as_mut() {
-                            for (record, time, diff) in data.drain(..) {
-                                sink.absorb(record, time, diff);
-                            }
-                        }
-                    });
-                    if let Some(s) = sink.as_mut() {
-                        if let Err(e) = s.advance(frontier.frontier().first().copied()) {
-                            sink_error.borrow_mut().get_or_insert(e.to_string());
-                            *sink = None;
-                        }
+                    let mut batches = Vec::new();
+                    input.for_each(|_time, data| batches.push(std::mem::take(data)));
+                    if let Some(sink) = sink.borrow_mut().as_mut() {
+                        sink.advance(batches, frontier.frontier().first().copied());
                     }
                 });
             (Inputs { clicks, notes }, filters)
@@ -505,14 +502,11 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         for tail in &reader.tails {
             inputs.notes.update_at(SourceNote::Progress(tail.source.progress()), *inputs.notes.time(), 1);
         }
-        let mut errors = std::mem::take(&mut reader.errors);
+        let errors = std::mem::take(&mut reader.errors);
         drop(inputs);
         while !probe.done() {
             poll_peeks();
             worker.step();
-        }
-        if let Some(e) = sink_error.borrow_mut().take() {
-            errors.push(e);
         }
         let summary = sink.borrow_mut().take().map(|s| s.finish().map_err(|e| e.to_string()));
         if config.serve_filters {

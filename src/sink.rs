@@ -622,3 +622,82 @@ pub fn write_quoted(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     out.write_all(text.replace('"', "\"\"").as_bytes())?;
     out.write_all(b"\"")
 }
+
+/// What worker 0 hands the sink's thread.
+enum ToSink {
+    /// The batches of updates of one activation, as they arrived, and the frontier after it
+    /// (`None`: the input is complete).
+    Advance(Vec<Vec<(SinkRecord, Time, isize)>>, Option<Time>),
+    /// The dataflow is done: write what is still open and report the summary.
+    Finish,
+}
+
+/// An [`OutputSink`] on a thread of its own, so that consolidating, formatting, writing and
+/// committing the answers run beside the workers instead of on worker 0, which would otherwise
+/// hold every other worker back by that much.
+///
+/// The channel is bounded: a sink that falls behind blocks worker 0, and through it the
+/// dataflow, rather than letting the updates queue without limit. If the thread stops (an
+/// error, or a dropped handle), the updates sent after it are lost with the run, which fails.
+pub struct SinkThread {
+    to_sink: Option<std::sync::mpsc::SyncSender<ToSink>>,
+    thread: std::thread::JoinHandle<io::Result<Option<Summary>>>,
+    last_frontier: Option<Option<Time>>,
+}
+
+/// Activations of worker 0's sink operator that may wait for the sink's thread.
+const SINK_BACKLOG: usize = 256;
+
+impl SinkThread {
+    /// Starts `sink`'s thread; `setup` runs on it first (a thread's priority, say).
+    pub fn spawn(mut sink: OutputSink, setup: impl FnOnce() + Send + 'static) -> io::Result<SinkThread> {
+        let (to_sink, received) = std::sync::mpsc::sync_channel::<ToSink>(SINK_BACKLOG);
+        let thread = std::thread::Builder::new().name("clickagg:sink".into()).spawn(move || {
+            setup();
+            for message in received {
+                match message {
+                    ToSink::Advance(batches, frontier) => {
+                        for (record, time, diff) in batches.into_iter().flatten() {
+                            sink.absorb(record, time, diff);
+                        }
+                        sink.advance(frontier)?;
+                    }
+                    ToSink::Finish => return sink.finish().map(Some),
+                }
+            }
+            // Worker 0 went away without finishing (it failed): neither the files nor the
+            // store may claim that the input is complete.
+            Ok(None)
+        })?;
+        Ok(SinkThread { to_sink: Some(to_sink), thread, last_frontier: None })
+    }
+
+    /// Hands the sink one activation's batches of updates, moved rather than copied, and the
+    /// frontier after it. An activation with no updates and no new frontier is not sent.
+    pub fn advance(&mut self, batches: Vec<Vec<(SinkRecord, Time, isize)>>, frontier: Option<Time>) {
+        if batches.is_empty() && self.last_frontier == Some(frontier) {
+            return;
+        }
+        self.last_frontier = Some(frontier);
+        let sent = self.to_sink.as_ref().is_some_and(|to_sink| to_sink.send(ToSink::Advance(batches, frontier)).is_ok());
+        if !sent {
+            // The thread has stopped with an error, which `finish` reports.
+            self.to_sink = None;
+        }
+    }
+
+    /// Waits for the sink to apply everything sent, write what is still open, and commit the
+    /// end of the input; returns the run's summary.
+    pub fn finish(mut self) -> io::Result<Summary> {
+        if let Some(to_sink) = self.to_sink.take() {
+            // A failed send means the thread has stopped; its error is what `join` returns.
+            let _ = to_sink.send(ToSink::Finish);
+        }
+        match self.thread.join() {
+            Ok(Ok(Some(summary))) => Ok(summary),
+            Ok(Ok(None)) => Err(io::Error::other("the sink stopped before the input was complete")),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::other("the sink's thread panicked")),
+        }
+    }
+}
