@@ -26,6 +26,10 @@ pub struct MinuteCounts<'scope> {
     /// clicks it gains (or loses), pre-aggregated in the worker and not yet exchanged. Whatever
     /// adds counts up again (a sliding window over minutes) reads these instead: one update per
     /// change, where the counts give two (`-old`, `+new`).
+    ///
+    /// A minute's clicks stop at its final time (`rules.minute_final_at`): retention's
+    /// retractions of the clicks are not in these, because every reader keeps its state per
+    /// minute and forgets a minute whole, or ignores a minute's changes once it is final.
     pub clicks: MinuteClicks<'scope>,
 }
 
@@ -39,7 +43,7 @@ pub struct MinuteClicks<'scope> {
 
 /// Counts distinct clicks per (minute, ad), (minute, campaign) and (minute, country, ad).
 pub fn minute_counts<'scope>(clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>, rules: &EventTimeRules) -> MinuteCounts<'scope> {
-    let keys = pre_aggregate_minute_keys(clicks);
+    let keys = pre_aggregate_minute_keys(clicks, rules);
     MinuteCounts {
         ad: count_per_minute("AdMinute", keys.ad.clone(), rules),
         campaign: count_per_minute("CampaignMinute", keys.campaign.clone(), rules),
@@ -76,7 +80,7 @@ pub fn count_per_minute<'scope, K: MinuteKey>(
     rules: &EventTimeRules,
 ) -> VecCollection<'scope, Time, (K, u64)> {
     let hasher = BuildHasherDefault::<FastHasher>::default();
-    per_minute::<CountsOfMinute<K>>(name, changes, move |key| hasher.hash_one(key), K::minute, rules)
+    per_minute(name, changes, move |key| hasher.hash_one(key), K::minute, rules, CountsOfMinute::default)
 }
 
 /// `clicks` before the first change of the time being processed; `UNTOUCHED` when it has none.
@@ -224,7 +228,11 @@ fn drain_changes<K>(sums: &mut FastMap<(K, Time), isize>) -> impl Iterator<Item 
 /// The (minute, ad), (minute, campaign) and (minute, country, ad) keys of the clicks, each
 /// consolidated as [`pre_aggregate`] does, in one pass over the clicks: every reader of a stream
 /// gets its own copy of each of its batches, so three readers would copy every click three times.
-fn pre_aggregate_minute_keys<'scope>(clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>) -> MinuteClicks<'scope> {
+///
+/// Clicks at or after their minute's final time are dropped first (see [`MinuteCounts::clicks`]):
+/// they are as many as the clicks themselves, and no reader would use them.
+fn pre_aggregate_minute_keys<'scope>(clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>, rules: &EventTimeRules) -> MinuteClicks<'scope> {
+    let rules = *rules;
     let mut builder = OperatorBuilder::new("PreAggregate: MinuteKeys".to_owned(), clicks.scope());
     let mut input = builder.new_input(clicks.inner, Pipeline);
     let (ad, ad_stream) = builder.new_output();
@@ -248,6 +256,9 @@ fn pre_aggregate_minute_keys<'scope>(clicks: VecCollection<'scope, Time, (ClickK
                 }
                 for ((key, attrs), time, diff) in data.drain(..) {
                     let minute = crate::types::minute_of(key.ts);
+                    if rules.minute_final_at(minute).is_some_and(|final_at| time >= final_at) {
+                        continue;
+                    }
                     *ads.entry(((minute, attrs.ad), time)).or_default() += diff;
                     *campaigns.entry(((minute, attrs.campaign), time)).or_default() += diff;
                     *countries.entry(((minute, attrs.country, attrs.ad), time)).or_default() += diff;
@@ -300,40 +311,14 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::count_per_minute;
-    use crate::render::testing::{generator, held_at, run_operator, rules_and_workers, times_of};
-    use crate::event_time::EventTimeRules;
-    use crate::types::{minute_of, Minute, Time, MINUTE_MS};
-
-    /// Updates `((minute, ad), time, diff)` as de-duplication sends them: clicks from their time
-    /// on, some taken back later (a smaller copy moved them), and every click still counted
-    /// retracted when its minute is final.
-    fn updates(seed: u64, count: usize, rules: &EventTimeRules) -> Vec<((Minute, u64), Time, isize)> {
-        let mut next = generator(seed);
-        let mut updates = Vec::new();
-        for _ in 0..count {
-            let ts = next(4 * MINUTE_MS);
-            let key = (minute_of(ts), next(6));
-            let time = ts + next(MINUTE_MS);
-            let time = time - time % 10_000;
-            let final_at = rules.minute_final_at(key.0).unwrap_or(Time::MAX);
-            if time >= final_at {
-                continue;
-            }
-            let until = if next(5) == 0 { (time + next(MINUTE_MS)).min(final_at) } else { final_at };
-            updates.push((key, time, 1));
-            if until < Time::MAX {
-                updates.push((key, until, -1));
-            }
-        }
-        updates.sort_by_key(|update| update.1);
-        updates
-    }
+    use crate::render::testing::{held_at, minute_updates, run_operator, rules_and_workers, times_of};
+    use crate::types::{Minute, Time};
 
     #[test]
     fn counts_per_minute_match_a_reference_at_every_time() {
         for seed in 0..6 {
             for (rules, workers) in rules_and_workers() {
-                let updates = updates(seed, 300, &rules);
+                let updates = minute_updates(seed, 300, &rules);
                 let output = run_operator(workers, &updates, move |keys| count_per_minute("AdMinute", keys, &rules));
                 for time in times_of(&updates, &output) {
                     // The reference: every update up to `time`, summed per key.

@@ -25,7 +25,7 @@ pub fn distinct_clicks<'scope>(
     deliveries: VecCollection<'scope, Time, Click>,
     rules: &EventTimeRules,
 ) -> VecCollection<'scope, Time, (ClickKey, ClickAttrs)> {
-    per_minute::<DistinctClicks>(name, deliveries, |click| click.key.event as u64, Click::minute, rules)
+    per_minute(name, deliveries, |click| click.key.event as u64, Click::minute, rules, DistinctClicks::default)
 }
 
 /// One minute's clicks, each with its visible copies.

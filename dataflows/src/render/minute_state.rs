@@ -20,9 +20,7 @@ use crate::event_time::EventTimeRules;
 use crate::types::{Minute, Time};
 
 /// The state one minute keeps, for one worker's share of the keys.
-///
-/// `Default` is the empty state of a minute's first use.
-pub trait MinuteState: Default + 'static {
+pub trait MinuteState: 'static {
     /// What arrives: one record, with a multiplicity.
     type Update: ExchangeData;
     /// What leaves.
@@ -40,7 +38,7 @@ pub trait MinuteState: Default + 'static {
 }
 
 /// Runs a [`MinuteState`] per minute (`minute_of` each update), each worker holding the keys
-/// that `route` sends it.
+/// that `route` sends it; `empty()` is a minute's state before its first update.
 ///
 /// Updates are applied in time order, each time once the input frontier has passed it. With a
 /// lateness bound, a minute's state is retired at `rules.minute_final_at(minute)`, before that
@@ -60,6 +58,7 @@ pub fn per_minute<'scope, S: MinuteState>(
     route: impl Fn(&S::Update) -> u64 + 'static,
     minute_of: impl Fn(&S::Update) -> Minute + 'static,
     rules: &EventTimeRules,
+    empty: impl Fn() -> S + 'static,
 ) -> VecCollection<'scope, Time, S::Output> {
     let rules = *rules;
     let logger = StateLog::logger(&input.scope());
@@ -122,7 +121,7 @@ pub fn per_minute<'scope, S: MinuteState>(
                                     log.created();
                                     Live {
                                         final_at: final_at.map(|at| capability.delayed(&at)),
-                                        state: spare_state.take().unwrap_or_default(),
+                                        state: spare_state.take().unwrap_or_else(&empty),
                                         reported: 0,
                                     }
                                 });

@@ -152,11 +152,7 @@ pub fn render_clicks<'scope>(
         }
     });
     let top = scope.region_named("TopK", |inner| {
-        let clicks = counts.clicks.ad.clone().enter_region(inner);
-        let changes = |&(minute, ad): &(crate::types::Minute, u64), time, diff: isize, emit: &mut dyn FnMut(_, _, _, _)| {
-            emit(minute, ad, time, diff as i64)
-        };
-        topk::top_k_of_counts("TopMinute", clicks, |&(_, ad)| ad, changes, plan.top_k).leave_region(scope)
+        topk::top_k_per_minute("TopMinute", counts.clicks.ad.clone().enter_region(inner), plan.top_k, &rules).leave_region(scope)
     });
     let top_window = scope.region_named("SlidingWindows", |inner| {
         windows::sliding_top_k("TopWindow", counts.clicks.ad.clone().enter_region(inner), plan, &rules, |&(minute, ad)| (minute, (), ad))

@@ -9,7 +9,7 @@ use differential_dataflow::VecCollection;
 use timely::dataflow::operators::{Inspect, Probe};
 
 use crate::event_time::EventTimeRules;
-use crate::types::Time;
+use crate::types::{minute_of, Minute, Time, MINUTE_MS};
 
 /// The settings the per-minute operators are tried under: one-minute lateness on 1 and 3
 /// workers, and no lateness bound (nothing is ever final) on 2.
@@ -82,4 +82,29 @@ pub fn times_of<D, O>(updates: &[(D, Time, isize)], output: &[(O, Time, isize)])
     times.sort();
     times.dedup();
     times
+}
+
+/// Updates `((minute, ad), time, diff)` as de-duplication sends them: clicks from their time
+/// on, some taken back later (a smaller copy moved them), and every click still counted
+/// retracted when its minute is final.
+pub fn minute_updates(seed: u64, count: usize, rules: &EventTimeRules) -> Vec<((Minute, u64), Time, isize)> {
+    let mut next = generator(seed);
+    let mut updates = Vec::new();
+    for _ in 0..count {
+        let ts = next(4 * MINUTE_MS);
+        let key = (minute_of(ts), next(6));
+        let time = ts + next(MINUTE_MS);
+        let time = time - time % 10_000;
+        let final_at = rules.minute_final_at(key.0).unwrap_or(Time::MAX);
+        if time >= final_at {
+            continue;
+        }
+        let until = if next(5) == 0 { (time + next(MINUTE_MS)).min(final_at) } else { final_at };
+        updates.push((key, time, 1));
+        if until < Time::MAX {
+            updates.push((key, until, -1));
+        }
+    }
+    updates.sort_by_key(|update| update.1);
+    updates
 }

@@ -7,10 +7,11 @@
 //! ranks any collection of counts, all in arrangements.
 //!
 //! [`top_k_of_counts`] ranks counts it keeps itself, one share of the ads per worker, and updates
-//! each worker's top K from the changed counts alone unless one of its members falls. The minutes
-//! (whose counts only rise until the minute is forgotten) and the sliding windows (where every
-//! count of a window changes each minute) use it; the per-country minutes, served only, keep
-//! [`top_k`] and its inspectable arrangements.
+//! each worker's top K from the changed counts alone unless one of its members falls. The sliding
+//! windows (where every count of a window changes each minute) use it, and the minutes (whose
+//! counts only rise until the minute is forgotten) use [`top_k_per_minute`], the same ranking with
+//! each minute's counts forgotten whole when it is final; the per-country minutes, served only,
+//! keep [`top_k`] and its inspectable arrangements.
 
 use std::collections::BTreeMap;
 
@@ -20,10 +21,11 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
-use crate::hashing::{FastMap, FastSet};
+use crate::event_time::EventTimeRules;
+use crate::hashing::FastMap;
 use crate::plan::Plan;
-use crate::render::minute_state::StateLog;
-use crate::types::Time;
+use crate::render::minute_state::{per_minute, MinuteState, StateLog};
+use crate::types::{Minute, Time};
 
 /// Sort key of a ranked entry: clicks descending, then ad ascending.
 type Rank = (u64, u64);
@@ -132,8 +134,8 @@ where
         let mut reported = Some(0);
         let mut pending: BTreeMap<Time, Pending<G>> = BTreeMap::new();
         // Per group: this worker's ads' counts, and the local top K last sent.
-        let mut counts: FastMap<G, FastMap<u64, i64>> = FastMap::default();
-        let mut sent: FastMap<G, Vec<Rank>> = FastMap::default();
+        let mut tops: FastMap<G, LocalTop> = FastMap::default();
+        let mut touched: Vec<G> = Vec::new();
         let mut ranked: Vec<Rank> = Vec::new();
         move |(input, frontier), output| {
             input.for_each(|capability, data| {
@@ -150,62 +152,27 @@ where
                     break;
                 }
                 let (capability, held) = entry.remove();
-                let mut touched: BTreeMap<G, Touched> = BTreeMap::new();
                 for ((group, ad), change) in held {
                     if change == 0 {
                         continue;
                     }
-                    let group_counts = counts.entry(group.clone()).or_default();
-                    let count = group_counts.entry(ad).or_insert(0);
-                    let old = *count;
-                    *count += change;
-                    let new = *count;
-                    assert!(new >= 0, "{operator}: a count went below zero");
-                    if new == 0 {
-                        group_counts.remove(&ad);
+                    let top = tops.entry(group.clone()).or_default();
+                    if !top.is_changed() {
+                        touched.push(group);
                     }
-                    // A full local top K loses a member to ads outside it only when one of its
-                    // members falls: then it must be found again from every count.
-                    let falls_from_top = change < 0
-                        && sent.get(&group).is_some_and(|top| top.len() == k && top.binary_search(&rank(ad, old as u64)).is_ok());
-                    let touched = touched.entry(group).or_default();
-                    touched.rescan |= falls_from_top;
-                    touched.changed.push((ad, new as u64));
+                    top.change(ad, change);
                 }
                 let mut session = output.session(&capability);
-                for (group, touched) in touched {
-                    let before = sent.remove(&group).unwrap_or_default();
-                    ranked.clear();
-                    if touched.rescan {
-                        if let Some(group_counts) = counts.get(&group) {
-                            ranked.extend(group_counts.iter().map(|(&ad, &clicks)| rank(ad, clicks as u64)));
-                        }
-                    } else {
-                        // Every ad outside the top K ranks below its last member, and only the
-                        // changed ones can have risen above it.
-                        let changed: FastSet<u64> = touched.changed.iter().map(|&(ad, _)| ad).collect();
-                        let last = (before.len() == k).then(|| before[k - 1]);
-                        ranked.extend(before.iter().filter(|(_, ad)| !changed.contains(ad)));
-                        ranked.extend(
-                            touched
-                                .changed
-                                .iter()
-                                .filter(|&&(_, clicks)| clicks > 0)
-                                .map(|&(ad, clicks)| rank(ad, clicks))
-                                .filter(|r| last.is_none_or(|last| *r <= last)),
-                        );
-                    }
-                    select_first(&mut ranked, k);
-                    let time = *capability.time();
-                    for_each_difference(&before, &ranked, |r, diff| session.give(((group.clone(), r), time, diff)));
-                    if ranked.is_empty() {
-                        counts.remove(&group);
-                    } else {
-                        sent.insert(group, ranked.clone());
+                let time = *capability.time();
+                for group in touched.drain(..) {
+                    let top = tops.get_mut(&group).expect("a touched group has a top");
+                    top.settle(k, &mut ranked, |r, diff| session.give(((group.clone(), r), time, diff)));
+                    if top.is_empty() {
+                        tops.remove(&group);
                     }
                 }
                 if let Some(before) = reported {
-                    let held = counts.values().map(|group_counts| group_counts.len()).sum();
+                    let held = tops.values().map(LocalTop::len).sum();
                     log.resized(before, held);
                     reported = Some(held);
                 }
@@ -213,8 +180,7 @@ where
             if frontier.frontier().is_empty() && pending.is_empty() {
                 if let Some(held) = reported.take() {
                     log.dropped(held);
-                    counts.clear();
-                    sent.clear();
+                    tops.clear();
                 }
             }
         }
@@ -222,12 +188,144 @@ where
     keep_top(name, local.as_collection(), k).map(|(group, r)| (group, unrank(r)))
 }
 
-/// What one time changed in one group: each changed ad with its new count, and whether a member
-/// of the local top K fell.
+/// The top `k` ads of each minute, from the clicks per `(minute, ad)` (with the clicks as their
+/// multiplicity, as [`MinuteClicks::ad`](crate::render::counts::MinuteClicks::ad) gives them), as
+/// `(minute, (ad, clicks))`: what [`top_k_of_counts`] ranks from the same clicks, time for time,
+/// with each minute's counts kept by [`per_minute`] and forgotten whole when the minute is final
+/// (its top K retracted then), so that the clicks need not be retracted to forget them.
+pub fn top_k_per_minute<'scope>(
+    name: &str,
+    clicks: VecCollection<'scope, Time, (Minute, u64)>,
+    k: usize,
+    rules: &EventTimeRules,
+) -> VecCollection<'scope, Time, (Minute, (u64, u64))> {
+    let route = |&(_, ad): &(Minute, u64)| u64::from(bucket_of(ad));
+    let empty = move || TopOfMinute { minute: 0, k, top: LocalTop::default(), ranked: Vec::new() };
+    let local = per_minute(&format!("{name}Local"), clicks, route, |&(minute, _)| minute, rules, empty);
+    keep_top(name, local, k).map(|(minute, r)| (minute, unrank(r)))
+}
+
+/// One minute's counts of one worker's share of the ads, and their local top K.
+struct TopOfMinute {
+    minute: Minute,
+    k: usize,
+    top: LocalTop,
+    ranked: Vec<Rank>,
+}
+
+impl MinuteState for TopOfMinute {
+    type Update = (Minute, u64);
+    type Output = (Minute, Rank);
+
+    fn apply(&mut self, (minute, ad): (Minute, u64), diff: isize, _emit: &mut impl FnMut(Self::Output, isize)) {
+        self.minute = minute;
+        self.top.change(ad, diff as i64);
+    }
+
+    fn settle(&mut self, emit: &mut impl FnMut(Self::Output, isize)) {
+        let minute = self.minute;
+        self.top.settle(self.k, &mut self.ranked, |r, diff| emit((minute, r), diff));
+    }
+
+    fn retire(&mut self, emit: &mut impl FnMut(Self::Output, isize)) {
+        for &r in &self.top.sent {
+            emit((self.minute, r), -1);
+        }
+        self.top.clear();
+    }
+
+    fn keys(&self) -> usize {
+        self.top.len()
+    }
+}
+
+/// One group's counts on one worker, and the local top K last sent for them.
 #[derive(Default)]
-struct Touched {
-    rescan: bool,
-    changed: Vec<(u64, u64)>,
+struct LocalTop {
+    /// Below zero only between `change` and `settle`: a time's changes may come in any order.
+    counts: FastMap<u64, i64>,
+    /// The local top K last sent, sorted.
+    sent: Vec<Rank>,
+    /// The ads whose counts changed since the last `settle`, an ad once per change.
+    changed: Vec<u64>,
+}
+
+impl LocalTop {
+    /// Adds `change` to `ad`'s count, which must not be below zero once a time's changes are
+    /// all made.
+    fn change(&mut self, ad: u64, change: i64) {
+        let count = self.counts.entry(ad).or_insert(0);
+        *count += change;
+        if *count == 0 {
+            self.counts.remove(&ad);
+        }
+        self.changed.push(ad);
+    }
+
+    fn is_changed(&self) -> bool {
+        !self.changed.is_empty()
+    }
+
+    /// Finds the local top `k` of the counts after the changes since the last call, and calls
+    /// `give(rank, -1)` for each rank that left it and `give(rank, 1)` for each that entered.
+    /// `ranked` is room to work in.
+    ///
+    /// Every ad outside a full top K ranks below its last member, and a change can only move the
+    /// changed ad: so unless a member fell, the new top K is among the old members and the changed
+    /// ads. When one fell, an ad outside may have overtaken it, and the top K is selected again
+    /// from every count, in linear time.
+    fn settle(&mut self, k: usize, ranked: &mut Vec<Rank>, mut give: impl FnMut(Rank, isize)) {
+        if self.changed.is_empty() {
+            return;
+        }
+        self.changed.sort_unstable();
+        self.changed.dedup();
+        let (counts, changed) = (&self.counts, &self.changed);
+        assert!(changed.iter().all(|ad| counts.get(ad).is_none_or(|&count| count > 0)), "a count went below zero");
+        let count = |ad: u64| counts.get(&ad).copied().unwrap_or(0) as u64;
+        let last = k.checked_sub(1).and_then(|last| self.sent.get(last)).copied();
+        let member_fell = last.is_some()
+            && self.sent.iter().any(|&r| {
+                let (ad, clicks) = unrank(r);
+                changed.binary_search(&ad).is_ok() && count(ad) < clicks
+            });
+        ranked.clear();
+        if member_fell {
+            ranked.extend(counts.iter().map(|(&ad, &clicks)| rank(ad, clicks as u64)));
+        } else {
+            ranked.extend(self.sent.iter().filter(|&&(_, ad)| changed.binary_search(&ad).is_err()));
+            ranked.extend(
+                changed
+                    .iter()
+                    .map(|&ad| (ad, count(ad)))
+                    .filter(|&(_, clicks)| clicks > 0)
+                    .map(|(ad, clicks)| rank(ad, clicks))
+                    .filter(|r| last.is_none_or(|last| *r <= last)),
+            );
+        }
+        select_first(ranked, k);
+        for_each_difference(&self.sent, ranked, &mut give);
+        self.sent.clear();
+        self.sent.extend_from_slice(ranked);
+        self.changed.clear();
+    }
+
+    /// How many ads have a count.
+    fn len(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// No ad has a count, and none is in the top K.
+    fn is_empty(&self) -> bool {
+        self.counts.is_empty() && self.sent.is_empty()
+    }
+
+    /// Forgets every count, keeping the room.
+    fn clear(&mut self) {
+        self.counts.clear();
+        self.sent.clear();
+        self.changed.clear();
+    }
 }
 
 /// Calls `give(r, -1)` for each rank of `before` not in `after` and `give(r, 1)` for each of
@@ -271,9 +369,9 @@ fn select_first(ranked: &mut Vec<Rank>, k: usize) {
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::{select_first, top_k_of_counts};
-    use crate::render::testing::{generator, held_at, run_operator, times_of};
-    use crate::types::Time;
+    use super::{select_first, top_k_of_counts, top_k_per_minute};
+    use crate::render::testing::{generator, held_at, minute_updates, run_operator, rules_and_workers, times_of};
+    use crate::types::{Minute, Time};
 
     #[test]
     fn select_first_keeps_the_first_k_in_order() {
@@ -357,6 +455,57 @@ mod tests {
                 });
                 for time in times_of(&changes, &output) {
                     assert_eq!(held_at(&output, time), reference(&changes, time, k), "seed {seed}, {workers} workers, time {time}");
+                }
+            }
+        }
+    }
+
+    /// The top `k` of each minute at `time`, from every update up to then.
+    fn reference_per_minute(updates: &[((Minute, u64), Time, isize)], time: Time, k: usize) -> BTreeMap<(Minute, (u64, u64)), isize> {
+        let mut counts: BTreeMap<(Minute, u64), isize> = BTreeMap::new();
+        for (key, _, diff) in updates.iter().filter(|u| u.1 <= time) {
+            *counts.entry(*key).or_default() += diff;
+        }
+        let mut ranked: BTreeMap<Minute, Vec<(u64, u64)>> = BTreeMap::new();
+        for (&(minute, ad), &clicks) in counts.iter().filter(|(_, clicks)| **clicks > 0) {
+            ranked.entry(minute).or_default().push((u64::MAX - clicks as u64, ad));
+        }
+        let mut tops = BTreeMap::new();
+        for (minute, mut ranked) in ranked {
+            ranked.sort();
+            for (inverse, ad) in ranked.into_iter().take(k) {
+                tops.insert((minute, (ad, u64::MAX - inverse)), 1);
+            }
+        }
+        tops
+    }
+
+    #[test]
+    fn top_k_per_minute_matches_a_reference_at_every_time() {
+        for seed in 0..6 {
+            for (rules, workers) in rules_and_workers() {
+                let k = 2;
+                let updates = minute_updates(seed, 300, &rules);
+                // As `MinuteClicks` gives them, the clicks stop at their minute's final time: the
+                // minute is forgotten with or without retention's retractions.
+                let until_final: Vec<_> =
+                    updates.iter().filter(|(key, time, _)| rules.minute_final_at(key.0).is_none_or(|at| *time < at)).cloned().collect();
+                // A time's changes come in any order (from several workers, or from paths that
+                // add and take back the same click): a count may go below zero before a time's
+                // last change.
+                let transient: Vec<_> = updates
+                    .iter()
+                    .flat_map(|&(key, time, diff)| {
+                        let before = if diff > 0 { vec![(key, time, -1), (key, time, 1)] } else { Vec::new() };
+                        before.into_iter().chain([(key, time, diff)])
+                    })
+                    .collect();
+                for input in [&updates, &until_final, &transient] {
+                    let output = run_operator(workers, input, move |clicks| top_k_per_minute("TopMinute", clicks, k, &rules));
+                    for time in times_of(&updates, &output) {
+                        let expected = reference_per_minute(&updates, time, k);
+                        assert_eq!(held_at(&output, time), expected, "seed {seed}, {workers} workers, time {time}, {rules:?}");
+                    }
                 }
             }
         }
