@@ -266,6 +266,29 @@ fn lower_thread_priority(niceness: i32) {
     }
 }
 
+/// Set when a worker of this process panics, so that the others stop waiting for progress it
+/// will never make. (The binary's panic hook ends the process first; a caller of [`run`], a
+/// test, gets an error instead of a run that never ends.)
+struct FlagOnPanic(Arc<AtomicBool>);
+
+impl Drop for FlagOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// What a worker returns when another has failed: its dataflows are dropped, or timely would
+/// step them after it returns until they complete, which they never will. The sink is dropped
+/// unfinished, so nothing claims that the input was complete.
+fn abandon(worker: &mut timely::worker::Worker) -> (Option<Result<Summary, String>>, Vec<String>) {
+    for dataflow in worker.installed_dataflows() {
+        worker.drop_dataflow(dataflow);
+    }
+    (None, vec!["another worker failed".to_string()])
+}
+
 /// Replays the logs to their end and writes the output directory. Returns the summary on the
 /// process that holds the sink (process 0), `None` on the others.
 pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
@@ -358,8 +381,11 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
     let sink_process = config.is_sink_process();
     let config = config.clone();
 
+    let panicked = Arc::new(AtomicBool::new(false));
     let guards = cluster::execute(config.workers, cluster, move |worker| {
         let index = worker.index();
+        let _guard = FlagOnPanic(Arc::clone(&panicked));
+        let failed = || panicked.load(Ordering::SeqCst);
         if config.serving.is_some() {
             // On a saturated machine, queries come before ingest: the server's threads keep
             // normal priority, the workers yield to them.
@@ -461,7 +487,10 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                 let behind = frontier.saturating_sub(config.max_ahead_ms);
                 // Park rather than spin: the other workers need the cores to catch up.
                 poll_peeks();
-                while probe.less_than(&behind) {
+                if failed() {
+                    break;
+                }
+                while probe.less_than(&behind) && !failed() {
                     worker.step_or_park(Some(Duration::from_millis(1)));
                     poll_peeks();
                 }
@@ -469,7 +498,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
             Some(follow) => {
                 let mut known: std::collections::BTreeSet<String> = names.iter().cloned().collect();
                 let mut last_scan = Instant::now();
-                loop {
+                while !failed() {
                     if last_scan.elapsed() >= follow.rescan {
                         last_scan = Instant::now();
                         reader.discover(&config.logs, &mut known, index, peers);
@@ -492,12 +521,15 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                         poll_peeks();
                     }
                     let behind = frontier.saturating_sub(config.max_ahead_ms);
-                    while probe.less_than(&behind) {
+                    while probe.less_than(&behind) && !failed() {
                         worker.step_or_park(Some(Duration::from_millis(1)));
                         poll_peeks();
                     }
                 }
             }
+        }
+        if failed() {
+            return abandon(worker);
         }
         for tail in &reader.tails {
             inputs.notes.update_at(SourceNote::Progress(tail.source.progress()), *inputs.notes.time(), 1);
@@ -505,6 +537,9 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         let errors = std::mem::take(&mut reader.errors);
         drop(inputs);
         while !probe.done() {
+            if failed() {
+                return abandon(worker);
+            }
             poll_peeks();
             worker.step();
         }
