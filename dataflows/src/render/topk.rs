@@ -6,40 +6,33 @@
 //! count re-sorts one small bucket, and moves up only while it is still among the winners. It
 //! ranks any collection of counts, all in arrangements.
 //!
-//! [`top_k_of_counts`] ranks counts it keeps itself, one share of the ads per worker, and updates
-//! each worker's top K from the changed counts alone unless one of its members falls. The sliding
-//! windows (where every count of a window changes each minute) use it, and the minutes (whose
-//! counts only rise until the minute is forgotten) use [`top_k_per_minute`], the same ranking with
-//! each minute's counts forgotten whole when it is final; the per-country minutes, served only,
-//! keep [`top_k`] and its inspectable arrangements.
+//! [`top_k_per_minute`] and the sliding windows ([`sliding_top_k`](crate::render::windows::sliding_top_k))
+//! rank counts they keep themselves, one share of the ads per worker, and update each worker's
+//! top K from the changed counts alone unless one of its members falls (`LocalTop`); a `reduce`
+//! over the workers' local tops gives the global one. The per-country minutes, served only, keep
+//! [`top_k`] and its inspectable arrangements.
 
-use std::collections::BTreeMap;
-
-use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
-use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Capability;
 
 use crate::event_time::EventTimeRules;
 use crate::hashing::FastMap;
 use crate::plan::Plan;
-use crate::render::minute_state::{per_minute, MinuteState, StateLog};
+use crate::render::minute_state::{per_minute, MinuteState};
 use crate::types::{Minute, Time};
 
 /// Sort key of a ranked entry: clicks descending, then ad ascending.
-type Rank = (u64, u64);
+pub(crate) type Rank = (u64, u64);
 
 fn rank(ad: u64, clicks: u64) -> Rank {
     (u64::MAX - clicks, ad)
 }
 
-fn unrank((inverse_clicks, ad): Rank) -> (u64, u64) {
+pub(crate) fn unrank((inverse_clicks, ad): Rank) -> (u64, u64) {
     (ad, u64::MAX - inverse_clicks)
 }
 
 /// A well-mixed bucket of an ad id; ad ids themselves may be dense or patterned.
-fn bucket_of(ad: u64) -> u32 {
+pub(crate) fn bucket_of(ad: u64) -> u32 {
     (ad.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
 }
 
@@ -66,7 +59,7 @@ where
 }
 
 /// Keeps the first `k` ranks of each key.
-fn keep_top<'scope, K>(
+pub(crate) fn keep_top<'scope, K>(
     name: &str,
     ranked: VecCollection<'scope, Time, (K, Rank)>,
     k: usize,
@@ -88,111 +81,16 @@ where
     })
 }
 
-/// What is held for one time: its capability and each (group, ad)'s change of count.
-type Pending<G> = (Capability<Time>, FastMap<(G, u64), i64>);
-
-/// The top `k` ads of each group, from changes to per-ad counts: `changes(datum, time, diff, emit)`
-/// says whose count moves, calling `emit(group, ad, at, change)` for a change from time `at` (at
-/// or after `time`) on.
-/// The output is `(group, (ad, clicks))` for the ads that rank in the top K of their group by
-/// clicks descending, then ad ascending: the same collection, time for time, as counting the
-/// changes per (group, ad) and ranking them with [`top_k`].
-///
-/// [`top_k`] keeps every count in an arrangement and re-sorts, level by level, each bucket a
-/// change touches. When most counts of a group change at once — a sliding window moving on,
-/// which changes nearly every active ad's count — that is every bucket, every time. Here each
-/// worker keeps the counts of its share of the ads (by `ad_of`) in hash maps, applies a time's
-/// changes once the frontier has passed it, and finds the new local top K of each changed group
-/// from the last one and the changed counts: only they can have risen into it. Only when a member
-/// of a full local top K falls is it selected again from every count of the group, in linear
-/// time. It sends on only what entered or left that local top K. The global top K is
-/// the top K of the workers' local tops (the shares are disjoint): a `reduce` over at most
-/// workers × K records per group. The counts are not an arrangement, so they cannot be shared
-/// or inspected as one; that is the price.
-///
-/// `changes` must be a pure function of its arguments, so that every worker count gives the same
-/// output, and no count may go below zero.
-pub fn top_k_of_counts<'scope, D, G, L>(
-    name: &str,
-    input: VecCollection<'scope, Time, D>,
-    ad_of: impl Fn(&D) -> u64 + 'static,
-    mut changes: L,
-    k: usize,
-) -> VecCollection<'scope, Time, (G, (u64, u64))>
-where
-    D: differential_dataflow::ExchangeData,
-    G: differential_dataflow::ExchangeData + std::hash::Hash,
-    L: FnMut(&D, Time, isize, &mut dyn FnMut(G, u64, Time, i64)) + 'static,
-{
-    let by_ad = Exchange::new(move |update: &(D, Time, isize)| u64::from(bucket_of(ad_of(&update.0))));
-    let operator = format!("{name}Local");
-    let logger = StateLog::logger(&input.scope());
-    let local = input.inner.unary_frontier(by_ad, &operator.clone(), move |_, info| {
-        // The counts held, reported as one batch (see `StateLog`) until the input ends.
-        let log = StateLog { logger, operator: info.global_id };
-        log.created();
-        let mut reported = Some(0);
-        let mut pending: BTreeMap<Time, Pending<G>> = BTreeMap::new();
-        // Per group: this worker's ads' counts, and the local top K last sent.
-        let mut tops: FastMap<G, LocalTop> = FastMap::default();
-        let mut touched: Vec<G> = Vec::new();
-        let mut ranked: Vec<Rank> = Vec::new();
-        move |(input, frontier), output| {
-            input.for_each(|capability, data| {
-                for (datum, time, diff) in data.drain(..) {
-                    changes(&datum, time, diff, &mut |group, ad, at, change| {
-                        let (_, held) = pending.entry(at).or_insert_with(|| (capability.delayed(&at, 0), FastMap::default()));
-                        *held.entry((group, ad)).or_insert(0) += change;
-                    });
-                }
-            });
-            // A time is complete once the frontier is past it: nothing more can arrive for it.
-            while let Some(entry) = pending.first_entry() {
-                if frontier.frontier().first().is_some_and(|f| f <= entry.key()) {
-                    break;
-                }
-                let (capability, held) = entry.remove();
-                for ((group, ad), change) in held {
-                    if change == 0 {
-                        continue;
-                    }
-                    let top = tops.entry(group.clone()).or_default();
-                    if !top.is_changed() {
-                        touched.push(group);
-                    }
-                    top.change(ad, change);
-                }
-                let mut session = output.session(&capability);
-                let time = *capability.time();
-                for group in touched.drain(..) {
-                    let top = tops.get_mut(&group).expect("a touched group has a top");
-                    top.settle(k, &mut ranked, |r, diff| session.give(((group.clone(), r), time, diff)));
-                    if top.is_empty() {
-                        tops.remove(&group);
-                    }
-                }
-                if let Some(before) = reported {
-                    let held = tops.values().map(LocalTop::len).sum();
-                    log.resized(before, held);
-                    reported = Some(held);
-                }
-            }
-            if frontier.frontier().is_empty() && pending.is_empty() {
-                if let Some(held) = reported.take() {
-                    log.dropped(held);
-                    tops.clear();
-                }
-            }
-        }
-    });
-    keep_top(name, local.as_collection(), k).map(|(group, r)| (group, unrank(r)))
-}
-
 /// The top `k` ads of each minute, from the clicks per `(minute, ad)` (with the clicks as their
 /// multiplicity, as [`MinuteClicks::ad`](crate::render::counts::MinuteClicks::ad) gives them), as
-/// `(minute, (ad, clicks))`: what [`top_k_of_counts`] ranks from the same clicks, time for time,
-/// with each minute's counts kept by [`per_minute`] and forgotten whole when the minute is final
-/// (its top K retracted then), so that the clicks need not be retracted to forget them.
+/// `(minute, (ad, clicks))`, ranked by clicks descending, then ad ascending: the same collection,
+/// time for time, as counting the clicks per (minute, ad) and ranking them with [`top_k`].
+///
+/// Each worker keeps the counts of its share of the ads for each minute ([`per_minute`]), and
+/// updates its local top K from the changed counts (`LocalTop`); a `reduce` over the workers'
+/// local tops gives the global one. A minute's counts are forgotten whole when it is final, and
+/// its top K retracted then, so the clicks need not be retracted to forget them. The counts are
+/// not an arrangement, so they cannot be shared or inspected as one; that is the price.
 pub fn top_k_per_minute<'scope>(
     name: &str,
     clicks: VecCollection<'scope, Time, (Minute, u64)>,
@@ -241,7 +139,7 @@ impl MinuteState for TopOfMinute {
 
 /// One group's counts on one worker, and the local top K last sent for them.
 #[derive(Default)]
-struct LocalTop {
+pub(crate) struct LocalTop {
     /// Below zero only between `change` and `settle`: a time's changes may come in any order.
     counts: FastMap<u64, i64>,
     /// The local top K last sent, sorted.
@@ -253,7 +151,7 @@ struct LocalTop {
 impl LocalTop {
     /// Adds `change` to `ad`'s count, which must not be below zero once a time's changes are
     /// all made.
-    fn change(&mut self, ad: u64, change: i64) {
+    pub(crate) fn change(&mut self, ad: u64, change: i64) {
         let count = self.counts.entry(ad).or_insert(0);
         *count += change;
         if *count == 0 {
@@ -262,7 +160,7 @@ impl LocalTop {
         self.changed.push(ad);
     }
 
-    fn is_changed(&self) -> bool {
+    pub(crate) fn is_changed(&self) -> bool {
         !self.changed.is_empty()
     }
 
@@ -274,7 +172,7 @@ impl LocalTop {
     /// changed ad: so unless a member fell, the new top K is among the old members and the changed
     /// ads. When one fell, an ad outside may have overtaken it, and the top K is selected again
     /// from every count, in linear time.
-    fn settle(&mut self, k: usize, ranked: &mut Vec<Rank>, mut give: impl FnMut(Rank, isize)) {
+    pub(crate) fn settle(&mut self, k: usize, ranked: &mut Vec<Rank>, mut give: impl FnMut(Rank, isize)) {
         if self.changed.is_empty() {
             return;
         }
@@ -311,12 +209,12 @@ impl LocalTop {
     }
 
     /// How many ads have a count.
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.counts.len()
     }
 
     /// No ad has a count, and none is in the top K.
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.counts.is_empty() && self.sent.is_empty()
     }
 
@@ -369,8 +267,8 @@ fn select_first(ranked: &mut Vec<Rank>, k: usize) {
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::{select_first, top_k_of_counts, top_k_per_minute};
-    use crate::render::testing::{generator, held_at, minute_updates, run_operator, rules_and_workers, times_of};
+    use super::{select_first, top_k_per_minute};
+    use crate::render::testing::{held_at, minute_updates, run_operator, rules_and_workers, times_of};
     use crate::types::{Minute, Time};
 
     #[test]
@@ -385,79 +283,6 @@ mod tests {
         let mut short = vec![(3, 1), (1, 2)];
         select_first(&mut short, 10);
         assert_eq!(short, vec![(1, 2), (3, 1)]);
-    }
-
-    /// Count changes `((group, ad), time, change)` from a seeded generator: mostly clicks, some
-    /// taken back, and now and then a group emptied (a minute forgotten), never below zero.
-    fn changes(seed: u64, count: usize) -> Vec<((u32, u64), Time, isize)> {
-        let mut next = generator(seed);
-        let mut counts: BTreeMap<(u32, u64), isize> = BTreeMap::new();
-        let mut changes = Vec::new();
-        let mut time = 0;
-        for _ in 0..count {
-            time += next(3);
-            let group = next(3) as u32;
-            match next(20) {
-                0 => {
-                    for (key, clicks) in counts.iter_mut().filter(|(key, _)| key.0 == group) {
-                        changes.push((*key, time, -*clicks));
-                        *clicks = 0;
-                    }
-                }
-                1..=4 => {
-                    let key = (group, next(30));
-                    let clicks = counts.entry(key).or_default();
-                    let taken = (next(3) as isize).min(*clicks);
-                    *clicks -= taken;
-                    changes.push((key, time, -taken));
-                }
-                _ => {
-                    let key = (group, next(30));
-                    let added = 1 + next(4) as isize;
-                    *counts.entry(key).or_default() += added;
-                    changes.push((key, time, added));
-                }
-            }
-        }
-        changes.retain(|change| change.2 != 0);
-        changes
-    }
-
-    /// The top `k` of each group at `time`, by clicks descending then ad, from every change so far.
-    fn reference(changes: &[((u32, u64), Time, isize)], time: Time, k: usize) -> BTreeMap<(u32, (u64, u64)), isize> {
-        let mut counts: BTreeMap<(u32, u64), isize> = BTreeMap::new();
-        for (key, _, change) in changes.iter().filter(|c| c.1 <= time) {
-            *counts.entry(*key).or_default() += change;
-        }
-        let mut tops = BTreeMap::new();
-        for group in 0..3 {
-            let mut ranked: Vec<(u64, u64)> =
-                counts.iter().filter(|(key, clicks)| key.0 == group && **clicks > 0).map(|(key, clicks)| (u64::MAX - *clicks as u64, key.1)).collect();
-            ranked.sort();
-            for (inverse, ad) in ranked.into_iter().take(k) {
-                tops.insert((group, (ad, u64::MAX - inverse)), 1);
-            }
-        }
-        tops
-    }
-
-    #[test]
-    fn top_k_of_counts_matches_a_reference_at_every_time() {
-        for seed in 0..8 {
-            for workers in [1, 3] {
-                let k = 5;
-                let changes = changes(seed, 400);
-                let output = run_operator(workers, &changes, move |keys| {
-                    let changes = |&(group, ad): &(u32, u64), time, diff: isize, emit: &mut dyn FnMut(_, _, _, _)| {
-                        emit(group, ad, time, diff as i64)
-                    };
-                    top_k_of_counts("Top", keys, |&(_, ad)| ad, changes, k)
-                });
-                for time in times_of(&changes, &output) {
-                    assert_eq!(held_at(&output, time), reference(&changes, time, k), "seed {seed}, {workers} workers, time {time}");
-                }
-            }
-        }
     }
 
     /// The top `k` of each minute at `time`, from every update up to then.

@@ -3,16 +3,26 @@
 //! A window of M minutes moves every minute, and each move changes the count of nearly every ad
 //! it holds: one minute enters and one leaves. Kept as a differential count per (window, ad)
 //! feeding the hierarchical top-K, every move re-sorted every bucket of every level — the
-//! windows' top K was a third of a replay's time. They are ranked with
-//! [`top_k_of_counts`](crate::render::topk::top_k_of_counts) instead, from the changes
-//! [`contributions`] says each per-minute count makes; [`sliding_counts`](crate::render::sliding_counts)
-//! counts the same contributions where the counts themselves are the answer.
+//! windows' top K was a third of a replay's time. [`sliding_top_k`] keeps each worker's share of
+//! the window counts in hash maps instead, with a local top K that it updates from the changed
+//! counts (`LocalTop`), and remembers what each minute contributed, once for every window, to
+//! take it out again when the minute leaves each window. [`contributions`] says when a change
+//! enters and leaves each window; [`sliding_counts`](crate::render::sliding_counts) counts the
+//! same contributions where the counts themselves are the answer.
 
+use std::collections::BTreeMap;
+
+use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
 
 use crate::event_time::EventTimeRules;
+use crate::hashing::FastMap;
 use crate::plan::Plan;
-use crate::render::topk::top_k_of_counts;
+use crate::render::minute_state::StateLog;
+use crate::render::topk::{bucket_of, keep_top, unrank, LocalTop, Rank};
 use crate::types::{Minute, Time, MINUTE_MS};
 
 /// How a change at `time` to the clicks of `minute` moves the sliding counts: for each window M,
@@ -38,6 +48,17 @@ pub type WindowTops<'scope, G> = VecCollection<'scope, Time, ((u32, G), (u64, u6
 /// minute and key (`C`, with the clicks as its multiplicity, as
 /// [`MinuteCounts::clicks`](crate::render::counts::MinuteCounts::clicks) gives them), whose key
 /// `split` takes apart into `(minute, group, ad)`. Ranked by clicks descending, then ad ascending.
+///
+/// The output is, time for time, the top K of the sum of every change's [`contributions`]: each
+/// change counts in window M from when it enters until it leaves. Each worker holds the ads that
+/// hash to it. It applies the changes entering at a time and the minutes leaving a window at that
+/// time once the frontier has passed it, then updates each changed group's local top K
+/// (`LocalTop`); a `reduce` over the workers' local tops gives the global one. A minute's
+/// contributions are kept once, per (group, ad), from its first change until it has left the
+/// widest window, and subtracted from each window as it leaves: not a future retraction per
+/// window and change, held until its time.
+///
+/// `split` must be a pure function, so that every worker count gives the same output.
 pub fn sliding_top_k<'scope, C, G>(
     name: &str,
     clicks: VecCollection<'scope, Time, C>,
@@ -50,18 +71,193 @@ where
     G: differential_dataflow::ExchangeData + std::hash::Hash,
 {
     let windows = plan.windows.clone();
-    let rules = *rules;
-    let ad_of = {
+    let widest = windows.iter().copied().max().unwrap_or(0);
+    let (k, rules) = (plan.top_k, *rules);
+    let by_ad = {
         let split = split.clone();
-        move |key: &C| split(key).2
+        Exchange::new(move |update: &(C, Time, isize)| u64::from(bucket_of(split(&update.0).2)))
     };
-    let changes = move |key: &C, time: Time, diff: isize, emit: &mut dyn FnMut((u32, G), u64, Time, i64)| {
-        let (minute, group, ad) = split(key);
-        let change = diff as i64;
-        for (index, from, until) in contributions(rules, &windows, minute, time) {
-            emit((windows[index], group.clone()), ad, from, change);
-            emit((windows[index], group.clone()), ad, until, -change);
+    let operator = format!("{name}Local");
+    let logger = StateLog::logger(&clicks.scope());
+    let local = clicks.inner.unary_frontier(by_ad, &operator, move |_, info| {
+        // The window counts held, reported as one batch (see `StateLog`) until the input ends.
+        let log = StateLog { logger, operator: info.global_id };
+        log.created();
+        let mut reported = Some(0);
+        // Changes `(minute, group, ad, clicks)` by the time they enter the windows.
+        let mut entering: BTreeMap<Time, Entering<G>> = BTreeMap::new();
+        // The times at which minutes leave windows.
+        let mut leaving: BTreeMap<Time, Capability<Time>> = BTreeMap::new();
+        // What each minute still in a window contributed, per (group, ad).
+        let mut minutes: BTreeMap<Minute, FastMap<(G, u64), i64>> = BTreeMap::new();
+        let mut tops: FastMap<(u32, G), LocalTop> = FastMap::default();
+        let mut touched: Vec<(u32, G)> = Vec::new();
+        let mut ranked: Vec<Rank> = Vec::new();
+        move |(input, frontier), output| {
+            input.for_each(|capability, data| {
+                for (datum, time, diff) in data.drain(..) {
+                    let (minute, group, ad) = split(&datum);
+                    // Every window enters at the same time; one that it would leave at once
+                    // (a late change to a minute the window has moved past) never holds it.
+                    let Some(from) = contributions(rules, &windows, minute, time).find(|(_, from, until)| from < until).map(|(_, from, _)| from)
+                    else {
+                        continue;
+                    };
+                    let (_, changes) = entering.entry(from).or_insert_with(|| (capability.delayed(&from, 0), Vec::new()));
+                    changes.push((minute, group, ad, diff as i64));
+                }
+            });
+            let complete = |time: &Time| frontier.frontier().first().is_none_or(|f| f > time);
+            loop {
+                let next_entering = entering.first_key_value().map(|(&time, _)| time);
+                let next_leaving = leaving.first_key_value().map(|(&time, _)| time);
+                let Some(time) = next_entering.into_iter().chain(next_leaving).min().filter(complete) else { break };
+                let mut capability = None;
+                if next_leaving == Some(time) {
+                    let (_, held) = leaving.pop_first().expect("just seen");
+                    for &window in &windows {
+                        let Some(minute) = (time / MINUTE_MS).checked_sub(u64::from(window)) else { continue };
+                        let Some(contributed) = minutes.get(&(minute as Minute)) else { continue };
+                        for ((group, ad), &clicks) in contributed {
+                            let top = tops.entry((window, group.clone())).or_default();
+                            if !top.is_changed() {
+                                touched.push((window, group.clone()));
+                            }
+                            top.change(*ad, -clicks);
+                        }
+                    }
+                    // Out of the widest window, a minute is out of all of them.
+                    if let Some(minute) = (time / MINUTE_MS).checked_sub(u64::from(widest)) {
+                        minutes.remove(&(minute as Minute));
+                    }
+                    capability = Some(held);
+                }
+                if next_entering == Some(time) {
+                    let (_, (held, changes)) = entering.pop_first().expect("just seen");
+                    for (minute, group, ad, clicks) in changes {
+                        let end_of = |window: u32| (u64::from(minute) + u64::from(window)) * MINUTE_MS;
+                        let contributed = minutes.entry(minute).or_insert_with(|| {
+                            for &window in &windows {
+                                let until = end_of(window);
+                                if until > time {
+                                    leaving.entry(until).or_insert_with(|| held.delayed(&until));
+                                }
+                            }
+                            FastMap::default()
+                        });
+                        *contributed.entry((group.clone(), ad)).or_insert(0) += clicks;
+                        for &window in windows.iter().filter(|&&window| end_of(window) > time) {
+                            let top = tops.entry((window, group.clone())).or_default();
+                            if !top.is_changed() {
+                                touched.push((window, group.clone()));
+                            }
+                            top.change(ad, clicks);
+                        }
+                    }
+                    capability = Some(held);
+                }
+                let capability = capability.expect("a time entering or leaving");
+                let mut session = output.session(&capability);
+                for group in touched.drain(..) {
+                    let top = tops.get_mut(&group).expect("a touched group has a top");
+                    top.settle(k, &mut ranked, |r, diff| session.give(((group.clone(), r), time, diff)));
+                    if top.is_empty() {
+                        tops.remove(&group);
+                    }
+                }
+                if let Some(before) = reported {
+                    let held = tops.values().map(LocalTop::len).sum();
+                    log.resized(before, held);
+                    reported = Some(held);
+                }
+            }
+            if frontier.frontier().is_empty() && entering.is_empty() && leaving.is_empty() {
+                if let Some(held) = reported.take() {
+                    log.dropped(held);
+                    tops.clear();
+                    minutes.clear();
+                }
+            }
         }
-    };
-    top_k_of_counts(name, clicks, ad_of, changes, plan.top_k)
+    });
+    keep_top(name, local.as_collection(), k).map(|(group, r)| (group, unrank(r)))
+}
+
+/// The changes entering the windows at one time, and its capability.
+type Entering<G> = (Capability<Time>, Vec<(Minute, G, u64, i64)>);
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::{contributions, sliding_top_k};
+    use crate::event_time::EventTimeRules;
+    use crate::plan::Plan;
+    use crate::render::testing::{held_at, minute_updates, run_operator, rules_and_workers, times_of};
+    use crate::types::{Minute, Time};
+
+    /// The top `k` of each window at `time`: every change counted from when it enters each window
+    /// until it leaves it, as [`contributions`] says.
+    fn reference(
+        updates: &[((Minute, u64), Time, isize)],
+        rules: EventTimeRules,
+        windows: &[u32],
+        time: Time,
+        k: usize,
+    ) -> BTreeMap<((u32, ()), (u64, u64)), isize> {
+        let mut counts: BTreeMap<(u32, u64), isize> = BTreeMap::new();
+        for &((minute, ad), at, diff) in updates {
+            for (index, from, until) in contributions(rules, windows, minute, at) {
+                if from <= time && time < until {
+                    *counts.entry((windows[index], ad)).or_default() += diff;
+                }
+            }
+        }
+        let mut ranked: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+        for (&(window, ad), &clicks) in counts.iter().filter(|(_, clicks)| **clicks > 0) {
+            ranked.entry(window).or_default().push((u64::MAX - clicks as u64, ad));
+        }
+        let mut tops = BTreeMap::new();
+        for (window, mut ranked) in ranked {
+            ranked.sort();
+            for (inverse, ad) in ranked.into_iter().take(k) {
+                tops.insert(((window, ()), (ad, u64::MAX - inverse)), 1);
+            }
+        }
+        tops
+    }
+
+    #[test]
+    fn sliding_top_k_matches_a_reference_at_every_time() {
+        let windows = vec![1, 2, 3];
+        let plan = Plan { top_k: 2, windows: windows.clone(), ..Plan::default() };
+        for seed in 0..6 {
+            for (rules, workers) in rules_and_workers() {
+                let updates = minute_updates(seed, 300, &rules);
+                // A time's changes in any order, a count below zero before its last one.
+                let transient: Vec<_> = updates
+                    .iter()
+                    .flat_map(|&(key, time, diff)| {
+                        let before = if diff > 0 { vec![(key, time, -1), (key, time, 1)] } else { Vec::new() };
+                        before.into_iter().chain([(key, time, diff)])
+                    })
+                    .collect();
+                for input in [&updates, &transient] {
+                    let built = plan.clone();
+                    let output = run_operator(workers, input, move |clicks| {
+                        sliding_top_k("TopWindow", clicks, &built, &rules, |&(minute, ad): &(Minute, u64)| (minute, (), ad))
+                    });
+                    // The windows move on after the last update: check until every minute has left.
+                    let mut times = times_of(input, &output);
+                    times.extend((0..8).map(|minute| minute * crate::types::MINUTE_MS));
+                    times.sort();
+                    times.dedup();
+                    for time in times {
+                        let expected = reference(&updates, rules, &windows, time, plan.top_k);
+                        assert_eq!(held_at(&output, time), expected, "seed {seed}, {workers} workers, time {time}, {rules:?}");
+                    }
+                }
+            }
+        }
+    }
 }
