@@ -1,7 +1,8 @@
 //! `clickagg run`: one timely computation over all partitions, in one process or several. Each
 //! of the computation's W·N workers reads partitions `i, i+W·N, …`; its input frontier is the
 //! watermark of those partitions, so the computation's frontier is the watermark of SPEC §2.
-//! Worker 0 of process 0 gathers the answers and hands them to the sink, which runs on a thread of its own.
+//! Worker 0 of process 0 gathers the answers and hands them to the sink, which runs on a thread of
+//! its own during a replay, and on worker 0 itself when following (see [`SinkRunner`]).
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -27,7 +28,7 @@ use clickagg_dataflows::render::topk::top_k;
 use clickagg_dataflows::render::sliding_counts;
 use clickagg_dataflows::render::windows::sliding_top_k;
 use clickagg_dataflows::render::filters::render_filters;
-use crate::sink::{OutputSink, SinkThread, Summary};
+use crate::sink::{OutputSink, SinkRunner, Summary};
 use crate::source::{list_partitions, partition_name, PartitionSource, SourceOutput};
 use crate::store::Store;
 use clickagg_dataflows::PartitionProgress;
@@ -354,13 +355,16 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
             sink.serve_into(Arc::clone(state));
         }
         let serving = config.serving.is_some();
-        let sink = SinkThread::spawn(sink, move || {
-            if serving {
-                // Ingest, as the workers are: the server's threads come first.
-                lower_thread_priority(WORKER_NICENESS);
-            }
-        })
-        .map_err(|e| format!("cannot start the sink's thread: {e}"))?;
+        let sink = match config.follow {
+            Some(_) => SinkRunner::on_worker(sink),
+            None => SinkRunner::on_thread(sink, move || {
+                if serving {
+                    // Ingest, as the workers are: the server's threads come first.
+                    lower_thread_priority(WORKER_NICENESS);
+                }
+            })
+            .map_err(|e| format!("cannot start the sink's thread: {e}"))?,
+        };
         Some(sink)
     } else {
         None
@@ -437,7 +441,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                         .leave_region(scope)
                 })
             });
-            let answers = answers_for_sink(rendered.answers, &dataflow_rules, config.serving.is_some());
+            let answers = answers_for_sink(rendered.answers, &dataflow_rules);
             let records = answers.map(SinkRecord::Answer).concat(note_collection.map(SinkRecord::Note));
             let records = match serving_answers {
                 Some(serving) => records.concat(serving),

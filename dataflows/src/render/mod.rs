@@ -189,18 +189,13 @@ pub fn render_clicks<'scope>(
 /// time, so the sink, which gathers them on one worker, merges sorted runs (see
 /// [`counts::consolidate_completed_times`]).
 ///
-/// Unless `keep_forgetting`, changes to a minute's answers at or after the minute's final time
-/// (`rules.minute_final_at`) are dropped here, in parallel, before they are sorted and sent:
-/// they can only be retention forgetting a minute whose answers the sink has written, and a sink
-/// that writes files or commits ignores them. A consumer that forgets with the dataflow (the
-/// server's copy of the answers) keeps them.
-pub fn answers_for_sink<'scope>(
-    answers: VecCollection<'scope, Time, Answer>,
-    rules: &EventTimeRules,
-    keep_forgetting: bool,
-) -> VecCollection<'scope, Time, Answer> {
+/// Changes to a minute's answers at or after the minute's final time (`rules.minute_final_at`)
+/// are dropped here, in parallel, before they are sorted and sent: they can only be retention
+/// forgetting a minute whose answers the sink has written, and the sink ignores them (for the
+/// files, the store and the server's copy alike).
+pub fn answers_for_sink<'scope>(answers: VecCollection<'scope, Time, Answer>, rules: &EventTimeRules) -> VecCollection<'scope, Time, Answer> {
     let rules = *rules;
     counts::consolidate_completed_times("SortAnswers", answers, move |answer: &Answer, time| {
-        keep_forgetting || answer.minute().and_then(|minute| rules.minute_final_at(minute)).is_none_or(|final_at| time < final_at)
+        answer.minute().and_then(|minute| rules.minute_final_at(minute)).is_none_or(|final_at| time < final_at)
     })
 }
