@@ -407,7 +407,8 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
             let (clicks, deliveries) = scope.new_collection::<Click, isize>();
             let (notes, note_collection) = scope.new_collection::<SourceNote, isize>();
             let dataflow_rules = config.dataflow_rules();
-            let rendered = render_clicks(deliveries, &config.plan, &dataflow_rules);
+            // Only the server's filters arrange the clicks beside the views, and must see them retracted.
+            let rendered = render_clicks(deliveries, &config.plan, &dataflow_rules, config.serve_filters);
             // Serving: the billable clicks arranged by ip and by user, for filtered queries.
             let filters = config.serve_filters.then(|| {
                 let horizon = config.plan.windows.iter().copied().max().unwrap_or(0);

@@ -20,29 +20,39 @@ use crate::types::{Click, ClickAttrs, ClickKey, Time};
 /// the smallest copy per key gives, time for time, without holding a retraction per delivery or
 /// arranging the deliveries: each worker keeps, for its share of the keys, one hash map per live
 /// minute ([`per_minute`]).
+///
+/// Without `retract`, a minute's state is dropped when it is final but its clicks are not
+/// retracted: the output is then the same until a click's minute is final, and the clicks stay
+/// after it, for consumers that forget a minute by themselves and ignore its changes once it is
+/// final (as the per-minute counts do).
 pub fn distinct_clicks<'scope>(
     name: &str,
     deliveries: VecCollection<'scope, Time, Click>,
     rules: &EventTimeRules,
+    retract: bool,
 ) -> VecCollection<'scope, Time, (ClickKey, ClickAttrs)> {
-    per_minute(name, deliveries, |click| click.key.event as u64, Click::minute, rules, DistinctClicks::default)
+    let empty = move || DistinctClicks { copies: FastMap::default(), retract };
+    per_minute(name, deliveries, |click| click.key.event as u64, Click::minute, rules, empty)
 }
 
 /// One minute's clicks, each with its visible copies.
-#[derive(Default)]
-struct DistinctClicks(FastMap<ClickKey, Copies>);
+struct DistinctClicks {
+    copies: FastMap<ClickKey, Copies>,
+    /// Whether retiring the minute retracts its clicks.
+    retract: bool,
+}
 
 impl MinuteState for DistinctClicks {
     type Update = Click;
     type Output = (ClickKey, ClickAttrs);
 
     fn apply(&mut self, click: Click, diff: isize, emit: &mut impl FnMut(Self::Output, isize)) {
-        let copies = self.0.entry(click.key).or_default();
+        let copies = self.copies.entry(click.key).or_default();
         let before = copies.smallest();
         copies.add(click.attrs, diff);
         let after = copies.smallest();
         if copies.is_empty() {
-            self.0.remove(&click.key);
+            self.copies.remove(&click.key);
         }
         if before != after {
             if let Some(old) = before {
@@ -57,7 +67,11 @@ impl MinuteState for DistinctClicks {
     fn settle(&mut self, _emit: &mut impl FnMut(Self::Output, isize)) {}
 
     fn retire(&mut self, emit: &mut impl FnMut(Self::Output, isize)) {
-        for (key, copies) in self.0.drain() {
+        if !self.retract {
+            self.copies.clear();
+            return;
+        }
+        for (key, copies) in self.copies.drain() {
             if let Some(attrs) = copies.smallest() {
                 emit((key, attrs), -1);
             }
@@ -65,7 +79,7 @@ impl MinuteState for DistinctClicks {
     }
 
     fn keys(&self) -> usize {
-        self.0.len()
+        self.copies.len()
     }
 }
 
@@ -199,12 +213,30 @@ mod tests {
         for seed in 0..6 {
             for (rules, workers) in rules_and_workers() {
                 let updates = deliveries(seed, 400);
-                let output = run_operator(workers, &updates, move |deliveries| distinct_clicks("DistinctClicks", deliveries, &rules));
+                let output = run_operator(workers, &updates, move |deliveries| distinct_clicks("DistinctClicks", deliveries, &rules, true));
                 for time in times_of(&updates, &output) {
                     assert_eq!(held_at(&output, time), reference(&updates, &rules, time), "seed {seed}, {workers} workers, time {time}, {rules:?}");
                 }
                 // With retention every click leaves again once its minute is final.
                 assert_eq!(held_at(&output, Time::MAX).is_empty(), rules.allowed_lateness_ms.is_some(), "seed {seed}, {workers} workers, {rules:?}");
+                // Without retractions: the same updates, less those at or after their minute's
+                // final time.
+                let kept = run_operator(workers, &updates, move |deliveries| distinct_clicks("DistinctClicks", deliveries, &rules, false));
+                let before_final = |output: &[((ClickKey, ClickAttrs), Time, isize)]| {
+                    let mut sums: BTreeMap<((ClickKey, ClickAttrs), Time), isize> = BTreeMap::new();
+                    for &(record, time, diff) in output {
+                        if rules.minute_final_at(crate::types::minute_of(record.0.ts)).is_none_or(|at| time < at) {
+                            *sums.entry((record, time)).or_default() += diff;
+                        }
+                    }
+                    sums.retain(|_, diff| *diff != 0);
+                    sums
+                };
+                assert_eq!(before_final(&kept), before_final(&output), "seed {seed}, {workers} workers, {rules:?}");
+                let after_final = kept.iter().filter(|(record, time, _)| {
+                    rules.minute_final_at(crate::types::minute_of(record.0.ts)).is_some_and(|at| *time >= at)
+                });
+                assert_eq!(after_final.count(), 0, "seed {seed}, {workers} workers: a retraction at a final time without `retract`");
             }
         }
     }

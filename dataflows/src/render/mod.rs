@@ -116,19 +116,23 @@ pub struct Rendered<'scope> {
 
 /// Renders the whole plan over the stream of click deliveries (duplicates included).
 ///
-/// With a lateness bound, every distinct click is retracted again once its minute is final
-/// (`rules.minute_final_at`), so that de-duplication and per-minute state hold only the minutes
-/// that can still change; the sink has written those minutes' answers by then, and ignores the
-/// retractions.
+/// With a lateness bound, de-duplication and the per-minute state hold only the minutes that can
+/// still change: each forgets a minute once it is final (`rules.minute_final_at`), and retracts
+/// what it sent of it; the sink has written those minutes' answers by then, and ignores the
+/// retractions. With `retract_clicks`, `Rendered::clicks` retracts each click then too, for
+/// consumers beside these that arrange the clicks and must forget them (the server's filters);
+/// without it, no click is retracted unless the fraud rules, which arrange them, need it.
 pub fn render_clicks<'scope>(
     deliveries: VecCollection<'scope, Time, Click>,
     plan: &Plan,
     rules: &EventTimeRules,
+    retract_clicks: bool,
 ) -> Rendered<'scope> {
     let scope = deliveries.scope();
     let rules = *rules;
+    let retract = retract_clicks || plan.fraud.is_active();
     let clicks = scope.region_named("Dedup", |inner| {
-        dedup::distinct_clicks("DistinctClicks", deliveries.enter_region(inner), &rules).leave_region(scope)
+        dedup::distinct_clicks("DistinctClicks", deliveries.enter_region(inner), &rules, retract).leave_region(scope)
     });
     let (clicks, excluded) = if plan.fraud.is_active() {
         scope.region_named("Fraud", |inner| {
