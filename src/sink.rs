@@ -650,13 +650,13 @@ pub fn write_quoted(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
 /// clicks/s on the benchmark machine, the p99 append-to-commit latency was 1.03 s with the sink
 /// on a thread, and 0.41 s with it on worker 0.
 pub enum SinkRunner {
-    OnWorker { sink: Option<OutputSink>, error: Option<io::Error> },
+    OnWorker { sink: Option<Box<OutputSink>>, error: Option<io::Error> },
     OnThread(SinkThread),
 }
 
 impl SinkRunner {
     pub fn on_worker(sink: OutputSink) -> SinkRunner {
-        SinkRunner::OnWorker { sink: Some(sink), error: None }
+        SinkRunner::OnWorker { sink: Some(Box::new(sink)), error: None }
     }
 
     /// See [`SinkThread::spawn`].
@@ -688,7 +688,7 @@ impl SinkRunner {
         match self {
             SinkRunner::OnThread(thread) => thread.finish(),
             SinkRunner::OnWorker { error: Some(e), .. } => Err(e),
-            SinkRunner::OnWorker { sink: Some(sink), .. } => sink.finish(),
+            SinkRunner::OnWorker { sink: Some(sink), .. } => (*sink).finish(),
             SinkRunner::OnWorker { sink: None, error: None } => unreachable!("the sink is only dropped with its error"),
         }
     }

@@ -108,3 +108,33 @@ pub fn minute_updates(seed: u64, count: usize, rules: &EventTimeRules) -> Vec<((
     updates.sort_by_key(|update| update.1);
     updates
 }
+
+/// The same updates, with a `-1` and a `+1` of the key just before each addition: a time's
+/// changes come in any order (from several workers, or from paths that add and take back the
+/// same click), so a count may go below zero before a time's last change.
+pub fn with_transient_negatives<K: Copy>(updates: &[(K, Time, isize)]) -> Vec<(K, Time, isize)> {
+    updates
+        .iter()
+        .flat_map(|&(key, time, diff)| {
+            let before = if diff > 0 { vec![(key, time, -1), (key, time, 1)] } else { Vec::new() };
+            before.into_iter().chain([(key, time, diff)])
+        })
+        .collect()
+}
+
+/// The top `k` ads of each group by clicks descending, then ad ascending, from counts per
+/// `(group, ad)` (those not above zero ignored), as `(group, (ad, clicks))` records.
+pub fn reference_top_k<G: Ord + Clone>(counts: &BTreeMap<(G, u64), isize>, k: usize) -> BTreeMap<(G, (u64, u64)), isize> {
+    let mut ranked: BTreeMap<G, Vec<(u64, u64)>> = BTreeMap::new();
+    for ((group, ad), &clicks) in counts.iter().filter(|(_, clicks)| **clicks > 0) {
+        ranked.entry(group.clone()).or_default().push((u64::MAX - clicks as u64, *ad));
+    }
+    let mut tops = BTreeMap::new();
+    for (group, mut ranked) in ranked {
+        ranked.sort();
+        for (inverse, ad) in ranked.into_iter().take(k) {
+            tops.insert((group.clone(), (ad, u64::MAX - inverse)), 1);
+        }
+    }
+    tops
+}

@@ -268,7 +268,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::{select_first, top_k_per_minute};
-    use crate::render::testing::{held_at, minute_updates, run_operator, rules_and_workers, times_of};
+    use crate::render::testing::{held_at, minute_updates, reference_top_k, run_operator, rules_and_workers, times_of, with_transient_negatives};
     use crate::types::{Minute, Time};
 
     #[test]
@@ -291,18 +291,7 @@ mod tests {
         for (key, _, diff) in updates.iter().filter(|u| u.1 <= time) {
             *counts.entry(*key).or_default() += diff;
         }
-        let mut ranked: BTreeMap<Minute, Vec<(u64, u64)>> = BTreeMap::new();
-        for (&(minute, ad), &clicks) in counts.iter().filter(|(_, clicks)| **clicks > 0) {
-            ranked.entry(minute).or_default().push((u64::MAX - clicks as u64, ad));
-        }
-        let mut tops = BTreeMap::new();
-        for (minute, mut ranked) in ranked {
-            ranked.sort();
-            for (inverse, ad) in ranked.into_iter().take(k) {
-                tops.insert((minute, (ad, u64::MAX - inverse)), 1);
-            }
-        }
-        tops
+        reference_top_k(&counts, k)
     }
 
     #[test]
@@ -315,16 +304,7 @@ mod tests {
                 // minute is forgotten with or without retention's retractions.
                 let until_final: Vec<_> =
                     updates.iter().filter(|(key, time, _)| rules.minute_final_at(key.0).is_none_or(|at| *time < at)).cloned().collect();
-                // A time's changes come in any order (from several workers, or from paths that
-                // add and take back the same click): a count may go below zero before a time's
-                // last change.
-                let transient: Vec<_> = updates
-                    .iter()
-                    .flat_map(|&(key, time, diff)| {
-                        let before = if diff > 0 { vec![(key, time, -1), (key, time, 1)] } else { Vec::new() };
-                        before.into_iter().chain([(key, time, diff)])
-                    })
-                    .collect();
+                let transient = with_transient_negatives(&updates);
                 for input in [&updates, &until_final, &transient] {
                     let output = run_operator(workers, input, move |clicks| top_k_per_minute("TopMinute", clicks, k, &rules));
                     for time in times_of(&updates, &output) {

@@ -193,8 +193,11 @@ mod tests {
     use super::{contributions, sliding_top_k};
     use crate::event_time::EventTimeRules;
     use crate::plan::Plan;
-    use crate::render::testing::{held_at, minute_updates, run_operator, rules_and_workers, times_of};
+    use crate::render::testing::{held_at, minute_updates, reference_top_k, run_operator, rules_and_workers, times_of, with_transient_negatives};
     use crate::types::{Minute, Time};
+
+    /// `((window, ()), (ad, clicks))` records, as `sliding_top_k` sends them.
+    type WindowTops = BTreeMap<((u32, ()), (u64, u64)), isize>;
 
     /// The top `k` of each window at `time`: every change counted from when it enters each window
     /// until it leaves it, as [`contributions`] says.
@@ -204,7 +207,7 @@ mod tests {
         windows: &[u32],
         time: Time,
         k: usize,
-    ) -> BTreeMap<((u32, ()), (u64, u64)), isize> {
+    ) -> WindowTops {
         let mut counts: BTreeMap<(u32, u64), isize> = BTreeMap::new();
         for &((minute, ad), at, diff) in updates {
             for (index, from, until) in contributions(rules, windows, minute, at) {
@@ -213,18 +216,7 @@ mod tests {
                 }
             }
         }
-        let mut ranked: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
-        for (&(window, ad), &clicks) in counts.iter().filter(|(_, clicks)| **clicks > 0) {
-            ranked.entry(window).or_default().push((u64::MAX - clicks as u64, ad));
-        }
-        let mut tops = BTreeMap::new();
-        for (window, mut ranked) in ranked {
-            ranked.sort();
-            for (inverse, ad) in ranked.into_iter().take(k) {
-                tops.insert(((window, ()), (ad, u64::MAX - inverse)), 1);
-            }
-        }
-        tops
+        reference_top_k(&counts, k).into_iter().map(|((window, top), diff)| (((window, ()), top), diff)).collect()
     }
 
     #[test]
@@ -234,14 +226,7 @@ mod tests {
         for seed in 0..6 {
             for (rules, workers) in rules_and_workers() {
                 let updates = minute_updates(seed, 300, &rules);
-                // A time's changes in any order, a count below zero before its last one.
-                let transient: Vec<_> = updates
-                    .iter()
-                    .flat_map(|&(key, time, diff)| {
-                        let before = if diff > 0 { vec![(key, time, -1), (key, time, 1)] } else { Vec::new() };
-                        before.into_iter().chain([(key, time, diff)])
-                    })
-                    .collect();
+                let transient = with_transient_negatives(&updates);
                 for input in [&updates, &transient] {
                     let built = plan.clone();
                     let output = run_operator(workers, input, move |clicks| {
