@@ -70,7 +70,7 @@ impl MinuteKey for (Minute, Country, u64) {
 }
 
 /// What [`count_named`] computes, for keys that each belong to one minute, given a minute's
-/// updates until it is final and then its retention retractions (as de-duplication's output is):
+/// updates until it is final, with or without its retention retractions after (which it ignores):
 /// the counts are kept per minute in hash maps ([`per_minute`]), and a minute's counts are
 /// retracted, once per key, when the minute is final, instead of sorting and arranging every
 /// click's update and its retraction. Changes are netted per time, as `count_total` nets them.

@@ -106,7 +106,8 @@ pub fn first_live_minute(frontier: Time, plan: &Plan, rules: &EventTimeRules, se
 /// The collections a rendered dataflow exposes.
 pub struct Rendered<'scope> {
     /// Distinct accepted clicks that are billable: one record per `(event_id, ts)`, with the
-    /// attributes that count (all distinct clicks when there are no fraud rules).
+    /// attributes that count (all distinct clicks when there are no fraud rules). Retracted when
+    /// their minute is final only if rendered with `retract_clicks` (see [`render_clicks`]).
     pub clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>,
     /// Every answer of every view, for the sink.
     pub answers: VecCollection<'scope, Time, Answer>,
