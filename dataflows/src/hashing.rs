@@ -5,13 +5,11 @@
 //! come from our own ad servers' logs). SipHash, the standard library's default, spends most of a
 //! lookup hashing them; this is the multiply-rotate hash rustc uses for its own tables.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 /// A map with [`FastHasher`].
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
-/// A set with [`FastHasher`].
-pub type FastSet<K> = HashSet<K, BuildHasherDefault<FastHasher>>;
 
 /// Folds each word in with a multiply (as `rustc-hash` does); the final rotation brings the
 /// multiply's well-mixed high bits down to where a table takes its bucket index from.

@@ -161,14 +161,7 @@ pub fn count_named<'scope, K>(name: &str, keys: VecCollection<'scope, Time, K>) 
 where
     K: differential_dataflow::ExchangeData + std::hash::Hash,
 {
-    count_pre_aggregated(name, pre_aggregate(&format!("PreAggregate: {name}"), keys))
-}
-
-/// [`count_named`] of keys already consolidated in the worker.
-fn count_pre_aggregated<'scope, K>(name: &str, changes: VecCollection<'scope, Time, K>) -> VecCollection<'scope, Time, (K, u64)>
-where
-    K: differential_dataflow::ExchangeData + std::hash::Hash,
-{
+    let changes = pre_aggregate(&format!("PreAggregate: {name}"), keys);
     changes.arrange_by_self_named(&format!("Arrange: {name}")).count_total_core::<isize>().map(|(key, clicks)| {
         debug_assert!(clicks > 0);
         (key, clicks as u64)
