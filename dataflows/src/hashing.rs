@@ -6,7 +6,7 @@
 //! lookup hashing them; this is the multiply-rotate hash rustc uses for its own tables.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 
 /// A map with [`FastHasher`].
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
@@ -53,11 +53,152 @@ impl Hasher for FastHasher {
     }
 }
 
+/// An open-addressing map (linear probing) whose callers can prefetch a key's slot ahead of
+/// using it, for state that takes a cache miss on nearly every update: de-duplication touches
+/// each click's slot once, at random, in a table far larger than the caches, and a `HashMap`
+/// gives no way to start that load early. With the slot asked for a few updates ahead
+/// ([`ProbeMap::prefetch`]), several misses are in flight at once instead of one at a time.
+///
+/// Entries live in the slots themselves (`None` is a free slot), so a lookup touches one place;
+/// removal shifts the following entries back instead of leaving tombstones. Hashed with
+/// [`FastHasher`]; at most three quarters full.
+pub struct ProbeMap<K, V> {
+    slots: Vec<Option<(K, V)>>,
+    len: usize,
+}
+
+impl<K, V> Default for ProbeMap<K, V> {
+    fn default() -> Self {
+        ProbeMap { slots: Vec::new(), len: 0 }
+    }
+}
+
+impl<K: Hash + Eq, V> ProbeMap<K, V> {
+    fn ideal(&self, key: &K) -> usize {
+        BuildHasherDefault::<FastHasher>::default().hash_one(key) as usize & (self.slots.len() - 1)
+    }
+
+    /// Where `key` is, or the free slot where it would go.
+    fn find(&self, key: &K) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut at = self.ideal(key);
+        while let Some((held, _)) = &self.slots[at] {
+            if held == key {
+                break;
+            }
+            at = (at + 1) & mask;
+        }
+        at
+    }
+
+    /// Starts loading the cache lines `key`'s lookup reads first. Only a hint: it changes nothing.
+    pub fn prefetch(&self, key: &K) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let slot = &self.slots[self.ideal(key)] as *const Option<(K, V)> as *const i8;
+        #[cfg(target_arch = "x86_64")]
+        for line in (0..size_of::<Option<(K, V)>>()).step_by(64) {
+            // SAFETY: SSE is part of x86-64's baseline, and a prefetch never faults, whatever the
+            // address (this one is inside the slot, or just past it).
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(slot.wrapping_add(line)) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = slot;
+    }
+
+    /// `key`'s value, inserting `make()` first if it has none.
+    pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
+        if 4 * (self.len + 1) > 3 * self.slots.len() {
+            self.grow();
+        }
+        let at = self.find(&key);
+        let slot = &mut self.slots[at];
+        if slot.is_none() {
+            self.len += 1;
+        }
+        &mut slot.get_or_insert_with(|| (key, make())).1
+    }
+
+    /// Removes `key`'s entry, if any, and moves later entries of its run back into the gap, so
+    /// that every entry stays reachable from its ideal slot without crossing a free one.
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut gap = self.find(key);
+        let (_, value) = self.slots[gap].take()?;
+        self.len -= 1;
+        let mut next = (gap + 1) & mask;
+        while let Some((held, _)) = &self.slots[next] {
+            // The entry may fill the gap unless its ideal slot lies cyclically in (gap, next].
+            let ideal = self.ideal(held);
+            if (next.wrapping_sub(ideal) & mask) >= (next.wrapping_sub(gap) & mask) {
+                self.slots[gap] = self.slots[next].take();
+                gap = next;
+            }
+            next = (next + 1) & mask;
+        }
+        Some(value)
+    }
+
+    fn grow(&mut self) {
+        let capacity = (2 * self.slots.len()).max(16);
+        let old = std::mem::replace(&mut self.slots, std::iter::repeat_with(|| None).take(capacity).collect());
+        for (key, value) in old.into_iter().flatten() {
+            let at = self.find(&key);
+            self.slots[at] = Some((key, value));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Removes every entry, keeping the room.
+    pub fn clear(&mut self) {
+        if self.len > 0 {
+            self.slots.iter_mut().for_each(|slot| *slot = None);
+            self.len = 0;
+        }
+    }
+
+    /// Removes and yields every entry, keeping the room; entries not yet yielded when the
+    /// iterator is dropped are removed too.
+    pub fn drain(&mut self) -> Drain<'_, K, V> {
+        self.len = 0;
+        Drain { slots: self.slots.iter_mut() }
+    }
+}
+
+/// See [`ProbeMap::drain`].
+pub struct Drain<'a, K, V> {
+    slots: std::slice::IterMut<'a, Option<(K, V)>>,
+}
+
+impl<K, V> Iterator for Drain<'_, K, V> {
+    type Item = (K, V);
+    fn next(&mut self) -> Option<(K, V)> {
+        self.slots.by_ref().find_map(Option::take)
+    }
+}
+
+impl<K, V> Drop for Drain<'_, K, V> {
+    fn drop(&mut self) {
+        self.slots.by_ref().for_each(|slot| *slot = None);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::hash::BuildHasher;
 
-    use super::FastMap;
+    use super::{FastMap, ProbeMap};
 
     /// Dense ids (ads numbered 0..n, minutes in a row) must spread over a table's buckets: the
     /// low bits, which pick the bucket, and the high seven, which the table compares first.
@@ -77,5 +218,58 @@ mod tests {
         // 65536 keys: 64 per low bucket and 512 per high tag on average.
         assert!(low.iter().all(|&n| (16..=160).contains(&n)), "{low:?}");
         assert!(high.iter().all(|&n| (256..=900).contains(&n)), "{high:?}");
+    }
+
+    /// Random inserts, updates, removals, clears and partial drains over a few keys (so that
+    /// runs collide, wrap around the table's end and are shifted back by removals) leave a
+    /// `ProbeMap` holding what a `HashMap` holds.
+    #[test]
+    fn probe_map_holds_what_a_hash_map_holds() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |bound: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % bound
+        };
+        for round in 0..40 {
+            let keys = 4 + next(60);
+            let mut map: ProbeMap<(u64, u32), i64> = ProbeMap::default();
+            let mut reference: std::collections::HashMap<(u64, u32), i64> = Default::default();
+            for step in 0..4000 {
+                let key = (next(keys), (next(3)) as u32);
+                match next(100) {
+                    0 => {
+                        map.clear();
+                        reference.clear();
+                    }
+                    1 => {
+                        // A drain dropped part way removes everything as well.
+                        let taken: Vec<_> = map.drain().take(next(4) as usize).collect();
+                        for (key, value) in taken {
+                            assert_eq!(reference.get(&key), Some(&value), "round {round}, step {step}");
+                        }
+                        reference.clear();
+                    }
+                    2..=40 => assert_eq!(map.remove(&key), reference.remove(&key), "round {round}, step {step}"),
+                    _ => {
+                        let add = next(5) as i64 - 1;
+                        map.prefetch(&key);
+                        *map.get_or_insert_with(key, || 0) += add;
+                        *reference.entry(key).or_insert(0) += add;
+                    }
+                }
+                assert_eq!(map.len(), reference.len(), "round {round}, step {step}");
+                for (key, value) in &reference {
+                    assert_eq!(map.get_or_insert_with(*key, || i64::MIN), value, "round {round}, step {step}");
+                }
+            }
+            let mut drained: Vec<_> = map.drain().collect();
+            let mut expected: Vec<_> = reference.into_iter().collect();
+            drained.sort();
+            expected.sort();
+            assert_eq!(drained, expected, "round {round}");
+            assert!(map.is_empty());
+        }
     }
 }

@@ -3,7 +3,7 @@
 use differential_dataflow::VecCollection;
 
 use crate::event_time::EventTimeRules;
-use crate::hashing::FastMap;
+use crate::hashing::ProbeMap;
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::types::{Click, ClickAttrs, ClickKey, Time};
 
@@ -31,13 +31,13 @@ pub fn distinct_clicks<'scope>(
     rules: &EventTimeRules,
     retract: bool,
 ) -> VecCollection<'scope, Time, (ClickKey, ClickAttrs)> {
-    let empty = move || DistinctClicks { copies: FastMap::default(), retract };
+    let empty = move || DistinctClicks { copies: ProbeMap::default(), retract };
     per_minute(name, deliveries, |click| click.key.event as u64, Click::minute, rules, empty)
 }
 
 /// One minute's clicks, each with its visible copies.
 struct DistinctClicks {
-    copies: FastMap<ClickKey, Copies>,
+    copies: ProbeMap<ClickKey, Copies>,
     /// Whether retiring the minute retracts its clicks.
     retract: bool,
 }
@@ -46,8 +46,12 @@ impl MinuteState for DistinctClicks {
     type Update = Click;
     type Output = (ClickKey, ClickAttrs);
 
+    fn prefetch(&self, click: &Click) {
+        self.copies.prefetch(&click.key);
+    }
+
     fn apply(&mut self, click: Click, diff: isize, emit: &mut impl FnMut(Self::Output, isize)) {
-        let copies = self.copies.entry(click.key).or_default();
+        let copies = self.copies.get_or_insert_with(click.key, Copies::default);
         let before = copies.smallest();
         copies.add(click.attrs, diff);
         let after = copies.smallest();

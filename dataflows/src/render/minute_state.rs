@@ -7,7 +7,7 @@
 //! and the per-minute counts — applying each time's updates in time order once the frontier has
 //! passed it, as differential's operators do.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::logging::{BatchEvent, DifferentialEventBuilder, DropEvent, Logger, MergeEvent};
@@ -17,6 +17,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
 use crate::event_time::EventTimeRules;
+use crate::hashing::FastMap;
 use crate::types::{Minute, Time};
 
 /// The state one minute keeps, for one worker's share of the keys.
@@ -26,6 +27,9 @@ pub trait MinuteState: 'static {
     /// What leaves.
     type Output: Clone + 'static;
 
+    /// A hint that `update` is applied soon, for state that can start loading what it will
+    /// touch (see [`ProbeMap::prefetch`](crate::hashing::ProbeMap::prefetch)). It changes nothing.
+    fn prefetch(&self, _update: &Self::Update) {}
     /// Applies one update of the time being processed; `emit` sends output changes at that time.
     fn apply(&mut self, update: Self::Update, diff: isize, emit: &mut impl FnMut(Self::Output, isize));
     /// Called once a time's updates are all applied, for the state to send changes it nets per time.
@@ -69,7 +73,7 @@ pub fn per_minute<'scope, S: MinuteState>(
             let log = StateLog { logger, operator: info.global_id };
             // Updates by time, applied in time order once the frontier has passed their time.
             let mut pending: BTreeMap<Time, HeldTime<S::Update>> = BTreeMap::new();
-            let mut minutes: HashMap<Minute, Live<S>> = HashMap::new();
+            let mut minutes: FastMap<Minute, Live<S>> = FastMap::default();
             // When each live minute becomes final: at most one per time, as final times grow with
             // minutes.
             let mut finals: BTreeMap<Time, Minute> = BTreeMap::new();
@@ -108,7 +112,13 @@ pub fn per_minute<'scope, S: MinuteState>(
                             let time = *capability.time();
                             let mut session = output.session(&capability);
                             let mut emit = |out, diff| session.give((out, time, diff));
-                            for (update, diff) in updates.drain(..) {
+                            let mut drain = updates.drain(..);
+                            while let Some((update, diff)) = drain.next() {
+                                if let Some((ahead, _)) = drain.as_slice().get(PREFETCH_AHEAD) {
+                                    if let Some(live) = minutes.get(&minute_of(ahead)) {
+                                        live.state.prefetch(ahead);
+                                    }
+                                }
                                 let minute = minute_of(&update);
                                 let final_at = rules.minute_final_at(minute);
                                 if final_at.is_some_and(|at| at <= time) {
@@ -130,6 +140,7 @@ pub fn per_minute<'scope, S: MinuteState>(
                                 }
                                 live.state.apply(update, diff, &mut emit);
                             }
+                            drop(drain);
                             spare_lists.push(updates);
                             for minute in touched.drain(..) {
                                 let live = minutes.get_mut(&minute).expect("touched, so live");
@@ -152,6 +163,11 @@ pub fn per_minute<'scope, S: MinuteState>(
         })
         .as_collection()
 }
+
+/// How many updates ahead of the one applied [`MinuteState::prefetch`] is told of: enough to
+/// have several cache misses in flight, few enough that the first lines are still cached when
+/// their update comes.
+const PREFETCH_AHEAD: usize = 8;
 
 /// A time's capability and the updates received for it, with their multiplicities.
 type HeldTime<U> = (Capability<Time>, Vec<(U, isize)>);
