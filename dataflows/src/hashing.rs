@@ -156,6 +156,12 @@ impl<K: Hash + Eq, V> ProbeMap<K, V> {
         self.len
     }
 
+    /// How many slots it has: the room that [`clear`](Self::clear) and
+    /// [`drain`](Self::drain) walk, whatever `len` is.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -12,7 +12,7 @@ use timely::dataflow::operators::generic::{Operator, OutputBuilder};
 use timely::dataflow::operators::Capability;
 
 use crate::event_time::EventTimeRules;
-use crate::hashing::{FastHasher, FastMap};
+use crate::hashing::{FastHasher, FastMap, ProbeMap};
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::types::{ClickAttrs, ClickKey, Country, Minute, Time};
 
@@ -213,10 +213,24 @@ where
         .as_collection()
 }
 
-/// The non-zero sums of `sums`, as updates, leaving it empty (with its room).
-fn drain_changes<K>(sums: &mut FastMap<(K, Time), isize>) -> impl Iterator<Item = (K, Time, isize)> + '_ {
-    sums.drain().filter(|(_, diff)| *diff != 0).map(|((key, time), diff)| (key, time, diff))
+/// Sends the non-zero sums of `sums` as updates, leaving it empty. It keeps its room for the
+/// next activation unless that room is far more than this one used: draining walks every slot,
+/// and after a replay's minute-sized batches a follower's small ones would walk them all.
+fn send_changes<K: Hash + Eq + Clone + 'static>(
+    output: &mut timely::dataflow::operators::generic::OutputBuilderSession<'_, Time, CapacityContainerBuilder<Vec<(K, Time, isize)>>>,
+    at: &Capability<Time>,
+    sums: &mut ProbeMap<(K, Time), isize>,
+) {
+    let used = sums.len();
+    output.session(at).give_iterator(sums.drain().filter(|(_, diff)| *diff != 0).map(|((key, time), diff)| (key, time, diff)));
+    if 16 * used < sums.capacity() {
+        *sums = ProbeMap::default();
+    }
 }
+
+/// How many clicks ahead of the one counted [`pre_aggregate_minute_keys`] prefetches the sums'
+/// slots (see [`ProbeMap::prefetch`]).
+const PREFETCH_AHEAD: usize = 8;
 
 /// The (minute, ad), (minute, campaign) and (minute, country, ad) keys of the clicks, each
 /// consolidated as [`pre_aggregate`] does, in one pass over the clicks: every reader of a stream
@@ -237,9 +251,11 @@ fn pre_aggregate_minute_keys<'scope>(clicks: VecCollection<'scope, Time, (ClickK
     builder.build(move |_initial_capabilities| {
         // Summed in hash maps rather than sorted: a batch is mostly distinct keys, and sorting
         // them only to find the few that repeat cost more than the counting after it.
-        let mut ads: FastMap<((Minute, u64), Time), isize> = FastMap::default();
-        let mut campaigns: FastMap<((Minute, u64), Time), isize> = FastMap::default();
-        let mut countries: FastMap<((Minute, Country, u64), Time), isize> = FastMap::default();
+        // A batch is a minute's clicks in a replay, so the sums outgrow the caches: each click's
+        // three slots are prefetched a few clicks ahead.
+        let mut ads: ProbeMap<((Minute, u64), Time), isize> = ProbeMap::default();
+        let mut campaigns: ProbeMap<((Minute, u64), Time), isize> = ProbeMap::default();
+        let mut countries: ProbeMap<((Minute, Country, u64), Time), isize> = ProbeMap::default();
         move |_frontiers| {
             // One capability per output, at the least time received.
             let mut least: Vec<Capability<Time>> = Vec::new();
@@ -247,20 +263,28 @@ fn pre_aggregate_minute_keys<'scope>(clicks: VecCollection<'scope, Time, (ClickK
                 if least.first().is_none_or(|l| capability.least().is_some_and(|t| t < l.time())) {
                     least = (0..3).map(|port| capability.retain_least(port).expect("a message has a time")).collect();
                 }
-                for ((key, attrs), time, diff) in data.drain(..) {
+                for at in 0..data.len() {
+                    if let Some(&((key, attrs), time, _)) = data.get(at + PREFETCH_AHEAD) {
+                        let minute = crate::types::minute_of(key.ts);
+                        ads.prefetch(&((minute, attrs.ad), time));
+                        campaigns.prefetch(&((minute, attrs.campaign), time));
+                        countries.prefetch(&((minute, attrs.country, attrs.ad), time));
+                    }
+                    let ((key, attrs), time, diff) = data[at];
                     let minute = crate::types::minute_of(key.ts);
                     if rules.minute_final_at(minute).is_some_and(|final_at| time >= final_at) {
                         continue;
                     }
-                    *ads.entry(((minute, attrs.ad), time)).or_default() += diff;
-                    *campaigns.entry(((minute, attrs.campaign), time)).or_default() += diff;
-                    *countries.entry(((minute, attrs.country, attrs.ad), time)).or_default() += diff;
+                    *ads.get_or_insert_with(((minute, attrs.ad), time), || 0) += diff;
+                    *campaigns.get_or_insert_with(((minute, attrs.campaign), time), || 0) += diff;
+                    *countries.get_or_insert_with(((minute, attrs.country, attrs.ad), time), || 0) += diff;
                 }
+                data.clear();
             });
             if let [ad_at, campaign_at, country_at] = &least[..] {
-                ad.activate().session(ad_at).give_iterator(drain_changes(&mut ads));
-                campaign.activate().session(campaign_at).give_iterator(drain_changes(&mut campaigns));
-                country.activate().session(country_at).give_iterator(drain_changes(&mut countries));
+                send_changes(&mut ad.activate(), ad_at, &mut ads);
+                send_changes(&mut campaign.activate(), campaign_at, &mut campaigns);
+                send_changes(&mut country.activate(), country_at, &mut countries);
             }
         }
     });
