@@ -107,6 +107,26 @@ impl<K: Hash + Eq, V> ProbeMap<K, V> {
         let _ = slot;
     }
 
+    pub fn get(&self, key: &K) -> Option<&V> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        self.slots[self.find(key)].as_ref().map(|(_, value)| value)
+    }
+
+    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let at = self.find(key);
+        self.slots[at].as_mut().map(|(_, value)| value)
+    }
+
+    /// Every entry, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> + '_ {
+        self.slots.iter().flatten().map(|(key, value)| (key, value))
+    }
+
     /// `key`'s value, inserting `make()` first if it has none.
     pub fn get_or_insert_with(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
         if 4 * (self.len + 1) > 3 * self.slots.len() {
@@ -267,8 +287,10 @@ mod tests {
                 }
                 assert_eq!(map.len(), reference.len(), "round {round}, step {step}");
                 for (key, value) in &reference {
-                    assert_eq!(map.get_or_insert_with(*key, || i64::MIN), value, "round {round}, step {step}");
+                    assert_eq!(map.get(key), Some(value), "round {round}, step {step}");
                 }
+                assert_eq!(map.get_mut(&key).map(|value| *value), reference.get(&key).copied(), "round {round}, step {step}");
+                assert_eq!(map.iter().count(), reference.len(), "round {round}, step {step}");
             }
             let mut drained: Vec<_> = map.drain().collect();
             let mut expected: Vec<_> = reference.into_iter().collect();

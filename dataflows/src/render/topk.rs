@@ -15,7 +15,7 @@
 use differential_dataflow::VecCollection;
 
 use crate::event_time::EventTimeRules;
-use crate::hashing::FastMap;
+use crate::hashing::ProbeMap;
 use crate::plan::Plan;
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::types::{Minute, Time};
@@ -115,6 +115,10 @@ impl MinuteState for TopOfMinute {
     type Update = (Minute, u64);
     type Output = (Minute, Rank);
 
+    fn prefetch(&self, &(_, ad): &(Minute, u64)) {
+        self.top.prefetch(ad);
+    }
+
     fn apply(&mut self, (minute, ad): (Minute, u64), diff: isize, _emit: &mut impl FnMut(Self::Output, isize)) {
         self.minute = minute;
         self.top.change(ad, diff as i64);
@@ -140,24 +144,39 @@ impl MinuteState for TopOfMinute {
 /// One group's counts on one worker, and the local top K last sent for them.
 #[derive(Default)]
 pub(crate) struct LocalTop {
-    /// Below zero only between `change` and `settle`: a time's changes may come in any order.
-    counts: FastMap<u64, i64>,
+    /// Below zero only between `change` and `settle`: a time's changes may come in any order. A
+    /// count that reaches zero stays until `settle`, so that its ad is in `changed` once.
+    counts: ProbeMap<u64, Count>,
     /// The local top K last sent, sorted.
     sent: Vec<Rank>,
-    /// The ads whose counts changed since the last `settle`, an ad once per change.
+    /// The ads whose counts changed since the last `settle`, each once.
     changed: Vec<u64>,
 }
 
+/// An ad's count, and whether it changed since the last `settle`.
+struct Count {
+    clicks: i64,
+    changed: bool,
+}
+
+/// How many changed ads ahead `settle` prefetches the count of.
+const PREFETCH_AHEAD: usize = 8;
+
 impl LocalTop {
+    /// A hint that `ad`'s count is changed soon (see [`ProbeMap::prefetch`]).
+    pub(crate) fn prefetch(&self, ad: u64) {
+        self.counts.prefetch(&ad);
+    }
+
     /// Adds `change` to `ad`'s count, which must not be below zero once a time's changes are
     /// all made.
     pub(crate) fn change(&mut self, ad: u64, change: i64) {
-        let count = self.counts.entry(ad).or_insert(0);
-        *count += change;
-        if *count == 0 {
-            self.counts.remove(&ad);
+        let count = self.counts.get_or_insert_with(ad, || Count { clicks: 0, changed: false });
+        count.clicks += change;
+        if !count.changed {
+            count.changed = true;
+            self.changed.push(ad);
         }
-        self.changed.push(ad);
     }
 
     pub(crate) fn is_changed(&self) -> bool {
@@ -176,30 +195,42 @@ impl LocalTop {
         if self.changed.is_empty() {
             return;
         }
-        self.changed.sort_unstable();
-        self.changed.dedup();
-        let (counts, changed) = (&self.counts, &self.changed);
-        assert!(changed.iter().all(|ad| counts.get(ad).is_none_or(|&count| count > 0)), "a count went below zero");
-        let count = |ad: u64| counts.get(&ad).copied().unwrap_or(0) as u64;
         let last = k.checked_sub(1).and_then(|last| self.sent.get(last)).copied();
-        let member_fell = last.is_some()
-            && self.sent.iter().any(|&r| {
-                let (ad, clicks) = unrank(r);
-                changed.binary_search(&ad).is_ok() && count(ad) < clicks
-            });
         ranked.clear();
+        // The members that did not change stay candidates; a member that changed is one of the
+        // changed ads. (A member's count is held until `settle` finds it zero.)
+        let mut member_fell = false;
+        for &r in &self.sent {
+            let (ad, clicks) = unrank(r);
+            let count = self.counts.get(&ad).expect("a member of the top K has a count");
+            if !count.changed {
+                ranked.push(r);
+            } else if count.clicks < clicks as i64 {
+                member_fell = true;
+            }
+        }
+        let member_fell = member_fell && last.is_some();
+        for at in 0..self.changed.len() {
+            if let Some(&ahead) = self.changed.get(at + PREFETCH_AHEAD) {
+                self.counts.prefetch(&ahead);
+            }
+            let ad = self.changed[at];
+            let count = self.counts.get_mut(&ad).expect("a changed ad has a count");
+            count.changed = false;
+            let clicks = count.clicks;
+            assert!(clicks >= 0, "a count went below zero");
+            if clicks == 0 {
+                self.counts.remove(&ad);
+            } else if !member_fell {
+                let r = rank(ad, clicks as u64);
+                if last.is_none_or(|last| r <= last) {
+                    ranked.push(r);
+                }
+            }
+        }
         if member_fell {
-            ranked.extend(counts.iter().map(|(&ad, &clicks)| rank(ad, clicks as u64)));
-        } else {
-            ranked.extend(self.sent.iter().filter(|&&(_, ad)| changed.binary_search(&ad).is_err()));
-            ranked.extend(
-                changed
-                    .iter()
-                    .map(|&ad| (ad, count(ad)))
-                    .filter(|&(_, clicks)| clicks > 0)
-                    .map(|(ad, clicks)| rank(ad, clicks))
-                    .filter(|r| last.is_none_or(|last| *r <= last)),
-            );
+            ranked.clear();
+            ranked.extend(self.counts.iter().map(|(&ad, count)| rank(ad, count.clicks as u64)));
         }
         select_first(ranked, k);
         for_each_difference(&self.sent, ranked, &mut give);

@@ -19,7 +19,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
 use crate::event_time::EventTimeRules;
-use crate::hashing::FastMap;
+use crate::hashing::{FastMap, ProbeMap};
 use crate::plan::Plan;
 use crate::render::minute_state::StateLog;
 use crate::render::topk::{bucket_of, keep_top, unrank, LocalTop, Rank};
@@ -89,7 +89,7 @@ where
         // The times at which minutes leave windows.
         let mut leaving: BTreeMap<Time, Capability<Time>> = BTreeMap::new();
         // What each minute still in a window contributed, per (group, ad).
-        let mut minutes: BTreeMap<Minute, FastMap<(G, u64), i64>> = BTreeMap::new();
+        let mut minutes: BTreeMap<Minute, ProbeMap<(G, u64), i64>> = BTreeMap::new();
         let mut tops: FastMap<(u32, G), LocalTop> = FastMap::default();
         let mut touched: Vec<(u32, G)> = Vec::new();
         let mut ranked: Vec<Rank> = Vec::new();
@@ -118,7 +118,15 @@ where
                     for &window in &windows {
                         let Some(minute) = (time / MINUTE_MS).checked_sub(u64::from(window)) else { continue };
                         let Some(contributed) = minutes.get(&(minute as Minute)) else { continue };
-                        for ((group, ad), &clicks) in contributed {
+                        // Each change goes to a random place in a window's counts: the count a
+                        // few changes ahead is prefetched (see `ProbeMap::prefetch`).
+                        let mut ahead = contributed.iter().skip(PREFETCH_AHEAD);
+                        for ((group, ad), &clicks) in contributed.iter() {
+                            if let Some(((group, ad), _)) = ahead.next() {
+                                if let Some(top) = tops.get(&(window, group.clone())) {
+                                    top.prefetch(*ad);
+                                }
+                            }
                             let top = tops.entry((window, group.clone())).or_default();
                             if !top.is_changed() {
                                 touched.push((window, group.clone()));
@@ -134,8 +142,20 @@ where
                 }
                 if next_entering == Some(time) {
                     let (_, (held, changes)) = entering.pop_first().expect("just seen");
-                    for (minute, group, ad, clicks) in changes {
-                        let end_of = |window: u32| (u64::from(minute) + u64::from(window)) * MINUTE_MS;
+                    for at in 0..changes.len() {
+                        let end_of = |minute: Minute, window: u32| (u64::from(minute) + u64::from(window)) * MINUTE_MS;
+                        if let Some((minute, group, ad, _)) = changes.get(at + PREFETCH_AHEAD) {
+                            if let Some(contributed) = minutes.get(minute) {
+                                contributed.prefetch(&(group.clone(), *ad));
+                            }
+                            for &window in windows.iter().filter(|&&window| end_of(*minute, window) > time) {
+                                if let Some(top) = tops.get(&(window, group.clone())) {
+                                    top.prefetch(*ad);
+                                }
+                            }
+                        }
+                        let (minute, group, ad, clicks) = changes[at].clone();
+                        let end_of = |window: u32| end_of(minute, window);
                         let contributed = minutes.entry(minute).or_insert_with(|| {
                             for &window in &windows {
                                 let until = end_of(window);
@@ -143,9 +163,9 @@ where
                                     leaving.entry(until).or_insert_with(|| held.delayed(&until));
                                 }
                             }
-                            FastMap::default()
+                            ProbeMap::default()
                         });
-                        *contributed.entry((group.clone(), ad)).or_insert(0) += clicks;
+                        *contributed.get_or_insert_with((group.clone(), ad), || 0) += clicks;
                         for &window in windows.iter().filter(|&&window| end_of(window) > time) {
                             let top = tops.entry((window, group.clone())).or_default();
                             if !top.is_changed() {
@@ -182,6 +202,9 @@ where
     });
     keep_top(name, local.as_collection(), k).map(|(group, r)| (group, unrank(r)))
 }
+
+/// How many changes ahead the window counts they go to are prefetched.
+const PREFETCH_AHEAD: usize = 8;
 
 /// The changes entering the windows at one time, and its capability.
 type Entering<G> = (Capability<Time>, Vec<(Minute, G, u64, i64)>);
