@@ -142,7 +142,13 @@ impl MinuteState for TopOfMinute {
 }
 
 /// One group's counts on one worker, and the local top K last sent for them.
-#[derive(Default)]
+///
+/// The top K is selected from a pool of candidates, not from every count: every ad outside the
+/// pool ranks behind `bar`, so while at least K members rank at or before it, the top K is among
+/// them. A count changes only through `change`, so an ad outside the pool stays behind the bar
+/// until it changes, and then `settle` looks at it. Only when the pool runs short (members fell
+/// behind the bar, as when a minute leaves a sliding window and takes clicks from every ad) is
+/// the pool selected again from every count, with the bar at its last member.
 pub(crate) struct LocalTop {
     /// Below zero only between `change` and `settle`: a time's changes may come in any order. A
     /// count that reaches zero stays until `settle`, so that its ad is in `changed` once.
@@ -151,16 +157,35 @@ pub(crate) struct LocalTop {
     sent: Vec<Rank>,
     /// The ads whose counts changed since the last `settle`, each once.
     changed: Vec<u64>,
+    /// The candidates, each once: every ad with a count that ranks at or before `bar`, and maybe
+    /// others.
+    pool: Vec<u64>,
+    bar: Rank,
 }
 
-/// An ad's count, and whether it changed since the last `settle`.
+impl Default for LocalTop {
+    fn default() -> Self {
+        LocalTop { counts: ProbeMap::default(), sent: Vec::new(), changed: Vec::new(), pool: Vec::new(), bar: LAST_RANK }
+    }
+}
+
+/// Behind every ad's rank: with the bar here, every ad with a count is in the pool.
+const LAST_RANK: Rank = (u64::MAX, u64::MAX);
+
+/// An ad's count, whether it changed since the last `settle`, and whether it is in the pool.
 struct Count {
     clicks: i64,
     changed: bool,
+    pooled: bool,
 }
 
 /// How many changed ads ahead `settle` prefetches the count of.
 const PREFETCH_AHEAD: usize = 8;
+
+/// A pool selected from every count keeps this many times K candidates, and is cut back to that
+/// once it has grown to twice as many: room for the top K to drift before the pool runs short,
+/// little enough to walk at every `settle`.
+const POOL_PER_K: usize = 4;
 
 impl LocalTop {
     /// A hint that `ad`'s count is changed soon (see [`ProbeMap::prefetch`]).
@@ -171,7 +196,7 @@ impl LocalTop {
     /// Adds `change` to `ad`'s count, which must not be below zero once a time's changes are
     /// all made.
     pub(crate) fn change(&mut self, ad: u64, change: i64) {
-        let count = self.counts.get_or_insert_with(ad, || Count { clicks: 0, changed: false });
+        let count = self.counts.get_or_insert_with(ad, || Count { clicks: 0, changed: false, pooled: false });
         count.clicks += change;
         if !count.changed {
             count.changed = true;
@@ -186,30 +211,12 @@ impl LocalTop {
     /// Finds the local top `k` of the counts after the changes since the last call, and calls
     /// `give(rank, -1)` for each rank that left it and `give(rank, 1)` for each that entered.
     /// `ranked` is room to work in.
-    ///
-    /// Every ad outside a full top K ranks below its last member, and a change can only move the
-    /// changed ad: so unless a member fell, the new top K is among the old members and the changed
-    /// ads. When one fell, an ad outside may have overtaken it, and the top K is selected again
-    /// from every count, in linear time.
     pub(crate) fn settle(&mut self, k: usize, ranked: &mut Vec<Rank>, mut give: impl FnMut(Rank, isize)) {
         if self.changed.is_empty() {
             return;
         }
-        let last = k.checked_sub(1).and_then(|last| self.sent.get(last)).copied();
-        ranked.clear();
-        // The members that did not change stay candidates; a member that changed is one of the
-        // changed ads. (A member's count is held until `settle` finds it zero.)
-        let mut member_fell = false;
-        for &r in &self.sent {
-            let (ad, clicks) = unrank(r);
-            let count = self.counts.get(&ad).expect("a member of the top K has a count");
-            if !count.changed {
-                ranked.push(r);
-            } else if count.clicks < clicks as i64 {
-                member_fell = true;
-            }
-        }
-        let member_fell = member_fell && last.is_some();
+        // Changed ads that now rank at or before the bar join the pool; counts that reached zero
+        // go (and leave the pool below).
         for at in 0..self.changed.len() {
             if let Some(&ahead) = self.changed.get(at + PREFETCH_AHEAD) {
                 self.counts.prefetch(&ahead);
@@ -217,26 +224,66 @@ impl LocalTop {
             let ad = self.changed[at];
             let count = self.counts.get_mut(&ad).expect("a changed ad has a count");
             count.changed = false;
-            let clicks = count.clicks;
-            assert!(clicks >= 0, "a count went below zero");
-            if clicks == 0 {
+            assert!(count.clicks >= 0, "a count went below zero");
+            if count.clicks == 0 {
                 self.counts.remove(&ad);
-            } else if !member_fell {
-                let r = rank(ad, clicks as u64);
-                if last.is_none_or(|last| r <= last) {
-                    ranked.push(r);
-                }
+            } else if !count.pooled && rank(ad, count.clicks as u64) <= self.bar {
+                count.pooled = true;
+                self.pool.push(ad);
             }
         }
-        if member_fell {
+        self.changed.clear();
+        // Members behind the bar may leave the pool: nothing outside it ranks before the bar.
+        let (counts, bar) = (&mut self.counts, self.bar);
+        ranked.clear();
+        self.pool.retain(|&ad| match counts.get_mut(&ad) {
+            None => false,
+            Some(count) if rank(ad, count.clicks as u64) > bar => {
+                count.pooled = false;
+                false
+            }
+            Some(count) => {
+                ranked.push(rank(ad, count.clicks as u64));
+                true
+            }
+        });
+        let room = POOL_PER_K * k.max(1);
+        if ranked.len() < k && self.bar != LAST_RANK {
+            // Short of K: an ad behind the bar may now be in the top K. Select the pool again.
             ranked.clear();
             ranked.extend(self.counts.iter().map(|(&ad, count)| rank(ad, count.clicks as u64)));
+            self.repool(ranked, room, true);
+        } else if ranked.len() > 2 * room {
+            self.repool(ranked, room, false);
         }
         select_first(ranked, k);
         for_each_difference(&self.sent, ranked, &mut give);
         self.sent.clear();
         self.sent.extend_from_slice(ranked);
-        self.changed.clear();
+    }
+
+    /// Makes the first `room` of `ranked` (or all of it, if it is no longer) the pool, with the
+    /// bar at its last member, or behind every rank when `ranked` held every count and all of it
+    /// is kept; `ranked` is left holding the pool's ranks. `every` says whether `ranked` holds
+    /// every count or the pool's members.
+    fn repool(&mut self, ranked: &mut Vec<Rank>, room: usize, every: bool) {
+        for ad in self.pool.drain(..) {
+            if let Some(count) = self.counts.get_mut(&ad) {
+                count.pooled = false;
+            }
+        }
+        if ranked.len() > room {
+            ranked.select_nth_unstable(room - 1);
+            ranked.truncate(room);
+            self.bar = ranked[room - 1];
+        } else if every {
+            self.bar = LAST_RANK;
+        }
+        for &r in ranked.iter() {
+            let (ad, _) = unrank(r);
+            self.counts.get_mut(&ad).expect("a ranked ad has a count").pooled = true;
+            self.pool.push(ad);
+        }
     }
 
     /// How many ads have a count.
@@ -254,6 +301,8 @@ impl LocalTop {
         self.counts.clear();
         self.sent.clear();
         self.changed.clear();
+        self.pool.clear();
+        self.bar = LAST_RANK;
     }
 }
 
@@ -298,8 +347,8 @@ fn select_first(ranked: &mut Vec<Rank>, k: usize) {
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::{select_first, top_k_per_minute};
-    use crate::render::testing::{held_at, minute_updates, reference_top_k, run_operator, rules_and_workers, times_of, with_transient_negatives};
+    use super::{rank, select_first, top_k_per_minute, LocalTop, Rank};
+    use crate::render::testing::{generator, held_at, minute_updates, reference_top_k, run_operator, rules_and_workers, times_of, with_transient_negatives};
     use crate::types::{Minute, Time};
 
     #[test]
@@ -343,6 +392,67 @@ mod tests {
                         assert_eq!(held_at(&output, time), expected, "seed {seed}, {workers} workers, time {time}, {rules:?}");
                     }
                 }
+            }
+        }
+    }
+
+    /// `LocalTop` against a from-scratch ranking after every settle, over runs of changes that
+    /// make its pool run short and overflow: many ads against a small K, counts that grow, that
+    /// drain as when a minute leaves a window (every ad loses some), that pass through zero and
+    /// come back, and that go below zero within a time. What `settle` gives must also add up to
+    /// the top K it holds.
+    #[test]
+    fn local_top_matches_a_reference_after_every_settle() {
+        for seed in 0..400 {
+            let mut next = generator(seed);
+            let k = 1 + next(4) as usize;
+            let ads = 5 + next(200);
+            let mut top = LocalTop::default();
+            let mut counts: BTreeMap<u64, i64> = BTreeMap::new();
+            let mut given: BTreeMap<Rank, isize> = BTreeMap::new();
+            let mut ranked = Vec::new();
+            for step in 0..300 {
+                let mut changes: Vec<(u64, i64)> = Vec::new();
+                match next(4) {
+                    // A minute leaves: most ads lose part of their clicks, or all of them.
+                    0 => {
+                        for (&ad, &count) in &counts {
+                            if next(4) != 0 {
+                                changes.push((ad, -(1 + next(count as u64) as i64)));
+                            }
+                        }
+                    }
+                    // Clicks arrive, skewed towards a few ads.
+                    _ => {
+                        for _ in 0..next(3 * ads) {
+                            let ad = if next(3) == 0 { next(4) } else { next(ads) };
+                            changes.push((ad, 1 + next(3) as i64));
+                        }
+                    }
+                }
+                // Within a time the changes come in any order, so a count may dip below zero
+                // before the change that raised it: take one away early and give it back.
+                if let Some(&(ad, _)) = changes.first() {
+                    changes.insert(0, (ad, -1));
+                    changes.push((ad, 1));
+                }
+                for &(ad, change) in &changes {
+                    if next(2) == 0 {
+                        top.prefetch(ad);
+                    }
+                    top.change(ad, change);
+                    *counts.entry(ad).or_default() += change;
+                }
+                counts.retain(|_, count| *count != 0);
+                top.settle(k, &mut ranked, |r, diff| *given.entry(r).or_default() += diff);
+                given.retain(|_, diff| *diff != 0);
+                let mut expected: Vec<Rank> = counts.iter().map(|(&ad, &count)| rank(ad, count as u64)).collect();
+                expected.sort_unstable();
+                expected.truncate(k);
+                assert_eq!(top.sent, expected, "seed {seed}, step {step}, k {k}");
+                assert_eq!(given.keys().copied().collect::<Vec<_>>(), expected, "seed {seed}, step {step}: what settle gave");
+                assert!(given.values().all(|&diff| diff == 1), "seed {seed}, step {step}");
+                assert_eq!(top.len(), counts.len(), "seed {seed}, step {step}");
             }
         }
     }
