@@ -76,6 +76,48 @@ impl Answer {
     }
 }
 
+/// Records that sort as a few machine words: [`to_words`](SortWords::to_words) is one-to-one,
+/// [`from_words`](SortWords::from_words) undoes it, and the words' order is the records' order.
+/// Sorting the words instead of the records compares integers, not enum variants field by field.
+pub trait SortWords: Sized {
+    type Words: Ord + Copy + 'static;
+    fn to_words(&self) -> Self::Words;
+    /// Only for words that `to_words` made.
+    fn from_words(words: Self::Words) -> Self;
+}
+
+impl SortWords for Answer {
+    /// `[view, then minute or window, then country | id | clicks]`: the view's index (the
+    /// variants' order) in bits 48 and up, the minute or window in bits 16 to 47, the country
+    /// (or zero) below.
+    type Words = [u64; 3];
+
+    fn to_words(&self) -> [u64; 3] {
+        let head = |of: u32, country: Country| (self.view() as u64) << 48 | u64::from(of) << 16 | u64::from(country.0);
+        match *self {
+            Answer::AdMinute { minute, ad: id, clicks }
+            | Answer::CampaignMinute { minute, campaign: id, clicks }
+            | Answer::TopMinute { minute, ad: id, clicks }
+            | Answer::FraudMinute { minute, ad: id, clicks } => [head(minute, Country(0)), id, clicks],
+            Answer::CountryMinute { minute, country, ad, clicks } => [head(minute, country), ad, clicks],
+            Answer::TopWindow { window, ad, clicks } => [head(window, Country(0)), ad, clicks],
+        }
+    }
+
+    fn from_words([head, id, clicks]: [u64; 3]) -> Answer {
+        let (of, country) = ((head >> 16) as u32, Country(head as u16));
+        match head >> 48 {
+            0 => Answer::AdMinute { minute: of, ad: id, clicks },
+            1 => Answer::CampaignMinute { minute: of, campaign: id, clicks },
+            2 => Answer::CountryMinute { minute: of, country, ad: id, clicks },
+            3 => Answer::TopMinute { minute: of, ad: id, clicks },
+            4 => Answer::FraudMinute { minute: of, ad: id, clicks },
+            5 => Answer::TopWindow { window: of, ad: id, clicks },
+            view => unreachable!("no view has index {view}"),
+        }
+    }
+}
+
 /// Everything the sink commits: answers, and what the sources report beside them.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum SinkRecord {
@@ -105,6 +147,49 @@ impl ServingAnswer {
         match *self {
             ServingAnswer::CampaignCountryMinute { minute, .. } | ServingAnswer::TopCountryMinute { minute, .. } => Some(minute),
             ServingAnswer::TopCountryWindow { .. } | ServingAnswer::CampaignWindow { .. } => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Answer, SortWords};
+    use crate::types::Country;
+
+    /// Answers of every view, with values at and near the ends of their ranges, so that a field
+    /// that overlapped another, or an order that ignored one, would show.
+    fn answers() -> Vec<Answer> {
+        let small = [0u32, 1, 2, u32::MAX - 1, u32::MAX];
+        let wide = [0u64, 1, 2, 1 << 32, u64::MAX - 1, u64::MAX];
+        let countries = [Country(0), Country(1), Country(u16::from_be_bytes(*b"US")), Country(u16::MAX)];
+        let mut all = Vec::new();
+        for &of in &small {
+            for &id in &wide {
+                for &clicks in &wide[..4] {
+                    all.push(Answer::AdMinute { minute: of, ad: id, clicks });
+                    all.push(Answer::CampaignMinute { minute: of, campaign: id, clicks });
+                    all.push(Answer::TopMinute { minute: of, ad: id, clicks });
+                    all.push(Answer::FraudMinute { minute: of, ad: id, clicks });
+                    all.push(Answer::TopWindow { window: of, ad: id, clicks });
+                    for &country in &countries {
+                        all.push(Answer::CountryMinute { minute: of, country, ad: id, clicks });
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn answers_sort_as_their_words_do() {
+        let all = answers();
+        for a in &all {
+            assert_eq!(Answer::from_words(a.to_words()), *a);
+        }
+        for a in all.iter().step_by(7) {
+            for b in &all {
+                assert_eq!(a.to_words().cmp(&b.to_words()), a.cmp(b), "{a:?} against {b:?}");
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::{Operator, OutputBuilder};
 use timely::dataflow::operators::Capability;
 
+use crate::answer::SortWords;
 use crate::event_time::EventTimeRules;
 use crate::hashing::{FastHasher, FastMap, ProbeMap};
 use crate::render::minute_state::{per_minute, MinuteState};
@@ -168,9 +169,6 @@ where
     })
 }
 
-/// A time's capability and the updates received for it.
-type HeldTime<D> = (Capability<Time>, Vec<(D, Time, isize)>);
-
 /// Each completed time's updates for which `keep(data, time)` holds, consolidated in the worker
 /// and sent as one sorted run, once the frontier has passed the time.
 ///
@@ -178,6 +176,9 @@ type HeldTime<D> = (Capability<Time>, Vec<(D, Time, isize)>);
 /// a few long sorted runs, one per worker, which a run-adaptive sort merges instead of sorting
 /// from scratch; and each worker's share of that sorting runs in parallel. It adds no delay to
 /// such a consumer, which waits for the same frontier before it reads a time.
+///
+/// The updates are held and sorted as their [`SortWords`]: smaller than the records, and
+/// compared as integers.
 ///
 /// `keep` sees each update before it is held, so what it drops costs neither memory nor sorting;
 /// it must depend on the data and time only, not on the diff.
@@ -187,17 +188,16 @@ pub fn consolidate_completed_times<'scope, D>(
     keep: impl Fn(&D, Time) -> bool + 'static,
 ) -> VecCollection<'scope, Time, D>
 where
-    D: differential_dataflow::Data,
+    D: differential_dataflow::Data + SortWords,
 {
     updates
         .inner
         .unary_frontier(Pipeline, name, |_, _| {
-            let mut pending: std::collections::BTreeMap<Time, HeldTime<D>> = Default::default();
+            let mut pending: std::collections::BTreeMap<Time, (Capability<Time>, Vec<(D::Words, isize)>)> = Default::default();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
-                    for update in data.drain(..).filter(|(data, time, _)| keep(data, *time)) {
-                        let time = update.1;
-                        pending.entry(time).or_insert_with(|| (capability.delayed(&time, 0), Vec::new())).1.push(update);
+                    for (data, time, diff) in data.drain(..).filter(|(data, time, _)| keep(data, *time)) {
+                        pending.entry(time).or_insert_with(|| (capability.delayed(&time, 0), Vec::new())).1.push((data.to_words(), diff));
                     }
                 });
                 while let Some(entry) = pending.first_entry() {
@@ -205,8 +205,15 @@ where
                         break;
                     }
                     let (capability, mut updates) = entry.remove();
-                    differential_dataflow::consolidation::consolidate_updates(&mut updates);
-                    output.session(&capability).give_container(&mut updates);
+                    let time = *capability.time();
+                    updates.sort_unstable_by_key(|&(words, _)| words);
+                    let mut session = output.session(&capability);
+                    for run in updates.chunk_by(|a, b| a.0 == b.0) {
+                        let diff: isize = run.iter().map(|&(_, diff)| diff).sum();
+                        if diff != 0 {
+                            session.give((D::from_words(run[0].0), time, diff));
+                        }
+                    }
                 }
             }
         })
