@@ -70,6 +70,8 @@ struct Files {
     snapshots: VecDeque<(Minute, Vec<(u32, u64, u64)>)>,
     dead_letters: Vec<DeadLetter>,
     line: Vec<u8>,
+    /// The time of the changelog lines being written, with its comma.
+    stamp: Vec<u8>,
 }
 
 /// Applies the dataflow's updates in time order, and hands them to the output directory, the
@@ -152,6 +154,7 @@ impl Files {
             snapshots: VecDeque::new(),
             dead_letters: Vec::new(),
             line: Vec::with_capacity(256),
+            stamp: Vec::with_capacity(24),
         })
     }
 
@@ -370,13 +373,27 @@ impl OutputSink {
             self.reach(time)?;
             differential_dataflow::consolidation::consolidate(&mut updates);
             let committed_earlier = time < self.committed_before;
+            let mut open: Option<(Minute, Vec<(Answer, isize)>)> = None;
+            if let Some(files) = &mut self.files {
+                files.stamp.clear();
+                files.stamp.extend_from_slice(itoa::Buffer::new().format(time).as_bytes());
+                files.stamp.push(b',');
+            }
             for (answer, diff) in updates {
                 match answer.minute() {
                     // A change to a closed minute can only be state retention forgetting it.
                     Some(minute) if minute < self.closed_before => continue,
                     Some(minute) => {
                         if let Some(files) = &mut self.files {
-                            files.open_minutes.entry(minute).or_default().push((answer, diff));
+                            // Sorted answers come in runs of one minute: its rows are taken out of
+                            // the map for the run, not looked up for each.
+                            if open.as_ref().is_none_or(|(held, _)| *held != minute) {
+                                if let Some((held, rows)) = open.take() {
+                                    files.open_minutes.insert(held, rows);
+                                }
+                                open = Some((minute, files.open_minutes.remove(&minute).unwrap_or_default()));
+                            }
+                            open.as_mut().expect("just taken").1.push((answer, diff));
                         }
                         // Every accepted click is counted billable or excluded.
                         if let Answer::AdMinute { .. } | Answer::FraudMinute { .. } = answer {
@@ -400,12 +417,15 @@ impl OutputSink {
                     continue;
                 }
                 if let Some(files) = &mut self.files {
-                    write_change(&mut files.changelog, &mut files.line, time, &answer, diff)?;
+                    write_change(&mut files.changelog, &mut files.line, &files.stamp, &answer, diff)?;
                 }
                 if let Some((_, batch)) = &mut self.store {
                     batch.changes.push((time, answer, diff));
                 }
                 self.summary.changelog_rows += 1;
+            }
+            if let (Some(files), Some((held, rows))) = (&mut self.files, open) {
+                files.open_minutes.insert(held, rows);
             }
             self.next_boundary.get_or_insert(minute_of(time) + 1);
         }
@@ -592,12 +612,12 @@ pub fn write_ranked(out: &mut impl Write, at: Minute, ranked: &mut [(u64, u64)])
     Ok(())
 }
 
-/// Appends one changelog line: `time,view,key,value,diff`, key columns joined by `/`.
-fn write_change(out: &mut impl Write, line: &mut Vec<u8>, time: Time, answer: &Answer, diff: isize) -> io::Result<()> {
+/// Appends one changelog line: `time,view,key,value,diff`, key columns joined by `/`. `stamp`
+/// is the time and its comma, formatted once for all of the time's lines.
+fn write_change(out: &mut impl Write, line: &mut Vec<u8>, stamp: &[u8], answer: &Answer, diff: isize) -> io::Result<()> {
     let mut num = itoa::Buffer::new();
     line.clear();
-    line.extend_from_slice(num.format(time).as_bytes());
-    line.push(b',');
+    line.extend_from_slice(stamp);
     match (answer.minute(), answer) {
         (Some(minute), _) => {
             line.extend_from_slice(answer.view().name().as_bytes());
