@@ -324,10 +324,16 @@ impl OutputSink {
     /// Takes one update from the dataflow; it is applied once the frontier passes its time.
     pub fn absorb(&mut self, record: SinkRecord, time: Time, diff: isize) {
         match record {
-            SinkRecord::Answer(answer) => match self.pending.last_entry() {
-                Some(mut last) if *last.key() == time => last.get_mut().push((answer, diff)),
-                _ => self.pending.entry(time).or_default().push((answer, diff)),
-            },
+            SinkRecord::Answers(run) => {
+                debug_assert_eq!(diff, 1, "a run of answers is sent once");
+                match self.pending.entry(time) {
+                    std::collections::btree_map::Entry::Vacant(vacant) => {
+                        vacant.insert(run);
+                    }
+                    // Another worker's run of the same time: `advance` merges the two.
+                    std::collections::btree_map::Entry::Occupied(mut held) => held.get_mut().extend(run),
+                }
+            }
             SinkRecord::Note(SourceNote::Dead(mut dead)) => {
                 debug_assert_eq!(diff, 1);
                 if time < self.committed_before {

@@ -121,7 +121,10 @@ impl SortWords for Answer {
 /// Everything the sink commits: answers, and what the sources report beside them.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum SinkRecord {
-    Answer(Answer),
+    /// One worker's changes to the answers at the record's time, consolidated and sorted by
+    /// answer (the record's own diff is 1): see
+    /// [`answers_for_sink`](crate::render::answers_for_sink).
+    Answers(Vec<(Answer, isize)>),
     Note(crate::types::SourceNote),
     /// Kept for the server only: in no file and not in the changelog.
     Serving(ServingAnswer),

@@ -170,12 +170,16 @@ where
 }
 
 /// Each completed time's updates for which `keep(data, time)` holds, consolidated in the worker
-/// and sent as one sorted run, once the frontier has passed the time.
+/// and sent as one sorted run, once the frontier has passed the time: one record
+/// `(run, time, 1)` per worker and time, whose `run` lists the non-zero `(data, diff)` of the
+/// time in the data's order.
 ///
-/// Whatever gathers a collection on one worker to consolidate it per time (the sink) then sorts
-/// a few long sorted runs, one per worker, which a run-adaptive sort merges instead of sorting
-/// from scratch; and each worker's share of that sorting runs in parallel. It adds no delay to
-/// such a consumer, which waits for the same frontier before it reads a time.
+/// A consumer that gathers the updates on one worker (the sink) then receives a few sorted runs
+/// per time, one per worker, and merges them instead of sorting from scratch; each worker's
+/// share of the sorting runs in parallel; and the exchange to that worker moves one record per
+/// time and worker rather than copying every update. It adds no delay to such a consumer, which
+/// waits for the same frontier before it reads a time. The runs are not a collection of the
+/// updates: only a consumer that reads them as runs may take them.
 ///
 /// The updates are held and sorted as their [`SortWords`]: smaller than the records, and
 /// compared as integers.
@@ -186,7 +190,7 @@ pub fn consolidate_completed_times<'scope, D>(
     name: &str,
     updates: VecCollection<'scope, Time, D>,
     keep: impl Fn(&D, Time) -> bool + 'static,
-) -> VecCollection<'scope, Time, D>
+) -> VecCollection<'scope, Time, Vec<(D, isize)>>
 where
     D: differential_dataflow::Data + SortWords,
 {
@@ -205,14 +209,16 @@ where
                         break;
                     }
                     let (capability, mut updates) = entry.remove();
-                    let time = *capability.time();
                     updates.sort_unstable_by_key(|&(words, _)| words);
-                    let mut session = output.session(&capability);
-                    for run in updates.chunk_by(|a, b| a.0 == b.0) {
-                        let diff: isize = run.iter().map(|&(_, diff)| diff).sum();
+                    let mut run = Vec::new();
+                    for same in updates.chunk_by(|a, b| a.0 == b.0) {
+                        let diff: isize = same.iter().map(|&(_, diff)| diff).sum();
                         if diff != 0 {
-                            session.give((D::from_words(run[0].0), time, diff));
+                            run.push((D::from_words(same[0].0), diff));
                         }
+                    }
+                    if !run.is_empty() {
+                        output.session(&capability).give((run, *capability.time(), 1));
                     }
                 }
             }

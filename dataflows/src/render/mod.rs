@@ -191,14 +191,14 @@ pub fn render_clicks<'scope>(
 }
 
 /// The answers as the sink applies them: each worker consolidates its share of every completed
-/// time, so the sink, which gathers them on one worker, merges sorted runs (see
-/// [`counts::consolidate_completed_times`]).
+/// time and sends it as one sorted run (see [`counts::consolidate_completed_times`]), which the
+/// sink, gathering them on one worker, merges.
 ///
 /// Changes to a minute's answers at or after the minute's final time (`rules.minute_final_at`)
 /// are dropped here, in parallel, before they are sorted and sent: they can only be retention
 /// forgetting a minute whose answers the sink has written, and the sink ignores them (for the
 /// files, the store and the server's copy alike).
-pub fn answers_for_sink<'scope>(answers: VecCollection<'scope, Time, Answer>, rules: &EventTimeRules) -> VecCollection<'scope, Time, Answer> {
+pub fn answers_for_sink<'scope>(answers: VecCollection<'scope, Time, Answer>, rules: &EventTimeRules) -> VecCollection<'scope, Time, Vec<(Answer, isize)>> {
     let rules = *rules;
     counts::consolidate_completed_times("SortAnswers", answers, move |answer: &Answer, time| {
         answer.minute().and_then(|minute| rules.minute_final_at(minute)).is_none_or(|final_at| time < final_at)
