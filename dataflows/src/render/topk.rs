@@ -8,8 +8,8 @@
 //!
 //! [`top_k_per_minute`] and the sliding windows ([`sliding_top_k`](crate::render::windows::sliding_top_k))
 //! rank counts they keep themselves, one share of the ads per worker, and update each worker's
-//! top K from the changed counts alone unless one of its members falls (`LocalTop`); a `reduce`
-//! over the workers' local tops gives the global one. The per-country minutes, served only, keep
+//! top K from the changed counts and a pool of candidates, looking at every count only when the
+//! pool runs short (`LocalTop`); a `reduce` over the workers' local tops gives the global one. The per-country minutes, served only, keep
 //! [`top_k`] and its inspectable arrangements.
 
 use differential_dataflow::VecCollection;
