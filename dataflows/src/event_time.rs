@@ -80,7 +80,7 @@ impl EventTimeRules {
     /// boundary, where windows move, and at the minute's last tick) instead of once per tick.
     /// With a one-minute tick it changes nothing.
     pub fn window_time(&self, time: Time) -> Time {
-        if time % crate::types::MINUTE_MS == 0 {
+        if time.is_multiple_of(crate::types::MINUTE_MS) {
             time
         } else {
             (time / crate::types::MINUTE_MS + 1) * crate::types::MINUTE_MS - self.tick_ms

@@ -309,7 +309,7 @@ pub fn reference_run(dir: &Path, config: &RefConfig) -> (BTreeMap<String, String
     // recompute the minutes that changed. The windows' top K are recomputed only on minute
     // boundaries and at each minute's last tick: a count change reaches the windows at the last
     // tick of its minute (SPEC's window answers are defined at boundaries only).
-    let window_time = |time: u64| if time % 60_000 == 0 { time } else { (time / 60_000 + 1) * 60_000 - config.tick_ms };
+    let window_time = |time: u64| if time.is_multiple_of(60_000) { time } else { (time / 60_000 + 1) * 60_000 - config.tick_ms };
     let mut by_time: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     for (i, copy) in copies.iter().enumerate() {
         by_time.entry(copy.time).or_default().push(i);

@@ -169,6 +169,9 @@ where
     })
 }
 
+/// A time's capability and its updates, as words.
+type HeldWords<D> = (Capability<Time>, Vec<(<D as SortWords>::Words, isize)>);
+
 /// Each completed time's updates for which `keep(data, time)` holds, consolidated in the worker
 /// and sent as one sorted run, once the frontier has passed the time: one record
 /// `(run, time, 1)` per worker and time, whose `run` lists the non-zero `(data, diff)` of the
@@ -197,7 +200,7 @@ where
     updates
         .inner
         .unary_frontier(Pipeline, name, |_, _| {
-            let mut pending: std::collections::BTreeMap<Time, (Capability<Time>, Vec<(D::Words, isize)>)> = Default::default();
+            let mut pending: std::collections::BTreeMap<Time, HeldWords<D>> = Default::default();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
                     for (data, time, diff) in data.drain(..).filter(|(data, time, _)| keep(data, *time)) {
@@ -226,11 +229,14 @@ where
         .as_collection()
 }
 
+/// An activated output of updates `(K, Time, isize)`.
+type UpdatesSession<'a, K> = timely::dataflow::operators::generic::OutputBuilderSession<'a, Time, CapacityContainerBuilder<Vec<(K, Time, isize)>>>;
+
 /// Sends the non-zero sums of `sums` as updates, leaving it empty. It keeps its room for the
 /// next activation unless that room is far more than this one used: draining walks every slot,
 /// and after a replay's minute-sized batches a follower's small ones would walk them all.
 fn send_changes<K: Hash + Eq + Clone + 'static>(
-    output: &mut timely::dataflow::operators::generic::OutputBuilderSession<'_, Time, CapacityContainerBuilder<Vec<(K, Time, isize)>>>,
+    output: &mut UpdatesSession<'_, K>,
     at: &Capability<Time>,
     sums: &mut ProbeMap<(K, Time), isize>,
 ) {
