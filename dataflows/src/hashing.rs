@@ -251,13 +251,7 @@ mod tests {
     /// `ProbeMap` holding what a `HashMap` holds.
     #[test]
     fn probe_map_holds_what_a_hash_map_holds() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
+        let mut next = crate::render::testing::generator(7);
         for round in 0..40 {
             let keys = 4 + next(60);
             let mut map: ProbeMap<(u64, u32), i64> = ProbeMap::default();

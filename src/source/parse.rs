@@ -196,31 +196,45 @@ mod tests {
         assert_eq!(click.attrs.ip.to_string(), "2001:db8::1");
     }
 
+    /// A seeded xorshift: `next(bound)` is below `bound`.
+    fn xorshift(mut state: u64) -> impl FnMut(u64) -> u64 {
+        move |bound| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % bound
+        }
+    }
+
+    /// `parts` runs of fewer than `longest` characters, each drawn by `pick`, joined by
+    /// `separator`.
+    fn random_text(next: &mut impl FnMut(u64) -> u64, parts: u64, separator: char, longest: u64, pick: impl Fn(&mut dyn FnMut(u64) -> u64) -> char) -> String {
+        let mut text = String::new();
+        for part in 0..parts {
+            if part > 0 {
+                text.push(separator);
+            }
+            for _ in 0..next(longest) {
+                text.push(pick(&mut *next));
+            }
+        }
+        text
+    }
+
     #[test]
     fn full_ipv6_reads_as_the_standard_parser_does() {
         // Strings of hex digits (and now and then another character) in groups between colons,
         // most of them near eight groups: whatever the fast path accepts, the standard parser
         // reads as the same address, and `parse_ip` reads everything as the standard parser does.
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
+        let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
         let digits = b"0123456789abcdefABCDEFg.";
         let mut accepted = 0;
         for _ in 0..200_000 {
-            let mut text = String::new();
-            for group in 0..6 + next(4) {
-                if group > 0 {
-                    text.push(':');
-                }
-                for _ in 0..next(6) {
-                    let pick = if next(50) == 0 { digits.len() as u64 } else { digits.len() as u64 - 2 };
-                    text.push(char::from(digits[next(pick) as usize]));
-                }
-            }
+            let groups = 6 + next(4);
+            let text = random_text(&mut next, groups, ':', 6, |next| {
+                let pick = if next(50) == 0 { digits.len() as u64 } else { digits.len() as u64 - 2 };
+                char::from(digits[next(pick) as usize])
+            });
             let fast = parse_full_ipv6(text.as_bytes());
             let standard = text.parse::<std::net::Ipv6Addr>().ok();
             if fast.is_some() {
@@ -237,24 +251,13 @@ mod tests {
         // Strings of digits and dots, most of them near a dotted quad: whatever the fast path
         // accepts, the standard parser accepts with the same address, and the fast path turns
         // down nothing the standard parser reads as IPv4.
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = |bound: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % bound
-        };
+        let mut next = xorshift(0x2545_F491_4F6C_DD1D);
         let mut accepted = 0;
         for _ in 0..200_000 {
-            let mut text = String::new();
-            for part in 0..3 + next(3) {
-                if part > 0 {
-                    text.push('.');
-                }
-                for _ in 0..next(5) {
-                    text.push(char::from(b'0' + [0, 1, 2, 5, 9][next(5) as usize] as u8 + if next(4) == 0 { next(10) as u8 % 3 } else { 0 }));
-                }
-            }
+            let parts = 3 + next(3);
+            let text = random_text(&mut next, parts, '.', 5, |next| {
+                char::from(b'0' + [0, 1, 2, 5, 9][next(5) as usize] as u8 + if next(4) == 0 { next(10) as u8 % 3 } else { 0 })
+            });
             let fast = parse_plain_ipv4(text.as_bytes());
             let standard = text.parse::<std::net::Ipv4Addr>().ok();
             assert_eq!(fast, standard, "{text:?}");

@@ -8,7 +8,7 @@ pub mod fraud;
 pub mod minute_state;
 pub mod temporal;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 pub mod topk;
 pub mod windows;
 
