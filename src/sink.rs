@@ -325,7 +325,9 @@ impl OutputSink {
     pub fn absorb(&mut self, record: SinkRecord, time: Time, diff: isize) {
         match record {
             SinkRecord::Answers(run) => {
-                debug_assert_eq!(diff, 1, "a run of answers is sent once");
+                // Sent with diff 1; were two equal runs ever consolidated, each change counts
+                // that many times.
+                let run = if diff == 1 { run } else { run.into_iter().map(|(answer, d)| (answer, d * diff)).collect() };
                 match self.pending.entry(time) {
                     std::collections::btree_map::Entry::Vacant(vacant) => {
                         vacant.insert(run);

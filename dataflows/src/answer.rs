@@ -122,7 +122,7 @@ impl SortWords for Answer {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum SinkRecord {
     /// One worker's changes to the answers at the record's time, consolidated and sorted by
-    /// answer (the record's own diff is 1): see
+    /// answer, sent with diff 1 (a diff of n counts each change n times): see
     /// [`answers_for_sink`](crate::render::answers_for_sink).
     Answers(Vec<(Answer, isize)>),
     Note(crate::types::SourceNote),

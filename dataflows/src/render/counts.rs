@@ -13,7 +13,7 @@ use timely::dataflow::operators::Capability;
 
 use crate::answer::SortWords;
 use crate::event_time::EventTimeRules;
-use crate::hashing::{FastHasher, FastMap, ProbeMap};
+use crate::hashing::{FastHasher, FastMap, ProbeMap, PREFETCH_AHEAD};
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::types::{ClickAttrs, ClickKey, Country, Minute, Time};
 
@@ -246,10 +246,6 @@ fn send_changes<K: Hash + Eq + Clone + 'static>(
         *sums = ProbeMap::default();
     }
 }
-
-/// How many clicks ahead of the one counted [`pre_aggregate_minute_keys`] prefetches the sums'
-/// slots (see [`ProbeMap::prefetch`]).
-const PREFETCH_AHEAD: usize = 8;
 
 /// The (minute, ad), (minute, campaign) and (minute, country, ad) keys of the clicks, each
 /// consolidated as [`pre_aggregate`] does, in one pass over the clicks: every reader of a stream

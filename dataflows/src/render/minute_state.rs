@@ -17,7 +17,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
 use crate::event_time::EventTimeRules;
-use crate::hashing::FastMap;
+use crate::hashing::{FastMap, PREFETCH_AHEAD};
 use crate::types::{Minute, Time};
 
 /// The state one minute keeps, for one worker's share of the keys.
@@ -163,11 +163,6 @@ pub fn per_minute<'scope, S: MinuteState>(
         })
         .as_collection()
 }
-
-/// How many updates ahead of the one applied [`MinuteState::prefetch`] is told of: enough to
-/// have several cache misses in flight, few enough that the first lines are still cached when
-/// their update comes.
-const PREFETCH_AHEAD: usize = 8;
 
 /// A time's capability and the updates received for it, with their multiplicities.
 type HeldTime<U> = (Capability<Time>, Vec<(U, isize)>);

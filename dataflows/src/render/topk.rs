@@ -9,13 +9,13 @@
 //! [`top_k_per_minute`] and the sliding windows ([`sliding_top_k`](crate::render::windows::sliding_top_k))
 //! rank counts they keep themselves, one share of the ads per worker, and update each worker's
 //! top K from the changed counts and a pool of candidates, looking at every count only when the
-//! pool runs short (`LocalTop`); a `reduce` over the workers' local tops gives the global one. The per-country minutes, served only, keep
-//! [`top_k`] and its inspectable arrangements.
+//! pool runs short (`LocalTop`); a `reduce` over the workers' local tops gives the global one.
+//! The per-country minutes, served only, keep [`top_k`] and its inspectable arrangements.
 
 use differential_dataflow::VecCollection;
 
 use crate::event_time::EventTimeRules;
-use crate::hashing::ProbeMap;
+use crate::hashing::{ProbeMap, PREFETCH_AHEAD};
 use crate::plan::Plan;
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::types::{Minute, Time};
@@ -178,9 +178,6 @@ struct Count {
     changed: bool,
     pooled: bool,
 }
-
-/// How many changed ads ahead `settle` prefetches the count of.
-const PREFETCH_AHEAD: usize = 8;
 
 /// A pool selected from every count keeps this many times K candidates, and is cut back to that
 /// once it has grown to twice as many: room for the top K to drift before the pool runs short,

@@ -19,7 +19,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
 use crate::event_time::EventTimeRules;
-use crate::hashing::{FastMap, ProbeMap};
+use crate::hashing::{FastMap, ProbeMap, PREFETCH_AHEAD};
 use crate::plan::Plan;
 use crate::render::minute_state::StateLog;
 use crate::render::topk::{bucket_of, keep_top, unrank, LocalTop, Rank};
@@ -142,20 +142,21 @@ where
                 }
                 if next_entering == Some(time) {
                     let (_, (held, changes)) = entering.pop_first().expect("just seen");
+                    // When a minute's contribution leaves the window of M minutes.
+                    let window_end = |minute: Minute, window: u32| (u64::from(minute) + u64::from(window)) * MINUTE_MS;
                     for at in 0..changes.len() {
-                        let end_of = |minute: Minute, window: u32| (u64::from(minute) + u64::from(window)) * MINUTE_MS;
                         if let Some((minute, group, ad, _)) = changes.get(at + PREFETCH_AHEAD) {
                             if let Some(contributed) = minutes.get(minute) {
                                 contributed.prefetch(&(group.clone(), *ad));
                             }
-                            for &window in windows.iter().filter(|&&window| end_of(*minute, window) > time) {
+                            for &window in windows.iter().filter(|&&window| window_end(*minute, window) > time) {
                                 if let Some(top) = tops.get(&(window, group.clone())) {
                                     top.prefetch(*ad);
                                 }
                             }
                         }
                         let (minute, group, ad, clicks) = changes[at].clone();
-                        let end_of = |window: u32| end_of(minute, window);
+                        let end_of = |window: u32| window_end(minute, window);
                         let contributed = minutes.entry(minute).or_insert_with(|| {
                             for &window in &windows {
                                 let until = end_of(window);
@@ -202,9 +203,6 @@ where
     });
     keep_top(name, local.as_collection(), k).map(|(group, r)| (group, unrank(r)))
 }
-
-/// How many changes ahead the window counts they go to are prefetched.
-const PREFETCH_AHEAD: usize = 8;
 
 /// The changes entering the windows at one time, and its capability.
 type Entering<G> = (Capability<Time>, Vec<(Minute, G, u64, i64)>);
