@@ -358,7 +358,9 @@ def commit():
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # The harness's own output files do not make the measured build a different one.
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/RESULTS.md", ":!bench/RESULTS.json")
+    return head + (" (with uncommitted changes)" if changed else "")
 
 
 def render(results, lines, args, built_from, serving, saved):
