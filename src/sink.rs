@@ -497,7 +497,7 @@ impl OutputSink {
             let (time, mut updates) = entry.remove_entry();
             differential_dataflow::consolidation::consolidate(&mut updates);
             for (answer, diff) in updates {
-                let forgetting = answer.minute().and_then(|m| self.rules.minute_final_at(m)).is_some_and(|final_at| time >= final_at);
+                let forgetting = answer.minute().is_some_and(|minute| self.rules.is_final_at(minute, time));
                 if !forgetting {
                     self.applied_serving.push((answer, diff));
                 }

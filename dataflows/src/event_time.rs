@@ -101,6 +101,12 @@ impl EventTimeRules {
         Some(self.tick_up(end + lateness.saturating_sub(self.watermark_delay_ms)))
     }
 
+    /// Whether `minute` is final at `time` ([`minute_final_at`](Self::minute_final_at)): a change
+    /// to it then can only be retention forgetting it. Never, without a lateness bound.
+    pub fn is_final_at(&self, minute: crate::types::Minute, time: Time) -> bool {
+        self.minute_final_at(minute).is_some_and(|final_at| time >= final_at)
+    }
+
     /// The last minute (exclusive bound) whose answers can no longer change once the frontier
     /// is at `frontier`: any row still to come has `ts >= min(frontier, frontier + delay - lateness)`.
     /// Reconciliation (no lateness bound) never finalises before the end.

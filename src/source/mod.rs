@@ -218,7 +218,7 @@ impl PartitionSource {
             match parsed {
                 Ok(click) => match rules.admit(&mut self.clock, click.key.ts) {
                     Admission::Accepted { time, .. }
-                        if time < floor && rules.minute_final_at(click.minute()).is_some_and(|at| at <= floor) =>
+                        if time < floor && rules.is_final_at(click.minute(), floor) =>
                     {
                         self.progress.too_late += 1;
                         let dead = DeadLetter { partition, offset, reason: Reason::BehindWatermark, line: bytes.to_vec() };

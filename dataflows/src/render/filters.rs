@@ -70,7 +70,7 @@ pub fn render_filters<'scope>(
         clicks,
         move |(key, attrs): &(ClickKey, ClickAttrs), time| {
             let minute = minute_of(key.ts);
-            let current = rules.minute_final_at(minute).is_none_or(|final_at| time < final_at);
+            let current = !rules.is_final_at(minute, time);
             let row = FilterRow { minute, ad: attrs.ad, campaign: attrs.campaign, country: attrs.country, user: attrs.user, ip: attrs.ip };
             current.then(|| (row, expiry(&rules, minute, horizon_minutes).unwrap_or(Time::MAX), 1))
         },

@@ -201,6 +201,6 @@ pub fn render_clicks<'scope>(
 pub fn answers_for_sink<'scope>(answers: VecCollection<'scope, Time, Answer>, rules: &EventTimeRules) -> VecCollection<'scope, Time, Vec<(Answer, isize)>> {
     let rules = *rules;
     counts::consolidate_completed_times("SortAnswers", answers, move |answer: &Answer, time| {
-        answer.minute().and_then(|minute| rules.minute_final_at(minute)).is_none_or(|final_at| time < final_at)
+        answer.minute().is_none_or(|minute| !rules.is_final_at(minute, time))
     })
 }

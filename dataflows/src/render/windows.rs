@@ -31,7 +31,7 @@ use crate::types::{Minute, Time, MINUTE_MS};
 /// Contributions enter at the minute's last tick ([`EventTimeRules::window_time`]), so that a
 /// window's top K changes twice a minute, not once per tick.
 pub fn contributions(rules: EventTimeRules, windows: &[u32], minute: Minute, time: Time) -> impl Iterator<Item = (usize, Time, Time)> + '_ {
-    let current = rules.minute_final_at(minute).is_none_or(|final_at| time < final_at);
+    let current = !rules.is_final_at(minute, time);
     let from = time.max(rules.window_time(time));
     windows
         .iter()
