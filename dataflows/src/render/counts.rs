@@ -278,21 +278,27 @@ fn pre_aggregate_minute_keys<'scope>(clicks: VecCollection<'scope, Time, (ClickK
                 if least.first().is_none_or(|l| capability.least().is_some_and(|t| t < l.time())) {
                     least = (0..3).map(|port| capability.retain_least(port).expect("a message has a time")).collect();
                 }
-                for at in 0..data.len() {
-                    if let Some(&((key, attrs), time, _)) = data.get(at + PREFETCH_AHEAD) {
-                        let minute = crate::types::minute_of(key.ts);
-                        ads.prefetch(&((minute, attrs.ad), time));
-                        campaigns.prefetch(&((minute, attrs.campaign), time));
-                        countries.prefetch(&((minute, attrs.country, attrs.ad), time));
-                    }
-                    let ((key, attrs), time, diff) = data[at];
+                // A click's three keys, each with its time.
+                let keys_of = |&((key, attrs), time, _): &((ClickKey, ClickAttrs), Time, isize)| {
                     let minute = crate::types::minute_of(key.ts);
-                    if rules.minute_final_at(minute).is_some_and(|final_at| time >= final_at) {
+                    (((minute, attrs.ad), time), ((minute, attrs.campaign), time), ((minute, attrs.country, attrs.ad), time))
+                };
+                for at in 0..data.len() {
+                    if let Some(ahead) = data.get(at + PREFETCH_AHEAD) {
+                        let (ad, campaign, country) = keys_of(ahead);
+                        ads.prefetch(&ad);
+                        campaigns.prefetch(&campaign);
+                        countries.prefetch(&country);
+                    }
+                    let (ad, campaign, country) = keys_of(&data[at]);
+                    let ((minute, _), time) = ad;
+                    if rules.is_final_at(minute, time) {
                         continue;
                     }
-                    *ads.get_or_insert_with(((minute, attrs.ad), time), || 0) += diff;
-                    *campaigns.get_or_insert_with(((minute, attrs.campaign), time), || 0) += diff;
-                    *countries.get_or_insert_with(((minute, attrs.country, attrs.ad), time), || 0) += diff;
+                    let diff = data[at].2;
+                    *ads.get_or_insert_with(ad, || 0) += diff;
+                    *campaigns.get_or_insert_with(campaign, || 0) += diff;
+                    *countries.get_or_insert_with(country, || 0) += diff;
                 }
                 data.clear();
             });
