@@ -212,14 +212,8 @@ where
                         break;
                     }
                     let (capability, mut updates) = entry.remove();
-                    updates.sort_unstable_by_key(|&(words, _)| words);
-                    let mut run = Vec::new();
-                    for same in updates.chunk_by(|a, b| a.0 == b.0) {
-                        let diff: isize = same.iter().map(|&(_, diff)| diff).sum();
-                        if diff != 0 {
-                            run.push((D::from_words(same[0].0), diff));
-                        }
-                    }
+                    differential_dataflow::consolidation::consolidate(&mut updates);
+                    let run: Vec<(D, isize)> = updates.into_iter().map(|(words, diff)| (D::from_words(words), diff)).collect();
                     if !run.is_empty() {
                         output.session(&capability).give((run, *capability.time(), 1));
                     }
