@@ -90,7 +90,7 @@ where
         let mut leaving: BTreeMap<Time, Capability<Time>> = BTreeMap::new();
         // What each minute still in a window contributed, per (group, ad).
         let mut minutes: BTreeMap<Minute, ProbeMap<(G, u64), i64>> = BTreeMap::new();
-        let mut tops: FastMap<(u32, G), LocalTop> = FastMap::default();
+        let mut tops: Tops<G> = FastMap::default();
         let mut touched: Vec<(u32, G)> = Vec::new();
         let mut ranked: Vec<Rank> = Vec::new();
         move |(input, frontier), output| {
@@ -123,15 +123,9 @@ where
                         let mut ahead = contributed.iter().skip(PREFETCH_AHEAD);
                         for ((group, ad), &clicks) in contributed.iter() {
                             if let Some(((group, ad), _)) = ahead.next() {
-                                if let Some(top) = tops.get(&(window, group.clone())) {
-                                    top.prefetch(*ad);
-                                }
+                                prefetch_top(&tops, window, group, *ad);
                             }
-                            let top = tops.entry((window, group.clone())).or_default();
-                            if !top.is_changed() {
-                                touched.push((window, group.clone()));
-                            }
-                            top.change(*ad, -clicks);
+                            change_top(&mut tops, &mut touched, window, group, *ad, -clicks);
                         }
                     }
                     // Out of the widest window, a minute is out of all of them.
@@ -150,9 +144,7 @@ where
                                 contributed.prefetch(&(group.clone(), *ad));
                             }
                             for &window in windows.iter().filter(|&&window| window_end(*minute, window) > time) {
-                                if let Some(top) = tops.get(&(window, group.clone())) {
-                                    top.prefetch(*ad);
-                                }
+                                prefetch_top(&tops, window, group, *ad);
                             }
                         }
                         let (minute, group, ad, clicks) = changes[at].clone();
@@ -168,11 +160,7 @@ where
                         });
                         *contributed.get_or_insert_with((group.clone(), ad), || 0) += clicks;
                         for &window in windows.iter().filter(|&&window| end_of(window) > time) {
-                            let top = tops.entry((window, group.clone())).or_default();
-                            if !top.is_changed() {
-                                touched.push((window, group.clone()));
-                            }
-                            top.change(ad, clicks);
+                            change_top(&mut tops, &mut touched, window, &group, ad, clicks);
                         }
                     }
                     capability = Some(held);
@@ -202,6 +190,26 @@ where
         }
     });
     keep_top(name, local.as_collection(), k).map(|(group, r)| (group, unrank(r)))
+}
+
+/// Each (window, group)'s counts on one worker, with their local top K.
+type Tops<G> = FastMap<(u32, G), LocalTop>;
+
+/// Adds `clicks` to `ad`'s count in the counts of `window` and `group`, noting them in `touched`
+/// at their first change of the time being processed.
+fn change_top<G: std::hash::Hash + Eq + Clone>(tops: &mut Tops<G>, touched: &mut Vec<(u32, G)>, window: u32, group: &G, ad: u64, clicks: i64) {
+    let top = tops.entry((window, group.clone())).or_default();
+    if !top.is_changed() {
+        touched.push((window, group.clone()));
+    }
+    top.change(ad, clicks);
+}
+
+/// A hint that `ad`'s count in the counts of `window` and `group` changes soon, if they exist.
+fn prefetch_top<G: std::hash::Hash + Eq + Clone>(tops: &Tops<G>, window: u32, group: &G, ad: u64) {
+    if let Some(top) = tops.get(&(window, group.clone())) {
+        top.prefetch(ad);
+    }
 }
 
 /// The changes entering the windows at one time, and its capability.
