@@ -194,8 +194,8 @@ impl<K: Hash + Eq, V> ProbeMap<K, V> {
     /// Removes every entry, keeping the room.
     pub fn clear(&mut self) {
         if self.len > 0 {
-            self.slots.iter_mut().for_each(|slot| *slot = None);
-            self.len = 0;
+            // A dropped drain empties the slots it did not yield.
+            self.drain();
         }
     }
 
