@@ -321,8 +321,17 @@ impl OutputSink {
         self.discovered.get(&id).copied()
     }
 
+    /// Takes one activation's batches of updates ([`absorb`](Self::absorb)), then applies what
+    /// the frontier after it completes ([`advance`](Self::advance)).
+    pub fn take_batches(&mut self, batches: Vec<Vec<(SinkRecord, Time, isize)>>, frontier: Option<Time>) -> io::Result<()> {
+        for (record, time, diff) in batches.into_iter().flatten() {
+            self.absorb(record, time, diff);
+        }
+        self.advance(frontier)
+    }
+
     /// Takes one update from the dataflow; it is applied once the frontier passes its time.
-    pub fn absorb(&mut self, record: SinkRecord, time: Time, diff: isize) {
+    fn absorb(&mut self, record: SinkRecord, time: Time, diff: isize) {
         match record {
             SinkRecord::Answers(run) => {
                 // Sent with diff 1; were two equal runs ever consolidated, each change counts
@@ -698,10 +707,7 @@ impl SinkRunner {
             SinkRunner::OnThread(thread) => thread.advance(batches, frontier),
             SinkRunner::OnWorker { sink, error } => {
                 let Some(running) = sink.as_mut() else { return };
-                for (record, time, diff) in batches.into_iter().flatten() {
-                    running.absorb(record, time, diff);
-                }
-                if let Err(e) = running.advance(frontier) {
+                if let Err(e) = running.take_batches(batches, frontier) {
                     // Nothing more is written; `finish` reports why.
                     *error = Some(e);
                     *sink = None;
@@ -755,12 +761,7 @@ impl SinkThread {
             setup();
             for message in received {
                 match message {
-                    ToSink::Advance(batches, frontier) => {
-                        for (record, time, diff) in batches.into_iter().flatten() {
-                            sink.absorb(record, time, diff);
-                        }
-                        sink.advance(frontier)?;
-                    }
+                    ToSink::Advance(batches, frontier) => sink.take_batches(batches, frontier)?,
                     ToSink::Finish => return sink.finish().map(Some),
                 }
             }
