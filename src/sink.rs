@@ -182,33 +182,21 @@ impl Files {
         let line = &mut self.line;
         for (answer, count) in changes {
             assert_eq!(count, 1, "a view holds each answer once: {answer:?} x {count}");
+            let (_, id, clicks) = answer.key_and_clicks();
+            match answer.view() {
+                View::AdMinute => total += clicks,
+                View::TopMinute => {
+                    top.push((id, clicks));
+                    continue;
+                }
+                View::FraudMinute => summary.excluded += clicks,
+                View::TopWindow => unreachable!("window answers belong to no minute"),
+                View::CampaignMinute | View::CountryMinute => {}
+            }
             line.clear();
             line.extend_from_slice(num.format(minute).as_bytes());
             line.push(b',');
-            let (id, clicks) = match answer {
-                Answer::AdMinute { ad, clicks, .. } => {
-                    total += clicks;
-                    (ad, clicks)
-                }
-                Answer::CampaignMinute { campaign, clicks, .. } => (campaign, clicks),
-                Answer::CountryMinute { country, ad, clicks, .. } => {
-                    line.extend_from_slice(&country.as_bytes());
-                    line.push(b',');
-                    (ad, clicks)
-                }
-                Answer::TopMinute { ad, clicks, .. } => {
-                    top.push((ad, clicks));
-                    continue;
-                }
-                Answer::FraudMinute { ad, clicks, .. } => {
-                    summary.excluded += clicks;
-                    (ad, clicks)
-                }
-                Answer::TopWindow { .. } => unreachable!("window answers belong to no minute"),
-            };
-            line.extend_from_slice(num.format(id).as_bytes());
-            line.push(b',');
-            line.extend_from_slice(num.format(clicks).as_bytes());
+            push_key_and_clicks(line, &mut num, &answer, b',');
             line.push(b'\n');
             self.views[answer.view() as usize].write_all(line)?;
         }
@@ -604,17 +592,10 @@ pub fn changelog_fields(answer: &Answer, key: &mut String) -> (std::borrow::Cow<
     if let Some(minute) = answer.minute() {
         let _ = write!(key, "{minute}/");
     }
-    let (id, value) = match *answer {
-        Answer::AdMinute { ad, clicks, .. } => (ad, clicks),
-        Answer::CampaignMinute { campaign, clicks, .. } => (campaign, clicks),
-        Answer::CountryMinute { country, ad, clicks, .. } => {
-            let _ = write!(key, "{country}/");
-            (ad, clicks)
-        }
-        Answer::TopMinute { ad, clicks, .. } | Answer::FraudMinute { ad, clicks, .. } | Answer::TopWindow { ad, clicks, .. } => {
-            (ad, clicks)
-        }
-    };
+    let (country, id, value) = answer.key_and_clicks();
+    if let Some(country) = country {
+        let _ = write!(key, "{country}/");
+    }
     let _ = write!(key, "{id}");
     (view, value)
 }
@@ -649,25 +630,24 @@ fn write_change(out: &mut impl Write, line: &mut Vec<u8>, stamp: &[u8], answer: 
         }
         (None, _) => unreachable!("only window answers have no minute"),
     }
-    let (key, value) = match *answer {
-        Answer::AdMinute { ad, clicks, .. } => (ad, clicks),
-        Answer::CampaignMinute { campaign, clicks, .. } => (campaign, clicks),
-        Answer::CountryMinute { country, ad, clicks, .. } => {
-            line.extend_from_slice(&country.as_bytes());
-            line.push(b'/');
-            (ad, clicks)
-        }
-        Answer::TopMinute { ad, clicks, .. }
-        | Answer::FraudMinute { ad, clicks, .. }
-        | Answer::TopWindow { ad, clicks, .. } => (ad, clicks),
-    };
-    line.extend_from_slice(num.format(key).as_bytes());
-    line.push(b',');
-    line.extend_from_slice(num.format(value).as_bytes());
+    push_key_and_clicks(line, &mut num, answer, b'/');
     line.push(b',');
     line.extend_from_slice(num.format(diff).as_bytes());
     line.push(b'\n');
     out.write_all(line)
+}
+
+/// Appends an answer's key below its minute and its clicks, `{country}{separator}{id},{clicks}`
+/// (the country for the per-country view only): the tail of a view's row and of a changelog line.
+fn push_key_and_clicks(line: &mut Vec<u8>, num: &mut itoa::Buffer, answer: &Answer, separator: u8) {
+    let (country, id, clicks) = answer.key_and_clicks();
+    if let Some(country) = country {
+        line.extend_from_slice(&country.as_bytes());
+        line.push(separator);
+    }
+    line.extend_from_slice(num.format(id).as_bytes());
+    line.push(b',');
+    line.extend_from_slice(num.format(clicks).as_bytes());
 }
 
 /// A CSV field in double quotes, any invalid UTF-8 replaced so the file stays text.

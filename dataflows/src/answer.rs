@@ -62,6 +62,19 @@ impl Answer {
         }
     }
 
+    /// What the answer says below its minute or window: `(country, id, clicks)`, with the
+    /// country for the per-country view only, and the id an ad's, or a campaign's.
+    pub fn key_and_clicks(&self) -> (Option<Country>, u64, u64) {
+        match *self {
+            Answer::CampaignMinute { campaign, clicks, .. } => (None, campaign, clicks),
+            Answer::CountryMinute { country, ad, clicks, .. } => (Some(country), ad, clicks),
+            Answer::AdMinute { ad, clicks, .. }
+            | Answer::TopMinute { ad, clicks, .. }
+            | Answer::FraudMinute { ad, clicks, .. }
+            | Answer::TopWindow { ad, clicks, .. } => (None, ad, clicks),
+        }
+    }
+
     /// The minute a per-minute answer is about; it is final once that minute is.
     /// Sliding-window answers belong to no one minute.
     pub fn minute(&self) -> Option<Minute> {
