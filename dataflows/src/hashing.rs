@@ -225,11 +225,165 @@ impl<K, V> Drop for Drain<'_, K, V> {
     }
 }
 
+/// An open-addressing index (linear probing) from keys to positions in a list its caller keeps:
+/// for state with large entries that it looks up at random. Each slot holds 32 bits of the key's
+/// hash and a position, 8 bytes, so the slots a lookup probes are a small table that the caches
+/// hold, where slots holding the entries themselves would be several times larger. The entries
+/// stay in the caller's list, in the order they were added: touched once when added, as the list
+/// grows, and again only when the key is found.
+///
+/// The caller hashes its keys (`hash`, the same for equal keys) and says, through `is_it`, whether
+/// the entry at a position is the key sought: equal tags do not mean equal keys. A slot's place is
+/// taken from the high bits of its tag, so growing needs neither the entries nor their hashes.
+/// Removal shifts later slots back, as [`ProbeMap`]'s does. At most three quarters full.
+pub struct TagIndex {
+    slots: Vec<Slot>,
+    len: usize,
+    /// `32 - log2(slots.len())`: a tag's high bits are its ideal slot.
+    shift: u32,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    tag: u32,
+    position: u32,
+}
+
+impl Slot {
+    const FREE: Slot = Slot { tag: 0, position: u32::MAX };
+    fn is_free(&self) -> bool {
+        self.position == u32::MAX
+    }
+}
+
+impl Default for TagIndex {
+    fn default() -> Self {
+        TagIndex { slots: Vec::new(), len: 0, shift: 32 }
+    }
+}
+
+impl TagIndex {
+    /// The tag of a hash: the high bits of a multiply, so that any well-spread bits of `hash`
+    /// spread over the tag, and over the ideal slot, which is the tag's high bits.
+    fn tag_of(hash: u64) -> u32 {
+        (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
+    }
+
+    fn ideal(&self, tag: u32) -> usize {
+        // A shift of 32 (no slots) is never used: every caller checks for slots first.
+        (tag >> self.shift) as usize
+    }
+
+    /// Starts loading the slot a lookup of `hash` reads first. Only a hint: it changes nothing.
+    pub fn prefetch(&self, hash: u64) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let slot = &self.slots[self.ideal(Self::tag_of(hash))] as *const Slot as *const i8;
+        // SAFETY: SSE is part of x86-64's baseline, and a prefetch never faults.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(slot)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = slot;
+    }
+
+    /// The position of the key hashed to `hash`, the one at which `is_it` holds; or, if none
+    /// does, `None` after adding `position` for the key.
+    pub fn find_or_add(&mut self, hash: u64, is_it: impl Fn(u32) -> bool, position: u32) -> Option<u32> {
+        assert!(position != u32::MAX, "a position below u32::MAX");
+        if 4 * (self.len + 1) > 3 * self.slots.len() {
+            self.grow();
+        }
+        let tag = Self::tag_of(hash);
+        let mask = self.slots.len() - 1;
+        let mut at = self.ideal(tag);
+        loop {
+            let slot = self.slots[at];
+            if slot.is_free() {
+                self.slots[at] = Slot { tag, position };
+                self.len += 1;
+                return None;
+            }
+            if slot.tag == tag && is_it(slot.position) {
+                return Some(slot.position);
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    /// Removes `position`, held for a key hashed to `hash`, and moves later slots of its run back
+    /// into the gap, so that every slot stays reachable from its ideal one without crossing a
+    /// free one. Nothing happens if it is not held.
+    pub fn remove(&mut self, hash: u64, position: u32) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let tag = Self::tag_of(hash);
+        let mask = self.slots.len() - 1;
+        let mut gap = self.ideal(tag);
+        loop {
+            let slot = self.slots[gap];
+            if slot.is_free() {
+                return;
+            }
+            if slot.tag == tag && slot.position == position {
+                break;
+            }
+            gap = (gap + 1) & mask;
+        }
+        self.slots[gap] = Slot::FREE;
+        self.len -= 1;
+        let mut next = (gap + 1) & mask;
+        while !self.slots[next].is_free() {
+            // The slot may fill the gap unless its ideal slot lies cyclically in (gap, next].
+            let ideal = self.ideal(self.slots[next].tag);
+            if (next.wrapping_sub(ideal) & mask) >= (next.wrapping_sub(gap) & mask) {
+                self.slots[gap] = std::mem::replace(&mut self.slots[next], Slot::FREE);
+                gap = next;
+            }
+            next = (next + 1) & mask;
+        }
+    }
+
+    fn grow(&mut self) {
+        let capacity = (2 * self.slots.len()).max(16);
+        let old = std::mem::replace(&mut self.slots, vec![Slot::FREE; capacity]);
+        self.shift = 32 - capacity.trailing_zeros();
+        let mask = capacity - 1;
+        for slot in old.into_iter().filter(|slot| !slot.is_free()) {
+            let mut at = self.ideal(slot.tag);
+            while !self.slots[at].is_free() {
+                at = (at + 1) & mask;
+            }
+            self.slots[at] = slot;
+        }
+    }
+
+    /// How many positions it holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Removes every position, keeping the room.
+    pub fn clear(&mut self) {
+        if self.len > 0 {
+            self.slots.fill(Slot::FREE);
+            self.len = 0;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::hash::BuildHasher;
 
-    use super::{FastMap, ProbeMap};
+    use super::{FastMap, ProbeMap, TagIndex};
 
     /// Dense ids (ads numbered 0..n, minutes in a row) must spread over a table's buckets: the
     /// low bits, which pick the bucket, and the high seven, which the table compares first.
@@ -297,6 +451,57 @@ mod tests {
             expected.sort();
             assert_eq!(drained, expected, "round {round}");
             assert!(map.is_empty());
+        }
+    }
+
+    /// Random adds, lookups, removals and clears leave a `TagIndex` finding what a `HashMap`
+    /// holds. Hashes are taken from a few values, so that different keys share tags, and only
+    /// `is_it` tells them apart; the runs collide, wrap around and are shifted back by removals.
+    #[test]
+    fn tag_index_finds_what_a_hash_map_holds() {
+        let mut next = crate::render::testing::generator(11);
+        for round in 0..40 {
+            let keys = 4 + next(80);
+            let hashes = 1 + next(8);
+            let hash = |key: u64| if round % 2 == 0 { key % hashes } else { key.wrapping_mul(0x2545_F491_4F6C_DD1D) };
+            let mut index = TagIndex::default();
+            // The caller's list: the key at each position, `None` once removed.
+            let mut list: Vec<Option<u64>> = Vec::new();
+            let mut reference: std::collections::HashMap<u64, u32> = Default::default();
+            for step in 0..3000 {
+                let key = next(keys);
+                match next(100) {
+                    0 => {
+                        index.clear();
+                        list.clear();
+                        reference.clear();
+                    }
+                    1..=35 => match reference.remove(&key) {
+                        Some(position) => {
+                            index.remove(hash(key), position);
+                            list[position as usize] = None;
+                        }
+                        // Not held: removing a position nobody holds changes nothing.
+                        None => index.remove(hash(key), u32::MAX - 1),
+                    },
+                    _ => {
+                        let position = list.len() as u32;
+                        index.prefetch(hash(key));
+                        match index.find_or_add(hash(key), |at| list[at as usize] == Some(key), position) {
+                            Some(found) => assert_eq!(reference.get(&key), Some(&found), "round {round}, step {step}"),
+                            None => {
+                                assert_eq!(reference.insert(key, position), None, "round {round}, step {step}: added twice");
+                                list.push(Some(key));
+                            }
+                        }
+                    }
+                }
+                assert_eq!(index.len(), reference.len(), "round {round}, step {step}");
+                for (&key, &position) in &reference {
+                    let found = index.find_or_add(hash(key), |at| list[at as usize] == Some(key), u32::MAX - 1);
+                    assert_eq!(found, Some(position), "round {round}, step {step}: key {key}");
+                }
+            }
         }
     }
 }

@@ -1,9 +1,11 @@
 //! De-duplication of retried deliveries (SPEC §2 "Duplicates"), and the retention of its state.
 
+use std::hash::{BuildHasher, BuildHasherDefault};
+
 use differential_dataflow::VecCollection;
 
 use crate::event_time::EventTimeRules;
-use crate::hashing::ProbeMap;
+use crate::hashing::{FastHasher, TagIndex};
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::types::{Click, ClickAttrs, ClickKey, Time};
 
@@ -31,15 +33,27 @@ pub fn distinct_clicks<'scope>(
     rules: &EventTimeRules,
     retract: bool,
 ) -> VecCollection<'scope, Time, (ClickKey, ClickAttrs)> {
-    let empty = move || DistinctClicks { copies: ProbeMap::default(), retract };
+    let empty = move || DistinctClicks { clicks: Vec::new(), index: TagIndex::default(), retract };
     per_minute(name, deliveries, |click| click.key.event as u64, Click::minute, rules, empty)
 }
 
 /// One minute's clicks, each with its visible copies.
+///
+/// A new click's lookup misses, and nearly every click is new: the index it probes is kept
+/// small ([`TagIndex`], 8 bytes a slot) so that it stays in the caches, and the clicks are
+/// appended to a list, which is written in order.
 struct DistinctClicks {
-    copies: ProbeMap<ClickKey, Copies>,
+    /// Every click of the minute, in the order of its first copy. A click whose copies all went
+    /// keeps its place, with none; if a copy comes back, it is added again.
+    clicks: Vec<(ClickKey, Copies)>,
+    /// The position in `clicks` of each click with copies.
+    index: TagIndex,
     /// Whether retiring the minute retracts its clicks.
     retract: bool,
+}
+
+fn hash_of(key: &ClickKey) -> u64 {
+    BuildHasherDefault::<FastHasher>::default().hash_one(key)
 }
 
 impl MinuteState for DistinctClicks {
@@ -47,16 +61,25 @@ impl MinuteState for DistinctClicks {
     type Output = (ClickKey, ClickAttrs);
 
     fn prefetch(&self, click: &Click) {
-        self.copies.prefetch(&click.key);
+        self.index.prefetch(hash_of(&click.key));
     }
 
     fn apply(&mut self, click: Click, diff: isize, emit: &mut impl FnMut(Self::Output, isize)) {
-        let copies = self.copies.get_or_insert_with(click.key, Copies::default);
+        let hash = hash_of(&click.key);
+        let clicks = &self.clicks;
+        let at = match self.index.find_or_add(hash, |at| clicks[at as usize].0 == click.key, clicks.len() as u32) {
+            Some(at) => at as usize,
+            None => {
+                self.clicks.push((click.key, Copies::None));
+                self.clicks.len() - 1
+            }
+        };
+        let copies = &mut self.clicks[at].1;
         let before = copies.smallest();
         copies.add(click.attrs, diff);
         let after = copies.smallest();
         if copies.is_empty() {
-            self.copies.remove(&click.key);
+            self.index.remove(hash, at as u32);
         }
         if before != after {
             if let Some(old) = before {
@@ -71,11 +94,12 @@ impl MinuteState for DistinctClicks {
     fn settle(&mut self, _emit: &mut impl FnMut(Self::Output, isize)) {}
 
     fn retire(&mut self, emit: &mut impl FnMut(Self::Output, isize)) {
+        self.index.clear();
         if !self.retract {
-            self.copies.clear();
+            self.clicks.clear();
             return;
         }
-        for (key, copies) in self.copies.drain() {
+        for (key, copies) in self.clicks.drain(..) {
             if let Some(attrs) = copies.smallest() {
                 emit((key, attrs), -1);
             }
@@ -83,7 +107,7 @@ impl MinuteState for DistinctClicks {
     }
 
     fn keys(&self) -> usize {
-        self.copies.len()
+        self.index.len()
     }
 }
 
