@@ -2,6 +2,7 @@
 //! given updates on some number of workers, and the collection its output holds at a time.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use differential_dataflow::input::Input;
@@ -31,7 +32,8 @@ pub fn generator(seed: u64) -> impl FnMut(u64) -> u64 {
 }
 
 /// Every update the operator `build` makes on `workers` workers, from `updates` (sorted by time)
-/// fed in on worker 0.
+/// fed in on worker 0. A worker that panics (an operator's assertion) fails the run: the others
+/// stop too, instead of waiting for its progress forever.
 pub fn run_operator<D, O>(
     workers: usize,
     updates: &[(D, Time, isize)],
@@ -43,7 +45,9 @@ where
 {
     let output = Arc::new(Mutex::new(Vec::new()));
     let (shared, updates) = (Arc::clone(&output), updates.to_vec());
+    let failed = Arc::new(AtomicBool::new(false));
     timely::execute(timely::Config::process(workers), move |worker| {
+        let _failing = FailOnPanic(Arc::clone(&failed));
         let shared = Arc::clone(&shared);
         let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
             let (input, collection) = scope.new_collection::<D, isize>();
@@ -58,12 +62,24 @@ where
         }
         input.close();
         while !probe.done() {
+            assert!(!failed.load(Ordering::Relaxed), "another worker panicked");
             worker.step();
         }
     })
     .unwrap();
     let output = output.lock().unwrap().clone();
     output
+}
+
+/// Marks a run failed when the worker holding it unwinds.
+struct FailOnPanic(Arc<AtomicBool>);
+
+impl Drop for FailOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What `output` holds at `time`: its updates up to then, summed, without the zeros.
