@@ -430,7 +430,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                     let top_country_minute = top_k("TopCountryMinute", per_country_minute, plan)
                         .map(|((minute, country), (ad, clicks))| ServingAnswer::TopCountryMinute { minute, country, ad, clicks });
                     let country_clicks = counts.clicks.country.enter_region(inner);
-                    let top_country_window = sliding_top_k("TopCountryWindow", country_clicks, plan, rules, |&(m, c, ad)| (m, c, ad))
+                    let top_country_window = sliding_top_k("TopCountryWindow", country_clicks, plan, rules, |&(m, c, _)| (m, c))
                         .map(|((window, country), (ad, clicks))| ServingAnswer::TopCountryWindow { window, country, ad, clicks });
                     let campaign_windows = sliding_counts("CampaignWindowCounts", counts.clicks.campaign.enter_region(inner), &plan.windows, rules, |&(m, campaign)| (m, campaign))
                         .map(|((window, campaign), clicks)| ServingAnswer::CampaignWindow { window, campaign, clicks });

@@ -6,7 +6,7 @@ use differential_dataflow::collection::AsCollection;
 use differential_dataflow::operators::CountTotal;
 use differential_dataflow::{ExchangeData, VecCollection};
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::{Operator, OutputBuilder};
 use timely::dataflow::operators::Capability;
@@ -15,6 +15,7 @@ use crate::answer::SortWords;
 use crate::event_time::EventTimeRules;
 use crate::hashing::{FastHasher, FastMap, ProbeMap, PREFETCH_AHEAD};
 use crate::render::minute_state::{per_minute, MinuteState};
+use crate::render::partition::{ByAd, OfAd};
 use crate::types::{ClickAttrs, ClickKey, Country, Minute, Time};
 
 /// The per-minute count collections: `(key, clicks)`, one record per key with clicks > 0.
@@ -34,21 +35,23 @@ pub struct MinuteCounts<'scope> {
     pub clicks: MinuteClicks<'scope>,
 }
 
-/// See [`MinuteCounts::clicks`].
+/// See [`MinuteCounts::clicks`]. The keys that hold an ad are exchanged by it once, for every
+/// reader (see [`partition`](crate::render::partition)); the campaigns' are exchanged by each
+/// reader.
 #[derive(Clone)]
 pub struct MinuteClicks<'scope> {
-    pub ad: VecCollection<'scope, Time, (Minute, u64)>,
+    pub ad: ByAd<'scope, (Minute, u64)>,
     pub campaign: VecCollection<'scope, Time, (Minute, u64)>,
-    pub country: VecCollection<'scope, Time, (Minute, Country, u64)>,
+    pub country: ByAd<'scope, (Minute, Country, u64)>,
 }
 
 /// Counts distinct clicks per (minute, ad), (minute, campaign) and (minute, country, ad).
 pub fn minute_counts<'scope>(clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>, rules: &EventTimeRules) -> MinuteCounts<'scope> {
     let keys = pre_aggregate_minute_keys(clicks, rules);
     MinuteCounts {
-        ad: count_per_minute("AdMinute", keys.ad.clone(), rules),
+        ad: count_per_minute_by_ad("AdMinute", keys.ad.clone(), rules),
         campaign: count_per_minute("CampaignMinute", keys.campaign.clone(), rules),
-        country: count_per_minute("CountryMinute", keys.country.clone(), rules),
+        country: count_per_minute_by_ad("CountryMinute", keys.country.clone(), rules),
         clicks: keys,
     }
 }
@@ -81,7 +84,17 @@ pub fn count_per_minute<'scope, K: MinuteKey>(
     rules: &EventTimeRules,
 ) -> VecCollection<'scope, Time, (K, u64)> {
     let hasher = BuildHasherDefault::<FastHasher>::default();
-    per_minute(name, changes, move |key| hasher.hash_one(key), K::minute, rules, CountsOfMinute::default)
+    let by_key = Exchange::new(move |(key, _, _): &(K, Time, isize)| hasher.hash_one(key));
+    per_minute(name, changes, by_key, K::minute, rules, CountsOfMinute::default)
+}
+
+/// [`count_per_minute`] of keys partitioned by ad, counted where they are.
+pub fn count_per_minute_by_ad<'scope, K: MinuteKey + OfAd>(
+    name: &str,
+    changes: ByAd<'scope, K>,
+    rules: &EventTimeRules,
+) -> VecCollection<'scope, Time, (K, u64)> {
+    per_minute(name, changes.into_collection(), Pipeline, K::minute, rules, CountsOfMinute::default)
 }
 
 /// `clicks` before the first change of the time being processed; `UNTOUCHED` when it has none.
@@ -303,7 +316,11 @@ fn pre_aggregate_minute_keys<'scope>(clicks: VecCollection<'scope, Time, (ClickK
             }
         }
     });
-    MinuteClicks { ad: ad_stream.as_collection(), campaign: campaign_stream.as_collection(), country: country_stream.as_collection() }
+    MinuteClicks {
+        ad: ByAd::exchange(ad_stream.as_collection()),
+        campaign: campaign_stream.as_collection(),
+        country: ByAd::exchange(country_stream.as_collection()),
+    }
 }
 
 /// Consolidates, inside the worker, everything one activation receives, before the exchange.
@@ -342,8 +359,9 @@ where
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::count_per_minute;
-    use crate::render::testing::{held_at, minute_updates, run_operator, rules_and_workers, times_of};
+    use super::{count_per_minute, count_per_minute_by_ad};
+    use crate::render::partition::ByAd;
+    use crate::render::testing::{held_at, minute_updates, rules_and_workers, run_operator, scattered, times_of};
     use crate::types::{Minute, Time};
 
     #[test]
@@ -351,20 +369,24 @@ mod tests {
         for seed in 0..6 {
             for (rules, workers) in rules_and_workers() {
                 let updates = minute_updates(seed, 300, &rules);
-                let output = run_operator(workers, &updates, move |keys| count_per_minute("AdMinute", keys, &rules));
-                for time in times_of(&updates, &output) {
-                    // The reference: every update up to `time`, summed per key.
-                    let mut counts: BTreeMap<(Minute, u64), isize> = BTreeMap::new();
-                    for (key, _, diff) in updates.iter().filter(|u| u.1 <= time) {
-                        *counts.entry(*key).or_default() += diff;
+                // Exchanged by the counting, or once by ad before it (for every reader of the ads).
+                let exchanged = run_operator(workers, &updates, move |keys| count_per_minute("AdMinute", keys, &rules));
+                let by_ad = run_operator(workers, &updates, move |keys| count_per_minute_by_ad("AdMinute", ByAd::exchange(scattered(keys)), &rules));
+                for output in [exchanged, by_ad] {
+                    for time in times_of(&updates, &output) {
+                        // The reference: every update up to `time`, summed per key.
+                        let mut counts: BTreeMap<(Minute, u64), isize> = BTreeMap::new();
+                        for (key, _, diff) in updates.iter().filter(|u| u.1 <= time) {
+                            *counts.entry(*key).or_default() += diff;
+                        }
+                        let expected: BTreeMap<((Minute, u64), u64), isize> =
+                            counts.into_iter().filter(|(_, n)| *n > 0).map(|(key, n)| ((key, n as u64), 1)).collect();
+                        assert_eq!(held_at(&output, time), expected, "seed {seed}, {workers} workers, time {time}, {rules:?}");
                     }
-                    let expected: BTreeMap<((Minute, u64), u64), isize> =
-                        counts.into_iter().filter(|(_, n)| *n > 0).map(|(key, n)| ((key, n as u64), 1)).collect();
-                    assert_eq!(held_at(&output, time), expected, "seed {seed}, {workers} workers, time {time}, {rules:?}");
+                    // Each count is sent once per change of the time it changes at, not once per update.
+                    let changes: std::collections::BTreeSet<(Time, (Minute, u64))> = output.iter().map(|(record, time, _)| (*time, record.0)).collect();
+                    assert!(output.len() <= 2 * changes.len(), "seed {seed}: {} updates for {} changes", output.len(), changes.len());
                 }
-                // Each count is sent once per change of the time it changes at, not once per update.
-                let changes: std::collections::BTreeSet<(Time, (Minute, u64))> = output.iter().map(|(record, time, _)| (*time, record.0)).collect();
-                assert!(output.len() <= 2 * changes.len(), "seed {seed}: {} updates for {} changes", output.len(), changes.len());
             }
         }
     }

@@ -3,6 +3,7 @@
 use std::hash::{BuildHasher, BuildHasherDefault};
 
 use differential_dataflow::VecCollection;
+use timely::dataflow::channels::pact::Exchange;
 
 use crate::event_time::EventTimeRules;
 use crate::hashing::{FastHasher, TagIndex};
@@ -34,7 +35,8 @@ pub fn distinct_clicks<'scope>(
     retract: bool,
 ) -> VecCollection<'scope, Time, (ClickKey, ClickAttrs)> {
     let empty = move || DistinctClicks { clicks: Vec::new(), index: TagIndex::default(), retract };
-    per_minute(name, deliveries, |click| click.key.event as u64, Click::minute, rules, empty)
+    let by_click = Exchange::new(|(click, _, _): &(Click, Time, isize)| click.key.event as u64);
+    per_minute(name, deliveries, by_click, Click::minute, rules, empty)
 }
 
 /// One minute's clicks, each with its visible copies.

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::logging::{BatchEvent, DifferentialEventBuilder, DropEvent, Logger, MergeEvent};
 use differential_dataflow::{ExchangeData, VecCollection};
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::ParallelizationContract;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
@@ -42,7 +42,10 @@ pub trait MinuteState: 'static {
 }
 
 /// Runs a [`MinuteState`] per minute (`minute_of` each update), each worker holding the keys
-/// that `route` sends it; `empty()` is a minute's state before its first update.
+/// that `pact` brings it; `empty()` is a minute's state before its first update. The pact must
+/// bring every update of a key to one worker: an exchange by a route computed from the key, or
+/// a pipeline for input that is already partitioned that way (a [`ByAd`](crate::render::partition::ByAd)
+/// for per-ad state).
 ///
 /// Updates are applied in time order, each time once the input frontier has passed it. With a
 /// lateness bound, a minute's state is retired at `rules.minute_final_at(minute)`, before that
@@ -54,22 +57,24 @@ pub trait MinuteState: 'static {
 /// The state is reported through differential's arrangement log (one batch per live minute, its
 /// length the keys held), so introspection lists it beside the arrangements, under `name`.
 ///
-/// `route` and `minute_of` must be pure functions, so that every worker count gives the same
-/// output.
-pub fn per_minute<'scope, S: MinuteState>(
+/// The pact's route and `minute_of` must be pure functions, so that every worker count gives the
+/// same output.
+pub fn per_minute<'scope, S: MinuteState, P>(
     name: &str,
     input: VecCollection<'scope, Time, S::Update>,
-    route: impl Fn(&S::Update) -> u64 + 'static,
+    pact: P,
     minute_of: impl Fn(&S::Update) -> Minute + 'static,
     rules: &EventTimeRules,
     empty: impl Fn() -> S + 'static,
-) -> VecCollection<'scope, Time, S::Output> {
+) -> VecCollection<'scope, Time, S::Output>
+where
+    P: ParallelizationContract<Time, Vec<(S::Update, Time, isize)>>,
+{
     let rules = *rules;
     let logger = StateLog::logger(&input.scope());
-    let exchange = Exchange::new(move |update: &(S::Update, Time, isize)| route(&update.0));
     input
         .inner
-        .unary_frontier(exchange, name, move |_, info| {
+        .unary_frontier(pact, name, move |_, info| {
             let log = StateLog { logger, operator: info.global_id };
             // Updates by time, applied in time order once the frontier has passed their time.
             let mut pending: BTreeMap<Time, HeldTime<S::Update>> = BTreeMap::new();

@@ -6,6 +6,7 @@ pub mod dedup;
 pub mod filters;
 pub mod fraud;
 pub mod minute_state;
+pub mod partition;
 pub mod temporal;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -160,7 +161,7 @@ pub fn render_clicks<'scope>(
         topk::top_k_per_minute("TopMinute", counts.clicks.ad.clone().enter_region(inner), plan.top_k, &rules).leave_region(scope)
     });
     let top_window = scope.region_named("SlidingWindows", |inner| {
-        windows::sliding_top_k("TopWindow", counts.clicks.ad.clone().enter_region(inner), plan, &rules, |&(minute, ad)| (minute, (), ad))
+        windows::sliding_top_k("TopWindow", counts.clicks.ad.clone().enter_region(inner), plan, &rules, |&(minute, _)| (minute, ()))
             .map(|((window, ()), ranked)| (window, ranked))
             .leave_region(scope)
     });

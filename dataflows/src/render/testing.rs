@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use differential_dataflow::input::Input;
 use differential_dataflow::VecCollection;
-use timely::dataflow::operators::{Inspect, Probe};
+use timely::dataflow::operators::{Exchange, Inspect, Probe};
 
 use crate::event_time::EventTimeRules;
 use crate::types::{minute_of, Minute, Time, MINUTE_MS};
@@ -29,6 +29,15 @@ pub fn generator(seed: u64) -> impl FnMut(u64) -> u64 {
         state ^= state << 17;
         state % bound
     }
+}
+
+/// `updates` spread over the workers by their record and time, not by any key: for a reader that
+/// is to put each key's updates on one worker itself. (Fed in on worker 0, they are all on one.)
+pub fn scattered<'scope, D: differential_dataflow::ExchangeData + std::hash::Hash>(updates: VecCollection<'scope, Time, D>) -> VecCollection<'scope, Time, D> {
+    use differential_dataflow::collection::AsCollection;
+    use std::hash::BuildHasher;
+    let hasher = std::hash::BuildHasherDefault::<crate::hashing::FastHasher>::default();
+    updates.inner.exchange(move |(record, time, _): &(D, Time, isize)| hasher.hash_one((record, time))).as_collection()
 }
 
 /// Every update the operator `build` makes on `workers` workers, from `updates` (sorted by time)

@@ -13,11 +13,13 @@
 //! The per-country minutes, served only, keep [`top_k`] and its inspectable arrangements.
 
 use differential_dataflow::VecCollection;
+use timely::dataflow::channels::pact::Pipeline;
 
 use crate::event_time::EventTimeRules;
 use crate::hashing::{ProbeMap, PREFETCH_AHEAD};
 use crate::plan::Plan;
 use crate::render::minute_state::{per_minute, MinuteState};
+use crate::render::partition::ByAd;
 use crate::types::{Minute, Time};
 
 /// Sort key of a ranked entry: clicks descending, then ad ascending.
@@ -86,20 +88,20 @@ where
 /// `(minute, (ad, clicks))`, ranked by clicks descending, then ad ascending: the same collection,
 /// time for time, as counting the clicks per (minute, ad) and ranking them with [`top_k`].
 ///
-/// Each worker keeps the counts of its share of the ads for each minute ([`per_minute`]), and
+/// Each worker keeps the counts of the ads it holds (the clicks are partitioned by ad, so an ad's
+/// count is whole on one worker) for each minute ([`per_minute`]), and
 /// updates its local top K from the changed counts (`LocalTop`); a `reduce` over the workers'
 /// local tops gives the global one. A minute's counts are forgotten whole when it is final, and
 /// its top K retracted then, so the clicks need not be retracted to forget them. The counts are
 /// not an arrangement, so they cannot be shared or inspected as one; that is the price.
 pub fn top_k_per_minute<'scope>(
     name: &str,
-    clicks: VecCollection<'scope, Time, (Minute, u64)>,
+    clicks: ByAd<'scope, (Minute, u64)>,
     k: usize,
     rules: &EventTimeRules,
 ) -> VecCollection<'scope, Time, (Minute, (u64, u64))> {
-    let route = |&(_, ad): &(Minute, u64)| u64::from(bucket_of(ad));
     let empty = move || TopOfMinute { minute: 0, k, top: LocalTop::default(), ranked: Vec::new() };
-    let local = per_minute(&format!("{name}Local"), clicks, route, |&(minute, _)| minute, rules, empty);
+    let local = per_minute(&format!("{name}Local"), clicks.into_collection(), Pipeline, |&(minute, _)| minute, rules, empty);
     keep_top(name, local, k).map(|(minute, r)| (minute, unrank(r)))
 }
 
@@ -345,7 +347,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::{rank, select_first, top_k_per_minute, LocalTop, Rank};
-    use crate::render::testing::{generator, held_at, minute_updates, reference_top_k, run_operator, rules_and_workers, times_of, with_transient_negatives};
+    use crate::render::partition::ByAd;
+    use crate::render::testing::{generator, held_at, minute_updates, reference_top_k, rules_and_workers, run_operator, scattered, times_of, with_transient_negatives};
     use crate::types::{Minute, Time};
 
     #[test]
@@ -383,7 +386,7 @@ mod tests {
                     updates.iter().filter(|(key, time, _)| rules.minute_final_at(key.0).is_none_or(|at| *time < at)).cloned().collect();
                 let transient = with_transient_negatives(&updates);
                 for input in [&updates, &until_final, &transient] {
-                    let output = run_operator(workers, input, move |clicks| top_k_per_minute("TopMinute", clicks, k, &rules));
+                    let output = run_operator(workers, input, move |clicks| top_k_per_minute("TopMinute", ByAd::exchange(scattered(clicks)), k, &rules));
                     for time in times_of(&updates, &output) {
                         let expected = reference_per_minute(&updates, time, k);
                         assert_eq!(held_at(&output, time), expected, "seed {seed}, {workers} workers, time {time}, {rules:?}");

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
@@ -22,7 +22,8 @@ use crate::event_time::EventTimeRules;
 use crate::hashing::{FastMap, ProbeMap, PREFETCH_AHEAD};
 use crate::plan::Plan;
 use crate::render::minute_state::StateLog;
-use crate::render::topk::{bucket_of, keep_top, unrank, LocalTop, Rank};
+use crate::render::partition::{ByAd, OfAd};
+use crate::render::topk::{keep_top, unrank, LocalTop, Rank};
 use crate::types::{Minute, Time, MINUTE_MS};
 
 /// How a change at `time` to the clicks of `minute` moves the sliding counts: for each window M,
@@ -46,12 +47,13 @@ pub type WindowTops<'scope, G> = VecCollection<'scope, Time, ((u32, G), (u64, u6
 /// The top `plan.top_k` ads of each window of `plan.windows` in each group, by clicks over the
 /// window's last M minutes, as `((window minutes, group), (ad, clicks))`, from the clicks per
 /// minute and key (`C`, with the clicks as its multiplicity, as
-/// [`MinuteCounts::clicks`](crate::render::counts::MinuteCounts::clicks) gives them), whose key
-/// `split` takes apart into `(minute, group, ad)`. Ranked by clicks descending, then ad ascending.
+/// [`MinuteCounts::clicks`](crate::render::counts::MinuteCounts::clicks) gives them), partitioned
+/// by ad; `split` gives a key's minute and group, and [`OfAd::ad`] its ad. Ranked by clicks
+/// descending, then ad ascending.
 ///
 /// The output is, time for time, the top K of the sum of every change's [`contributions`]: each
-/// change counts in window M from when it enters until it leaves. Each worker holds the ads that
-/// hash to it. It applies the changes entering at a time and the minutes leaving a window at that
+/// change counts in window M from when it enters until it leaves. Each worker holds the ads it
+/// is given. It applies the changes entering at a time and the minutes leaving a window at that
 /// time once the frontier has passed it, then updates each changed group's local top K
 /// (`LocalTop`); a `reduce` over the workers' local tops gives the global one. A minute's
 /// contributions are kept once, per (group, ad), from its first change until it has left the
@@ -61,25 +63,22 @@ pub type WindowTops<'scope, G> = VecCollection<'scope, Time, ((u32, G), (u64, u6
 /// `split` must be a pure function, so that every worker count gives the same output.
 pub fn sliding_top_k<'scope, C, G>(
     name: &str,
-    clicks: VecCollection<'scope, Time, C>,
+    clicks: ByAd<'scope, C>,
     plan: &Plan,
     rules: &EventTimeRules,
-    split: impl Fn(&C) -> (Minute, G, u64) + Clone + 'static,
+    split: impl Fn(&C) -> (Minute, G) + 'static,
 ) -> WindowTops<'scope, G>
 where
-    C: differential_dataflow::ExchangeData,
+    C: OfAd,
     G: differential_dataflow::ExchangeData + std::hash::Hash,
 {
     let windows = plan.windows.clone();
     let widest = windows.iter().copied().max().unwrap_or(0);
     let (k, rules) = (plan.top_k, *rules);
-    let by_ad = {
-        let split = split.clone();
-        Exchange::new(move |update: &(C, Time, isize)| u64::from(bucket_of(split(&update.0).2)))
-    };
     let operator = format!("{name}Local");
+    let clicks = clicks.into_collection();
     let logger = StateLog::logger(&clicks.scope());
-    let local = clicks.inner.unary_frontier(by_ad, &operator, move |_, info| {
+    let local = clicks.inner.unary_frontier(Pipeline, &operator, move |_, info| {
         // The window counts held, reported as one batch (see `StateLog`) until the input ends.
         let log = StateLog { logger, operator: info.global_id };
         log.created();
@@ -96,7 +95,7 @@ where
         move |(input, frontier), output| {
             input.for_each(|capability, data| {
                 for (datum, time, diff) in data.drain(..) {
-                    let (minute, group, ad) = split(&datum);
+                    let ((minute, group), ad) = (split(&datum), datum.ad());
                     // Every window enters at the same time; one that it would leave at once
                     // (a late change to a minute the window has moved past) never holds it.
                     let Some(from) = contributions(rules, &windows, minute, time).find(|(_, from, until)| from < until).map(|(_, from, _)| from)
@@ -220,9 +219,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::{contributions, sliding_top_k};
+    use crate::render::partition::ByAd;
     use crate::event_time::EventTimeRules;
     use crate::plan::Plan;
-    use crate::render::testing::{held_at, minute_updates, reference_top_k, run_operator, rules_and_workers, times_of, with_transient_negatives};
+    use crate::render::testing::{held_at, minute_updates, reference_top_k, rules_and_workers, run_operator, scattered, times_of, with_transient_negatives};
     use crate::types::{Minute, Time};
 
     /// `((window, ()), (ad, clicks))` records, as `sliding_top_k` sends them.
@@ -259,7 +259,7 @@ mod tests {
                 for input in [&updates, &transient] {
                     let built = plan.clone();
                     let output = run_operator(workers, input, move |clicks| {
-                        sliding_top_k("TopWindow", clicks, &built, &rules, |&(minute, ad): &(Minute, u64)| (minute, (), ad))
+                        sliding_top_k("TopWindow", ByAd::exchange(scattered(clicks)), &built, &rules, |&(minute, _): &(Minute, u64)| (minute, ()))
                     });
                     // The windows move on after the last update: check until every minute has left.
                     let mut times = times_of(input, &output);
