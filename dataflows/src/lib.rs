@@ -9,6 +9,7 @@ pub mod answer;
 pub mod event_time;
 pub mod hashing;
 pub mod plan;
+pub mod radix;
 pub mod render;
 pub mod types;
 

@@ -14,6 +14,7 @@ use timely::dataflow::operators::Capability;
 use crate::answer::SortWords;
 use crate::event_time::EventTimeRules;
 use crate::hashing::{FastHasher, FastMap, ProbeMap, PREFETCH_AHEAD};
+use crate::radix::consolidate_words;
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::render::partition::{ByAd, OfAd};
 use crate::types::{ClickAttrs, ClickKey, Country, Minute, Time};
@@ -197,8 +198,8 @@ type HeldWords<D> = (Capability<Time>, Vec<(<D as SortWords>::Words, isize)>);
 /// waits for the same frontier before it reads a time. The runs are not a collection of the
 /// updates: only a consumer that reads them as runs may take them.
 ///
-/// The updates are held and sorted as their [`SortWords`]: smaller than the records, and
-/// compared as integers.
+/// The updates are held and sorted as their [`SortWords`]: smaller than the records, and sorted
+/// by their bytes ([`consolidate_words`]).
 ///
 /// `keep` sees each update before it is held, so what it drops costs neither memory nor sorting;
 /// it must depend on the data and time only, not on the diff.
@@ -208,12 +209,13 @@ pub fn consolidate_completed_times<'scope, D>(
     keep: impl Fn(&D, Time) -> bool + 'static,
 ) -> VecCollection<'scope, Time, Vec<(D, isize)>>
 where
-    D: differential_dataflow::Data + SortWords,
+    D: differential_dataflow::Data + SortWords<Words = [u64; 3]>,
 {
     updates
         .inner
         .unary_frontier(Pipeline, name, |_, _| {
             let mut pending: std::collections::BTreeMap<Time, HeldWords<D>> = Default::default();
+            let mut scratch = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
                     for (data, time, diff) in data.drain(..).filter(|(data, time, _)| keep(data, *time)) {
@@ -225,7 +227,7 @@ where
                         break;
                     }
                     let (capability, mut updates) = entry.remove();
-                    differential_dataflow::consolidation::consolidate(&mut updates);
+                    consolidate_words(&mut updates, &mut scratch);
                     let run: Vec<(D, isize)> = updates.into_iter().map(|(words, diff)| (D::from_words(words), diff)).collect();
                     if !run.is_empty() {
                         output.session(&capability).give((run, *capability.time(), 1));
