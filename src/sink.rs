@@ -72,6 +72,16 @@ struct Files {
     line: Vec<u8>,
     /// The time of the changelog lines being written, with its comma.
     stamp: Vec<u8>,
+    /// The files still hold what a previous run wrote (see [`Files::empty_previous`]).
+    stale: bool,
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        // A run that stops before the sink's first use must not leave its header lines written
+        // over the start of a previous run's rows.
+        let _ = self.empty_previous();
+    }
 }
 
 /// Applies the dataflow's updates in time order, and hands them to the output directory, the
@@ -119,16 +129,28 @@ fn create(path: &Path) -> io::Result<BufWriter<File>> {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))
 }
 
+/// Opens `path` for writing from its start, creating it if need be, but leaves what it holds
+/// until [`Files::empty_previous`] cuts it off.
+fn open_stale(path: &Path) -> io::Result<BufWriter<File>> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map(|f| BufWriter::with_capacity(1 << 20, f))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))
+}
+
 impl Files {
     /// Creates (or empties) the output directory's files.
     fn create(dir: &Path, windows: &[u32]) -> io::Result<Files> {
         std::fs::create_dir_all(dir.join("changelog"))
             .map_err(|source| crate::error::EdgeError::OutputDirectory { path: dir.to_path_buf(), source })?;
-        let mut changelog = create(&dir.join("changelog").join("updates.csv"))?;
+        let mut changelog = open_stale(&dir.join("changelog").join("updates.csv"))?;
         changelog.write_all(b"time,view,key,value,diff\n")?;
         let mut views = Vec::new();
         for view in View::PER_MINUTE {
-            let mut file = create(&dir.join(format!("{}.csv", view.name())))?;
+            let mut file = open_stale(&dir.join(format!("{}.csv", view.name())))?;
             file.write_all(match view {
                 View::AdMinute => b"minute,ad_id,clicks\n".as_slice(),
                 View::CampaignMinute => b"minute,campaign_id,clicks\n",
@@ -141,7 +163,7 @@ impl Files {
         }
         let mut window_files = BTreeMap::new();
         for &window in windows {
-            let mut file = create(&dir.join(format!("top_window_{window}m.csv")))?;
+            let mut file = open_stale(&dir.join(format!("top_window_{window}m.csv")))?;
             file.write_all(b"as_of,rank,ad_id,clicks\n")?;
             window_files.insert(window, file);
         }
@@ -155,7 +177,22 @@ impl Files {
             dead_letters: Vec::new(),
             line: Vec::with_capacity(256),
             stamp: Vec::with_capacity(24),
+            stale: true,
         })
+    }
+
+    /// Cuts off what the files held before this run. Done by the sink, at its first use, on
+    /// whichever thread runs it, rather than when the files are opened on worker 0: emptying a
+    /// previous run's 620 MB while the kernel still writes them back blocks for a fifth of a
+    /// second, which held every worker back at the start of each run into the same directory.
+    /// Nothing reaches the files before this (their buffers hold only the header lines).
+    fn empty_previous(&mut self) -> io::Result<()> {
+        if std::mem::take(&mut self.stale) {
+            for file in std::iter::once(&self.changelog).chain(&self.views).chain(self.window_files.values()) {
+                file.get_ref().set_len(0)?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes the snapshots of boundaries up to `through` (inclusive).
@@ -369,6 +406,9 @@ impl OutputSink {
     /// order, writes out the minutes that became final and the window snapshots that fell due,
     /// and commits to the store.
     pub fn advance(&mut self, frontier: Option<Time>) -> io::Result<()> {
+        if let Some(files) = &mut self.files {
+            files.empty_previous()?;
+        }
         while let Some(entry) = self.pending.first_entry() {
             if frontier.is_some_and(|f| *entry.key() >= f) {
                 break;

@@ -22,6 +22,26 @@ fn run_writes_every_file_and_honours_windows() {
     assert!(!Path::new(out_dir).join("top_window_5m.csv").exists());
 }
 
+/// A run into a directory that a previous, larger run wrote leaves there exactly what a run into
+/// an empty directory writes: the previous files are emptied, not written over from their start.
+#[test]
+fn a_run_replaces_what_a_previous_run_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let (small, reused, fresh) = (path("small"), path("reused"), path("fresh"));
+    let result = clickagg(&["generate", "--out", &small, "--events", "300", "--partitions", "2"]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    for (logs, out) in [("datasets/sample/logs", &reused), (small.as_str(), &reused), (small.as_str(), &fresh)] {
+        let result = clickagg(&["run", "--logs", logs, "--out", out, "-w", "2"]);
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    }
+    for file in ["ad_minute.csv", "campaign_minute.csv", "country_minute.csv", "top_minute.csv", "dead_letter.csv",
+                 "changelog/updates.csv", "top_window_1m.csv", "top_window_5m.csv", "top_window_60m.csv"] {
+        let read = |out: &str| std::fs::read_to_string(Path::new(out).join(file)).unwrap();
+        assert_eq!(read(&reused), read(&fresh), "{file}");
+    }
+}
+
 #[test]
 fn bad_flags_and_paths_are_clear_errors_not_panics() {
     let out = tempfile::tempdir().unwrap();
