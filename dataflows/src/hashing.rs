@@ -297,17 +297,23 @@ impl TagIndex {
             self.grow();
         }
         let tag = Self::tag_of(hash);
+        let at = self.probe(tag, |held| is_it(held.position));
+        if self.slots[at].is_free() {
+            self.slots[at] = Slot { tag, position };
+            self.len += 1;
+            return None;
+        }
+        Some(self.slots[at].position)
+    }
+
+    /// The first slot from `tag`'s ideal one on that is free or holds `tag` and is `sought`.
+    fn probe(&self, tag: u32, sought: impl Fn(Slot) -> bool) -> usize {
         let mask = self.slots.len() - 1;
         let mut at = self.ideal(tag);
         loop {
             let slot = self.slots[at];
-            if slot.is_free() {
-                self.slots[at] = Slot { tag, position };
-                self.len += 1;
-                return None;
-            }
-            if slot.tag == tag && is_it(slot.position) {
-                return Some(slot.position);
+            if slot.is_free() || (slot.tag == tag && sought(slot)) {
+                return at;
             }
             at = (at + 1) & mask;
         }
@@ -320,19 +326,11 @@ impl TagIndex {
         if self.slots.is_empty() {
             return;
         }
-        let tag = Self::tag_of(hash);
-        let mask = self.slots.len() - 1;
-        let mut gap = self.ideal(tag);
-        loop {
-            let slot = self.slots[gap];
-            if slot.is_free() {
-                return;
-            }
-            if slot.tag == tag && slot.position == position {
-                break;
-            }
-            gap = (gap + 1) & mask;
+        let mut gap = self.probe(Self::tag_of(hash), |held| held.position == position);
+        if self.slots[gap].is_free() {
+            return;
         }
+        let mask = self.slots.len() - 1;
         self.slots[gap] = Slot::FREE;
         self.len -= 1;
         let mut next = (gap + 1) & mask;
