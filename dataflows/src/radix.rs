@@ -16,7 +16,7 @@ where
     [u64; N]: Ord,
 {
     if updates.len() < SMALL {
-        updates.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        updates.sort_unstable_by_key(|(words, _)| *words);
     } else {
         radix_sort(updates, scratch);
     }
