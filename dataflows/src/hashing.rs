@@ -53,6 +53,11 @@ impl Hasher for FastHasher {
     }
 }
 
+/// `key`'s [`FastHasher`] hash: what the hash-state operators route, look up and index by.
+pub fn fast_hash<K: Hash + ?Sized>(key: &K) -> u64 {
+    BuildHasherDefault::<FastHasher>::default().hash_one(key)
+}
+
 /// How far ahead of the entry it updates a caller of [`ProbeMap::prefetch`] asks for one: enough
 /// updates to have several cache misses in flight, few enough that the lines are still cached
 /// when their update comes (16 to 48 measured no better).
@@ -80,7 +85,7 @@ impl<K, V> Default for ProbeMap<K, V> {
 
 impl<K: Hash + Eq, V> ProbeMap<K, V> {
     fn ideal(&self, key: &K) -> usize {
-        BuildHasherDefault::<FastHasher>::default().hash_one(key) as usize & (self.slots.len() - 1)
+        fast_hash(key) as usize & (self.slots.len() - 1)
     }
 
     /// Where `key` is, or the free slot where it would go.

@@ -1,6 +1,6 @@
 //! Per-minute counts (SPEC §3 answers 1 and 3).
 
-use std::hash::{BuildHasher, BuildHasherDefault, Hash};
+use std::hash::Hash;
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::operators::CountTotal;
@@ -13,7 +13,7 @@ use timely::dataflow::operators::Capability;
 
 use crate::answer::SortWords;
 use crate::event_time::EventTimeRules;
-use crate::hashing::{FastHasher, FastMap, ProbeMap, PREFETCH_AHEAD};
+use crate::hashing::{fast_hash, FastMap, ProbeMap, PREFETCH_AHEAD};
 use crate::radix::consolidate_words;
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::render::partition::{ByAd, OfAd};
@@ -84,8 +84,7 @@ pub fn count_per_minute<'scope, K: MinuteKey>(
     changes: VecCollection<'scope, Time, K>,
     rules: &EventTimeRules,
 ) -> VecCollection<'scope, Time, (K, u64)> {
-    let hasher = BuildHasherDefault::<FastHasher>::default();
-    let by_key = Exchange::new(move |(key, _, _): &(K, Time, isize)| hasher.hash_one(key));
+    let by_key = Exchange::new(|(key, _, _): &(K, Time, isize)| fast_hash(key));
     per_minute(name, changes, by_key, K::minute, rules, CountsOfMinute::default)
 }
 

@@ -1,12 +1,10 @@
 //! De-duplication of retried deliveries (SPEC §2 "Duplicates"), and the retention of its state.
 
-use std::hash::{BuildHasher, BuildHasherDefault};
-
 use differential_dataflow::VecCollection;
 use timely::dataflow::channels::pact::Exchange;
 
 use crate::event_time::EventTimeRules;
-use crate::hashing::{FastHasher, TagIndex};
+use crate::hashing::{fast_hash, TagIndex};
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::types::{Click, ClickAttrs, ClickKey, Time};
 
@@ -54,20 +52,16 @@ struct DistinctClicks {
     retract: bool,
 }
 
-fn hash_of(key: &ClickKey) -> u64 {
-    BuildHasherDefault::<FastHasher>::default().hash_one(key)
-}
-
 impl MinuteState for DistinctClicks {
     type Update = Click;
     type Output = (ClickKey, ClickAttrs);
 
     fn prefetch(&self, click: &Click) {
-        self.index.prefetch(hash_of(&click.key));
+        self.index.prefetch(fast_hash(&click.key));
     }
 
     fn apply(&mut self, click: Click, diff: isize, emit: &mut impl FnMut(Self::Output, isize)) {
-        let hash = hash_of(&click.key);
+        let hash = fast_hash(&click.key);
         let clicks = &self.clicks;
         let at = match self.index.find_or_add(hash, |at| clicks[at as usize].0 == click.key, clicks.len() as u32) {
             Some(at) => at as usize,

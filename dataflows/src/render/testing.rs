@@ -35,9 +35,7 @@ pub fn generator(seed: u64) -> impl FnMut(u64) -> u64 {
 /// is to put each key's updates on one worker itself. (Fed in on worker 0, they are all on one.)
 pub fn scattered<'scope, D: differential_dataflow::ExchangeData + std::hash::Hash>(updates: VecCollection<'scope, Time, D>) -> VecCollection<'scope, Time, D> {
     use differential_dataflow::collection::AsCollection;
-    use std::hash::BuildHasher;
-    let hasher = std::hash::BuildHasherDefault::<crate::hashing::FastHasher>::default();
-    updates.inner.exchange(move |(record, time, _): &(D, Time, isize)| hasher.hash_one((record, time))).as_collection()
+    updates.inner.exchange(|(record, time, _): &(D, Time, isize)| crate::hashing::fast_hash(&(record, time))).as_collection()
 }
 
 /// Every update the operator `build` makes on `workers` workers, from `updates` (sorted by time)
