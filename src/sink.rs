@@ -123,19 +123,13 @@ pub struct OutputSink {
     new_snapshots: Vec<(Minute, BTreeMap<u32, Vec<(u64, u64)>>)>,
 }
 
-fn create(path: &Path) -> io::Result<BufWriter<File>> {
-    File::create(path)
-        .map(|f| BufWriter::with_capacity(1 << 20, f))
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))
-}
-
-/// Opens `path` for writing from its start, creating it if need be, but leaves what it holds
-/// until [`Files::empty_previous`] cuts it off.
-fn open_stale(path: &Path) -> io::Result<BufWriter<File>> {
+/// Opens `path` for writing from its start, creating it if need be. With `truncate` false, what
+/// it holds stays until [`Files::empty_previous`] cuts it off.
+fn create(path: &Path, truncate: bool) -> io::Result<BufWriter<File>> {
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(false)
+        .truncate(truncate)
         .open(path)
         .map(|f| BufWriter::with_capacity(1 << 20, f))
         .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))
@@ -146,11 +140,11 @@ impl Files {
     fn create(dir: &Path, windows: &[u32]) -> io::Result<Files> {
         std::fs::create_dir_all(dir.join("changelog"))
             .map_err(|source| crate::error::EdgeError::OutputDirectory { path: dir.to_path_buf(), source })?;
-        let mut changelog = open_stale(&dir.join("changelog").join("updates.csv"))?;
+        let mut changelog = create(&dir.join("changelog").join("updates.csv"), false)?;
         changelog.write_all(b"time,view,key,value,diff\n")?;
         let mut views = Vec::new();
         for view in View::PER_MINUTE {
-            let mut file = open_stale(&dir.join(format!("{}.csv", view.name())))?;
+            let mut file = create(&dir.join(format!("{}.csv", view.name())), false)?;
             file.write_all(match view {
                 View::AdMinute => b"minute,ad_id,clicks\n".as_slice(),
                 View::CampaignMinute => b"minute,campaign_id,clicks\n",
@@ -163,7 +157,7 @@ impl Files {
         }
         let mut window_files = BTreeMap::new();
         for &window in windows {
-            let mut file = open_stale(&dir.join(format!("top_window_{window}m.csv")))?;
+            let mut file = create(&dir.join(format!("top_window_{window}m.csv")), false)?;
             file.write_all(b"as_of,rank,ad_id,clicks\n")?;
             window_files.insert(window, file);
         }
@@ -254,7 +248,7 @@ impl Files {
         for file in self.views.iter_mut().chain(self.window_files.values_mut()) {
             file.flush()?;
         }
-        let mut file = create(&self.dir.join("dead_letter.csv"))?;
+        let mut file = create(&self.dir.join("dead_letter.csv"), true)?;
         file.write_all(b"partition,offset,reason,line\n")?;
         let name = |p: u32| partition_names.get(p as usize).map_or("?", String::as_str);
         self.dead_letters.sort_by(|a, b| (name(a.partition), a.offset).cmp(&(name(b.partition), b.offset)));
