@@ -89,22 +89,19 @@ impl Answer {
     }
 }
 
-/// Records that sort as a few machine words: [`to_words`](SortWords::to_words) is one-to-one,
-/// [`from_words`](SortWords::from_words) undoes it, and the words' order is the records' order.
-/// Sorting the words instead of the records compares integers, not enum variants field by field.
-pub trait SortWords: Sized {
-    type Words: Ord + Copy + 'static;
-    fn to_words(&self) -> Self::Words;
+/// Records that sort as `N` machine words: [`to_words`](SortWords::to_words) is one-to-one,
+/// [`from_words`](SortWords::from_words) undoes it, and the words' order (as arrays compare) is
+/// the records' order. Sorting the words instead of the records compares integers, not enum
+/// variants field by field, and can go by their bytes ([`consolidate_words`](crate::radix::consolidate_words)).
+pub trait SortWords<const N: usize>: Sized {
+    fn to_words(&self) -> [u64; N];
     /// Only for words that `to_words` made.
-    fn from_words(words: Self::Words) -> Self;
+    fn from_words(words: [u64; N]) -> Self;
 }
 
-impl SortWords for Answer {
-    /// `[view, then minute or window, then country | id | clicks]`: the view's index (the
-    /// variants' order) in bits 48 and up, the minute or window in bits 16 to 47, the country
-    /// (or zero) below.
-    type Words = [u64; 3];
-
+/// `[view, then minute or window, then country | id | clicks]`: the view's index (the variants'
+/// order) in bits 48 and up, the minute or window in bits 16 to 47, the country (or zero) below.
+impl SortWords<3> for Answer {
     fn to_words(&self) -> [u64; 3] {
         let head = |of: u32, country: Country| (self.view() as u64) << 48 | u64::from(of) << 16 | u64::from(country.0);
         match *self {

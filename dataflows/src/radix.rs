@@ -11,10 +11,7 @@
 /// Sorts `updates` by their words (lexicographically, as `[u64; N]` compares), sums the diffs of
 /// equal words, and drops those that sum to zero: what differential's `consolidate` does, with
 /// the same result. `scratch` is room to work in, kept between calls.
-pub fn consolidate_words<const N: usize>(updates: &mut Vec<([u64; N], isize)>, scratch: &mut Vec<([u64; N], isize)>)
-where
-    [u64; N]: Ord,
-{
+pub fn consolidate_words<const N: usize>(updates: &mut Vec<([u64; N], isize)>, scratch: &mut Vec<([u64; N], isize)>) {
     if updates.len() < SMALL {
         updates.sort_unstable_by_key(|(words, _)| *words);
     } else {

@@ -183,7 +183,7 @@ where
 }
 
 /// A time's capability and its updates, as words.
-type HeldWords<D> = (Capability<Time>, Vec<(<D as SortWords>::Words, isize)>);
+type HeldWords<const N: usize> = (Capability<Time>, Vec<([u64; N], isize)>);
 
 /// Each completed time's updates for which `keep(data, time)` holds, consolidated in the worker
 /// and sent as one sorted run, once the frontier has passed the time: one record
@@ -202,18 +202,18 @@ type HeldWords<D> = (Capability<Time>, Vec<(<D as SortWords>::Words, isize)>);
 ///
 /// `keep` sees each update before it is held, so what it drops costs neither memory nor sorting;
 /// it must depend on the data and time only, not on the diff.
-pub fn consolidate_completed_times<'scope, D>(
+pub fn consolidate_completed_times<'scope, D, const N: usize>(
     name: &str,
     updates: VecCollection<'scope, Time, D>,
     keep: impl Fn(&D, Time) -> bool + 'static,
 ) -> VecCollection<'scope, Time, Vec<(D, isize)>>
 where
-    D: differential_dataflow::Data + SortWords<Words = [u64; 3]>,
+    D: differential_dataflow::Data + SortWords<N>,
 {
     updates
         .inner
         .unary_frontier(Pipeline, name, |_, _| {
-            let mut pending: std::collections::BTreeMap<Time, HeldWords<D>> = Default::default();
+            let mut pending: std::collections::BTreeMap<Time, HeldWords<N>> = Default::default();
             let mut scratch = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
