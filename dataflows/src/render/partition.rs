@@ -52,10 +52,6 @@ impl<'scope, D: OfAd> ByAd<'scope, D> {
 
 impl<'scope, D: 'static> ByAd<'scope, D> {
     /// The records, to read where they are.
-    pub fn collection(&self) -> &VecCollection<'scope, Time, D> {
-        &self.collection
-    }
-
     pub fn into_collection(self) -> VecCollection<'scope, Time, D> {
         self.collection
     }
