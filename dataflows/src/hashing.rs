@@ -63,6 +63,19 @@ pub fn fast_hash<K: Hash + ?Sized>(key: &K) -> u64 {
 /// when their update comes (16 to 48 measured no better).
 pub const PREFETCH_AHEAD: usize = 8;
 
+/// Starts loading the cache lines that `slot` spans; a no-op off x86-64.
+fn prefetch_slot<T>(slot: &T) {
+    let start = slot as *const T as *const i8;
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..size_of::<T>()).step_by(64) {
+        // SAFETY: SSE is part of x86-64's baseline, and a prefetch never faults, whatever the
+        // address (this one is inside the slot, or just past it).
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(start.wrapping_add(line)) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = start;
+}
+
 /// An open-addressing map (linear probing) whose callers can prefetch a key's slot ahead of
 /// using it, for state that takes a cache miss on nearly every update: de-duplication touches
 /// each click's slot once, at random, in a table far larger than the caches, and a `HashMap`
@@ -106,15 +119,7 @@ impl<K: Hash + Eq, V> ProbeMap<K, V> {
         if self.slots.is_empty() {
             return;
         }
-        let slot = &self.slots[self.ideal(key)] as *const Option<(K, V)> as *const i8;
-        #[cfg(target_arch = "x86_64")]
-        for line in (0..size_of::<Option<(K, V)>>()).step_by(64) {
-            // SAFETY: SSE is part of x86-64's baseline, and a prefetch never faults, whatever the
-            // address (this one is inside the slot, or just past it).
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(slot.wrapping_add(line)) };
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = slot;
+        prefetch_slot(&self.slots[self.ideal(key)]);
     }
 
     pub fn get(&self, key: &K) -> Option<&V> {
@@ -284,14 +289,7 @@ impl TagIndex {
         if self.slots.is_empty() {
             return;
         }
-        let slot = &self.slots[self.ideal(Self::tag_of(hash))] as *const Slot as *const i8;
-        // SAFETY: SSE is part of x86-64's baseline, and a prefetch never faults.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(slot)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = slot;
+        prefetch_slot(&self.slots[self.ideal(Self::tag_of(hash))]);
     }
 
     /// The position of the key hashed to `hash`, the one at which `is_it` holds; or, if none
