@@ -4,7 +4,7 @@
 //! Worker 0 of process 0 gathers the answers and hands them to the sink, which runs on a thread of
 //! its own during a replay, and on worker 0 itself when following (see [`SinkRunner`]).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -399,6 +399,11 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         let sink = if index == 0 { sink.lock().ok().and_then(|mut s| s.take()) } else { None };
         let sink = Rc::new(RefCell::new(sink));
         let mut probe = ProbeHandle::new();
+        // Whether the sink operator's input is complete. The probe sits before the exchange that
+        // brings every record to the sink's worker, so it can be done while other workers' last
+        // records are still on their way there: a worker must not finish its sink until the
+        // sink's own input frontier is empty too.
+        let sink_input_complete = Rc::new(Cell::new(false));
         if let Some(state) = &config.serving {
             crate::introspect::install(worker, Arc::clone(&state.introspection));
         }
@@ -449,6 +454,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                 None => records,
             };
             let sink = Rc::clone(&sink);
+            let complete = Rc::clone(&sink_input_complete);
             records
                 .inner
                 .probe_with(&mut probe)
@@ -458,6 +464,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                     if let Some(sink) = sink.borrow_mut().as_mut() {
                         sink.advance(batches, frontier.frontier().first().copied());
                     }
+                    complete.set(frontier.frontier().is_empty());
                 });
             (Inputs { clicks, notes }, filters)
         });
@@ -541,7 +548,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         }
         let errors = std::mem::take(&mut reader.errors);
         drop(inputs);
-        while !probe.done() {
+        while !probe.done() || !sink_input_complete.get() {
             if failed() {
                 return abandon(worker);
             }
