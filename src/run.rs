@@ -11,12 +11,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use differential_dataflow::collection::AsCollection;
 use differential_dataflow::input::{Input, InputSession};
 use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::Input as _;
+use timely::dataflow::InputHandle;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::Probe;
 
+use clickagg_dataflows::batches::LargeBatches;
 use clickagg_dataflows::{
     minute_of, render::{answers_for_sink, render_clicks}, Click, DeadLetter, EventTimeRules, Plan, ServingAnswer, SinkRecord, SourceNote, Time,
 };
@@ -228,15 +232,18 @@ impl RunConfig {
     }
 }
 
-/// The worker's inputs: clicks and notes, each at the time the rules give.
+/// The worker's inputs: clicks and notes, each at the time the rules give. The clicks go in
+/// [`LargeBatches`], as timely's input handle takes them, rather than through differential's
+/// `InputSession`, which ships them 85 at a time.
 struct Inputs {
-    clicks: InputSession<Time, Click, isize>,
+    clicks: InputHandle<Time, LargeBatches<(Click, Time, isize)>>,
     notes: InputSession<Time, SourceNote, isize>,
 }
 
 impl SourceOutput for Inputs {
     fn click(&mut self, click: Click, time: Time) {
-        self.clicks.update_at(click, time, 1);
+        assert!(time >= *self.clicks.time(), "a click before the input's time");
+        self.clicks.send((click, time, 1));
     }
     fn dead_letter(&mut self, dead: DeadLetter, time: Time) {
         self.notes.update_at(SourceNote::Dead(dead), time, 1);
@@ -409,7 +416,8 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         }
 
         let (mut inputs, filters) = worker.dataflow::<Time, _, _>(|scope| {
-            let (clicks, deliveries) = scope.new_collection::<Click, isize>();
+            let (clicks, deliveries) = scope.new_input_with_builder::<LargeBatches<(Click, Time, isize)>>();
+            let deliveries = deliveries.as_collection();
             let (notes, note_collection) = scope.new_collection::<SourceNote, isize>();
             let dataflow_rules = config.dataflow_rules();
             // Only the server's filters arrange the clicks beside the views, and must see them retracted.

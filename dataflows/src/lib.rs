@@ -6,6 +6,7 @@
 //! stores, servers) live in the `clickagg` binary crate.
 
 pub mod answer;
+pub mod batches;
 pub mod event_time;
 pub mod hashing;
 pub mod plan;

@@ -5,13 +5,13 @@ use std::hash::Hash;
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::operators::CountTotal;
 use differential_dataflow::{ExchangeData, VecCollection};
-use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::{Operator, OutputBuilder};
 use timely::dataflow::operators::Capability;
 
 use crate::answer::SortWords;
+use crate::batches::{exchange_updates, LargeBatches};
 use crate::event_time::EventTimeRules;
 use crate::hashing::{fast_hash, FastMap, ProbeMap, PREFETCH_AHEAD};
 use crate::radix::consolidate_words;
@@ -84,7 +84,7 @@ pub fn count_per_minute<'scope, K: MinuteKey>(
     changes: VecCollection<'scope, Time, K>,
     rules: &EventTimeRules,
 ) -> VecCollection<'scope, Time, (K, u64)> {
-    let by_key = Exchange::new(|(key, _, _): &(K, Time, isize)| fast_hash(key));
+    let by_key = exchange_updates(|key: &K| fast_hash(key));
     per_minute(name, changes, by_key, K::minute, rules, CountsOfMinute::default)
 }
 
@@ -238,7 +238,7 @@ where
 }
 
 /// An activated output of updates `(K, Time, isize)`.
-type UpdatesSession<'a, K> = timely::dataflow::operators::generic::OutputBuilderSession<'a, Time, CapacityContainerBuilder<Vec<(K, Time, isize)>>>;
+type UpdatesSession<'a, K> = timely::dataflow::operators::generic::OutputBuilderSession<'a, Time, LargeBatches<(K, Time, isize)>>;
 
 /// Sends the non-zero sums of `sums` as updates, leaving it empty. It keeps its room for the
 /// next activation unless that room is far more than this one used: draining walks every slot,
@@ -249,7 +249,7 @@ fn send_changes<K: Hash + Eq + Clone + 'static>(
     sums: &mut ProbeMap<(K, Time), isize>,
 ) {
     let used = sums.len();
-    output.session(at).give_iterator(sums.drain().filter(|(_, diff)| *diff != 0).map(|((key, time), diff)| (key, time, diff)));
+    output.session_with_builder(at).give_iterator(sums.drain().filter(|(_, diff)| *diff != 0).map(|((key, time), diff)| (key, time, diff)));
     if 16 * used < sums.capacity() {
         *sums = ProbeMap::default();
     }
@@ -268,9 +268,9 @@ fn pre_aggregate_minute_keys<'scope>(clicks: VecCollection<'scope, Time, (ClickK
     let (ad, ad_stream) = builder.new_output();
     let (campaign, campaign_stream) = builder.new_output();
     let (country, country_stream) = builder.new_output();
-    let mut ad = OutputBuilder::<_, CapacityContainerBuilder<Vec<((Minute, u64), Time, isize)>>>::from(ad);
-    let mut campaign = OutputBuilder::<_, CapacityContainerBuilder<Vec<((Minute, u64), Time, isize)>>>::from(campaign);
-    let mut country = OutputBuilder::<_, CapacityContainerBuilder<Vec<((Minute, Country, u64), Time, isize)>>>::from(country);
+    let mut ad = OutputBuilder::<_, LargeBatches<((Minute, u64), Time, isize)>>::from(ad);
+    let mut campaign = OutputBuilder::<_, LargeBatches<((Minute, u64), Time, isize)>>::from(campaign);
+    let mut country = OutputBuilder::<_, LargeBatches<((Minute, Country, u64), Time, isize)>>::from(country);
     builder.build(move |_initial_capabilities| {
         // Summed in hash maps rather than sorted: a batch is mostly distinct keys, and sorting
         // them only to find the few that repeat cost more than the counting after it.

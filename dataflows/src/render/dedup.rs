@@ -1,8 +1,8 @@
 //! De-duplication of retried deliveries (SPEC §2 "Duplicates"), and the retention of its state.
 
 use differential_dataflow::VecCollection;
-use timely::dataflow::channels::pact::Exchange;
 
+use crate::batches::exchange_updates;
 use crate::event_time::EventTimeRules;
 use crate::hashing::{fast_hash, TagIndex};
 use crate::render::minute_state::{per_minute, MinuteState};
@@ -33,7 +33,7 @@ pub fn distinct_clicks<'scope>(
     retract: bool,
 ) -> VecCollection<'scope, Time, (ClickKey, ClickAttrs)> {
     let empty = move || DistinctClicks { clicks: Vec::new(), index: TagIndex::default(), retract };
-    let by_click = Exchange::new(|(click, _, _): &(Click, Time, isize)| click.key.event as u64);
+    let by_click = exchange_updates(|click: &Click| click.key.event as u64);
     per_minute(name, deliveries, by_click, Click::minute, rules, empty)
 }
 

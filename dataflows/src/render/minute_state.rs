@@ -16,6 +16,7 @@ use timely::dataflow::channels::pact::ParallelizationContract;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
+use crate::batches::LargeBatches;
 use crate::event_time::EventTimeRules;
 use crate::hashing::{FastMap, PREFETCH_AHEAD};
 use crate::types::{Minute, Time};
@@ -74,7 +75,7 @@ where
     let logger = StateLog::logger(&input.scope());
     input
         .inner
-        .unary_frontier(pact, name, move |_, info| {
+        .unary_frontier::<LargeBatches<(S::Output, Time, isize)>, _, _, _>(pact, name, move |_, info| {
             let log = StateLog { logger, operator: info.global_id };
             // Updates by time, applied in time order once the frontier has passed their time.
             let mut pending: BTreeMap<Time, HeldTime<S::Update>> = BTreeMap::new();
@@ -107,7 +108,7 @@ where
                             let (_, minute) = finals.pop_first().expect("just seen");
                             let mut live = minutes.remove(&minute).expect("a final time for a live minute");
                             let capability = live.final_at.expect("a final time, so a capability for it");
-                            let mut session = output.session(&capability);
+                            let mut session = output.session_with_builder(&capability);
                             live.state.retire(&mut |out, diff| session.give((out, at, diff)));
                             log.dropped(live.reported);
                             spare_state = Some(live.state);
@@ -115,7 +116,7 @@ where
                         (Some(_), _) => {
                             let (_, (capability, mut updates)) = pending.pop_first().expect("just seen");
                             let time = *capability.time();
-                            let mut session = output.session(&capability);
+                            let mut session = output.session_with_builder(&capability);
                             let mut emit = |out, diff| session.give((out, time, diff));
                             let mut drain = updates.drain(..);
                             while let Some((update, diff)) = drain.next() {

@@ -14,8 +14,9 @@
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
-use timely::dataflow::operators::Exchange;
+use timely::dataflow::operators::generic::Operator;
 
+use crate::batches::exchange_updates;
 use crate::render::topk::bucket_of;
 use crate::types::{Country, Minute, Time};
 
@@ -45,7 +46,12 @@ pub struct ByAd<'scope, D: 'static> {
 impl<'scope, D: OfAd> ByAd<'scope, D> {
     /// Exchanges `collection` by ad.
     pub fn exchange(collection: VecCollection<'scope, Time, D>) -> Self {
-        let inner = collection.inner.exchange(|(record, _, _): &(D, Time, isize)| u64::from(bucket_of(record.ad())));
+        let by_ad = exchange_updates(|record: &D| u64::from(bucket_of(record.ad())));
+        let inner = collection.inner.unary(by_ad, "ExchangeByAd", |_, _| {
+            move |input, output| {
+                input.for_each_stamp(|time, data| output.session(&time).give_containers(data));
+            }
+        });
         ByAd { collection: inner.as_collection() }
     }
 }
