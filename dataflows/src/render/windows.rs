@@ -16,6 +16,7 @@ use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::core::Map;
 use timely::dataflow::operators::Capability;
 
 use crate::event_time::EventTimeRules;
@@ -191,6 +192,29 @@ where
     keep_top(name, local.as_collection(), k).map(|(group, r)| (group, unrank(r)))
 }
 
+/// The one-minute window's top K, from each minute's top K (`(minute, ranked)`, as
+/// [`top_k_per_minute`](crate::render::topk::top_k_per_minute) gives it), when every logical time
+/// is a minute boundary (`rules.tick_ms` is a minute, as in a replay by default).
+///
+/// Then minute m's changes enter the one-minute window only at m's first time, `m * MINUTE_MS`:
+/// a change at a later time is late for it ([`contributions`]). Minute m has no change before
+/// that time either, so its top K then is the window's top K until the window moves on, a minute
+/// later. Each update of a minute's top K at the minute's first time enters the window then and
+/// leaves it a minute later; later updates (late clicks, retention) never reach it. This is what
+/// [`sliding_top_k`] computes for the window, time for time, without keeping the window's counts.
+pub fn one_minute_window<'scope, R>(tops: VecCollection<'scope, Time, (Minute, R)>, rules: &EventTimeRules) -> VecCollection<'scope, Time, R>
+where
+    R: differential_dataflow::Data,
+{
+    assert_eq!(rules.tick_ms, MINUTE_MS, "the one-minute window is each minute's top K only with minute ticks");
+    tops.inner
+        .flat_map(|((minute, ranked), time, diff)| {
+            let first = u64::from(minute) * MINUTE_MS;
+            (time == first).then(|| [(ranked.clone(), time, diff), (ranked, first + MINUTE_MS, -diff)]).into_iter().flatten()
+        })
+        .as_collection()
+}
+
 /// Each (window, group)'s counts on one worker, with their local top K.
 type Tops<G> = FastMap<(u32, G), LocalTop>;
 
@@ -218,11 +242,13 @@ type Entering<G> = (Capability<Time>, Vec<(Minute, G, u64, i64)>);
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::{contributions, sliding_top_k};
+    use super::{contributions, one_minute_window, sliding_top_k};
     use crate::render::partition::ByAd;
     use crate::event_time::EventTimeRules;
     use crate::plan::Plan;
     use crate::render::testing::{held_at, minute_updates, reference_top_k, rules_and_workers, run_operator, scattered, times_of, with_transient_negatives};
+    use crate::render::topk::top_k_per_minute;
+    use crate::types::MINUTE_MS;
     use crate::types::{Minute, Time};
 
     /// `((window, ()), (ad, clicks))` records, as `sliding_top_k` sends them.
@@ -271,6 +297,42 @@ mod tests {
                         assert_eq!(held_at(&output, time), expected, "seed {seed}, {workers} workers, time {time}, {rules:?}");
                     }
                 }
+            }
+        }
+    }
+
+    /// With minute ticks, the one-minute window derived from each minute's top K is the window
+    /// that `sliding_top_k` keeps counts for: the same updates at the same times.
+    #[test]
+    fn one_minute_window_is_each_minutes_first_top_k() {
+        let plan = Plan { top_k: 2, windows: vec![1], ..Plan::default() };
+        let bounded = EventTimeRules { watermark_delay_ms: 0, allowed_lateness_ms: Some(2 * MINUTE_MS), tick_ms: MINUTE_MS };
+        let unbounded = EventTimeRules { allowed_lateness_ms: None, ..bounded };
+        for seed in 0..8 {
+            for (rules, workers) in [(bounded, 1), (bounded, 3), (unbounded, 2)] {
+                // Updates at minute ticks: on time at their minute's first time, late after it.
+                let mut updates: Vec<_> = minute_updates(seed, 300, &rules).into_iter().map(|(key, time, diff)| (key, rules.tick(time), diff)).collect();
+                updates.sort_by_key(|update| update.1);
+                let (k, counted) = (plan.top_k, plan.clone());
+                let derived = run_operator(workers, &updates, move |clicks| {
+                    one_minute_window(top_k_per_minute("TopMinute", ByAd::exchange(scattered(clicks)), k, &rules), &rules)
+                });
+                let kept = run_operator(workers, &updates, move |clicks| {
+                    sliding_top_k("TopWindow", ByAd::exchange(scattered(clicks)), &counted, &rules, |&(minute, _): &(Minute, u64)| (minute, ()))
+                        .map(|(_, ranked)| ranked)
+                });
+                assert!(updates.iter().any(|&((minute, _), time, _)| time > u64::from(minute) * MINUTE_MS), "seed {seed}: no late update");
+                let consolidated = |output: Vec<((u64, u64), Time, isize)>| {
+                    let mut sums: BTreeMap<(Time, (u64, u64)), isize> = BTreeMap::new();
+                    for (ranked, time, diff) in output {
+                        *sums.entry((time, ranked)).or_default() += diff;
+                    }
+                    sums.retain(|_, diff| *diff != 0);
+                    sums
+                };
+                let (derived, kept) = (consolidated(derived), consolidated(kept));
+                assert!(!kept.is_empty());
+                assert_eq!(derived, kept, "seed {seed}, {workers} workers, {rules:?}");
             }
         }
     }
