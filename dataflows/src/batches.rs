@@ -17,7 +17,10 @@
 use std::collections::VecDeque;
 
 use timely::container::{ContainerBuilder, LengthPreservingContainerBuilder, PushInto};
-use timely::dataflow::channels::pact::ExchangeCore;
+use differential_dataflow::collection::AsCollection;
+use differential_dataflow::VecCollection;
+use timely::dataflow::channels::pact::{ExchangeCore, Pipeline};
+use timely::dataflow::operators::generic::Operator;
 
 use crate::types::Time;
 
@@ -93,6 +96,24 @@ pub fn exchange_updates<D: Clone + 'static>(
     route: impl Fn(&D) -> u64 + 'static,
 ) -> ExchangeCore<LargeBatches<(D, Time, isize)>, impl FnMut(&(D, Time, isize)) -> u64 + 'static> {
     ExchangeCore::new_core(move |(record, _, _): &(D, Time, isize)| route(record))
+}
+
+/// `collection.map(logic)`, its output in [`LargeBatches`].
+pub fn map_updates<'scope, D, E>(name: &str, collection: VecCollection<'scope, Time, D>, mut logic: impl FnMut(D) -> E + 'static) -> VecCollection<'scope, Time, E>
+where
+    D: Clone + 'static,
+    E: Clone + 'static,
+{
+    collection
+        .inner
+        .unary::<LargeBatches<(E, Time, isize)>, _, _, _>(Pipeline, name, move |_, _| {
+            move |input, output| {
+                input.for_each(|capability, data| {
+                    output.session_with_builder(&capability).give_iterator(data.drain(..).map(|(record, time, diff)| (logic(record), time, diff)));
+                });
+            }
+        })
+        .as_collection()
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ pub mod windows;
 use differential_dataflow::VecCollection;
 
 use crate::answer::Answer;
+use crate::batches::map_updates;
 use crate::event_time::EventTimeRules;
 use crate::plan::Plan;
 use crate::types::{Click, ClickAttrs, ClickKey, Time, MINUTE_MS};
@@ -174,17 +175,9 @@ pub fn render_clicks<'scope>(
         .leave_region(scope)
     });
 
-    let answers = counts
-        .ad
-        .clone()
-        .map(|((minute, ad), clicks)| Answer::AdMinute { minute, ad, clicks })
-        .concat(counts.campaign.clone().map(|((minute, campaign), clicks)| Answer::CampaignMinute { minute, campaign, clicks }))
-        .concat(
-            counts
-                .country
-                .clone()
-                .map(|((minute, country, ad), clicks)| Answer::CountryMinute { minute, country, ad, clicks }),
-        )
+    let answers = map_updates("AdMinuteAnswers", counts.ad.clone(), |((minute, ad), clicks)| Answer::AdMinute { minute, ad, clicks })
+        .concat(map_updates("CampaignMinuteAnswers", counts.campaign.clone(), |((minute, campaign), clicks)| Answer::CampaignMinute { minute, campaign, clicks }))
+        .concat(map_updates("CountryMinuteAnswers", counts.country.clone(), |((minute, country, ad), clicks)| Answer::CountryMinute { minute, country, ad, clicks }))
         .concat(top.map(|(minute, (ad, clicks))| Answer::TopMinute { minute, ad, clicks }))
         .concat(top_window.map(|(window, (ad, clicks))| Answer::TopWindow { window, ad, clicks }));
     let answers = match excluded {
