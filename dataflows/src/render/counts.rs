@@ -217,8 +217,14 @@ where
             let mut scratch = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
-                    for (data, time, diff) in data.drain(..).filter(|(data, time, _)| keep(data, *time)) {
-                        pending.entry(time).or_insert_with(|| (capability.delayed(&time, 0), Vec::new())).1.push((data.to_words(), diff));
+                    let mut data = data.drain(..).filter(|(data, time, _)| keep(data, *time)).peekable();
+                    while let Some((record, time, diff)) = data.next() {
+                        let (_, held) = pending.entry(time).or_insert_with(|| (capability.delayed(&time, 0), Vec::new()));
+                        held.push((record.to_words(), diff));
+                        // The rest of the time's run, without looking it up again.
+                        while let Some((record, _, diff)) = data.next_if(|(_, next, _)| *next == time) {
+                            held.push((record.to_words(), diff));
+                        }
                     }
                 });
                 while let Some(entry) = pending.first_entry() {

@@ -91,11 +91,17 @@ where
             let mut touched: Vec<Minute> = Vec::new();
             move |(input, frontier), output| {
                 input.for_each(|capability, data| {
-                    for (update, time, diff) in data.drain(..) {
+                    let mut data = data.drain(..).peekable();
+                    while let Some((update, time, diff)) = data.next() {
                         let (_, updates) = pending
                             .entry(time)
                             .or_insert_with(|| (capability.delayed(&time, 0), spare_lists.pop().unwrap_or_default()));
                         updates.push((update, diff));
+                        // A container's updates mostly share one time: the rest of its run go
+                        // to the same list without looking the time up again.
+                        while let Some((update, _, diff)) = data.next_if(|(_, next, _)| *next == time) {
+                            updates.push((update, diff));
+                        }
                     }
                 });
                 let complete = |time: &Time| frontier.frontier().first().is_none_or(|f| f > time);
