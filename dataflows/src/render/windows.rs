@@ -95,16 +95,23 @@ where
         let mut ranked: Vec<Rank> = Vec::new();
         move |(input, frontier), output| {
             input.for_each(|capability, data| {
-                for (datum, time, diff) in data.drain(..) {
-                    let ((minute, group), ad) = (split(&datum), datum.ad());
-                    // Every window enters at the same time; one that it would leave at once
-                    // (a late change to a minute the window has moved past) never holds it.
-                    let Some(from) = contributions(rules, &windows, minute, time).find(|(_, from, until)| from < until).map(|(_, from, _)| from)
-                    else {
-                        continue;
-                    };
-                    let (_, changes) = entering.entry(from).or_insert_with(|| (capability.delayed(&from, 0), Vec::new()));
-                    changes.push((minute, group, ad, diff as i64));
+                let mut changes = data
+                    .drain(..)
+                    .filter_map(|(datum, time, diff)| {
+                        let ((minute, group), ad) = (split(&datum), datum.ad());
+                        // Every window enters at the same time; one that it would leave at once
+                        // (a late change to a minute the window has moved past) never holds it.
+                        let from = contributions(rules, &windows, minute, time).find(|(_, from, until)| from < until).map(|(_, from, _)| from)?;
+                        Some((from, (minute, group, ad, diff as i64)))
+                    })
+                    .peekable();
+                while let Some((from, change)) = changes.next() {
+                    let (_, held) = entering.entry(from).or_insert_with(|| (capability.delayed(&from, 0), Vec::new()));
+                    held.push(change);
+                    // The rest of the run entering at the same time, without looking it up again.
+                    while let Some((_, change)) = changes.next_if(|(next, _)| *next == from) {
+                        held.push(change);
+                    }
                 }
             });
             let complete = |time: &Time| frontier.frontier().first().is_none_or(|f| f > time);
