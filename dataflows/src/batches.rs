@@ -90,12 +90,14 @@ impl<T: Clone + 'static> ContainerBuilder for LargeBatches<T> {
 
 impl<T: Clone + 'static> LengthPreservingContainerBuilder for LargeBatches<T> {}
 
-/// An exchange of updates `(record, time, diff)` in [`LargeBatches`], each to the worker that
-/// `route(record)` picks.
+/// A collection's update: a record, its time and its multiplicity.
+pub type Update<D> = (D, Time, isize);
+
+/// An exchange of updates in [`LargeBatches`], each to the worker that `route(record)` picks.
 pub fn exchange_updates<D: Clone + 'static>(
     route: impl Fn(&D) -> u64 + 'static,
-) -> ExchangeCore<LargeBatches<(D, Time, isize)>, impl FnMut(&(D, Time, isize)) -> u64 + 'static> {
-    ExchangeCore::new_core(move |(record, _, _): &(D, Time, isize)| route(record))
+) -> ExchangeCore<LargeBatches<Update<D>>, impl FnMut(&Update<D>) -> u64 + 'static> {
+    ExchangeCore::new_core(move |(record, _, _): &Update<D>| route(record))
 }
 
 /// `collection.map(logic)`, its output in [`LargeBatches`].
@@ -106,7 +108,7 @@ where
 {
     collection
         .inner
-        .unary::<LargeBatches<(E, Time, isize)>, _, _, _>(Pipeline, name, move |_, _| {
+        .unary::<LargeBatches<Update<E>>, _, _, _>(Pipeline, name, move |_, _| {
             move |input, output| {
                 input.for_each(|capability, data| {
                     output.session_with_builder(&capability).give_iterator(data.drain(..).map(|(record, time, diff)| (logic(record), time, diff)));
