@@ -11,6 +11,9 @@
 //!
 //! It adds no delay: an operator still sends what it has when its activation ends, and the
 //! sources flush at every step, so a container is shipped full only when there is that much.
+//! It costs memory in proportion to the peers: an exchange keeps a builder per worker it sends
+//! to, each holding up to two containers, so 2 × 256 KiB × workers per exchange and worker (a
+//! few MiB on one machine, 32 MiB per exchange and worker in a cluster of 64 workers).
 //!
 //! [`CapacityContainerBuilder`]: timely::container::CapacityContainerBuilder
 
