@@ -30,7 +30,7 @@ use crate::serve::{peek, ServingState};
 use clickagg_dataflows::render::counts::count_per_minute;
 use clickagg_dataflows::render::topk::top_k;
 use clickagg_dataflows::render::sliding_counts;
-use clickagg_dataflows::render::windows::sliding_top_k;
+use clickagg_dataflows::render::windows::sliding_top_k_with_minute_tops;
 use clickagg_dataflows::render::filters::render_filters;
 use crate::sink::{OutputSink, SinkRunner, Summary};
 use crate::source::{list_partitions, partition_name, PartitionSource, SourceOutput};
@@ -440,11 +440,12 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                     });
                     let country = counts.country.enter_region(inner);
                     let per_country_minute = country.clone().map(|((minute, country, ad), clicks)| ((minute, country), (ad, clicks)));
-                    let top_country_minute = top_k("TopCountryMinute", per_country_minute, plan)
-                        .map(|((minute, country), (ad, clicks))| ServingAnswer::TopCountryMinute { minute, country, ad, clicks });
+                    let top_country_minute = top_k("TopCountryMinute", per_country_minute, plan);
                     let country_clicks = counts.clicks.country.enter_region(inner);
-                    let top_country_window = sliding_top_k("TopCountryWindow", country_clicks, plan, rules, |&(m, c, _)| (m, c))
+                    let top_country_window = sliding_top_k_with_minute_tops("TopCountryWindow", country_clicks, top_country_minute.clone(), plan, rules, |&(m, c, _)| (m, c))
                         .map(|((window, country), (ad, clicks))| ServingAnswer::TopCountryWindow { window, country, ad, clicks });
+                    let top_country_minute =
+                        top_country_minute.map(|((minute, country), (ad, clicks))| ServingAnswer::TopCountryMinute { minute, country, ad, clicks });
                     let campaign_windows = sliding_counts("CampaignWindowCounts", counts.clicks.campaign.enter_region(inner), &plan.windows, rules, |&(m, campaign)| (m, campaign))
                         .map(|((window, campaign), clicks)| ServingAnswer::CampaignWindow { window, campaign, clicks });
                     campaign_country

@@ -161,18 +161,11 @@ pub fn render_clicks<'scope>(
     let top = scope.region_named("TopK", |inner| {
         topk::top_k_per_minute("TopMinute", counts.clicks.ad.clone().enter_region(inner), plan.top_k, &rules).leave_region(scope)
     });
-    // With minute ticks, the one-minute window is each minute's top K as of the minute's first
-    // time ([`windows::one_minute_window`]), and its counts need not be kept.
-    let derive_one_minute = rules.tick_ms == MINUTE_MS && plan.windows.contains(&1);
-    let counted = Plan { windows: plan.windows.iter().copied().filter(|&window| !(derive_one_minute && window == 1)).collect(), ..plan.clone() };
     let top_window = scope.region_named("SlidingWindows", |inner| {
-        let counted = windows::sliding_top_k("TopWindow", counts.clicks.ad.clone().enter_region(inner), &counted, &rules, |&(minute, _)| (minute, ()))
-            .map(|((window, ()), ranked)| (window, ranked));
-        match derive_one_minute {
-            true => counted.concat(windows::one_minute_window(top.clone().enter_region(inner), &rules).map(|ranked| (1, ranked))),
-            false => counted,
-        }
-        .leave_region(scope)
+        let minute_tops = top.clone().enter_region(inner).map(|(minute, ranked)| ((minute, ()), ranked));
+        windows::sliding_top_k_with_minute_tops("TopWindow", counts.clicks.ad.clone().enter_region(inner), minute_tops, plan, &rules, |&(minute, _)| (minute, ()))
+            .map(|((window, ()), ranked)| (window, ranked))
+            .leave_region(scope)
     });
 
     let answers = map_updates("AdMinuteAnswers", counts.ad.clone(), |((minute, ad), clicks)| Answer::AdMinute { minute, ad, clicks })

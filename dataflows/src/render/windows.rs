@@ -45,6 +45,9 @@ pub fn contributions(rules: EventTimeRules, windows: &[u32], minute: Minute, tim
 /// `((window minutes, group), (ad, clicks))`: the ads in the top K of each window of each group.
 pub type WindowTops<'scope, G> = VecCollection<'scope, Time, ((u32, G), (u64, u64))>;
 
+/// `((minute, group), (ad, clicks))`: the ads in the top K of each minute of each group.
+pub type MinuteTops<'scope, G> = VecCollection<'scope, Time, ((Minute, G), (u64, u64))>;
+
 /// The top `plan.top_k` ads of each window of `plan.windows` in each group, by clicks over the
 /// window's last M minutes, as `((window minutes, group), (ad, clicks))`, from the clicks per
 /// minute and key (`C`, with the clicks as its multiplicity, as
@@ -220,6 +223,29 @@ where
             (time == first).then(|| [(ranked.clone(), time, diff), (ranked, first + MINUTE_MS, -diff)]).into_iter().flatten()
         })
         .as_collection()
+}
+
+/// [`sliding_top_k`] for every window of `plan.windows`, except that with minute ticks the
+/// one-minute window is taken from `minute_tops`, each minute's top `plan.top_k` per group
+/// (`((minute, group), (ad, clicks))`), by [`one_minute_window`], instead of keeping its counts.
+pub fn sliding_top_k_with_minute_tops<'scope, C, G>(
+    name: &str,
+    clicks: ByAd<'scope, C>,
+    minute_tops: MinuteTops<'scope, G>,
+    plan: &Plan,
+    rules: &EventTimeRules,
+    split: impl Fn(&C) -> (Minute, G) + 'static,
+) -> WindowTops<'scope, G>
+where
+    C: OfAd,
+    G: differential_dataflow::ExchangeData + std::hash::Hash,
+{
+    if rules.tick_ms != MINUTE_MS || !plan.windows.contains(&1) {
+        return sliding_top_k(name, clicks, plan, rules, split);
+    }
+    let counted = Plan { windows: plan.windows.iter().copied().filter(|&window| window != 1).collect(), ..plan.clone() };
+    let one_minute = one_minute_window(minute_tops.map(|((minute, group), ranked)| (minute, (group, ranked))), rules).map(|(group, ranked)| ((1, group), ranked));
+    sliding_top_k(name, clicks, &counted, rules, split).concat(one_minute)
 }
 
 /// Each (window, group)'s counts on one worker, with their local top K.
