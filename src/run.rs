@@ -442,7 +442,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                     let per_country_minute = country.clone().map(|((minute, country, ad), clicks)| ((minute, country), (ad, clicks)));
                     let top_country_minute = top_k("TopCountryMinute", per_country_minute, plan);
                     let country_clicks = counts.clicks.country.enter_region(inner);
-                    let top_country_window = sliding_top_k_with_minute_tops("TopCountryWindow", country_clicks, top_country_minute.clone(), plan, rules, |&(m, c, _)| (m, c))
+                    let top_country_window = sliding_top_k_with_minute_tops("TopCountryWindow", country_clicks, || top_country_minute.clone(), plan, rules, |&(m, c, _)| (m, c))
                         .map(|((window, country), (ad, clicks))| ServingAnswer::TopCountryWindow { window, country, ad, clicks });
                     let top_country_minute =
                         top_country_minute.map(|((minute, country), (ad, clicks))| ServingAnswer::TopCountryMinute { minute, country, ad, clicks });

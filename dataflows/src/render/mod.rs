@@ -162,7 +162,7 @@ pub fn render_clicks<'scope>(
         topk::top_k_per_minute("TopMinute", counts.clicks.ad.clone().enter_region(inner), plan.top_k, &rules).leave_region(scope)
     });
     let top_window = scope.region_named("SlidingWindows", |inner| {
-        let minute_tops = top.clone().enter_region(inner).map(|(minute, ranked)| ((minute, ()), ranked));
+        let minute_tops = || top.clone().enter_region(inner).map(|(minute, ranked)| ((minute, ()), ranked));
         windows::sliding_top_k_with_minute_tops("TopWindow", counts.clicks.ad.clone().enter_region(inner), minute_tops, plan, &rules, |&(minute, _)| (minute, ()))
             .map(|((window, ()), ranked)| (window, ranked))
             .leave_region(scope)

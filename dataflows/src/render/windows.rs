@@ -226,12 +226,13 @@ where
 }
 
 /// [`sliding_top_k`] for every window of `plan.windows`, except that with minute ticks the
-/// one-minute window is taken from `minute_tops`, each minute's top `plan.top_k` per group
+/// one-minute window is taken from `minute_tops()`, each minute's top `plan.top_k` per group
 /// (`((minute, group), (ad, clicks))`), by [`one_minute_window`], instead of keeping its counts.
+/// `minute_tops` is called only then, so that other ticks render nothing for it.
 pub fn sliding_top_k_with_minute_tops<'scope, C, G>(
     name: &str,
     clicks: ByAd<'scope, C>,
-    minute_tops: MinuteTops<'scope, G>,
+    minute_tops: impl FnOnce() -> MinuteTops<'scope, G>,
     plan: &Plan,
     rules: &EventTimeRules,
     split: impl Fn(&C) -> (Minute, G) + 'static,
@@ -244,7 +245,7 @@ where
         return sliding_top_k(name, clicks, plan, rules, split);
     }
     let counted = Plan { windows: plan.windows.iter().copied().filter(|&window| window != 1).collect(), ..plan.clone() };
-    let one_minute = one_minute_window(minute_tops.map(|((minute, group), ranked)| (minute, (group, ranked))), rules).map(|(group, ranked)| ((1, group), ranked));
+    let one_minute = one_minute_window(minute_tops().map(|((minute, group), ranked)| (minute, (group, ranked))), rules).map(|(group, ranked)| ((1, group), ranked));
     sliding_top_k(name, clicks, &counted, rules, split).concat(one_minute)
 }
 
