@@ -72,16 +72,8 @@ struct Files {
     line: Vec<u8>,
     /// The time of the changelog lines being written, with its comma.
     stamp: Vec<u8>,
-    /// The files still hold what a previous run wrote (see [`Files::empty_previous`]).
-    stale: bool,
-}
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        // A run that stops before the sink's first use must not leave its header lines written
-        // over the start of a previous run's rows.
-        let _ = self.empty_previous();
-    }
+    /// Deleting what a previous run wrote here (see [`set_aside_previous`]).
+    deleting_previous: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Applies the dataflow's updates in time order, and hands them to the output directory, the
@@ -123,16 +115,55 @@ pub struct OutputSink {
     new_snapshots: Vec<(Minute, BTreeMap<u32, Vec<(u64, u64)>>)>,
 }
 
-/// Opens `path` for writing from its start, creating it if need be. With `truncate` false, what
-/// it holds stays until [`Files::empty_previous`] cuts it off.
-fn create(path: &Path, truncate: bool) -> io::Result<BufWriter<File>> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(truncate)
-        .open(path)
+/// Creates the file `path`, which [`set_aside_previous`] has moved out of the way if it existed.
+fn create(path: &Path) -> io::Result<BufWriter<File>> {
+    File::create(path)
         .map(|f| BufWriter::with_capacity(1 << 20, f))
         .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))
+}
+
+/// Where [`set_aside_previous`] moves a previous run's files, inside the output directory.
+const SET_ASIDE_PREFIX: &str = ".clickagg-replaced-";
+
+/// Moves the files at `paths` that a previous run wrote into a directory of their own inside
+/// `dir`, and deletes that directory (and any that a run stopped before deleting) on a thread.
+/// Other files in `dir` stay.
+///
+/// Why not empty or replace them in place: a previous run's 620 MB are often still being
+/// written back. Truncating them blocks until that is done, and ext4 writes back a file emptied
+/// this way when it is closed, at the end of the run, on the sink's thread; renaming onto them
+/// makes the rename free their pages. A rename to a new name does neither, and a fresh file
+/// costs what it costs in an empty directory. Interleaved, each run over its own previous
+/// output: 3.13 → 3.01 s with 2 workers, the same as into a new directory.
+fn set_aside_previous(dir: &Path, paths: &[PathBuf]) -> io::Result<Option<std::thread::JoinHandle<()>>> {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let aside = dir.join(format!("{SET_ASIDE_PREFIX}{}-{stamp}", std::process::id()));
+    for (number, path) in paths.iter().enumerate() {
+        if std::fs::symlink_metadata(path).is_ok() {
+            std::fs::create_dir_all(&aside)?;
+            std::fs::rename(path, aside.join(number.to_string()))
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot move {} aside: {e}", path.display())))?;
+        }
+    }
+    let mut doomed = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(SET_ASIDE_PREFIX) {
+            doomed.push(entry.path());
+        }
+    }
+    if doomed.is_empty() {
+        return Ok(None);
+    }
+    let thread = std::thread::Builder::new().name("clickagg:rm-old".into()).spawn(move || {
+        for path in doomed {
+            // This run's files are complete without it: said, not failed.
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                eprintln!("clickagg: warning: cannot delete {}, a previous run's files: {e}", path.display());
+            }
+        }
+    })?;
+    Ok(Some(thread))
 }
 
 impl Files {
@@ -140,11 +171,20 @@ impl Files {
     fn create(dir: &Path, windows: &[u32]) -> io::Result<Files> {
         std::fs::create_dir_all(dir.join("changelog"))
             .map_err(|source| crate::error::EdgeError::OutputDirectory { path: dir.to_path_buf(), source })?;
-        let mut changelog = create(&dir.join("changelog").join("updates.csv"), false)?;
+        let changelog_path = dir.join("changelog").join("updates.csv");
+        let view_path = |view: View| dir.join(format!("{}.csv", view.name()));
+        let window_path = |window: u32| dir.join(format!("top_window_{window}m.csv"));
+        let previous: Vec<PathBuf> = std::iter::once(changelog_path.clone())
+            .chain(View::PER_MINUTE.iter().map(|&view| view_path(view)))
+            .chain(windows.iter().map(|&window| window_path(window)))
+            .chain(std::iter::once(dir.join("dead_letter.csv")))
+            .collect();
+        let deleting_previous = set_aside_previous(dir, &previous)?;
+        let mut changelog = create(&changelog_path)?;
         changelog.write_all(b"time,view,key,value,diff\n")?;
         let mut views = Vec::new();
         for view in View::PER_MINUTE {
-            let mut file = create(&dir.join(format!("{}.csv", view.name())), false)?;
+            let mut file = create(&view_path(view))?;
             file.write_all(match view {
                 View::AdMinute => b"minute,ad_id,clicks\n".as_slice(),
                 View::CampaignMinute => b"minute,campaign_id,clicks\n",
@@ -157,7 +197,7 @@ impl Files {
         }
         let mut window_files = BTreeMap::new();
         for &window in windows {
-            let mut file = create(&dir.join(format!("top_window_{window}m.csv")), false)?;
+            let mut file = create(&window_path(window))?;
             file.write_all(b"as_of,rank,ad_id,clicks\n")?;
             window_files.insert(window, file);
         }
@@ -171,22 +211,8 @@ impl Files {
             dead_letters: Vec::new(),
             line: Vec::with_capacity(256),
             stamp: Vec::with_capacity(24),
-            stale: true,
+            deleting_previous,
         })
-    }
-
-    /// Cuts off what the files held before this run. Done by the sink, at its first use, on
-    /// whichever thread runs it, rather than when the files are opened on worker 0: emptying a
-    /// previous run's 620 MB while the kernel still writes them back blocks for a fifth of a
-    /// second, which held every worker back at the start of each run into the same directory.
-    /// Nothing reaches the files before this (their buffers hold only the header lines).
-    fn empty_previous(&mut self) -> io::Result<()> {
-        if std::mem::take(&mut self.stale) {
-            for file in std::iter::once(&self.changelog).chain(&self.views).chain(self.window_files.values()) {
-                file.get_ref().set_len(0)?;
-            }
-        }
-        Ok(())
     }
 
     /// Writes the snapshots of boundaries up to `through` (inclusive).
@@ -248,7 +274,7 @@ impl Files {
         for file in self.views.iter_mut().chain(self.window_files.values_mut()) {
             file.flush()?;
         }
-        let mut file = create(&self.dir.join("dead_letter.csv"), true)?;
+        let mut file = create(&self.dir.join("dead_letter.csv"))?;
         file.write_all(b"partition,offset,reason,line\n")?;
         let name = |p: u32| partition_names.get(p as usize).map_or("?", String::as_str);
         self.dead_letters.sort_by(|a, b| (name(a.partition), a.offset).cmp(&(name(b.partition), b.offset)));
@@ -257,7 +283,12 @@ impl Files {
             write_quoted(&mut file, &dead.line)?;
             file.write_all(b"\n")?;
         }
-        file.flush()
+        file.flush()?;
+        // Long done by now, on any but the slowest disk: the run leaves no set-aside files behind.
+        if let Some(thread) = self.deleting_previous.take() {
+            thread.join().map_err(|_| io::Error::other("the thread deleting the previous run's files panicked"))?;
+        }
+        Ok(())
     }
 }
 
@@ -400,9 +431,6 @@ impl OutputSink {
     /// order, writes out the minutes that became final and the window snapshots that fell due,
     /// and commits to the store.
     pub fn advance(&mut self, frontier: Option<Time>) -> io::Result<()> {
-        if let Some(files) = &mut self.files {
-            files.empty_previous()?;
-        }
         while let Some(entry) = self.pending.first_entry() {
             if frontier.is_some_and(|f| *entry.key() >= f) {
                 break;

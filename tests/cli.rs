@@ -23,7 +23,9 @@ fn run_writes_every_file_and_honours_windows() {
 }
 
 /// A run into a directory that a previous, larger run wrote leaves there exactly what a run into
-/// an empty directory writes: the previous files are emptied, not written over from their start.
+/// an empty directory writes: the previous files are replaced, not written over from their start,
+/// and what was set aside to be deleted is gone, with what a killed run set aside. A file of the
+/// user's own stays.
 #[test]
 fn a_run_replaces_what_a_previous_run_wrote() {
     let dir = tempfile::tempdir().unwrap();
@@ -31,7 +33,20 @@ fn a_run_replaces_what_a_previous_run_wrote() {
     let (small, reused, fresh) = (path("small"), path("reused"), path("fresh"));
     let result = clickagg(&["generate", "--out", &small, "--events", "300", "--partitions", "2"]);
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let listing = |out: &str| {
+        let mut names: Vec<String> = walk(Path::new(out)).iter().map(|p| p.strip_prefix(out).unwrap().display().to_string()).collect();
+        names.sort();
+        names
+    };
     for (logs, out) in [("datasets/sample/logs", &reused), (small.as_str(), &reused), (small.as_str(), &fresh)] {
+        if out == &reused && Path::new(out).exists() {
+            // What a run killed before deleting its set-aside files would leave, beside the
+            // user's own file.
+            let killed = Path::new(out).join(".clickagg-replaced-1-2");
+            std::fs::create_dir_all(&killed).unwrap();
+            std::fs::write(killed.join("0"), "old rows\n").unwrap();
+            std::fs::write(Path::new(out).join("notes.txt"), "mine\n").unwrap();
+        }
         let result = clickagg(&["run", "--logs", logs, "--out", out, "-w", "2"]);
         assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
     }
@@ -40,6 +55,24 @@ fn a_run_replaces_what_a_previous_run_wrote() {
         let read = |out: &str| std::fs::read_to_string(Path::new(out).join(file)).unwrap();
         assert_eq!(read(&reused), read(&fresh), "{file}");
     }
+    let mut expected = listing(&fresh);
+    expected.push("notes.txt".into());
+    expected.sort();
+    assert_eq!(listing(&reused), expected);
+    assert_eq!(std::fs::read_to_string(Path::new(&reused).join("notes.txt")).unwrap(), "mine\n");
+}
+
+/// Every file under `dir`, and every directory (so that an empty one left behind shows).
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        }
+        found.push(path);
+    }
+    found
 }
 
 #[test]
