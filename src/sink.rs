@@ -115,7 +115,7 @@ pub struct OutputSink {
     new_snapshots: Vec<(Minute, BTreeMap<u32, Vec<(u64, u64)>>)>,
 }
 
-/// Creates the file `path`, which [`set_aside_previous`] has moved out of the way if it existed.
+/// Creates the file `path`, which [`set_aside_previous`] has moved out of the way if it was one.
 fn create(path: &Path) -> io::Result<BufWriter<File>> {
     File::create(path)
         .map(|f| BufWriter::with_capacity(1 << 20, f))
@@ -139,7 +139,9 @@ fn set_aside_previous(dir: &Path, paths: &[PathBuf]) -> io::Result<Option<std::t
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let aside = dir.join(format!("{SET_ASIDE_PREFIX}{}-{stamp}", std::process::id()));
     for (number, path) in paths.iter().enumerate() {
-        if std::fs::symlink_metadata(path).is_ok() {
+        // Only a file: a symbolic link is written through, as before, and a directory in the
+        // way is an error when the file is created, not something to delete.
+        if std::fs::symlink_metadata(path).is_ok_and(|meta| meta.is_file()) {
             std::fs::create_dir_all(&aside)?;
             std::fs::rename(path, aside.join(number.to_string()))
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot move {} aside: {e}", path.display())))?;
