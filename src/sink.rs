@@ -70,8 +70,8 @@ struct Files {
     snapshots: VecDeque<(Minute, Vec<(u32, u64, u64)>)>,
     dead_letters: Vec<DeadLetter>,
     line: Vec<u8>,
-    /// The time of the changelog lines being written, with its comma.
-    stamp: Vec<u8>,
+    /// The start of the changelog lines being written.
+    prefix: LinePrefix,
     /// Deleting what a previous run wrote here (see [`set_aside_previous`]).
     deleting_previous: Option<std::thread::JoinHandle<()>>,
 }
@@ -212,7 +212,7 @@ impl Files {
             snapshots: VecDeque::new(),
             dead_letters: Vec::new(),
             line: Vec::with_capacity(256),
-            stamp: Vec::with_capacity(24),
+            prefix: LinePrefix::default(),
             deleting_previous,
         })
     }
@@ -239,6 +239,10 @@ impl Files {
         // and the formatting machinery cost more than the numbers.
         let mut num = itoa::Buffer::new();
         let line = &mut self.line;
+        line.clear();
+        line.extend_from_slice(num.format(minute).as_bytes());
+        line.push(b',');
+        let row_start = line.len();
         for (answer, count) in changes {
             assert_eq!(count, 1, "a view holds each answer once: {answer:?} x {count}");
             let (_, id, clicks) = answer.key_and_clicks();
@@ -252,9 +256,7 @@ impl Files {
                 View::TopWindow => unreachable!("window answers belong to no minute"),
                 View::CampaignMinute | View::CountryMinute => {}
             }
-            line.clear();
-            line.extend_from_slice(num.format(minute).as_bytes());
-            line.push(b',');
+            line.truncate(row_start);
             push_key_and_clicks(line, &mut num, &answer, b',');
             line.push(b'\n');
             self.views[answer.view() as usize].write_all(line)?;
@@ -444,9 +446,7 @@ impl OutputSink {
             let committed_earlier = time < self.committed_before;
             let mut open: Option<(Minute, Vec<(Answer, isize)>)> = None;
             if let Some(files) = &mut self.files {
-                files.stamp.clear();
-                files.stamp.extend_from_slice(itoa::Buffer::new().format(time).as_bytes());
-                files.stamp.push(b',');
+                files.prefix.start(time);
             }
             for (answer, diff) in updates {
                 match answer.minute() {
@@ -486,7 +486,7 @@ impl OutputSink {
                     continue;
                 }
                 if let Some(files) = &mut self.files {
-                    write_change(&mut files.changelog, &mut files.line, &files.stamp, &answer, diff)?;
+                    write_change(&mut files.changelog, &mut files.line, &mut files.prefix, &answer, diff)?;
                 }
                 if let Some((_, batch)) = &mut self.store {
                     batch.changes.push((time, answer, diff));
@@ -674,26 +674,59 @@ pub fn write_ranked(out: &mut impl Write, at: Minute, ranked: &mut [(u64, u64)])
     Ok(())
 }
 
-/// Appends one changelog line: `time,view,key,value,diff`, key columns joined by `/`. `stamp`
-/// is the time and its comma, formatted once for all of the time's lines.
-fn write_change(out: &mut impl Write, line: &mut Vec<u8>, stamp: &[u8], answer: &Answer, diff: isize) -> io::Result<()> {
+/// The start of a changelog line, `{time},{view},{minute}/` (`{time},top_window_{M}m,` for a
+/// window), kept while consecutive lines share it: a time's answers come sorted, so in runs of
+/// one view and minute.
+#[derive(Default)]
+struct LinePrefix {
+    bytes: Vec<u8>,
+    /// The length of `{time},`.
+    stamp: usize,
+    /// The view and the minute (the window's length, for a window) that `bytes` ends with.
+    of: Option<(View, u32)>,
+}
+
+impl LinePrefix {
+    /// Starts the lines of `time`.
+    fn start(&mut self, time: Time) {
+        self.bytes.clear();
+        self.bytes.extend_from_slice(itoa::Buffer::new().format(time).as_bytes());
+        self.bytes.push(b',');
+        self.stamp = self.bytes.len();
+        self.of = None;
+    }
+
+    /// The start of `answer`'s line.
+    fn of(&mut self, answer: &Answer) -> &[u8] {
+        let of = match (answer.minute(), answer) {
+            (Some(minute), _) => (answer.view(), minute),
+            (None, Answer::TopWindow { window, .. }) => (View::TopWindow, *window),
+            (None, _) => unreachable!("only window answers have no minute"),
+        };
+        if self.of != Some(of) {
+            self.of = Some(of);
+            self.bytes.truncate(self.stamp);
+            let mut num = itoa::Buffer::new();
+            if of.0 == View::TopWindow {
+                self.bytes.extend_from_slice(b"top_window_");
+                self.bytes.extend_from_slice(num.format(of.1).as_bytes());
+                self.bytes.extend_from_slice(b"m,");
+            } else {
+                self.bytes.extend_from_slice(of.0.name().as_bytes());
+                self.bytes.push(b',');
+                self.bytes.extend_from_slice(num.format(of.1).as_bytes());
+                self.bytes.push(b'/');
+            }
+        }
+        &self.bytes
+    }
+}
+
+/// Appends one changelog line: `time,view,key,value,diff`, key columns joined by `/`.
+fn write_change(out: &mut impl Write, line: &mut Vec<u8>, prefix: &mut LinePrefix, answer: &Answer, diff: isize) -> io::Result<()> {
     let mut num = itoa::Buffer::new();
     line.clear();
-    line.extend_from_slice(stamp);
-    match (answer.minute(), answer) {
-        (Some(minute), _) => {
-            line.extend_from_slice(answer.view().name().as_bytes());
-            line.push(b',');
-            line.extend_from_slice(num.format(minute).as_bytes());
-            line.push(b'/');
-        }
-        (None, Answer::TopWindow { window, .. }) => {
-            line.extend_from_slice(b"top_window_");
-            line.extend_from_slice(num.format(*window).as_bytes());
-            line.extend_from_slice(b"m,");
-        }
-        (None, _) => unreachable!("only window answers have no minute"),
-    }
+    line.extend_from_slice(prefix.of(answer));
     push_key_and_clicks(line, &mut num, answer, b'/');
     line.push(b',');
     line.extend_from_slice(num.format(diff).as_bytes());
