@@ -126,14 +126,13 @@ where
                             let mut emit = |out, diff| session.give((out, time, diff));
                             let mut drain = updates.drain(..);
                             while let Some((update, diff)) = drain.next() {
-                                if let Some((ahead, _)) = drain.as_slice().get(PREFETCH_AHEAD) {
-                                    if let Some(live) = minutes.get(&minute_of(ahead)) {
-                                        live.state.prefetch(ahead);
-                                    }
-                                }
+                                // A time's updates come in runs of one minute: a run looks its
+                                // minute's state up once.
                                 let minute = minute_of(&update);
+                                let run = 1 + drain.as_slice().iter().take_while(|(u, _)| minute_of(u) == minute).count();
                                 let final_at = rules.minute_final_at(minute);
                                 if final_at.is_some_and(|at| at <= time) {
+                                    drain.by_ref().take(run - 1).for_each(drop);
                                     continue;
                                 }
                                 let live = minutes.entry(minute).or_insert_with(|| {
@@ -151,6 +150,15 @@ where
                                     touched.push(minute);
                                 }
                                 live.state.apply(update, diff, &mut emit);
+                                for _ in 1..run {
+                                    let (update, diff) = drain.next().expect("counted in the run");
+                                    if let Some((ahead, _)) = drain.as_slice().get(PREFETCH_AHEAD) {
+                                        if minute_of(ahead) == minute {
+                                            live.state.prefetch(ahead);
+                                        }
+                                    }
+                                    live.state.apply(update, diff, &mut emit);
+                                }
                             }
                             drop(drain);
                             spare_lists.push(updates);
