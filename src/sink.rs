@@ -94,8 +94,9 @@ pub struct OutputSink {
     committed_before: Time,
     /// Recovery: when it began, until the frontier passes `committed_before`.
     recovering_since: Option<std::time::Instant>,
-    /// Updates not yet complete: the frontier has not passed their time.
-    pending: BTreeMap<Time, Vec<(Answer, isize)>>,
+    /// Updates not yet complete (the frontier has not passed their time), as the sorted runs
+    /// the workers sent.
+    pending: BTreeMap<Time, Vec<Vec<(Answer, isize)>>>,
     /// Minutes before this one are final: later changes to them are retention forgetting them.
     closed_before: Minute,
     /// The current top K of each window: `(window, ad, clicks)`.
@@ -391,13 +392,8 @@ impl OutputSink {
                 // Sent with diff 1; were two equal runs ever consolidated, each change counts
                 // that many times.
                 let run = if diff == 1 { run } else { run.into_iter().map(|(answer, d)| (answer, d * diff)).collect() };
-                match self.pending.entry(time) {
-                    std::collections::btree_map::Entry::Vacant(vacant) => {
-                        vacant.insert(run);
-                    }
-                    // Another worker's run of the same time: `advance` merges the two.
-                    std::collections::btree_map::Entry::Occupied(mut held) => held.get_mut().extend(run),
-                }
+                // Beside the other workers' runs of the time: `advance` merges them.
+                self.pending.entry(time).or_default().push(run);
             }
             SinkRecord::Note(SourceNote::Dead(mut dead)) => {
                 debug_assert_eq!(diff, 1);
@@ -439,10 +435,10 @@ impl OutputSink {
             if frontier.is_some_and(|f| *entry.key() >= f) {
                 break;
             }
-            let (time, mut updates) = entry.remove_entry();
+            let (time, runs) = entry.remove_entry();
             // Everything before `time` is applied: close and snapshot what that completes.
             self.reach(time)?;
-            differential_dataflow::consolidation::consolidate(&mut updates);
+            let updates = MergedRuns::of(runs);
             let committed_earlier = time < self.committed_before;
             let mut open: Option<(Minute, Vec<(Answer, isize)>)> = None;
             if let Some(files) = &mut self.files {
@@ -674,6 +670,58 @@ pub fn write_ranked(out: &mut impl Write, at: Minute, ranked: &mut [(u64, u64)])
     Ok(())
 }
 
+/// A time's runs of answers, each sorted and consolidated as the workers send them, read as
+/// one: in order, each answer once, with its diffs summed and none that sum to zero. Two runs
+/// (one per worker, with two) are merged as they are read; one is read as it is; more are
+/// sorted together.
+struct MergedRuns {
+    first: std::iter::Peekable<std::vec::IntoIter<(Answer, isize)>>,
+    second: std::iter::Peekable<std::vec::IntoIter<(Answer, isize)>>,
+}
+
+impl MergedRuns {
+    fn of(mut runs: Vec<Vec<(Answer, isize)>>) -> MergedRuns {
+        let (first, second) = match runs.len() {
+            0 | 1 => (runs.pop().unwrap_or_default(), Vec::new()),
+            2 => {
+                let second = runs.pop().expect("two runs");
+                (runs.pop().expect("two runs"), second)
+            }
+            _ => {
+                let mut all = runs.concat();
+                differential_dataflow::consolidation::consolidate(&mut all);
+                (all, Vec::new())
+            }
+        };
+        MergedRuns { first: first.into_iter().peekable(), second: second.into_iter().peekable() }
+    }
+}
+
+impl Iterator for MergedRuns {
+    type Item = (Answer, isize);
+
+    fn next(&mut self) -> Option<(Answer, isize)> {
+        loop {
+            let order = match (self.first.peek(), self.second.peek()) {
+                (Some(a), Some(b)) => a.0.cmp(&b.0),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, _) => std::cmp::Ordering::Greater,
+            };
+            match order {
+                std::cmp::Ordering::Less => return self.first.next(),
+                std::cmp::Ordering::Greater => return self.second.next(),
+                std::cmp::Ordering::Equal => {
+                    let (answer, a) = self.first.next().expect("peeked");
+                    let (_, b) = self.second.next().expect("peeked");
+                    if a + b != 0 {
+                        return Some((answer, a + b));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The start of a changelog line, `{time},{view},{minute}/` (`{time},top_window_{M}m,` for a
 /// window), kept while consecutive lines share it: a time's answers come sorted, so in runs of
 /// one view and minute.
@@ -875,6 +923,37 @@ impl SinkThread {
             Ok(Ok(None)) => Err(io::Error::other("the sink stopped before the input was complete")),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(io::Error::other("the sink's thread panicked")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Runs as workers send them: sorted, consolidated, no zero diffs. Few distinct answers, so
+    /// that runs share some, and diffs of both signs, so that some cancel when merged.
+    fn runs() -> impl Strategy<Value = Vec<Vec<(Answer, isize)>>> {
+        let update = (0u32..3, 0u64..6, 1u64..3, -2isize..3).prop_map(|(minute, ad, clicks, diff)| {
+            let answer = if ad % 2 == 0 { Answer::AdMinute { minute, ad, clicks } } else { Answer::TopMinute { minute, ad, clicks } };
+            (answer, diff)
+        });
+        let run = prop::collection::vec(update, 0..12).prop_map(|mut run| {
+            differential_dataflow::consolidation::consolidate(&mut run);
+            run
+        });
+        prop::collection::vec(run, 0..5)
+    }
+
+    proptest! {
+        /// However many runs, reading them merged gives what sorting them together gives.
+        #[test]
+        fn merged_runs_are_the_runs_consolidated(runs in runs()) {
+            let mut expected = runs.concat();
+            differential_dataflow::consolidation::consolidate(&mut expected);
+            let merged: Vec<(Answer, isize)> = MergedRuns::of(runs).collect();
+            prop_assert_eq!(merged, expected);
         }
     }
 }
