@@ -116,8 +116,10 @@ pub struct OutputSink {
     new_snapshots: Vec<(Minute, BTreeMap<u32, Vec<(u64, u64)>>)>,
 }
 
-/// Creates the file `path`, which [`set_aside_previous`] has moved out of the way if it was one.
-fn create(path: &Path) -> io::Result<BufWriter<File>> {
+/// Creates (or empties) the file `path`, buffered for large writes. The output directory's files
+/// are created here once [`set_aside_previous`] has moved a previous run's out of the way; the
+/// store's export writes its files with it too.
+pub(crate) fn create(path: &Path) -> io::Result<BufWriter<File>> {
     File::create(path)
         .map(|f| BufWriter::with_capacity(1 << 20, f))
         .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))

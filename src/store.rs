@@ -634,12 +634,7 @@ impl Store {
         let err = |e: rusqlite::Error| sql_error(&self.path, e);
         let io_err = |e: io::Error| format!("writing {}: {e}", dir.display());
         std::fs::create_dir_all(dir.join("changelog")).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let create = |name: &str| -> Result<io::BufWriter<std::fs::File>, String> {
-            let path = dir.join(name);
-            std::fs::File::create(&path)
-                .map(|f| io::BufWriter::with_capacity(1 << 20, f))
-                .map_err(|e| format!("cannot create {}: {e}", path.display()))
-        };
+        let create = |name: &str| crate::sink::create(&dir.join(name)).map_err(|e| e.to_string());
         // Plain per-minute tables: (minute, key..., clicks), sorted as unsigned numbers.
         for (file, header, sql) in [
             ("ad_minute.csv", "minute,ad_id,clicks", "SELECT minute, ad_id, clicks FROM ad_minute"),
