@@ -416,7 +416,9 @@ mod tests {
         let (version, decoded) = Greeting::decode(&greeting(1).encode()).unwrap();
         assert_eq!(decoded.settings, "delay=5000_windows=1,5");
         assert_eq!(ours.mismatch(&version, &decoded), None);
-        let cases: [(fn(&mut Greeting), &str); 4] = [
+        // A change to our greeting, and what the mismatch it causes must say.
+        type Case = (fn(&mut Greeting), &'static str);
+        let cases: [Case; 4] = [
             (|g| g.workers = 1, "same --workers"),
             (|g| g.processes = 3, "same --processes"),
             (|g| g.partitions_fingerprint = 8, "same log directory"),

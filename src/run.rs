@@ -405,7 +405,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         let peers = worker.peers();
         let sink = if index == 0 { sink.lock().ok().and_then(|mut s| s.take()) } else { None };
         let sink = Rc::new(RefCell::new(sink));
-        let mut probe = ProbeHandle::new();
+        let probe = ProbeHandle::new();
         // Whether the sink operator's input is complete. The probe sits before the exchange that
         // brings every record to the sink's worker, so it can be done while other workers' last
         // records are still on their way there: a worker must not finish its sink until the
@@ -466,7 +466,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
             let complete = Rc::clone(&sink_input_complete);
             records
                 .inner
-                .probe_with(&mut probe)
+                .probe_with(&probe)
                 .sink(Exchange::new(|_| 0), "OutputSink", move |(input, frontier)| {
                     let mut batches = Vec::new();
                     input.for_each(|_time, data| batches.push(std::mem::take(data)));
@@ -501,21 +501,22 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         let mut reader = Reader { tails, names: names.clone(), errors, rules: config.rules, batch_lines: config.batch_lines };
 
         match config.follow {
-            None => loop {
-                let Some(frontier) = reader.replay_step(&mut inputs) else { break };
-                inputs.advance_to(frontier);
-                worker.step();
-                let behind = frontier.saturating_sub(config.max_ahead_ms);
-                // Park rather than spin: the other workers need the cores to catch up.
-                poll_peeks();
-                if failed() {
-                    break;
-                }
-                while probe.less_than(&behind) && !failed() {
-                    worker.step_or_park(Some(Duration::from_millis(1)));
+            None => {
+                while let Some(frontier) = reader.replay_step(&mut inputs) {
+                    inputs.advance_to(frontier);
+                    worker.step();
+                    let behind = frontier.saturating_sub(config.max_ahead_ms);
+                    // Park rather than spin: the other workers need the cores to catch up.
                     poll_peeks();
+                    if failed() {
+                        break;
+                    }
+                    while probe.less_than(&behind) && !failed() {
+                        worker.step_or_park(Some(Duration::from_millis(1)));
+                        poll_peeks();
+                    }
                 }
-            },
+            }
             Some(follow) => {
                 let mut known: std::collections::BTreeSet<String> = names.iter().cloned().collect();
                 let mut last_scan = Instant::now();

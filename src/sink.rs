@@ -25,10 +25,19 @@ pub struct Summary {
     /// Distinct clicks excluded by the fraud rules (the sum of `fraud_minute.csv`).
     pub excluded: u64,
     pub minutes: u64,
-    /// The minute with the most clicks, its clicks, and its top 10 `(ad, clicks)`.
-    pub busiest_minute: Option<(Minute, u64, Vec<(u64, u64)>)>,
+    pub busiest_minute: Option<BusiestMinute>,
     pub changelog_rows: u64,
 }
+
+/// The minute with the most clicks, its clicks, and its top 10 `(ad, clicks)`.
+pub type BusiestMinute = (Minute, u64, Vec<(u64, u64)>);
+
+/// The sliding windows' top K at a minute boundary, as the sink takes it: the boundary, and
+/// `(window, ad, clicks)` for each member of each window.
+pub type WindowSnapshot = (Minute, Vec<(u32, u64, u64)>);
+
+/// The same snapshot as the server keeps it: the boundary, and each window's `(ad, clicks)`.
+pub type SnapshotByWindow = (Minute, BTreeMap<u32, Vec<(u64, u64)>>);
 
 impl Summary {
     fn total(&self, f: impl Fn(&PartitionProgress) -> u64) -> u64 {
@@ -70,7 +79,7 @@ struct Files {
     spare_minutes: Vec<Vec<(Answer, isize)>>,
     /// Snapshots taken, held until a click at or after the minute before their boundary is seen:
     /// the files stop at the last minute's end, which is only known then.
-    snapshots: VecDeque<(Minute, Vec<(u32, u64, u64)>)>,
+    snapshots: VecDeque<WindowSnapshot>,
     dead_letters: Vec<DeadLetter>,
     /// The start of the changelog lines being written.
     prefix: LinePrefix,
@@ -115,7 +124,7 @@ pub struct OutputSink {
     pending_serving: BTreeMap<Time, Vec<(ServingAnswer, isize)>>,
     applied_serving: Vec<(ServingAnswer, isize)>,
     /// Window snapshots taken since the last publication, for the server.
-    new_snapshots: Vec<(Minute, BTreeMap<u32, Vec<(u64, u64)>>)>,
+    new_snapshots: Vec<SnapshotByWindow>,
 }
 
 /// Creates (or empties) the file `path`, buffered for large writes. The output directory's files

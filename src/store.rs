@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 
 use clickagg_dataflows::{Answer, DeadLetter, Minute, PartitionProgress, Time, View};
 
-use crate::sink::{changelog_fields, write_quoted, write_ranked, Summary};
+use crate::sink::{changelog_fields, write_quoted, write_ranked, Summary, WindowSnapshot};
 
 /// Bumped when the tables change; a store of another version is refused with a clear error.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -58,7 +58,7 @@ pub struct Batch {
     /// Answer changes, in the order the sink applied them (the changelog's order).
     pub changes: Vec<(Time, Answer, isize)>,
     /// Window snapshots: `(boundary, [(window, ad, clicks)])`.
-    pub snapshots: Vec<(Minute, Vec<(u32, u64, u64)>)>,
+    pub snapshots: Vec<WindowSnapshot>,
     pub dead_letters: Vec<(Time, DeadLetter)>,
     /// The latest progress of each partition, by name.
     pub progress: BTreeMap<String, PartitionProgress>,

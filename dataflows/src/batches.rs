@@ -139,7 +139,7 @@ mod tests {
                 let mut out: Vec<Vec<u64>> = Vec::new();
                 for record in 0..pushed as u64 {
                     builder.push_into(record);
-                    if (record as usize + 1) % extract_every.min(pushed.max(1)) == 0 {
+                    if (record as usize + 1).is_multiple_of(extract_every.min(pushed.max(1))) {
                         while let Some(container) = builder.extract() {
                             out.push(std::mem::take(container));
                         }

@@ -30,10 +30,13 @@ pub struct PeekRequest {
 
 type Pending = Rc<RefCell<BTreeMap<u64, (Option<Sender<PeekResult>>, PeekResult)>>>;
 
+/// The peek dataflow's input: `(peek id, what to look up)`.
+type PeekInput = InputHandle<u64, CapacityContainerBuilder<Vec<(u64, FilterKey)>>>;
+
 /// A worker's end of the peek dataflow.
 pub struct PeekEndpoint {
     /// Worker 0 only: where peeks come in, and the dataflow's input.
-    input: Option<(Receiver<PeekRequest>, InputHandle<u64, CapacityContainerBuilder<Vec<(u64, FilterKey)>>>)>,
+    input: Option<(Receiver<PeekRequest>, PeekInput)>,
     pending: Pending,
     filters: Rc<RefCell<FilterArrangements>>,
     next: u64,

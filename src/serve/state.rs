@@ -20,7 +20,7 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use clickagg_dataflows::render::filters::{FilterKey, PeekResult};
 
 use super::peek::PeekRequest;
-use crate::sink::Summary;
+use crate::sink::{SnapshotByWindow, Summary};
 use std::time::Instant;
 
 use clickagg_dataflows::{minute_of, Answer, Country, Minute, PartitionProgress, ServingAnswer, Time, MINUTE_MS};
@@ -337,7 +337,7 @@ impl ServingState {
         frontier: Option<Time>,
         updates: &[(Time, Answer, isize)],
         serving: &[(ServingAnswer, isize)],
-        snapshots: Vec<(Minute, BTreeMap<u32, Vec<(u64, u64)>>)>,
+        snapshots: Vec<SnapshotByWindow>,
         counters: Option<Counters>,
     ) {
         let active = self.active.load(Ordering::Acquire);
