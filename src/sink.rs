@@ -127,13 +127,14 @@ pub struct OutputSink {
     new_snapshots: Vec<SnapshotByWindow>,
 }
 
-/// Creates (or empties) the file `path`, buffered for large writes. The output directory's files
-/// are created here once [`set_aside_previous`] has moved a previous run's out of the way; the
-/// store's export writes its files with it too.
+/// Creates (or empties) the file `path`, buffered for large writes: for the store's export, and
+/// the dead letters.
 pub(crate) fn create(path: &Path) -> io::Result<BufWriter<File>> {
     create_unbuffered(path).map(|f| BufWriter::with_capacity(1 << 20, f))
 }
 
+/// Creates (or empties) the file `path`, with an error that names it. The output directory's
+/// files are created once [`set_aside_previous`] has moved a previous run's out of the way.
 fn create_unbuffered(path: &Path) -> io::Result<File> {
     File::create(path).map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))
 }
