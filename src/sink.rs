@@ -507,7 +507,7 @@ impl OutputSink {
     /// Applies every update at times before `frontier` (`None`: the input is complete) in time
     /// order, writes out the minutes that became final and the window snapshots that fell due,
     /// and commits to the store.
-    pub fn advance(&mut self, frontier: Option<Time>) -> io::Result<()> {
+    fn advance(&mut self, frontier: Option<Time>) -> io::Result<()> {
         while let Some(entry) = self.pending.first_entry() {
             if frontier.is_some_and(|f| *entry.key() >= f) {
                 break;
