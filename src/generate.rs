@@ -220,7 +220,7 @@ fn ip_of_user(user: u64, ipv6_share: f64) -> Ip {
     let h = mix64(user ^ 0x1234_5678);
     if (h >> 11) as f64 * (1.0 / (1u64 << 53) as f64) < ipv6_share {
         // 2001:db8::/32, the documentation prefix, with the rest from the hash.
-        Ip((0x2001_0db8u128 << 96) | (mix64(h) as u128) << 32 | (h & 0xFFFF_FFFF) as u128)
+        Ip::new((0x2001_0db8u128 << 96) | (mix64(h) as u128) << 32 | (h & 0xFFFF_FFFF) as u128)
     } else {
         let v4 = std::net::Ipv4Addr::from(((h as u32) % 0xDF00_0000).max(0x0100_0000));
         Ip::from_std(v4.into())

@@ -1,7 +1,7 @@
 //! Byte-level parsing of log lines (SPEC §1). No allocation per line: fields are located in a
 //! reused index and numbers are parsed from bytes.
 
-use clickagg_dataflows::{Click, ClickAttrs, ClickKey, Country, Ip, Reason};
+use clickagg_dataflows::{Bits128, Click, ClickAttrs, ClickKey, Country, Ip, Reason};
 
 /// Lines longer than this (without their line end) are not clicks.
 pub const MAX_LINE_BYTES: usize = 4096;
@@ -97,7 +97,7 @@ impl LineParser {
         let ip = parse_ip(field(5)).ok_or(Reason::BadIp)?;
         let country = Country::parse(field(6)).ok_or(Reason::BadCountry)?;
         Ok(Click {
-            key: ClickKey { event: xxhash_rust::xxh3::xxh3_128(event_id), ts },
+            key: ClickKey { event: Bits128::new(xxhash_rust::xxh3::xxh3_128(event_id)), ts },
             attrs: ClickAttrs { ad, campaign, user, ip, country },
         })
     }

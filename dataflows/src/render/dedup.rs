@@ -33,7 +33,7 @@ pub fn distinct_clicks<'scope>(
     retract: bool,
 ) -> VecCollection<'scope, Time, (ClickKey, ClickAttrs)> {
     let empty = move || DistinctClicks { clicks: Vec::new(), index: TagIndex::default(), retract };
-    let by_click = exchange_updates(|click: &Click| click.key.event as u64);
+    let by_click = exchange_updates(|click: &Click| click.key.event.low());
     per_minute(name, deliveries, by_click, Click::minute, rules, empty)
 }
 
@@ -166,10 +166,10 @@ mod tests {
     use super::{distinct_clicks, Copies};
     use crate::render::testing::{generator, held_at, run_operator, rules_and_workers, times_of};
     use crate::event_time::EventTimeRules;
-    use crate::types::{Click, ClickAttrs, ClickKey, Country, Ip, Time, MINUTE_MS};
+    use crate::types::{Bits128, Click, ClickAttrs, ClickKey, Country, Ip, Time, MINUTE_MS};
 
     fn attrs(ad: u64) -> ClickAttrs {
-        ClickAttrs { ad, campaign: 1, user: 1, ip: Ip(1), country: Country(1) }
+        ClickAttrs { ad, campaign: 1, user: 1, ip: Ip::new(1), country: Country(1) }
     }
 
     #[test]
@@ -201,7 +201,7 @@ mod tests {
         let mut updates: Vec<(Click, Time, isize)> = (0..count)
             .map(|_| {
                 let ts = next(4 * MINUTE_MS);
-                let key = ClickKey { event: u128::from(next(40)), ts: ts - ts % 20_000 };
+                let key = ClickKey { event: Bits128::new(u128::from(next(40))), ts: ts - ts % 20_000 };
                 let time = key.ts + next(3 * MINUTE_MS);
                 let time = time - time % 10_000;
                 // Now and then a delivery is taken back (a retraction upstream).

@@ -90,12 +90,12 @@ impl IpNet {
             },
         };
         let prefix = offset + bits;
-        let network = Ip(Ip::from_std(address).0 & mask(prefix));
+        let network = Ip::new(Ip::from_std(address).bits() & mask(prefix));
         Ok(IpNet { network, prefix })
     }
 
     pub fn contains(&self, ip: Ip) -> bool {
-        ip.0 & mask(self.prefix) == self.network.0
+        ip.bits() & mask(self.prefix) == self.network.bits()
     }
 }
 
