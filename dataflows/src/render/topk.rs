@@ -148,17 +148,24 @@ impl MinuteState for TopOfMinute {
 /// The top K is selected from a pool of candidates, not from every count: every ad outside the
 /// pool ranks behind `bar`, so while at least K members rank at or before it, the top K is among
 /// them. A count changes only through `change`, so an ad outside the pool stays behind the bar
-/// until it changes, and then `settle` looks at it. Only when the pool runs short (members fell
+/// until it changes, and is looked at then. Only when the pool runs short (members fell
 /// behind the bar, as when a minute leaves a sliding window and takes clicks from every ad) is
 /// the pool selected again from every count, with the bar at its last member.
+///
+/// A count that rises is checked against the bar in `change`, where it is in hand, and joins the
+/// pool there; only ads whose counts fell (which may have to leave, or reach zero) are looked up
+/// again in `settle`. Within a minute counts only rise, so a minute's top K looks each changed
+/// ad up once.
 pub(crate) struct LocalTop {
     /// Below zero only between `change` and `settle`: a time's changes may come in any order. A
-    /// count that reaches zero stays until `settle`, so that its ad is in `changed` once.
+    /// count that reaches zero stays until `settle`, so that its ad is in `fallen` once.
     counts: ProbeMap<u64, Count>,
     /// The local top K last sent, sorted.
     sent: Vec<Rank>,
-    /// The ads whose counts changed since the last `settle`, each once.
-    changed: Vec<u64>,
+    /// The ads whose counts fell since the last `settle`, each once.
+    fallen: Vec<u64>,
+    /// Whether any count changed since the last `settle`.
+    changed: bool,
     /// The candidates, each once: every ad with a count that ranks at or before `bar`, and maybe
     /// others.
     pool: Vec<u64>,
@@ -167,17 +174,17 @@ pub(crate) struct LocalTop {
 
 impl Default for LocalTop {
     fn default() -> Self {
-        LocalTop { counts: ProbeMap::default(), sent: Vec::new(), changed: Vec::new(), pool: Vec::new(), bar: LAST_RANK }
+        LocalTop { counts: ProbeMap::default(), sent: Vec::new(), fallen: Vec::new(), changed: false, pool: Vec::new(), bar: LAST_RANK }
     }
 }
 
 /// Behind every ad's rank: with the bar here, every ad with a count is in the pool.
 const LAST_RANK: Rank = (u64::MAX, u64::MAX);
 
-/// An ad's count, whether it changed since the last `settle`, and whether it is in the pool.
+/// An ad's count, whether it fell since the last `settle`, and whether it is in the pool.
 struct Count {
     clicks: i64,
-    changed: bool,
+    fell: bool,
     pooled: bool,
 }
 
@@ -195,34 +202,44 @@ impl LocalTop {
     /// Adds `change` to `ad`'s count, which must not be below zero once a time's changes are
     /// all made.
     pub(crate) fn change(&mut self, ad: u64, change: i64) {
-        let count = self.counts.get_or_insert_with(ad, || Count { clicks: 0, changed: false, pooled: false });
+        self.changed = true;
+        let count = self.counts.get_or_insert_with(ad, || Count { clicks: 0, fell: false, pooled: false });
         count.clicks += change;
-        if !count.changed {
-            count.changed = true;
-            self.changed.push(ad);
+        // A change of zero is taken as a fall, so that a count it leaves at zero goes in `settle`.
+        if change <= 0 {
+            if !count.fell {
+                count.fell = true;
+                self.fallen.push(ad);
+            }
+        } else if !count.pooled && count.clicks > 0 && rank(ad, count.clicks as u64) <= self.bar {
+            // It may fall behind the bar again before `settle`: the pool may hold others.
+            count.pooled = true;
+            self.pool.push(ad);
         }
     }
 
     pub(crate) fn is_changed(&self) -> bool {
-        !self.changed.is_empty()
+        self.changed
     }
 
     /// Finds the local top `k` of the counts after the changes since the last call, and calls
     /// `give(rank, -1)` for each rank that left it and `give(rank, 1)` for each that entered.
     /// `ranked` is room to work in.
     pub(crate) fn settle(&mut self, k: usize, ranked: &mut Vec<Rank>, mut give: impl FnMut(Rank, isize)) {
-        if self.changed.is_empty() {
+        if !self.changed {
             return;
         }
-        // Changed ads that now rank at or before the bar join the pool; counts that reached zero
-        // go (and leave the pool below).
-        for at in 0..self.changed.len() {
-            if let Some(&ahead) = self.changed.get(at + PREFETCH_AHEAD) {
+        self.changed = false;
+        // Ads whose counts fell may have risen after (changes come in any order): those that now
+        // rank at or before the bar join the pool; counts that reached zero go (and leave the pool
+        // below). Ads whose counts only rose joined in `change`.
+        for at in 0..self.fallen.len() {
+            if let Some(&ahead) = self.fallen.get(at + PREFETCH_AHEAD) {
                 self.counts.prefetch(&ahead);
             }
-            let ad = self.changed[at];
-            let count = self.counts.get_mut(&ad).expect("a changed ad has a count");
-            count.changed = false;
+            let ad = self.fallen[at];
+            let count = self.counts.get_mut(&ad).expect("a fallen ad has a count");
+            count.fell = false;
             assert!(count.clicks >= 0, "a count went below zero");
             if count.clicks == 0 {
                 self.counts.remove(&ad);
@@ -231,7 +248,7 @@ impl LocalTop {
                 self.pool.push(ad);
             }
         }
-        self.changed.clear();
+        self.fallen.clear();
         // Members behind the bar may leave the pool: nothing outside it ranks before the bar.
         let (counts, bar) = (&mut self.counts, self.bar);
         ranked.clear();
@@ -299,7 +316,8 @@ impl LocalTop {
     fn clear(&mut self) {
         self.counts.clear();
         self.sent.clear();
-        self.changed.clear();
+        self.fallen.clear();
+        self.changed = false;
         self.pool.clear();
         self.bar = LAST_RANK;
     }
@@ -399,8 +417,8 @@ mod tests {
     /// `LocalTop` against a from-scratch ranking after every settle, over runs of changes that
     /// make its pool run short and overflow: many ads against a small K, counts that grow, that
     /// drain as when a minute leaves a window (every ad loses some), that pass through zero and
-    /// come back, and that go below zero within a time. What `settle` gives must also add up to
-    /// the top K it holds.
+    /// come back, that go below zero within a time, and changes of zero. What `settle` gives must
+    /// also add up to the top K it holds.
     #[test]
     fn local_top_matches_a_reference_after_every_settle() {
         for seed in 0..400 {
@@ -435,6 +453,10 @@ mod tests {
                 if let Some(&(ad, _)) = changes.first() {
                     changes.insert(0, (ad, -1));
                     changes.push((ad, 1));
+                }
+                // A change of nothing, to an ad that has no count, leaves it none.
+                if next(8) == 0 {
+                    changes.push((ads + next(4), 0));
                 }
                 for &(ad, change) in &changes {
                     if next(2) == 0 {
