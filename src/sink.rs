@@ -753,8 +753,10 @@ pub fn write_ranked(out: &mut impl Write, at: Minute, ranked: &mut [(u64, u64)])
 /// (one per worker, with two) are merged as they are read; one is read as it is; more are
 /// sorted together.
 struct MergedRuns {
-    first: std::iter::Peekable<std::vec::IntoIter<(Answer, isize)>>,
-    second: std::iter::Peekable<std::vec::IntoIter<(Answer, isize)>>,
+    first: Vec<(Answer, isize)>,
+    second: Vec<(Answer, isize)>,
+    /// How much of each run has been read.
+    read: (usize, usize),
 }
 
 impl MergedRuns {
@@ -771,7 +773,7 @@ impl MergedRuns {
                 (all, Vec::new())
             }
         };
-        MergedRuns { first: first.into_iter().peekable(), second: second.into_iter().peekable() }
+        MergedRuns { first, second, read: (0, 0) }
     }
 }
 
@@ -780,19 +782,32 @@ impl Iterator for MergedRuns {
 
     fn next(&mut self) -> Option<(Answer, isize)> {
         loop {
-            let order = match (self.first.peek(), self.second.peek()) {
-                (Some(a), Some(b)) => a.0.cmp(&b.0),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, _) => std::cmp::Ordering::Greater,
+            let (i, j) = self.read;
+            let (a, b) = match (self.first.get(i), self.second.get(j)) {
+                (Some(&a), Some(&b)) => (a, b),
+                (Some(&a), None) => {
+                    self.read.0 += 1;
+                    return Some(a);
+                }
+                (None, Some(&b)) => {
+                    self.read.1 += 1;
+                    return Some(b);
+                }
+                (None, None) => return None,
             };
-            match order {
-                std::cmp::Ordering::Less => return self.first.next(),
-                std::cmp::Ordering::Greater => return self.second.next(),
+            match a.0.cmp(&b.0) {
+                std::cmp::Ordering::Less => {
+                    self.read.0 += 1;
+                    return Some(a);
+                }
+                std::cmp::Ordering::Greater => {
+                    self.read.1 += 1;
+                    return Some(b);
+                }
                 std::cmp::Ordering::Equal => {
-                    let (answer, a) = self.first.next().expect("peeked");
-                    let (_, b) = self.second.next().expect("peeked");
-                    if a + b != 0 {
-                        return Some((answer, a + b));
+                    self.read = (i + 1, j + 1);
+                    if a.1 + b.1 != 0 {
+                        return Some((a.0, a.1 + b.1));
                     }
                 }
             }
