@@ -188,6 +188,17 @@ struct Count {
     pooled: bool,
 }
 
+impl Count {
+    /// Puts `ad`, whose count this is, in `pool` if the count ranks at or before `bar` and the
+    /// ad is not there yet.
+    fn join_pool_if_before(&mut self, bar: Rank, ad: u64, pool: &mut Vec<u64>) {
+        if !self.pooled && self.clicks > 0 && rank(ad, self.clicks as u64) <= bar {
+            self.pooled = true;
+            pool.push(ad);
+        }
+    }
+}
+
 /// A pool selected from every count keeps this many times K candidates, and is cut back to that
 /// once it has grown to twice as many: room for the top K to drift before the pool runs short,
 /// little enough to walk at every `settle`.
@@ -211,10 +222,9 @@ impl LocalTop {
                 count.fell = true;
                 self.fallen.push(ad);
             }
-        } else if !count.pooled && count.clicks > 0 && rank(ad, count.clicks as u64) <= self.bar {
+        } else {
             // It may fall behind the bar again before `settle`: the pool may hold others.
-            count.pooled = true;
-            self.pool.push(ad);
+            count.join_pool_if_before(self.bar, ad, &mut self.pool);
         }
     }
 
@@ -243,9 +253,8 @@ impl LocalTop {
             assert!(count.clicks >= 0, "a count went below zero");
             if count.clicks == 0 {
                 self.counts.remove(&ad);
-            } else if !count.pooled && rank(ad, count.clicks as u64) <= self.bar {
-                count.pooled = true;
-                self.pool.push(ad);
+            } else {
+                count.join_pool_if_before(self.bar, ad, &mut self.pool);
             }
         }
         self.fallen.clear();
