@@ -719,14 +719,19 @@ impl OutputSink {
     }
 }
 
+/// The changelog's `view` of an answer: its view's name, and a window's its length too.
+fn changelog_view(answer: &Answer) -> std::borrow::Cow<'static, str> {
+    match answer {
+        Answer::TopWindow { window, .. } => std::borrow::Cow::Owned(format!("top_window_{window}m")),
+        _ => std::borrow::Cow::Borrowed(answer.view().name()),
+    }
+}
+
 /// The changelog's `view` and `value` of an answer, its key columns joined by `/` in `key`.
 pub fn changelog_fields(answer: &Answer, key: &mut String) -> (std::borrow::Cow<'static, str>, u64) {
     use std::fmt::Write as _;
     key.clear();
-    let view = match answer {
-        Answer::TopWindow { window, .. } => std::borrow::Cow::Owned(format!("top_window_{window}m")),
-        _ => std::borrow::Cow::Borrowed(answer.view().name()),
-    };
+    let view = changelog_view(answer);
     if let Some(minute) = answer.minute() {
         let _ = write!(key, "{minute}/");
     }
@@ -839,23 +844,17 @@ impl LinePrefix {
 
     /// The start of `answer`'s line.
     fn of(&mut self, answer: &Answer) -> &[u8] {
-        let of = match (answer.minute(), answer) {
-            (Some(minute), _) => (answer.view(), minute),
-            (None, Answer::TopWindow { window, .. }) => (View::TopWindow, *window),
-            (None, _) => unreachable!("only window answers have no minute"),
+        let of = match *answer {
+            Answer::TopWindow { window, .. } => (View::TopWindow, window),
+            _ => (answer.view(), answer.minute().expect("only window answers have no minute")),
         };
         if self.of != Some(of) {
             self.of = Some(of);
             self.bytes.truncate(self.stamp);
-            let mut num = itoa::Buffer::new();
-            if of.0 == View::TopWindow {
-                self.bytes.extend_from_slice(b"top_window_");
-                self.bytes.extend_from_slice(num.format(of.1).as_bytes());
-                self.bytes.extend_from_slice(b"m,");
-            } else {
-                self.bytes.extend_from_slice(of.0.name().as_bytes());
-                self.bytes.push(b',');
-                self.bytes.extend_from_slice(num.format(of.1).as_bytes());
+            self.bytes.extend_from_slice(changelog_view(answer).as_bytes());
+            self.bytes.push(b',');
+            if let Some(minute) = answer.minute() {
+                self.bytes.extend_from_slice(itoa::Buffer::new().format(minute).as_bytes());
                 self.bytes.push(b'/');
             }
         }
