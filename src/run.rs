@@ -20,7 +20,8 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::Probe;
 
-use clickagg_dataflows::batches::LargeBatches;
+use clickagg_dataflows::batches::{batch_len, worker_of, LargeBatches};
+use clickagg_dataflows::render::dedup::route_delivery;
 use clickagg_dataflows::{
     minute_of, render::{answers_for_sink, render_clicks}, Click, DeadLetter, EventTimeRules, Plan, ServingAnswer, SinkRecord, SourceNote, Time,
 };
@@ -232,18 +233,32 @@ impl RunConfig {
     }
 }
 
-/// The worker's inputs: clicks and notes, each at the time the rules give. The clicks go in
-/// [`LargeBatches`], as timely's input handle takes them, rather than through differential's
-/// `InputSession`, which ships them 85 at a time.
+/// The worker's inputs: clicks and notes, each at the time the rules give.
+///
+/// The clicks go in containers of [`LargeBatches`]' size, sent whole to timely's input handle
+/// rather than through differential's `InputSession`, which ships them 85 at a time. Each
+/// container holds the clicks of one de-duplication worker ([`route_delivery`]), so that its
+/// exchange forwards it as it is ([`exchange_routed`](clickagg_dataflows::batches::exchange_routed)).
 struct Inputs {
     clicks: InputHandle<Time, LargeBatches<(Click, Time, isize)>>,
+    /// The clicks not yet sent, by the worker they are for.
+    routed: Vec<Vec<(Click, Time, isize)>>,
     notes: InputSession<Time, SourceNote, isize>,
 }
 
 impl SourceOutput for Inputs {
     fn click(&mut self, click: Click, time: Time) {
         assert!(time >= *self.clicks.time(), "a click before the input's time");
-        self.clicks.send((click, time, 1));
+        let peers = self.routed.len();
+        let container = &mut self.routed[worker_of(route_delivery(&click), peers)];
+        if container.capacity() == 0 {
+            container.reserve(batch_len::<(Click, Time, isize)>());
+        }
+        container.push((click, time, 1));
+        if container.len() >= batch_len::<(Click, Time, isize)>() {
+            self.clicks.send_batch(container);
+            container.clear();
+        }
     }
     fn dead_letter(&mut self, dead: DeadLetter, time: Time) {
         self.notes.update_at(SourceNote::Dead(dead), time, 1);
@@ -251,13 +266,33 @@ impl SourceOutput for Inputs {
 }
 
 impl Inputs {
+    fn new(clicks: InputHandle<Time, LargeBatches<(Click, Time, isize)>>, notes: InputSession<Time, SourceNote, isize>, peers: usize) -> Self {
+        Inputs { clicks, routed: vec![Vec::new(); peers], notes }
+    }
+
     fn advance_to(&mut self, time: Time) {
+        // Sent at the time they were read at, before it moves on.
+        self.send_routed();
         if time > *self.clicks.time() {
             self.clicks.advance_to(time);
             self.notes.advance_to(time);
         }
         self.clicks.flush();
         self.notes.flush();
+    }
+
+    fn send_routed(&mut self) {
+        for container in &mut self.routed {
+            self.clicks.send_batch(container);
+            container.clear();
+        }
+    }
+}
+
+impl Drop for Inputs {
+    /// Whatever ends the input, no click read is left unsent.
+    fn drop(&mut self) {
+        self.send_routed();
     }
 }
 
@@ -475,7 +510,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                     }
                     complete.set(frontier.frontier().is_empty());
                 });
-            (Inputs { clicks, notes }, filters)
+            (Inputs::new(clicks, notes, scope.peers()), filters)
         });
         let peek_requests = if index == 0 { peek_requests.lock().ok().and_then(|mut r| r.take()) } else { None };
         let mut peeks = filters.map(|filters| peek::build(worker, Rc::new(RefCell::new(filters)), peek_requests));

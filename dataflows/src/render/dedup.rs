@@ -2,7 +2,7 @@
 
 use differential_dataflow::VecCollection;
 
-use crate::batches::exchange_updates;
+use crate::batches::exchange_routed;
 use crate::event_time::EventTimeRules;
 use crate::hashing::{fast_hash, TagIndex};
 use crate::render::minute_state::{per_minute, MinuteState};
@@ -33,8 +33,14 @@ pub fn distinct_clicks<'scope>(
     retract: bool,
 ) -> VecCollection<'scope, Time, (ClickKey, ClickAttrs)> {
     let empty = move || DistinctClicks { clicks: Vec::new(), index: TagIndex::default(), retract };
-    let by_click = exchange_updates(|click: &Click| click.key.event.low());
-    per_minute(name, deliveries, by_click, Click::minute, rules, empty)
+    per_minute(name, deliveries, exchange_routed(route_delivery), Click::minute, rules, empty)
+}
+
+/// The hash that sends a delivery to its worker: every copy of a click goes to the same one.
+/// A source that builds each container for one worker ([`crate::batches::worker_of`]) saves the
+/// exchange copying its clicks ([`exchange_routed`]).
+pub fn route_delivery(click: &Click) -> u64 {
+    click.key.event.low()
 }
 
 /// One minute's clicks, each with its visible copies.
