@@ -128,10 +128,13 @@ pub fn worker_of(hash: u64, peers: usize) -> usize {
 /// workers; with two workers that copy was 4% of their time, which one worker never spends.
 pub fn exchange_routed<D: Clone + 'static>(
     route: impl Fn(&D) -> u64 + 'static,
-) -> DistributorPact<Box<dyn FnOnce(usize) -> RoutedExchange<D, Box<dyn Fn(&D) -> u64>>>> {
+) -> RoutedPact<D> {
     let route: Box<dyn Fn(&D) -> u64> = Box::new(route);
     DistributorPact(Box::new(move |peers| RoutedExchange { route, builders: (0..peers).map(|_| LargeBatches::default()).collect() }))
 }
+
+/// The pact [`exchange_routed`] makes: a [`RoutedExchange`] for however many workers there are.
+pub type RoutedPact<D> = DistributorPact<Box<dyn FnOnce(usize) -> RoutedExchange<D, Box<dyn Fn(&D) -> u64>>>>;
 
 /// The distributor of [`exchange_routed`].
 pub struct RoutedExchange<D, R> {
