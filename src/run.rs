@@ -290,9 +290,12 @@ impl Inputs {
 }
 
 impl Drop for Inputs {
-    /// Whatever ends the input, no click read is left unsent.
+    /// Whatever ends the input, no click read is left unsent; unless a panic is unwinding, when
+    /// the run is lost anyway and a second panic would abort the process before it can say why.
     fn drop(&mut self) {
-        self.send_routed();
+        if !std::thread::panicking() {
+            self.send_routed();
+        }
     }
 }
 
