@@ -15,12 +15,13 @@ use differential_dataflow::collection::AsCollection;
 use differential_dataflow::input::{Input, InputSession};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::Input as _;
+use timely::container::{ContainerBuilder, PushInto};
 use timely::dataflow::InputHandle;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::Probe;
 
-use clickagg_dataflows::batches::{batch_len, worker_of, LargeBatches};
+use clickagg_dataflows::batches::{worker_of, LargeBatches};
 use clickagg_dataflows::render::dedup::route_delivery;
 use clickagg_dataflows::{
     minute_of, render::{answers_for_sink, render_clicks}, Click, DeadLetter, EventTimeRules, Plan, ServingAnswer, SinkRecord, SourceNote, Time,
@@ -241,8 +242,8 @@ impl RunConfig {
 /// exchange forwards it as it is ([`exchange_routed`](clickagg_dataflows::batches::exchange_routed)).
 struct Inputs {
     clicks: InputHandle<Time, LargeBatches<(Click, Time, isize)>>,
-    /// The clicks not yet sent, by the worker they are for.
-    routed: Vec<Vec<(Click, Time, isize)>>,
+    /// The clicks not yet sent, in containers by the worker they are for.
+    routed: Vec<LargeBatches<(Click, Time, isize)>>,
     notes: InputSession<Time, SourceNote, isize>,
 }
 
@@ -250,14 +251,10 @@ impl SourceOutput for Inputs {
     fn click(&mut self, click: Click, time: Time) {
         assert!(time >= *self.clicks.time(), "a click before the input's time");
         let peers = self.routed.len();
-        let container = &mut self.routed[worker_of(route_delivery(&click), peers)];
-        if container.capacity() == 0 {
-            container.reserve(batch_len::<(Click, Time, isize)>());
-        }
-        container.push((click, time, 1));
-        if container.len() >= batch_len::<(Click, Time, isize)>() {
+        let builder = &mut self.routed[worker_of(route_delivery(&click), peers)];
+        builder.push_into((click, time, 1));
+        while let Some(container) = builder.extract() {
             self.clicks.send_batch(container);
-            container.clear();
         }
     }
     fn dead_letter(&mut self, dead: DeadLetter, time: Time) {
@@ -267,7 +264,7 @@ impl SourceOutput for Inputs {
 
 impl Inputs {
     fn new(clicks: InputHandle<Time, LargeBatches<(Click, Time, isize)>>, notes: InputSession<Time, SourceNote, isize>, peers: usize) -> Self {
-        Inputs { clicks, routed: vec![Vec::new(); peers], notes }
+        Inputs { clicks, routed: (0..peers).map(|_| LargeBatches::default()).collect(), notes }
     }
 
     fn advance_to(&mut self, time: Time) {
@@ -282,9 +279,10 @@ impl Inputs {
     }
 
     fn send_routed(&mut self) {
-        for container in &mut self.routed {
-            self.clicks.send_batch(container);
-            container.clear();
+        for builder in &mut self.routed {
+            while let Some(container) = builder.finish() {
+                self.clicks.send_batch(container);
+            }
         }
     }
 }

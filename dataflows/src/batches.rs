@@ -35,7 +35,7 @@ use crate::types::Time;
 pub const BATCH_BYTES: usize = 1 << 18;
 
 /// How many records of `T` a container holds: at least one.
-pub fn batch_len<T>() -> usize {
+fn batch_len<T>() -> usize {
     (BATCH_BYTES / size_of::<T>().max(1)).max(1)
 }
 
