@@ -136,7 +136,9 @@ pub fn exchange_routed<D: Clone + 'static>(
 /// The pact [`exchange_routed`] makes: a [`RoutedExchange`] for however many workers there are.
 pub type RoutedPact<D> = DistributorPact<Box<dyn FnOnce(usize) -> RoutedExchange<D, Box<dyn Fn(&D) -> u64>>>>;
 
-/// The distributor of [`exchange_routed`].
+/// The distributor of [`exchange_routed`]. It splits a mixed container itself, as timely's
+/// `DrainContainerDistributor` would, rather than handing it to one: both paths must place a
+/// record by the same rule ([`worker_of`]), or copies of one click could reach two workers.
 pub struct RoutedExchange<D, R> {
     route: R,
     /// For containers that are not for one worker: a builder per worker.
