@@ -41,10 +41,22 @@ def log(message):
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+def steal_seconds():
+    """Core-seconds the hypervisor has run something else on this VM's cores since boot (the
+    steal column of /proc/stat); None where the kernel does not say."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def measure(commands):
     """Starts every command at once and waits for all; returns (seconds, peak RSS in bytes of the
-    largest process, CPU seconds of all, user and system). Several commands are the processes of
-    one cluster."""
+    largest process, CPU seconds of all, user and system, core-seconds stolen by the hypervisor
+    meanwhile or None). Several commands are the processes of one cluster."""
+    stolen_before = steal_seconds()
     started = time.monotonic()
     processes = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands]
     peak = 0
@@ -60,7 +72,9 @@ def measure(commands):
     seconds = time.monotonic() - started
     if failures:
         raise SystemExit("a benchmarked command failed:\n" + "\n".join(failures))
-    return seconds, peak, cpu
+    stolen_after = steal_seconds()
+    stolen = None if stolen_before is None or stolen_after is None else stolen_after - stolen_before
+    return seconds, peak, cpu, stolen
 
 
 def repeat(name, commands, runs):
@@ -75,15 +89,20 @@ def interleaved(configs, runs):
     samples = {name: [] for name, _ in configs}
     for i in range(runs):
         for name, commands in configs:
-            seconds, rss, cpu = measure(commands() if callable(commands) else commands)
-            log(f"{name}: run {i + 1}/{runs}: {seconds:.2f} s, {cpu:.2f} CPU-s, {rss / 2**30:.2f} GiB")
-            samples[name].append((seconds, rss, cpu))
+            seconds, rss, cpu, stolen = measure(commands() if callable(commands) else commands)
+            log(f"{name}: run {i + 1}/{runs}: {seconds:.2f} s, {cpu:.2f} CPU-s, {rss / 2**30:.2f} GiB"
+                + (f", {stolen:.2f} core-s stolen" if stolen else ""))
+            samples[name].append((seconds, rss, cpu, stolen))
     summaries = []
     for name, _ in configs:
-        times = sorted(s for s, _, _ in samples[name])
-        summaries.append({"name": name, "median": statistics.median(times), "min": times[0], "max": times[-1],
-                          "cpu": statistics.median(c for _, _, c in samples[name]),
-                          "rss": max(r for _, r, _ in samples[name]), "runs": runs})
+        times = sorted(s[0] for s in samples[name])
+        summary = {"name": name, "median": statistics.median(times), "min": times[0], "max": times[-1],
+                   "cpu": statistics.median(s[2] for s in samples[name]),
+                   "rss": max(s[1] for s in samples[name]), "runs": runs}
+        stolen = [s[3] for s in samples[name] if s[3] is not None]
+        if stolen:
+            summary["stolen"] = max(stolen)
+        summaries.append(summary)
     return summaries
 
 
@@ -379,7 +398,8 @@ def render(results, lines, args, built_from, serving, saved):
             ratio = f"{100 * floor[threads]['median'] / r['median']:.1f}%"
         name = r["name"] if r.get("commit", built_from) == built_from else f"{r['name']} (at {r['commit']})"
         cpu = f"{r['cpu']:.2f}" if "cpu" in r else ""
-        rows.append(f"| {name} | {r['median']:.2f} | {r['min']:.2f}–{r['max']:.2f} | {cpu} | "
+        stolen = f"{r['stolen']:.2f}" if "stolen" in r else ""
+        rows.append(f"| {name} | {r['median']:.2f} | {r['min']:.2f}–{r['max']:.2f} | {cpu} | {stolen} | "
                     f"{rate / 1e6:.2f}M | {ratio} | {r['rss'] / 2**30:.2f} |")
     text = [
         "# clickagg benchmark results",
@@ -390,12 +410,14 @@ def render(results, lines, args, built_from, serving, saved):
         f"- Data: `clickagg generate --events {args.events} --partitions 8 --seed 1` "
         f"(default and hot-key presets), {lines:,} lines each set including duplicates and bad rows",
         f"- Each figure: median of {args.runs} run(s), wall seconds; CPU seconds are user + system of every process "
-        "(the harness's child processes: DuckDB's is its Python); RSS is the peak of the largest process. "
+        "(the harness's child processes: DuckDB's is its Python); stolen is the most core-seconds that the hypervisor "
+        "gave to other guests during one of the runs (/proc/stat), time the run waited for a core it was promised; "
+        "RSS is the peak of the largest process. "
         "The parse floor and the 1×1 and 1×2 runs are measured in interleaved rounds, one run of each per round.",
         f"- Command: `python3 bench/bench.py {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        "| what | median s | range s | CPU s | lines/s | of parse floor (same threads) | peak RSS GiB |",
-        "|---|---|---|---|---|---|---|",
+        "| what | median s | range s | CPU s | stolen s | lines/s | of parse floor (same threads) | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
@@ -419,6 +441,13 @@ def render(results, lines, args, built_from, serving, saved):
             check += (f"; the 2-worker run spent {two['cpu']:.2f} CPU-s, so on {cores} cores it cannot take less than "
                       f"{fastest:.2f} s: the ratio to this 1-worker time cannot exceed "
                       f"{by_name['run, 1×1 (processes × workers)']['median'] / fastest:.2f}× unless two workers spend less CPU")
+        if floor[1] and floor[2] and "cpu" in floor[1] and "cpu" in floor[2]:
+            # The floor's threads share nothing, so its speedup is what this machine gives two
+            # threads: below 2× when one core runs slower while the other is busy (a VM's two
+            # vCPUs on one physical core's hyperthreads, or a loaded host).
+            check += (f". The parse floor, whose threads share nothing, went {floor[1]['median'] / floor[2]['median']:.2f}× "
+                      f"faster with 2 threads in the same rounds, spending {floor[2]['cpu'] / floor[1]['cpu']:.2f}× "
+                      f"the CPU time of 1 thread for the same work: what this machine gives two threads that share nothing")
         checks.append(check)
     if hot and w2:
         checks.append(f"- Hot-key set: {100 * hot / w2:.0f}% of the default set's speed (target within 15%)")
