@@ -458,14 +458,7 @@ impl Store {
         let err = |e: rusqlite::Error| sql_error(&path, e);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
         {
-            let mut changelog = tx
-                .prepare_cached("INSERT INTO changelog (time, view, key, value, diff) VALUES (?1, ?2, ?3, ?4, ?5)")
-                .map_err(err)?;
-            let mut key = String::new();
-            for (time, answer, diff) in &batch.changes {
-                let (view, value) = changelog_fields(answer, &mut key);
-                changelog.execute(params![*time as i64, view, key, value as i64, *diff as i64]).map_err(err)?;
-            }
+            insert_changelog(&tx, &batch.changes).map_err(err)?;
             // Time by time, retractions first: within one time a changed answer is `-old`,
             // `+new` of one key, and the insertion replaces the row, so only retractions of
             // keys with no insertion at that time are deletes.
@@ -808,6 +801,45 @@ fn check_length(path: &Path) -> Result<(), String> {
             path.display(),
             pages
         ));
+    }
+    Ok(())
+}
+
+/// How many changelog rows one INSERT statement carries.
+const CHANGELOG_ROWS_PER_INSERT: usize = 64;
+
+/// Appends `changes` to the changelog, in order. A follower at 200k clicks/s commits a few hundred
+/// thousand changelog rows a second, and one statement per row spent as much time binding,
+/// stepping and resetting it as SQLite spent inserting: the rows go in
+/// [`CHANGELOG_ROWS_PER_INSERT`] at a time, the remainder one by one.
+fn insert_changelog(tx: &rusqlite::Transaction, changes: &[(Time, Answer, isize)]) -> rusqlite::Result<()> {
+    let mut chunks = changes.chunks_exact(CHANGELOG_ROWS_PER_INSERT);
+    if chunks.len() > 0 {
+        let tuples = vec!["(?, ?, ?, ?, ?)"; CHANGELOG_ROWS_PER_INSERT].join(", ");
+        let mut statement = tx.prepare_cached(&format!("INSERT INTO changelog (time, view, key, value, diff) VALUES {tuples}"))?;
+        let mut keys = vec![String::new(); CHANGELOG_ROWS_PER_INSERT];
+        let mut fields = Vec::with_capacity(CHANGELOG_ROWS_PER_INSERT);
+        for chunk in chunks.by_ref() {
+            fields.clear();
+            for ((_, answer, _), key) in chunk.iter().zip(keys.iter_mut()) {
+                fields.push(changelog_fields(answer, key));
+            }
+            for (i, (((time, _, diff), (view, value)), key)) in chunk.iter().zip(&fields).zip(&keys).enumerate() {
+                let at = i * 5;
+                statement.raw_bind_parameter(at + 1, *time as i64)?;
+                statement.raw_bind_parameter(at + 2, view.as_ref())?;
+                statement.raw_bind_parameter(at + 3, key.as_str())?;
+                statement.raw_bind_parameter(at + 4, *value as i64)?;
+                statement.raw_bind_parameter(at + 5, *diff as i64)?;
+            }
+            statement.raw_execute()?;
+        }
+    }
+    let mut one = tx.prepare_cached("INSERT INTO changelog (time, view, key, value, diff) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+    let mut key = String::new();
+    for (time, answer, diff) in chunks.remainder() {
+        let (view, value) = changelog_fields(answer, &mut key);
+        one.execute(params![*time as i64, view, key, value as i64, *diff as i64])?;
     }
     Ok(())
 }
