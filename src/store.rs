@@ -14,6 +14,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
+use clickagg_dataflows::hashing::FastHasher;
 use clickagg_dataflows::{Answer, DeadLetter, Minute, PartitionProgress, Time, View};
 
 use crate::sink::{changelog_fields, write_quoted, write_ranked, Summary, WindowSnapshot};
@@ -325,6 +326,7 @@ impl Store {
         )
         .map_err(err)?;
         let version = tx.last_insert_rowid();
+        let mut rows = AnswerRows::new(&tx).map_err(err)?;
         for (key, old, new) in corrections {
             tx.execute(
                 "INSERT INTO superseded (version, view, minute, key, clicks, reconciled_clicks) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -332,7 +334,6 @@ impl Store {
             )
             .map_err(err)?;
             // An absent answer is a count of 0: no row to take out, or none to put in.
-            let mut rows = AnswerRows::new(&tx).map_err(err)?;
             if *old > 0 {
                 rows.apply(&key.answer(*old), false).map_err(err)?;
             }
@@ -340,6 +341,7 @@ impl Store {
                 rows.apply(&key.answer(*new), true).map_err(err)?;
             }
         }
+        rows.finish().map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(corrections.len() as u64)
     }
@@ -463,7 +465,7 @@ impl Store {
             // `+new` of one key, and the insertion replaces the row, so only retractions of
             // keys with no insertion at that time are deletes.
             let mut rows = AnswerRows::new(&tx).map_err(err)?;
-            let mut inserted = std::collections::HashSet::new();
+            let mut inserted: std::collections::HashSet<_, std::hash::BuildHasherDefault<FastHasher>> = Default::default();
             for at_one_time in batch.changes.chunk_by(|a, b| a.0 == b.0) {
                 inserted.clear();
                 inserted.extend(at_one_time.iter().filter(|c| c.2 > 0).filter_map(|c| AnswerRow::of(&c.1)).map(|r| r.key()));
@@ -478,7 +480,7 @@ impl Store {
                     }
                 }
             }
-            drop(rows);
+            rows.finish().map_err(err)?;
             let mut snapshot = tx
                 .prepare_cached("INSERT OR REPLACE INTO top_window (window_minutes, as_of, ad_id, clicks) VALUES (?1, ?2, ?3, ?4)")
                 .map_err(err)?;
@@ -893,43 +895,101 @@ impl AnswerRow {
 
 /// Writes answer rows with statements prepared once per transaction: a tick at 200k clicks/s
 /// applies ~10^5 of them, and looking each statement up in rusqlite's cache by its SQL text cost
-/// more than SQLite's own work for some.
+/// more than SQLite's own work for some. Inserts wait, table by table, to go in
+/// [`ROWS_PER_UPSERT`] to a statement (binding, stepping and resetting a statement cost as much
+/// as the row); each table's operations keep their order, as a delete first sends the inserts
+/// before it, and [`AnswerRows::finish`] sends the rest.
 struct AnswerRows<'tx> {
-    /// `INSERT OR REPLACE` and `DELETE` of each of `ANSWER_TABLES`.
+    /// `INSERT OR REPLACE` of one row, of `ROWS_PER_UPSERT` rows, and `DELETE`, of each of
+    /// `ANSWER_TABLES`.
     upsert: Vec<rusqlite::CachedStatement<'tx>>,
+    upsert_many: Vec<rusqlite::CachedStatement<'tx>>,
     delete: Vec<rusqlite::CachedStatement<'tx>>,
+    /// Rows to insert, by table, fewer than `ROWS_PER_UPSERT` each.
+    waiting: Vec<Vec<AnswerRow>>,
 }
+
+/// How many answer rows one `INSERT OR REPLACE` carries.
+const ROWS_PER_UPSERT: usize = 64;
 
 impl<'tx> AnswerRows<'tx> {
     fn new(tx: &'tx rusqlite::Transaction<'_>) -> rusqlite::Result<AnswerRows<'tx>> {
-        let prepare = |insert: bool| {
+        let prepare = |statement: &dyn Fn(&str, &str, &str, bool) -> String| {
             ANSWER_TABLES
                 .iter()
-                .map(|&(view, table, id, clicks)| {
-                    let sql = match (insert, view == View::CountryMinute) {
-                        (true, false) => format!("INSERT OR REPLACE INTO {table} (minute, {id}, {clicks}) VALUES (?1, ?2, ?3)"),
-                        (true, true) => format!("INSERT OR REPLACE INTO {table} (minute, {id}, {clicks}, country) VALUES (?1, ?2, ?3, ?4)"),
-                        (false, false) => format!("DELETE FROM {table} WHERE minute = ?1 AND {id} = ?2 AND {clicks} = ?3"),
-                        (false, true) => format!("DELETE FROM {table} WHERE minute = ?1 AND {id} = ?2 AND {clicks} = ?3 AND country = ?4"),
-                    };
-                    tx.prepare_cached(&sql)
-                })
+                .map(|&(view, table, id, clicks)| tx.prepare_cached(&statement(table, id, clicks, view == View::CountryMinute)))
                 .collect::<rusqlite::Result<Vec<_>>>()
         };
-        Ok(AnswerRows { upsert: prepare(true)?, delete: prepare(false)? })
+        let upsert = |rows: usize| {
+            move |table: &str, id: &str, clicks: &str, country: bool| {
+                let (columns, tuple) = if country { (", country", "(?, ?, ?, ?)") } else { ("", "(?, ?, ?)") };
+                format!("INSERT OR REPLACE INTO {table} (minute, {id}, {clicks}{columns}) VALUES {}", vec![tuple; rows].join(", "))
+            }
+        };
+        Ok(AnswerRows {
+            upsert: prepare(&upsert(1))?,
+            upsert_many: prepare(&upsert(ROWS_PER_UPSERT))?,
+            delete: prepare(&|table, id, clicks, country| {
+                let country = if country { " AND country = ?4" } else { "" };
+                format!("DELETE FROM {table} WHERE minute = ?1 AND {id} = ?2 AND {clicks} = ?3{country}")
+            })?,
+            waiting: vec![Vec::with_capacity(ROWS_PER_UPSERT); ANSWER_TABLES.len()],
+        })
     }
 
     /// Inserts (`insert`) or deletes one answer row; an insert replaces the row of the same key.
     fn apply(&mut self, answer: &Answer, insert: bool) -> rusqlite::Result<()> {
         let Some(row) = AnswerRow::of(answer) else { return Ok(()) };
-        let statement = if insert { &mut self.upsert[row.table] } else { &mut self.delete[row.table] };
-        // Ids are stored as the i64 bit patterns of u64s.
-        match row.country {
-            None => statement.execute(params![row.minute, row.id as i64, row.clicks as i64])?,
-            Some(country) => statement.execute(params![row.minute, row.id as i64, row.clicks as i64, country.to_string()])?,
-        };
+        if insert {
+            self.waiting[row.table].push(row);
+            if self.waiting[row.table].len() == ROWS_PER_UPSERT {
+                self.insert_waiting(row.table)?;
+            }
+            return Ok(());
+        }
+        self.insert_waiting(row.table)?;
+        bind_row(&mut self.delete[row.table], 0, &row)?;
+        self.delete[row.table].raw_execute()?;
         Ok(())
     }
+
+    /// Inserts the rows waiting for `table`.
+    fn insert_waiting(&mut self, table: usize) -> rusqlite::Result<()> {
+        let rows = &mut self.waiting[table];
+        if rows.len() == ROWS_PER_UPSERT {
+            let statement = &mut self.upsert_many[table];
+            let columns = statement.parameter_count() / ROWS_PER_UPSERT;
+            for (i, row) in rows.iter().enumerate() {
+                bind_row(statement, i * columns, row)?;
+            }
+            statement.raw_execute()?;
+        } else {
+            for row in rows.iter() {
+                bind_row(&mut self.upsert[table], 0, row)?;
+                self.upsert[table].raw_execute()?;
+            }
+        }
+        rows.clear();
+        Ok(())
+    }
+
+    /// Inserts every row still waiting: without it they are lost from the transaction.
+    fn finish(mut self) -> rusqlite::Result<()> {
+        (0..ANSWER_TABLES.len()).try_for_each(|table| self.insert_waiting(table))
+    }
+}
+
+/// Binds `row` to the parameters after the first `at` of `statement`: minute, id, clicks, and
+/// the country of a `country_minute` row. Ids are stored as the i64 bit patterns of u64s.
+fn bind_row(statement: &mut rusqlite::CachedStatement, at: usize, row: &AnswerRow) -> rusqlite::Result<()> {
+    statement.raw_bind_parameter(at + 1, row.minute)?;
+    statement.raw_bind_parameter(at + 2, row.id as i64)?;
+    statement.raw_bind_parameter(at + 3, row.clicks as i64)?;
+    if let Some(country) = row.country {
+        let code = country.as_bytes();
+        statement.raw_bind_parameter(at + 4, std::str::from_utf8(&code).unwrap_or("??"))?;
+    }
+    Ok(())
 }
 
 /// Commits on a thread of its own, so that worker 0 computes the next watermark advance while
@@ -1031,5 +1091,80 @@ impl Committer {
             Some(thread) => thread.join().map_err(|_| "the commit thread panicked".to_string())?,
             None => Err("the commit thread was already joined".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clickagg_dataflows::Country;
+
+    fn table_rows(conn: &Connection) -> Vec<String> {
+        let mut rows = Vec::new();
+        for (_, table, ..) in ANSWER_TABLES {
+            let mut statement = conn.prepare(&format!("SELECT * FROM {table} ORDER BY 1, 2, 3")).unwrap();
+            let columns = statement.column_count();
+            let mut query = statement.query([]).unwrap();
+            while let Some(row) = query.next().unwrap() {
+                let values: Vec<String> = (0..columns).map(|i| format!("{:?}", row.get_ref(i).unwrap())).collect();
+                rows.push(format!("{table} {}", values.join(" ")));
+            }
+        }
+        rows
+    }
+
+    /// Inserts that wait to go in many to a statement end where the same operations, one
+    /// statement each, end: whole and partial statements, keys inserted again while their last
+    /// insert waits, and (in `top_minute`, as ads leave a top K) deletes of rows whose inserts
+    /// still wait.
+    #[test]
+    fn batched_answer_rows_end_as_one_statement_per_row_does() {
+        let mut state = 7u64;
+        let mut next = |n: u64| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        let mut operations = Vec::new();
+        let mut current: std::collections::HashMap<(u64, u32, u64), u64> = Default::default();
+        for _ in 0..6_000 {
+            let (kind, minute, id) = (next(4), next(2) as u32, next(300));
+            let clicks = current.get(&(kind, minute, id)).copied();
+            let answer = |clicks| match kind {
+                0 => Answer::AdMinute { minute, ad: id, clicks },
+                1 => Answer::CountryMinute { minute, country: Country(u16::from_be_bytes([b'A' + (id % 3) as u8, b'U'])), ad: id, clicks },
+                2 => Answer::TopMinute { minute, ad: id, clicks },
+                _ => Answer::CampaignMinute { minute, campaign: id, clicks },
+            };
+            match clicks {
+                Some(clicks) if kind == 2 && next(3) == 0 => {
+                    operations.push((answer(clicks), false));
+                    current.remove(&(kind, minute, id));
+                }
+                _ => {
+                    let clicks = clicks.unwrap_or(0) + 1;
+                    operations.push((answer(clicks), true));
+                    current.insert((kind, minute, id), clicks);
+                }
+            }
+        }
+        let mut ends = Vec::new();
+        for batched in [true, false] {
+            let mut conn = Connection::open_in_memory().unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            let tx = conn.transaction().unwrap();
+            let mut rows = AnswerRows::new(&tx).unwrap();
+            for (answer, insert) in &operations {
+                rows.apply(answer, *insert).unwrap();
+                if !batched {
+                    // Sends each insert as it comes, by itself.
+                    rows = { rows.finish().unwrap(); AnswerRows::new(&tx).unwrap() };
+                }
+            }
+            rows.finish().unwrap();
+            tx.commit().unwrap();
+            ends.push(table_rows(&conn));
+        }
+        assert!(ends[0].len() > 100, "the operations leave rows to compare: {}", ends[0].len());
+        assert_eq!(ends[0], ends[1]);
     }
 }
