@@ -815,35 +815,38 @@ const CHANGELOG_ROWS_PER_INSERT: usize = 64;
 /// stepping and resetting it as SQLite spent inserting: the rows go in
 /// [`CHANGELOG_ROWS_PER_INSERT`] at a time, the remainder one by one.
 fn insert_changelog(tx: &rusqlite::Transaction, changes: &[(Time, Answer, isize)]) -> rusqlite::Result<()> {
-    let mut chunks = changes.chunks_exact(CHANGELOG_ROWS_PER_INSERT);
-    if chunks.len() > 0 {
-        let tuples = vec!["(?, ?, ?, ?, ?)"; CHANGELOG_ROWS_PER_INSERT].join(", ");
-        let mut statement = tx.prepare_cached(&format!("INSERT INTO changelog (time, view, key, value, diff) VALUES {tuples}"))?;
-        let mut keys = vec![String::new(); CHANGELOG_ROWS_PER_INSERT];
-        let mut fields = Vec::with_capacity(CHANGELOG_ROWS_PER_INSERT);
-        for chunk in chunks.by_ref() {
-            fields.clear();
-            for ((_, answer, _), key) in chunk.iter().zip(keys.iter_mut()) {
-                fields.push(changelog_fields(answer, key));
+    let insert = |rows| tx.prepare_cached(&format!("INSERT INTO changelog (time, view, key, value, diff) VALUES {}", placeholders(5, rows)));
+    let (mut many, mut one) = (insert(CHANGELOG_ROWS_PER_INSERT)?, insert(1)?);
+    // Text is bound as a copy (SQLite's transient binding), so one key buffer serves every row.
+    let mut key = String::new();
+    let mut bind = |statement: &mut rusqlite::CachedStatement, at: usize, (time, answer, diff): &(Time, Answer, isize)| {
+        let (view, value) = changelog_fields(answer, &mut key);
+        statement.raw_bind_parameter(at + 1, *time as i64)?;
+        statement.raw_bind_parameter(at + 2, view.as_ref())?;
+        statement.raw_bind_parameter(at + 3, key.as_str())?;
+        statement.raw_bind_parameter(at + 4, value as i64)?;
+        statement.raw_bind_parameter(at + 5, *diff as i64)
+    };
+    for chunk in changes.chunks(CHANGELOG_ROWS_PER_INSERT) {
+        if chunk.len() == CHANGELOG_ROWS_PER_INSERT {
+            for (i, change) in chunk.iter().enumerate() {
+                bind(&mut many, i * 5, change)?;
             }
-            for (i, (((time, _, diff), (view, value)), key)) in chunk.iter().zip(&fields).zip(&keys).enumerate() {
-                let at = i * 5;
-                statement.raw_bind_parameter(at + 1, *time as i64)?;
-                statement.raw_bind_parameter(at + 2, view.as_ref())?;
-                statement.raw_bind_parameter(at + 3, key.as_str())?;
-                statement.raw_bind_parameter(at + 4, *value as i64)?;
-                statement.raw_bind_parameter(at + 5, *diff as i64)?;
+            many.raw_execute()?;
+        } else {
+            for change in chunk {
+                bind(&mut one, 0, change)?;
+                one.raw_execute()?;
             }
-            statement.raw_execute()?;
         }
     }
-    let mut one = tx.prepare_cached("INSERT INTO changelog (time, view, key, value, diff) VALUES (?1, ?2, ?3, ?4, ?5)")?;
-    let mut key = String::new();
-    for (time, answer, diff) in chunks.remainder() {
-        let (view, value) = changelog_fields(answer, &mut key);
-        one.execute(params![*time as i64, view, key, value as i64, *diff as i64])?;
-    }
     Ok(())
+}
+
+/// `rows` parenthesised lists of `columns` SQL parameters, for a multi-row `VALUES`.
+fn placeholders(columns: usize, rows: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    vec![row; rows].join(", ")
 }
 
 fn batch_partition_name(batch: &Batch, partition: u32) -> &str {
@@ -914,27 +917,21 @@ const ROWS_PER_UPSERT: usize = 64;
 
 impl<'tx> AnswerRows<'tx> {
     fn new(tx: &'tx rusqlite::Transaction<'_>) -> rusqlite::Result<AnswerRows<'tx>> {
-        let prepare = |statement: &dyn Fn(&str, &str, &str, bool) -> String| {
-            ANSWER_TABLES
-                .iter()
-                .map(|&(view, table, id, clicks)| tx.prepare_cached(&statement(table, id, clicks, view == View::CountryMinute)))
-                .collect::<rusqlite::Result<Vec<_>>>()
-        };
-        let upsert = |rows: usize| {
-            move |table: &str, id: &str, clicks: &str, country: bool| {
-                let (columns, tuple) = if country { (", country", "(?, ?, ?, ?)") } else { ("", "(?, ?, ?)") };
-                format!("INSERT OR REPLACE INTO {table} (minute, {id}, {clicks}{columns}) VALUES {}", vec![tuple; rows].join(", "))
-            }
-        };
-        Ok(AnswerRows {
-            upsert: prepare(&upsert(1))?,
-            upsert_many: prepare(&upsert(ROWS_PER_UPSERT))?,
-            delete: prepare(&|table, id, clicks, country| {
-                let country = if country { " AND country = ?4" } else { "" };
-                format!("DELETE FROM {table} WHERE minute = ?1 AND {id} = ?2 AND {clicks} = ?3{country}")
-            })?,
+        let mut rows = AnswerRows {
+            upsert: Vec::new(),
+            upsert_many: Vec::new(),
+            delete: Vec::new(),
             waiting: vec![Vec::with_capacity(ROWS_PER_UPSERT); ANSWER_TABLES.len()],
-        })
+        };
+        for (view, table, id, clicks) in ANSWER_TABLES {
+            let (columns, country, country_is) =
+                if view == View::CountryMinute { (4, ", country", " AND country = ?4") } else { (3, "", "") };
+            let upsert = |rows| format!("INSERT OR REPLACE INTO {table} (minute, {id}, {clicks}{country}) VALUES {}", placeholders(columns, rows));
+            rows.upsert.push(tx.prepare_cached(&upsert(1))?);
+            rows.upsert_many.push(tx.prepare_cached(&upsert(ROWS_PER_UPSERT))?);
+            rows.delete.push(tx.prepare_cached(&format!("DELETE FROM {table} WHERE minute = ?1 AND {id} = ?2 AND {clicks} = ?3{country_is}"))?);
+        }
+        Ok(rows)
     }
 
     /// Inserts (`insert`) or deletes one answer row; an insert replaces the row of the same key.
@@ -986,8 +983,8 @@ fn bind_row(statement: &mut rusqlite::CachedStatement, at: usize, row: &AnswerRo
     statement.raw_bind_parameter(at + 2, row.id as i64)?;
     statement.raw_bind_parameter(at + 3, row.clicks as i64)?;
     if let Some(country) = row.country {
-        let code = country.as_bytes();
-        statement.raw_bind_parameter(at + 4, std::str::from_utf8(&code).unwrap_or("??"))?;
+        // Its two letters, as `Country`'s `Display` writes them, without a `String` per row.
+        statement.raw_bind_parameter(at + 4, rusqlite::types::ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Text(&country.as_bytes())))?;
     }
     Ok(())
 }
