@@ -1,12 +1,13 @@
 //! What the dataflow holds, from timely's and differential's own logging: every operator with
-//! its name and address, and for each arrangement the records and batches its trace holds now.
+//! its name and address and the time it has been scheduled, and for each arrangement the
+//! records and batches its trace holds now.
 //! The server's `/v1/introspection/*` and the shell's `arrangements` and `dataflow` read it.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use differential_dataflow::logging::{DifferentialEvent, DifferentialEventBuilder};
-use timely::logging::{TimelyEvent, TimelyEventBuilder};
+use timely::logging::{StartStop, TimelyEvent, TimelyEventBuilder};
 use timely::worker::Worker;
 
 /// One operator of one worker.
@@ -23,6 +24,11 @@ pub struct OperatorInfo {
     pub arranges: bool,
     /// Batches ever created, merges and drops aside.
     pub batches_created: u64,
+    /// Nanoseconds between the operator's `Schedule` start and stop events, summed: a region's
+    /// time includes that of the operators inside it.
+    pub scheduled_ns: u64,
+    /// How many times it was scheduled.
+    pub schedules: u64,
 }
 
 /// Operators of every worker of this process, by `(worker, operator id)`.
@@ -40,16 +46,38 @@ pub fn install(worker: &mut Worker, shared: SharedIntrospection) {
     let index = worker.index();
     let Some(mut registry) = worker.log_register() else { return };
     let operators = Arc::clone(&shared);
+    // Operators being scheduled, innermost last (a region schedules its operators inside its
+    // own start and stop), and the time each was scheduled since the last flush, by id.
+    let mut running: Vec<(usize, std::time::Duration)> = Vec::new();
+    let mut scheduled: Vec<(u64, u64)> = Vec::new();
     registry.insert::<TimelyEventBuilder, _>("timely", move |_time, batch| {
         let Some(events) = batch else { return };
-        let created: Vec<_> = events
-            .iter()
-            .filter_map(|(_, event)| match event {
-                TimelyEvent::Operates(op) => Some(op.clone()),
-                _ => None,
-            })
-            .collect();
-        if created.is_empty() {
+        let mut created = Vec::new();
+        for (time, event) in events.iter() {
+            match event {
+                TimelyEvent::Operates(op) => created.push(op.clone()),
+                TimelyEvent::Schedule(e) => match e.start_stop {
+                    StartStop::Start => running.push((e.id, *time)),
+                    StartStop::Stop => {
+                        // Starts and stops nest; a stop without its start (logging began
+                        // mid-schedule) is skipped.
+                        if let Some(at) = running.iter().rposition(|(id, _)| *id == e.id) {
+                            let (_, started) = running[at];
+                            running.truncate(at);
+                            if scheduled.len() <= e.id {
+                                scheduled.resize(e.id + 1, (0, 0));
+                            }
+                            let entry = &mut scheduled[e.id];
+                            entry.0 += time.saturating_sub(started).as_nanos() as u64;
+                            entry.1 += 1;
+                        }
+                    }
+                },
+                _ => {}
+            }
+        }
+        let ran = scheduled.iter().any(|&(_, n)| n > 0);
+        if created.is_empty() && !ran {
             return;
         }
         if let Ok(mut state) = operators.lock() {
@@ -57,6 +85,11 @@ pub fn install(worker: &mut Worker, shared: SharedIntrospection) {
                 let info = state.operators.entry((index, op.id)).or_default();
                 info.name = op.name;
                 info.address = op.addr;
+            }
+            for (id, (ns, runs)) in scheduled.iter_mut().enumerate().filter(|(_, (_, runs))| *runs > 0) {
+                let info = state.operators.entry((index, id)).or_default();
+                info.scheduled_ns += std::mem::take(ns);
+                info.schedules += std::mem::take(runs);
             }
         }
     });
@@ -112,6 +145,8 @@ impl Introspection {
             total.batches += info.batches;
             total.arranges |= info.arranges;
             total.batches_created += info.batches_created;
+            total.scheduled_ns += info.scheduled_ns;
+            total.schedules += info.schedules;
             if entry.per_worker.len() <= worker {
                 entry.per_worker.resize(worker + 1, 0);
             }

@@ -490,16 +490,22 @@ fn arrangements(state: &ServingState, answers: &Materialized) -> Value {
 }
 
 /// Every operator of the dataflow (the same on every worker), with the records of those that
-/// hold a trace.
+/// hold state (in total and per worker) and the time they were scheduled (summed over workers).
 fn dataflow(state: &ServingState) -> Value {
-    let list: Vec<Value> = operators(state)
+    let operators = operators(state);
+    let workers = operators.iter().map(|op| op.per_worker.len()).max().unwrap_or(0);
+    let list: Vec<Value> = operators
         .into_iter()
         .map(|op| {
             let t = &op.total;
-            json!({ "operator": op.id, "address": t.address, "name": t.name, "records": t.arranges.then_some(t.records) })
+            json!({
+                "operator": op.id, "address": t.address, "name": t.name, "records": t.arranges.then_some(t.records),
+                "records_per_worker": t.arranges.then_some(&op.per_worker),
+                "scheduled_ns": t.scheduled_ns, "schedules": t.schedules,
+            })
         })
         .collect();
-    json!({ "operators": list })
+    json!({ "operators": list, "workers": workers })
 }
 
 fn metrics(answers: &Materialized, state: &ServingState) -> String {

@@ -1,6 +1,9 @@
 //! `clickagg shell --connect HOST:PORT`: an interactive shell over a running server's API, for
 //! people who want to look inside without writing URLs. With a terminal it edits lines and
-//! keeps history; otherwise it reads commands from stdin, one per line, so it can be scripted.
+//! keeps history ([`terminal`]); otherwise it reads commands from stdin, one per line, so it can
+//! be scripted.
+
+pub mod terminal;
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::net::TcpStream;
@@ -17,14 +20,23 @@ commands:
   watermark                                     the watermark every answer is exact as of
   partitions                                    per partition: offset, max_ts, lag, counts
   status                                        everything /v1/status says, as JSON
-  arrangements                                  each arrangement: name, key/value types, records, batches
-  dataflow                                      every operator, with the records of those holding a trace
-  peek ARRANGEMENT KEY                          the rows ClicksByIp or ClicksByUser holds for an ip or user_id
-  watch [N] COMMAND                             run COMMAND each time the watermark moves (N times, or until Ctrl-C)
+  arrangements                                  each arrangement: name, key/value types, records (per worker), batches
+  dataflow                                      every operator: records per worker of those holding state, time scheduled
+  peek ARRANGEMENT KEY [limit N]                the rows an arrangement holds for KEY (its first key fields,
+                                                comma-separated), at most N (default 100)
+  watch [N] COMMAND                             run COMMAND each time the watermark moves, until the answers
+                                                are complete, N times, or Ctrl-C
   get PATH                                      any API path, raw JSON
   help                                          this text
-  quit                                          leave
-minutes are numbers (floor(ts / 60000)) or RFC 3339 times";
+  quit                                          leave (or Ctrl-D)
+minutes are numbers (floor(ts / 60000)) or RFC 3339 times
+Tab completes commands and arrangement names; Up and Down recall earlier lines, kept across sessions";
+
+/// The commands, for completion.
+pub const COMMANDS: [&str; 14] = [
+    "arrangements", "campaign", "count", "dataflow", "get", "help", "history", "partitions", "peek", "quit", "status", "top",
+    "watch", "watermark",
+];
 
 /// A connection target and optional bearer token.
 pub struct Client {
@@ -61,26 +73,7 @@ pub fn shell(client: &Client) -> Result<(), String> {
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         println!("clickagg shell: {} (watermark {}); type help", client.address, status["watermark"]);
-        let mut editor = rustyline::DefaultEditor::new().map_err(|e| e.to_string())?;
-        let history = std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".clickagg_history"));
-        if let Some(path) = &history {
-            let _ = editor.load_history(path);
-        }
-        loop {
-            match editor.readline("clickagg> ") {
-                Ok(line) => {
-                    let _ = editor.add_history_entry(line.as_str());
-                    if !execute(client, line.trim(), &mut std::io::stdout()) {
-                        break;
-                    }
-                }
-                Err(rustyline::error::ReadlineError::Interrupted) => continue,
-                Err(_) => break,
-            }
-        }
-        if let Some(path) = &history {
-            let _ = editor.save_history(path);
-        }
+        terminal::interactive(client)?;
     } else {
         for line in std::io::stdin().lock().lines() {
             let line = line.map_err(|e| e.to_string())?;
@@ -114,13 +107,15 @@ pub fn execute(client: &Client, line: &str, out: &mut impl Write) -> bool {
     true
 }
 
-/// Re-runs `command` each time the watermark moves; `rounds` bounds it for tests.
+/// Re-runs `command` each time the watermark moves, until the answers are complete (a finished
+/// replay: nothing will change), `rounds` rounds are shown, or Ctrl-C in a terminal.
 pub fn watch(client: &Client, command: &str, out: &mut impl Write, rounds: Option<usize>) -> Result<String, String> {
     let words: Vec<&str> = command.split_whitespace().collect();
     let mut last = None;
     let mut shown = 0;
     loop {
-        let watermark = client.get("/v1/status")?["watermark"].clone();
+        let status = client.get("/v1/status")?;
+        let watermark = status["watermark"].clone();
         if last.as_ref() != Some(&watermark) {
             writeln!(out, "-- watermark {watermark}\n{}", answer(client, &words)?).map_err(|e| e.to_string())?;
             out.flush().map_err(|e| e.to_string())?;
@@ -130,7 +125,16 @@ pub fn watch(client: &Client, command: &str, out: &mut impl Write, rounds: Optio
                 return Ok(String::new());
             }
         }
-        std::thread::sleep(Duration::from_millis(500));
+        if status["complete"] == Value::Bool(true) {
+            return Ok("-- the answers are complete: the replay has finished, nothing will change".to_string());
+        }
+        // Poll twice a second, looking for Ctrl-C every 50 ms.
+        for _ in 0..10 {
+            if terminal::interrupted() {
+                return Ok("-- stopped".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -165,6 +169,88 @@ fn range(words: &[&str]) -> String {
         [from] => format!("?from={from}"),
         [from, to, ..] => format!("?from={from}&to={to}"),
     }
+}
+
+/// `text` percent-encoded for a query string: every byte but unreserved ones (RFC 3986).
+fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Per-worker figures as `a+b+c`, or the one figure with a single worker.
+fn per_worker(values: &Value) -> String {
+    let list: Vec<String> = values.as_array().into_iter().flatten().map(plain).collect();
+    list.join("+")
+}
+
+/// The operators: id, address, records held (total, and per worker), time scheduled, name.
+fn dataflow(json: &Value) -> Result<String, String> {
+    let mut text = format!(
+        "operators of {} worker(s) in this process; records are held updates, per worker; time is spent scheduled, over all workers\n{:>5}  {:<14} {:>10} {:<20} {:>10} {:>9}  name",
+        json["workers"], "id", "address", "records", "per worker", "time ms", "runs"
+    );
+    for op in json["operators"].as_array().into_iter().flatten() {
+        let address: Vec<String> = op["address"].as_array().into_iter().flatten().map(plain).collect();
+        let (records, workers) = if op["records"].is_null() { (String::new(), String::new()) } else { (plain(&op["records"]), per_worker(&op["records_per_worker"])) };
+        let millis = op["scheduled_ns"].as_u64().map_or(String::new(), |ns| format!("{:.1}", ns as f64 / 1e6));
+        text.push_str(&format!(
+            "\n{:>5}  {:<14} {:>10} {:<20} {:>10} {:>9}  {}",
+            plain(&op["operator"]),
+            address.join("."),
+            records,
+            workers,
+            millis,
+            plain(&op["schedules"]),
+            plain(&op["name"])
+        ));
+    }
+    Ok(text)
+}
+
+/// A peek's rows: the filter arrangements' rows as columns, any other's as key, value and count.
+fn peek(arrangement: &str, key: &str, json: &Value) -> String {
+    let rows = json["rows"].as_array().cloned().unwrap_or_default();
+    let upper = if json["upper"].is_null() { "the end of the input".to_string() } else { plain(&json["upper"]) };
+    let more = if json["more"] == Value::Bool(true) { format!(", the first {} shown: more are held", json["limit"]) } else { String::new() };
+    let mut text = format!("{arrangement} [{key}]: {} rows{more} (as of {upper}", rows.len());
+    if json["retained_from_minute"].is_null() {
+        text.push(')');
+    } else {
+        text.push_str(&format!(", complete from minute {})", json["retained_from_minute"]));
+    }
+    if json["schema"].is_object() {
+        text.push_str(&format!("\nkey: {}\nvalue: {}", plain(&json["schema"]["key"]), plain(&json["schema"]["value"])));
+    }
+    let filter_rows = rows.first().is_some_and(|r| r.get("ad_id").is_some());
+    if filter_rows {
+        text.push_str("\nminute      ad_id        campaign_id  country  user_id      ip                       count");
+    } else if !rows.is_empty() {
+        text.push_str(&format!("\n{:<40} {:<40} count", "key", "value"));
+    }
+    for r in rows {
+        if filter_rows {
+            text.push_str(&format!(
+                "\n{:<11} {:<12} {:<12} {:<8} {:<12} {:<24} {}",
+                plain(&r["minute"]),
+                plain(&r["ad_id"]),
+                plain(&r["campaign_id"]),
+                plain(&r["country"]),
+                plain(&r["user_id"]),
+                plain(&r["ip"]),
+                plain(&r["count"])
+            ));
+        } else {
+            text.push_str(&format!("\n{:<40} {:<40} {}", r["key"].to_string(), r["value"].to_string(), plain(&r["count"])));
+        }
+    }
+    text
 }
 
 fn answer(client: &Client, words: &[&str]) -> Result<String, String> {
@@ -260,14 +346,15 @@ fn answer(client: &Client, words: &[&str]) -> Result<String, String> {
                 format!("compacted to the dataflow's frontier {}", json["compacted_to"])
             };
             let mut text = format!(
-                "arrangements as of watermark {} ({held})\n{:<34} {:>10} {:>8}  key -> value",
-                json["watermark"], "name", "records", "batches"
+                "arrangements as of watermark {} ({held})\n{:<34} {:>10} {:<20} {:>8}  key -> value",
+                json["watermark"], "name", "records", "per worker", "batches"
             );
             for a in json["arrangements"].as_array().into_iter().flatten() {
                 text.push_str(&format!(
-                    "\n{:<34} {:>10} {:>8}  {} -> {}",
+                    "\n{:<34} {:>10} {:<20} {:>8}  {} -> {}",
                     plain(&a["name"]),
                     plain(&a["records"]),
+                    per_worker(&a["records_per_worker"]),
                     plain(&a["batches"]),
                     plain(&a["key"]),
                     plain(&a["value"])
@@ -275,38 +362,15 @@ fn answer(client: &Client, words: &[&str]) -> Result<String, String> {
             }
             Ok(text)
         }
-        ["dataflow"] => {
-            let json = client.get("/v1/introspection/dataflow")?;
-            let mut text = format!("{:>5}  {:<16} {:>10}  name", "id", "address", "records");
-            for op in json["operators"].as_array().into_iter().flatten() {
-                let address: Vec<String> = op["address"].as_array().into_iter().flatten().map(plain).collect();
-                let records = if op["records"].is_null() { String::new() } else { plain(&op["records"]) };
-                text.push_str(&format!("\n{:>5}  {:<16} {:>10}  {}", plain(&op["operator"]), address.join("."), records, plain(&op["name"])));
-            }
-            Ok(text)
-        }
-        ["peek", arrangement, key] => {
-            let json = client.get(&format!("/v1/introspection/peek?arrangement={arrangement}&key={key}"))?;
-            let rows = json["rows"].as_array().cloned().unwrap_or_default();
-            let mut text = format!(
-                "{arrangement} [{key}]: {} rows (complete from minute {}, as of {})\nminute      ad_id        campaign_id  country  user_id      ip                       count",
-                rows.len(),
-                json["retained_from_minute"],
-                if json["upper"].is_null() { "the end of the input".to_string() } else { plain(&json["upper"]) }
-            );
-            for r in rows {
-                text.push_str(&format!(
-                    "\n{:<11} {:<12} {:<12} {:<8} {:<12} {:<24} {}",
-                    plain(&r["minute"]),
-                    plain(&r["ad_id"]),
-                    plain(&r["campaign_id"]),
-                    plain(&r["country"]),
-                    plain(&r["user_id"]),
-                    plain(&r["ip"]),
-                    plain(&r["count"])
-                ));
-            }
-            Ok(text)
+        ["dataflow"] => dataflow(&client.get("/v1/introspection/dataflow")?),
+        ["peek", arrangement, key, rest @ ..] => {
+            let limit = match rest {
+                [] => String::new(),
+                ["limit", n] => format!("&limit={}", encode(n)),
+                _ => return Err("peek ARRANGEMENT KEY [limit N]".to_string()),
+            };
+            let target = format!("/v1/introspection/peek?arrangement={}&key={}{limit}", encode(arrangement), encode(key));
+            Ok(peek(arrangement, key, &client.get(&target)?))
         }
         ["status"] => client.get("/v1/status").map(|j| serde_json::to_string_pretty(&j).unwrap_or_default()),
         ["get", path] => client.get(path).map(|j| serde_json::to_string_pretty(&j).unwrap_or_default()),
