@@ -11,11 +11,9 @@ use serde_json::{json, Value};
 
 use clickagg_dataflows::{Minute, MINUTE_MS};
 
-use clickagg_dataflows::render::filters::FilterKey;
 
 use super::listener::{listen, Handler, Request, Response};
 use super::params::{bad, count_range, parse_id, parse_minute, parse_query, Failure, Params, TopSpan, MAX_COUNT, MAX_URL_BYTES};
-use crate::source::parse::parse_ip;
 use super::state::{top_of, Materialized, ServingState, Subject};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -92,7 +90,7 @@ fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16
     // A filter by ip or user_id waits on the workers, which may be waiting to publish: it must
     // not hold the answers' read guard meanwhile. So does a peek.
     if path == "/v1/introspection/peek" {
-        return match peek_arrangement(&params, state) {
+        return match super::peek::answer(&params, state) {
             Ok(value) => (200, "application/json", value.to_string()),
             Err(failure) => error(failure),
         };
@@ -279,39 +277,6 @@ fn history(ad: u64, params: &Params, answers: &Materialized) -> Result<Value, Fa
     let mut body = json!({ "ad_id": ad, "minute": minute, "clicks": current, "updates": updates });
     merge(&mut body, watermark_json(answers));
     Ok(body)
-}
-
-/// Every row an arrangement holds for one key, over all workers. The arrangements kept outside
-/// the dataflow, and so readable, are the filter arrangements.
-fn peek_arrangement(params: &Params, state: &ServingState) -> Result<Value, Failure> {
-    params.only(&["arrangement", "key"])?;
-    let name = params.get("arrangement").ok_or_else(|| bad("peek needs arrangement= (ClicksByIp or ClicksByUser)"))?;
-    let text = params.get("key").ok_or_else(|| bad("peek needs key="))?;
-    let key = match name.strip_prefix("Arrange: ").unwrap_or(name) {
-        "ClicksByIp" => FilterKey::Ip(parse_ip(text.as_bytes()).ok_or_else(|| bad(format!("{text:?} is not an ip")))?),
-        "ClicksByUser" => FilterKey::User(parse_id(text, "user_id")?),
-        other => {
-            return Err(bad(format!(
-                "{other} cannot be peeked: only ClicksByIp and ClicksByUser are held outside the dataflow"
-            )))
-        }
-    };
-    let answer = state.peek(key).map_err(|e| Failure(503, e))?;
-    let mut rows = answer.rows;
-    rows.sort();
-    let rows: Vec<Value> = rows
-        .iter()
-        .map(|(r, n)| {
-            json!({
-                "minute": r.minute, "ad_id": r.ad, "campaign_id": r.campaign, "country": r.country.to_string(),
-                "user_id": r.user, "ip": r.ip.to_string(), "count": n,
-            })
-        })
-        .collect();
-    Ok(json!({
-        "arrangement": name, "key": text, "rows": rows, "upper": answer.upper,
-        "retained_from_minute": answer.retained_from,
-    }))
 }
 
 /// Counts and top-K with an `ip` or `user_id` filter, from a peek at the filter arrangements.

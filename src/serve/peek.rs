@@ -1,5 +1,6 @@
 //! Peeks: a query with an `ip` or `user_id` filter reads the one key it needs from the
-//! arrangements of every worker (`Arrange: ClicksByIp`, `Arrange: ClicksByUser`).
+//! arrangements of every worker (`Arrange: ClicksByIp`, `Arrange: ClicksByUser`); introspection
+//! reads the first rows of any per-minute state by name ([`peekable`]).
 //!
 //! A peek travels through a small timely dataflow of its own, as Materialize sends commands
 //! to its workers: worker 0 gives it a timestamp (a sequence number) and broadcasts it; every
@@ -12,7 +13,10 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::mpsc::{Receiver, Sender};
 
+use serde_json::{json, Value};
+
 use clickagg_dataflows::render::filters::{FilterArrangements, FilterKey, PeekResult};
+use clickagg_dataflows::render::peekable::{self, StateRows};
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
 use timely::container::CapacityContainerBuilder;
@@ -21,17 +25,124 @@ use timely::dataflow::operators::Input;
 use timely::dataflow::InputHandle;
 use timely::worker::Worker;
 
-/// A peek from the server, and where to send its answer.
-pub struct PeekRequest {
-    pub key: FilterKey,
-    /// Every worker's [`PeekResult`] for the key, merged.
-    pub reply: Sender<PeekResult>,
+use super::params::{bad, parse_id, Failure, Params};
+use super::state::ServingState;
+use crate::source::parse::parse_ip;
+
+/// What to look up.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum PeekKey {
+    /// One key of the filter arrangements: every row held for it.
+    Filter(FilterKey),
+    /// The first `limit` rows of the per-minute state named `name` (as introspection lists it)
+    /// whose key begins with the fields `prefix`.
+    State { name: String, prefix: Vec<String>, limit: usize },
 }
 
-type Pending = Rc<RefCell<BTreeMap<u64, (Option<Sender<PeekResult>>, PeekResult)>>>;
+/// What the workers hold for a [`PeekKey`]: `filter` for a filter key, `state` for a state's.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct PeekAnswer {
+    pub filter: PeekResult,
+    pub state: StateRows,
+    /// The state rows asked for; `state` keeps one more, to tell that there are more.
+    pub limit: usize,
+}
+
+impl PeekAnswer {
+    /// Adds another worker's answer.
+    fn merge(&mut self, part: PeekAnswer) {
+        self.limit = self.limit.max(part.limit);
+        self.filter.merge(part.filter);
+        self.state.merge(part.state, self.limit);
+    }
+}
+
+/// Rows a peek gives when the request names no limit, and the most it may ask for.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 10_000;
+
+/// `GET /v1/introspection/peek?arrangement=NAME&key=FIELDS[&limit=N]`: the first N rows (in key
+/// order) that an arrangement or per-minute state holds for a key, over all workers, and whether
+/// there are more. The filter arrangements (`ClicksByIp`, `ClicksByUser`) take one ip or
+/// user_id; any other takes the first fields of its key, comma-separated (`minute` or
+/// `minute,ad_id` for `AdMinute`), or nothing for its first rows.
+pub fn answer(params: &Params, state: &ServingState) -> Result<Value, Failure> {
+    params.only(&["arrangement", "key", "limit"])?;
+    let name = params.get("arrangement").ok_or_else(|| bad("peek needs arrangement= (a name /v1/introspection/arrangements lists)"))?;
+    let text = params.get("key").unwrap_or("");
+    let limit = match params.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| bad(format!("limit must be a whole number from 1 to {MAX_LIMIT}, not {n:?}")))?,
+    };
+    let short = name.strip_prefix("Arrange: ").unwrap_or(name);
+    let (key, value) = clickagg_dataflows::render::arrangement_schema(name).unwrap_or(("?", "?"));
+    let schema = json!({ "key": key, "value": value });
+    let filter_key = match short {
+        "ClicksByIp" => Some(FilterKey::Ip(parse_ip(text.as_bytes()).ok_or_else(|| bad(format!("{text:?} is not an ip")))?)),
+        "ClicksByUser" => Some(FilterKey::User(parse_id(text, "user_id")?)),
+        _ => None,
+    };
+    if let Some(filter_key) = filter_key {
+        let answer = state.peek(filter_key).map_err(|e| Failure(503, e))?;
+        let mut rows = answer.rows;
+        rows.sort();
+        let more = rows.len() > limit;
+        let rows: Vec<Value> = rows
+            .iter()
+            .take(limit)
+            .map(|(r, n)| {
+                json!({
+                    "minute": r.minute, "ad_id": r.ad, "campaign_id": r.campaign, "country": r.country.to_string(),
+                    "user_id": r.user, "ip": r.ip.to_string(), "count": n,
+                })
+            })
+            .collect();
+        return Ok(json!({
+            "arrangement": name, "key": text, "schema": schema, "rows": rows, "limit": limit, "more": more,
+            "upper": answer.upper, "retained_from_minute": answer.retained_from,
+        }));
+    }
+    let prefix: Vec<String> = text.split(',').map(str::trim).filter(|f| !f.is_empty()).map(String::from).collect();
+    let answer = state.peek_any(PeekKey::State { name: short.to_string(), prefix, limit }).map_err(|e| Failure(503, e))?;
+    if !answer.state.found {
+        return Err(Failure(
+            404,
+            format!(
+                "{name} cannot be peeked: peeks read the filter arrangements (ClicksByIp, ClicksByUser) and the per-minute \
+                 state (DistinctClicks, AdMinute, CampaignMinute, CountryMinute, CampaignCountryMinute, TopMinuteLocal); \
+                 the other arrangements live inside differential's operators"
+            ),
+        ));
+    }
+    let mut rows = answer.state.rows;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .map(|r| {
+            let parse = |text: &str| serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
+            json!({ "key": parse(&r.key), "value": parse(&r.value), "count": r.count })
+        })
+        .collect();
+    // Each worker's state as it holds it when the peek reaches it: no frontier is claimed.
+    Ok(json!({ "arrangement": name, "key": text, "schema": schema, "rows": rows, "limit": limit, "more": more }))
+}
+
+/// A peek from the server, and where to send its answer.
+pub struct PeekRequest {
+    pub key: PeekKey,
+    /// Every worker's [`PeekAnswer`] for the key, merged.
+    pub reply: Sender<PeekAnswer>,
+}
+
+type Pending = Rc<RefCell<BTreeMap<u64, (Option<Sender<PeekAnswer>>, PeekAnswer)>>>;
 
 /// The peek dataflow's input: `(peek id, what to look up)`.
-type PeekInput = InputHandle<u64, CapacityContainerBuilder<Vec<(u64, FilterKey)>>>;
+type PeekInput = InputHandle<u64, CapacityContainerBuilder<Vec<(u64, PeekKey)>>>;
 
 /// A worker's end of the peek dataflow.
 pub struct PeekEndpoint {
@@ -49,7 +160,7 @@ pub fn build(worker: &mut Worker, filters: Rc<RefCell<FilterArrangements>>, requ
     let collected = Rc::clone(&pending);
     let reader = Rc::clone(&filters);
     let input = worker.dataflow::<u64, _, _>(|scope| {
-        let (input, peeks) = scope.new_input::<Vec<(u64, FilterKey)>>();
+        let (input, peeks) = scope.new_input::<Vec<(u64, PeekKey)>>();
         peeks
             .broadcast()
             .unary(Pipeline, "Peek", move |_, _| {
@@ -57,12 +168,18 @@ pub fn build(worker: &mut Worker, filters: Rc<RefCell<FilterArrangements>>, requ
                     input.for_each(|capability, peeks| {
                         let mut session = output.session(&capability);
                         for (id, key) in peeks.drain(..) {
-                            session.give((id, reader.borrow_mut().peek(key)));
+                            let answer = match key {
+                                PeekKey::Filter(key) => PeekAnswer { filter: reader.borrow_mut().peek(key), ..PeekAnswer::default() },
+                                PeekKey::State { name, prefix, limit } => {
+                                    PeekAnswer { state: peekable::peek(&name, &prefix, limit), limit, ..PeekAnswer::default() }
+                                }
+                            };
+                            session.give((id, answer));
                         }
                     });
                 }
             })
-            .sink(Exchange::new(|_: &(u64, PeekResult)| 0), "PeekReplies", move |(input, frontier)| {
+            .sink(Exchange::new(|_: &(u64, PeekAnswer)| 0), "PeekReplies", move |(input, frontier)| {
                 let mut pending = collected.borrow_mut();
                 input.for_each(|_, parts| {
                     for (id, part) in parts.drain(..) {

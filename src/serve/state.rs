@@ -19,7 +19,7 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use clickagg_dataflows::render::filters::{FilterKey, PeekResult};
 
-use super::peek::PeekRequest;
+use super::peek::{PeekAnswer, PeekKey, PeekRequest};
 use crate::sink::{SnapshotByWindow, Summary};
 use std::time::Instant;
 
@@ -298,7 +298,12 @@ impl ServingState {
 
     /// Reads `key` from every worker's filter arrangements.
     pub fn peek(&self, key: FilterKey) -> Result<PeekResult, String> {
-        let sender = self.peeks.lock().ok().and_then(|p| p.clone()).ok_or("filters by ip and user_id are not served here")?;
+        self.peek_any(PeekKey::Filter(key)).map(|answer| answer.filter)
+    }
+
+    /// Asks every worker for what it holds under `key`, and waits for all of their answers.
+    pub fn peek_any(&self, key: PeekKey) -> Result<PeekAnswer, String> {
+        let sender = self.peeks.lock().ok().and_then(|p| p.clone()).ok_or("peeks are not served here")?;
         let (reply, answer) = std::sync::mpsc::channel();
         sender.send(PeekRequest { key, reply }).map_err(|_| "the workers have stopped".to_string())?;
         answer.recv_timeout(PEEK_TIMEOUT).map_err(|_| format!("the workers did not answer within {PEEK_TIMEOUT:?}"))

@@ -217,7 +217,11 @@ fn dataflow(json: &Value) -> Result<String, String> {
 /// A peek's rows: the filter arrangements' rows as columns, any other's as key, value and count.
 fn peek(arrangement: &str, key: &str, json: &Value) -> String {
     let rows = json["rows"].as_array().cloned().unwrap_or_default();
-    let upper = if json["upper"].is_null() { "the end of the input".to_string() } else { plain(&json["upper"]) };
+    let upper = match json.get("upper") {
+        None => "what the workers hold now".to_string(),
+        Some(Value::Null) => "the end of the input".to_string(),
+        Some(upper) => plain(upper),
+    };
     let more = if json["more"] == Value::Bool(true) { format!(", the first {} shown: more are held", json["limit"]) } else { String::new() };
     let mut text = format!("{arrangement} [{key}]: {} rows{more} (as of {upper}", rows.len());
     if json["retained_from_minute"].is_null() {

@@ -16,6 +16,7 @@ use crate::event_time::EventTimeRules;
 use crate::hashing::{fast_hash, FastMap, ProbeMap, PREFETCH_AHEAD};
 use crate::radix::consolidate_words;
 use crate::render::minute_state::{per_minute, MinuteState};
+use crate::render::peekable::FirstRows;
 use crate::render::partition::{ByAd, OfAd};
 use crate::types::{ClickAttrs, ClickKey, Country, Minute, Time};
 
@@ -162,6 +163,15 @@ impl<K: MinuteKey> MinuteState for CountsOfMinute<K> {
 
     fn keys(&self) -> usize {
         self.counts.len()
+    }
+
+    /// Each key with its clicks as its multiplicity, as an arrangement of the keys would hold it.
+    fn peek(&self, minute: Minute, rows: &mut FirstRows) {
+        if rows.may_hold(minute) {
+            for (key, count) in self.counts.iter().filter(|(_, c)| c.clicks != 0) {
+                rows.offer(key, &(), count.clicks as isize);
+            }
+        }
     }
 }
 

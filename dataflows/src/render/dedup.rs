@@ -6,7 +6,8 @@ use crate::batches::exchange_routed;
 use crate::event_time::EventTimeRules;
 use crate::hashing::{fast_hash, TagIndex};
 use crate::render::minute_state::{per_minute, MinuteState};
-use crate::types::{Click, ClickAttrs, ClickKey, Time};
+use crate::render::peekable::FirstRows;
+use crate::types::{Click, ClickAttrs, ClickKey, Minute, Time};
 
 /// One record per distinct `(event_id, ts)`: the copy with the smallest attributes.
 ///
@@ -104,6 +105,19 @@ impl MinuteState for DistinctClicks {
         for (key, copies) in self.clicks.drain(..) {
             if let Some(attrs) = copies.smallest() {
                 emit((key, attrs), -1);
+            }
+        }
+    }
+
+    /// Each click with each visible copy and its multiplicity: the key is `(event, ts)`, the
+    /// event being the 128-bit hash of the event_id as `[high, low]`. Every click is serialized
+    /// to be compared with the prefix, so a peek here costs time in the click count.
+    fn peek(&self, _minute: Minute, rows: &mut FirstRows) {
+        for (key, copies) in &self.clicks {
+            match copies {
+                Copies::None => {}
+                Copies::One(attrs, count) => rows.offer(key, attrs, *count),
+                Copies::Many(list) => list.iter().for_each(|(attrs, count)| rows.offer(key, attrs, *count)),
             }
         }
     }

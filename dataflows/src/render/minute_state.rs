@@ -7,7 +7,9 @@
 //! and the per-minute counts — applying each time's updates in time order once the frontier has
 //! passed it, as differential's operators do.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::logging::{BatchEvent, DifferentialEventBuilder, DropEvent, Logger, MergeEvent};
@@ -16,6 +18,7 @@ use timely::dataflow::channels::pact::ParallelizationContract;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 
+use super::peekable::{register, FirstRows, Peekable};
 use crate::batches::LargeBatches;
 use crate::event_time::EventTimeRules;
 use crate::hashing::{FastMap, PREFETCH_AHEAD};
@@ -40,6 +43,22 @@ pub trait MinuteState: 'static {
     fn retire(&mut self, emit: &mut impl FnMut(Self::Output, isize));
     /// How many keys it holds.
     fn keys(&self) -> usize;
+    /// Offers every key it holds of `minute`, with its value, to a peek (introspection). It may
+    /// skip keys that cannot begin with the peek's prefix.
+    fn peek(&self, minute: Minute, rows: &mut FirstRows);
+}
+
+/// A `per_minute` operator's live minutes, shared with the peeks of its worker.
+type Minutes<S> = Rc<RefCell<FastMap<Minute, Live<S>>>>;
+
+struct PeekMinutes<S>(Minutes<S>);
+
+impl<S: MinuteState> Peekable for PeekMinutes<S> {
+    fn peek(&self, rows: &mut FirstRows) {
+        for (&minute, live) in self.0.borrow().iter() {
+            live.state.peek(minute, rows);
+        }
+    }
 }
 
 /// Runs a [`MinuteState`] per minute (`minute_of` each update), each worker holding the keys
@@ -56,7 +75,8 @@ pub trait MinuteState: 'static {
 /// ends.
 ///
 /// The state is reported through differential's arrangement log (one batch per live minute, its
-/// length the keys held), so introspection lists it beside the arrangements, under `name`.
+/// length the keys held), so introspection lists it beside the arrangements, under `name`; and
+/// it can be peeked at under that name ([`super::peekable`]).
 ///
 /// The pact's route and `minute_of` must be pure functions, so that every worker count gives the
 /// same output.
@@ -73,13 +93,15 @@ where
 {
     let rules = *rules;
     let logger = StateLog::logger(&input.scope());
+    let peek_name = name.to_string();
     input
         .inner
         .unary_frontier::<LargeBatches<(S::Output, Time, isize)>, _, _, _>(pact, name, move |_, info| {
             let log = StateLog { logger, operator: info.global_id };
             // Updates by time, applied in time order once the frontier has passed their time.
             let mut pending: BTreeMap<Time, HeldTime<S::Update>> = BTreeMap::new();
-            let mut minutes: FastMap<Minute, Live<S>> = FastMap::default();
+            let shared: Minutes<S> = Rc::new(RefCell::new(FastMap::default()));
+            register(&peek_name, Rc::new(PeekMinutes(Rc::clone(&shared))));
             // When each live minute becomes final: at most one per time, as final times grow with
             // minutes.
             let mut finals: BTreeMap<Time, Minute> = BTreeMap::new();
@@ -90,6 +112,7 @@ where
             let mut spare_lists: Vec<Vec<(S::Update, isize)>> = Vec::new();
             let mut touched: Vec<Minute> = Vec::new();
             move |(input, frontier), output| {
+                let mut minutes = shared.borrow_mut();
                 input.for_each(|capability, data| {
                     let mut data = data.drain(..).peekable();
                     while let Some((update, time, diff)) = data.next() {

@@ -19,6 +19,7 @@ use crate::event_time::EventTimeRules;
 use crate::hashing::{ProbeMap, PREFETCH_AHEAD};
 use crate::plan::Plan;
 use crate::render::minute_state::{per_minute, MinuteState};
+use crate::render::peekable::FirstRows;
 use crate::render::partition::ByAd;
 use crate::types::{Minute, Time};
 
@@ -140,6 +141,15 @@ impl MinuteState for TopOfMinute {
 
     fn keys(&self) -> usize {
         self.top.len()
+    }
+
+    /// Each `(minute, ad)` this worker counts, with its clicks as its multiplicity.
+    fn peek(&self, minute: Minute, rows: &mut FirstRows) {
+        if rows.may_hold(minute) {
+            for (ad, count) in self.top.counts.iter().filter(|(_, c)| c.clicks != 0) {
+                rows.offer(&(minute, *ad), &(), count.clicks as isize);
+            }
+        }
     }
 }
 
