@@ -102,22 +102,57 @@ fn problem(root: &Path, file: &Path, raw: &str) -> Option<String> {
     if raw.contains("../shared") {
         return Some(format!("{raw:?} points outside the repository (../shared)"));
     }
-    let path = target.split(['#', '?']).next().unwrap_or("");
+    let (path, fragment) = target.split_once('#').unwrap_or((target, ""));
+    let path = path.split('?').next().unwrap_or("");
     let has_scheme = path.split_once(':').is_some_and(|(scheme, _)| {
         !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
     });
-    if path.is_empty() || has_scheme {
+    if has_scheme {
         return None;
     }
     if path.starts_with('/') {
         return Some(format!("{raw:?} is an absolute path: links must be relative to the page"));
     }
-    let relative = file.parent().unwrap_or(Path::new("")).strip_prefix(root).unwrap_or(Path::new("")).join(path);
-    match normalize(&relative) {
-        None => Some(format!("{raw:?} leaves the repository")),
-        Some(inside) if !root.join(&inside).exists() => Some(format!("{raw:?}: {} does not exist", inside.display())),
-        Some(_) => None,
+    let page = if path.is_empty() {
+        file.to_path_buf()
+    } else {
+        let relative = file.parent().unwrap_or(Path::new("")).strip_prefix(root).unwrap_or(Path::new("")).join(path);
+        match normalize(&relative) {
+            None => return Some(format!("{raw:?} leaves the repository")),
+            Some(inside) if !root.join(&inside).exists() => return Some(format!("{raw:?}: {} does not exist", inside.display())),
+            Some(inside) => root.join(inside),
+        }
+    };
+    let is_markdown = page.extension().is_some_and(|x| x == "md");
+    if !fragment.is_empty() && is_markdown {
+        let text = std::fs::read_to_string(&page).unwrap_or_default();
+        if !heading_slugs(&text).iter().any(|slug| slug == fragment) {
+            return Some(format!("{raw:?}: {} has no heading #{fragment}", page.strip_prefix(root).unwrap_or(&page).display()));
+        }
     }
+    None
+}
+
+/// The anchors a Markdown renderer gives the headings of `text`, GitHub's way: lower case,
+/// punctuation dropped (but `-` and `_`), spaces as hyphens.
+fn heading_slugs(text: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut slugs = Vec::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        }
+        let Some(title) = line.strip_prefix('#').filter(|_| !fenced) else { continue };
+        let title = title.trim_start_matches('#').trim();
+        let slug: String = title
+            .to_lowercase()
+            .chars()
+            .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+            .map(|c| if c == ' ' { '-' } else { c })
+            .collect();
+        slugs.push(slug);
+    }
+    slugs
 }
 
 /// Every link problem of every document under `root`, as `file:line: problem`.
@@ -189,25 +224,27 @@ fn the_link_checker_catches_each_kind_of_bad_link() {
     std::fs::write(root.join("datasets/README.md"), "x").unwrap();
     std::fs::write(
         root.join("README.md"),
-        "[ok](datasets/README.md) [page](docs/a.md#anchor) [web](https://example.com/x) [here](#top)\n\
+        "# Top\n[ok](datasets/README.md) [page](docs/a.md#a-page-heading) [web](https://example.com/x) [here](#top)\n\
          `[code](nowhere.md)` and [gone](missing.md)\n\
          ```\n[fenced](also-nowhere.md)\n```\n",
     )
     .unwrap();
     std::fs::write(
         root.join("docs/a.md"),
-        "[up](../datasets/README.md) [spec](../../shared/SPEC.md) [out](../../etc/passwd)\n\
+        "## A page: heading\n[up](../datasets/README.md) [spec](../../shared/SPEC.md) [out](../../etc/passwd)\n\
+         [lost anchor](../README.md#nowhere) [own lost anchor](#bottom)\n\
          [ref]: ../nope.md \"title\"\n<a href=\"../missing.html\">x</a>\n",
     )
     .unwrap();
     let problems = link_problems(root);
     let text = problems.join("\n");
-    for expected in ["README.md:2:", "missing.md", "shared", "leaves the repository", "nope.md", "missing.html"] {
+    for expected in ["README.md:3:", "missing.md", "shared", "leaves the repository", "nope.md", "missing.html", "#nowhere", "#bottom"] {
         assert!(text.contains(expected), "expected a problem with {expected:?} in:\n{text}");
     }
-    for fine in ["datasets/README.md\"", "example.com", "nowhere.md", "#top"] {
+    for fine in ["datasets/README.md\"", "example.com", "nowhere.md", "#top", "#a-page-heading"] {
         assert!(!text.contains(fine), "{fine:?} was flagged:\n{text}");
     }
-    // README.md:2 (missing.md), docs/a.md: ../shared mention, the SPEC link, ../../etc, nope.md, missing.html.
-    assert_eq!(problems.len(), 6, "{text}");
+    // README.md:3 (missing.md); docs/a.md: the ../shared mention, the SPEC link, ../../etc, two
+    // lost anchors, nope.md, missing.html.
+    assert_eq!(problems.len(), 8, "{text}");
 }
