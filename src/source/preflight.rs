@@ -144,7 +144,7 @@ mod tests {
         let good = format!("{HEADER}e1,1767225600000,1,2,3,1.2.3.4,US\n");
         let (dir, paths) = logs(&[("part-00000.csv", good), ("part-00001.csv", "event_id,ts,ad\ne,1,2\n".into())]);
         let error = check_partitions(dir.path(), &paths, false, false).unwrap_err();
-        assert!(error.contains("part-00001.csv: the header lacks column(s) campaign_id"), "{error}");
+        assert!(error.contains("part-00001.csv: the header lacks column(s) ad_id, campaign_id"), "{error}");
         assert!(error.contains("--dead-letter-bad-headers"), "{error}");
         let warnings = check_partitions(dir.path(), &paths, false, true).unwrap();
         assert_eq!(warnings.0.len(), 1);
