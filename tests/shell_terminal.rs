@@ -34,6 +34,7 @@ impl Drop for Follower {
 fn follow(logs: &Path, store: &Path) -> Follower {
     let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
         .args(["run", "--follow", "--logs", logs.to_str().unwrap(), "--store", store.to_str().unwrap(), "--serve", "127.0.0.1:0"])
+        .args(["--idle-timeout", "10m"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -50,9 +51,19 @@ fn follow(logs: &Path, store: &Path) -> Follower {
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     let follower = Follower { child, address };
     let started = Instant::now();
-    while get_json(&follower.address, "/v1/status")["watermark"].is_null() {
-        assert!(started.elapsed() < Duration::from_secs(60), "no watermark after a minute");
-        std::thread::sleep(Duration::from_millis(100));
+    // Caught up: every partition read to its end, clicks counted, and the watermark and counts
+    // the same a second later. The idle timeout is long, so that they then stay put.
+    let mut last = None;
+    loop {
+        let status = get_json(&follower.address, "/v1/status");
+        let read = status["partitions"].as_array().is_some_and(|p| !p.is_empty() && p.iter().all(|p| p["lag_bytes"] == 0));
+        let now = (status["watermark"].clone(), status["clicks"].clone());
+        if read && status["clicks"].as_u64() > Some(0) && last.as_ref() == Some(&now) {
+            break;
+        }
+        last = Some(now);
+        assert!(started.elapsed() < Duration::from_secs(60), "not caught up after a minute: {status}");
+        std::thread::sleep(Duration::from_secs(1));
     }
     follower
 }
@@ -126,7 +137,9 @@ fn a_person_at_a_terminal() {
     session.exp_string("arrangements").unwrap();
     let arrangements = run(&mut session, "");
     assert!(arrangements.contains("arrangements as of watermark") && arrangements.contains("ClicksByIp"), "{arrangements}");
-    keys(&mut session, &format!("peek ClicksByU\t {user} limit 1"));
+    keys(&mut session, "peek ClicksByU\t");
+    session.exp_string("ClicksByUser").unwrap();
+    keys(&mut session, &format!(" {user} limit 1"));
     let completed = run(&mut session, "");
     assert!(completed.contains(&format!("ClicksByUser [{user}]: 1 rows")), "{completed}");
 
