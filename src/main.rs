@@ -480,7 +480,7 @@ fn execute(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Export { store, out } => {
-            let store = clickagg::store::Store::open_read_only(&store)?;
+            let store = clickagg::storage::Store::open_read_only(&store)?;
             store.export(&out)?;
             eprintln!("clickagg: wrote the answers of {} to {}", store.path().display(), out.display());
             Ok(())

@@ -24,8 +24,8 @@ use postgres::{Client, NoTls};
 
 use clickagg_dataflows::{Answer, Minute, Time, View};
 
-use crate::sink::changelog_fields;
-use crate::store::{AnswerRow, Batch, Committed, ANSWER_TABLES, SCHEMA_VERSION};
+use super::{AnswerRow, Batch, CommitStore, Committed, ANSWER_TABLES, SCHEMA_VERSION};
+use crate::output::changelog_fields;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS clickagg_meta (key text PRIMARY KEY, value text NOT NULL);
@@ -156,9 +156,12 @@ impl PostgresSink {
         Ok(PostgresSink { client, place, frontier })
     }
 
+}
+
+impl CommitStore for PostgresSink {
     /// Commits what of `batch` PostgreSQL does not hold yet, and `frontier` (`None`: the end of
     /// the input), in one transaction. Returns whether there was anything to commit.
-    pub fn commit(&mut self, frontier: Option<Time>, batch: &Batch) -> Result<bool, String> {
+    fn commit(&mut self, frontier: Option<Time>, batch: &Batch) -> Result<bool, String> {
         let place = self.place.clone();
         let err = |e: postgres::Error| format!("PostgreSQL sink {place}: {}", describe(&e));
         let copy_failed = |e: String| format!("PostgreSQL sink {place}: {e}");
