@@ -6,6 +6,7 @@ use std::sync::Arc;
 use clickagg_dataflows::{EventTimeRules, PartitionProgress, Plan, Time};
 
 use crate::cluster::Cluster;
+use crate::model::{AnswerSettings, ClusterSettings};
 use crate::serve::ServingState;
 use crate::source::Follow;
 
@@ -122,32 +123,13 @@ impl RunConfig {
     }
 
     /// The settings that change what a store holds: a store is only resumed with the same.
-    pub fn store_settings(&self) -> String {
-        let settings = self.answer_settings();
-        match settings.find(" serve=") {
-            Some(at) => settings[..at].to_string(),
-            None => settings,
-        }
+    pub fn store_settings(&self) -> AnswerSettings {
+        AnswerSettings::of(&self.rules, &self.plan)
     }
 
-    /// The settings that change answers, in a form a person can compare: every process of a
-    /// cluster must have the same.
-    pub fn answer_settings(&self) -> String {
-        let list = |v: &[u32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
-        let blocklist = format!("{:?}", self.plan.fraud.blocklist);
-        format!(
-            "watermark_delay_ms={} allowed_lateness_ms={:?} tick_ms={} top_k={} buckets={} windows={} \
-             max_clicks_per_minute={:?} blocklist={}:{:016x} serve={}",
-            self.rules.watermark_delay_ms,
-            self.rules.allowed_lateness_ms,
-            self.rules.tick_ms,
-            self.plan.top_k,
-            list(&self.plan.top_k_buckets),
-            list(&self.plan.windows),
-            self.plan.fraud.max_clicks_per_minute,
-            self.plan.fraud.blocklist.len(),
-            xxhash_rust::xxh3::xxh3_64(blocklist.as_bytes()),
-            self.serve_filters,
-        )
+    /// The settings that change answers, and whether filter queries are served: every process
+    /// of a cluster must have the same.
+    pub fn answer_settings(&self) -> ClusterSettings {
+        ClusterSettings { answers: self.store_settings(), serve: self.serve_filters }
     }
 }

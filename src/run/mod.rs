@@ -51,7 +51,7 @@ fn greeting(config: &RunConfig, names: &[String]) -> Option<Greeting> {
         process: cluster.process,
         processes: cluster.processes,
         workers: config.workers,
-        settings: config.answer_settings(),
+        settings: serde_json::to_string(&config.answer_settings()).expect("settings are plain data"),
         partitions: names.len(),
         partitions_fingerprint: xxhash_rust::xxh3::xxh3_64(names.join("\n").as_bytes()),
     })

@@ -95,13 +95,7 @@ impl Store {
 
         // Window snapshots run to the last minute's end, as a replay's files do.
         let last_boundary = self.committed()?.and_then(|c| c.last_minute).map_or(0, |m| m as u64 + 1);
-        let windows: Vec<u32> = self
-            .meta("settings")?
-            .unwrap_or_default()
-            .split_whitespace()
-            .find_map(|s| s.strip_prefix("windows="))
-            .map(|list| list.split(',').filter_map(|w| w.parse().ok()).collect())
-            .unwrap_or_default();
+        let windows = self.settings()?.windows;
         for window in windows {
             let mut out = create(&format!("top_window_{window}m.csv"))?;
             writeln!(out, "as_of,rank,ad_id,clicks").map_err(io_err)?;

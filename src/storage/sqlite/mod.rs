@@ -26,6 +26,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use clickagg_dataflows::{Minute, PartitionProgress, Time};
 
 use super::{Committed, SCHEMA_VERSION};
+use crate::model::AnswerSettings;
 use header::check_length;
 use schema::SCHEMA;
 
@@ -82,7 +83,7 @@ impl Store {
     /// Returns what was committed before, if anything.
     /// `paths` are the partition files now in the log directory: each one the store has read must
     /// still be the file it read.
-    pub fn open(path: &Path, settings: &str, logs: &Path, paths: &[PathBuf]) -> Result<(Store, Option<Committed>), String> {
+    pub fn open(path: &Path, settings: &AnswerSettings, logs: &Path, paths: &[PathBuf]) -> Result<(Store, Option<Committed>), String> {
         let exists = path.exists();
         if !exists {
             let mut wal = path.as_os_str().to_owned();
@@ -105,10 +106,11 @@ impl Store {
             // even a refused store would change on disk.
             let existing = Store::open_read_only(path)?;
             let stored_settings = existing.settings()?;
-            if stored_settings != settings {
+            if stored_settings != *settings {
                 return Err(format!(
-                    "the store {} was written with other settings; resuming would mix two sets of answers.\n  store: {stored_settings}\n  now:   {settings}",
-                    path.display()
+                    "the store {} was written with other settings; resuming would mix two sets of answers:\n{}",
+                    path.display(),
+                    stored_settings.differences("in the store", settings, "now")
                 ));
             }
             if existing.meta("complete")?.is_some() {
@@ -126,7 +128,7 @@ impl Store {
             store.conn.execute_batch(SCHEMA).map_err(|e| sql_error(path, e))?;
             store.set_meta("schema_version", &SCHEMA_VERSION.to_string())?;
             store.set_meta("clickagg_version", env!("CARGO_PKG_VERSION"))?;
-            store.set_meta("settings", settings)?;
+            store.set_meta("settings", &settings.to_json())?;
             store.set_meta("logs", &logs.display().to_string())?;
             store.set_meta("store_id", &new_store_id())?;
             return Ok((store, None));
@@ -197,9 +199,11 @@ impl Store {
         self.meta("store_id")?.ok_or_else(|| format!("store {}: no store_id", self.path.display()))
     }
 
-    /// The settings the store was written with.
-    pub fn settings(&self) -> Result<String, String> {
-        Ok(self.meta("settings")?.unwrap_or_default())
+    /// The settings the store was written with: JSON, or the text of stores written before
+    /// the settings were typed, read field by field.
+    pub fn settings(&self) -> Result<AnswerSettings, String> {
+        let text = self.meta("settings")?.ok_or_else(|| format!("store {}: no settings recorded", self.path.display()))?;
+        AnswerSettings::parse(&text).map_err(|e| format!("store {}: {e}", self.path.display()))
     }
 
     /// Minutes before this one are final in the store (no later commit can change them); `None`
