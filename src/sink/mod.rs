@@ -1,7 +1,6 @@
 //! The output sink (SPEC §4): applies the dataflow's updates in time order, appends them to the
 //! changelog, and writes each minute's answers to the view files once the minute is final, so
 //! that the files hold every answer ever made final, whatever the dataflow later forgets.
-
 //!
 //! The sink depends on the layers below it: [`output`](crate::output) for the files,
 //! [`storage`](crate::storage) for the store; a server receives each advance through
