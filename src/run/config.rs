@@ -47,6 +47,9 @@ pub struct RunConfig {
     /// retention), so that the answers before this time are `run`'s and those after it have no
     /// lateness bound. See `PartitionSource::hold_too_late_until`.
     pub hold_too_late_until: Option<Time>,
+    /// A partition whose header cannot be used has every line dead-lettered instead of failing
+    /// the run before it starts (see `source::preflight`).
+    pub dead_letter_bad_headers: bool,
 }
 
 impl RunConfig {
@@ -67,6 +70,7 @@ impl RunConfig {
             follow: None,
             start_at: None,
             hold_too_late_until: None,
+            dead_letter_bad_headers: false,
         }
     }
 

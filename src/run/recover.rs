@@ -22,9 +22,14 @@ pub(super) struct Partitions {
 }
 
 impl Partitions {
-    /// Lists the log directory; the reading starts at `config.start_at` when given.
+    /// Lists the log directory and checks what is there before any worker starts (see
+    /// `source::preflight`); the reading starts at `config.start_at` when given.
     pub fn list(config: &RunConfig) -> Result<Partitions, String> {
         let paths = list_partitions(&config.logs)?;
+        let warnings = crate::source::preflight::check_partitions(&config.logs, &paths, config.follow.is_some(), config.dead_letter_bad_headers)?;
+        for warning in warnings.0 {
+            eprintln!("clickagg: warning: {warning}");
+        }
         let names: Vec<String> = paths.iter().map(|p| partition_name(p)).collect();
         let resume: Vec<Option<PartitionProgress>> = match &config.start_at {
             Some(start_at) if start_at.len() != paths.len() => {
