@@ -1,6 +1,7 @@
-//! The durable sink (DESIGN "Exactly once"): an embedded SQLite database that holds the answers
-//! of SPEC §4 as tables, the changelog, the dead letters, and per partition the progress and the
-//! checkpoints that recovery restarts from; all of one watermark advance in one transaction.
+//! The SQLite store, the durable one (docs/durability.md): an embedded database that holds the
+//! answers of SPEC §4 as tables, the changelog, the dead letters, and per partition the progress
+//! and the checkpoints that recovery restarts from; all of one watermark advance in one
+//! transaction.
 //!
 //! Why SQLite: one file any tool can open (`sqlite3 store.db 'select …'`), transactions that
 //! survive `kill -9` (write-ahead log, `synchronous=FULL`), a bundled build with no system
