@@ -8,6 +8,7 @@ pub mod fraud;
 pub mod minute_state;
 pub mod partition;
 pub mod peekable;
+pub mod serving;
 pub mod temporal;
 #[cfg(test)]
 pub(crate) mod testing;
