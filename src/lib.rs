@@ -20,3 +20,4 @@ pub mod shell;
 pub mod sink;
 pub mod source;
 pub mod store;
+pub mod store_serving;

@@ -353,6 +353,9 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
     };
     let sink = if config.is_sink_process() {
         let mut sink = OutputSink::new(names.clone(), config.dataflow_rules(), &config.logs);
+        if let Some(state) = &config.serving {
+            sink.serve_into(Arc::clone(state));
+        }
         if let Some(path) = &config.store {
             let (store, committed) = Store::open(path, &config.store_settings(), &config.logs, &paths)?;
             if let Some(committed) = &committed {
@@ -389,13 +392,15 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                 }
                 None => None,
             };
+            if let Some(state) = &config.serving {
+                // Final minutes are read from the store from now on, and dropped from memory.
+                crate::serve::embedded::prepare_store(&store)?;
+                state.attach_store(path, committed.as_ref().map(|c| c.frontier), config.dataflow_rules())?;
+            }
             sink.commit_to(store, committed, mirror);
         }
         if let Some(out) = &config.out {
             sink.write_files(out, &config.plan.windows).map_err(|e| e.to_string())?;
-        }
-        if let Some(state) = &config.serving {
-            sink.serve_into(Arc::clone(state));
         }
         let serving = config.serving.is_some();
         let sink = match config.follow {

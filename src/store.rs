@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use clickagg_dataflows::hashing::FastHasher;
-use clickagg_dataflows::{Answer, DeadLetter, Minute, PartitionProgress, Time, View};
+use clickagg_dataflows::{Answer, DeadLetter, Minute, PartitionProgress, ServingAnswer, Time, View};
 
 use crate::sink::{changelog_fields, write_quoted, write_ranked, Summary, WindowSnapshot};
 
@@ -26,7 +26,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// half-way through a commit (SQLite would roll that back anyway; this keeps the exit message true).
 pub static COMMIT_LOCK: Mutex<()> = Mutex::new(());
 
-const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE ad_minute (minute INTEGER NOT NULL, ad_id INTEGER NOT NULL, clicks INTEGER NOT NULL,
     PRIMARY KEY (minute, ad_id)) WITHOUT ROWID;
@@ -58,6 +58,8 @@ CREATE TABLE commits (frontier INTEGER PRIMARY KEY, committed_at_ms INTEGER NOT 
 pub struct Batch {
     /// Answer changes, in the order the sink applied them (the changelog's order).
     pub changes: Vec<(Time, Answer, isize)>,
+    /// Serving-only answer changes (when serving), in time order: see `store_serving`.
+    pub serving: Vec<(Time, ServingAnswer, isize)>,
     /// Window snapshots: `(boundary, [(window, ad, clicks)])`.
     pub snapshots: Vec<WindowSnapshot>,
     pub dead_letters: Vec<(Time, DeadLetter)>,
@@ -71,7 +73,11 @@ pub struct Batch {
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.snapshots.is_empty() && self.dead_letters.is_empty() && self.progress.is_empty()
+        self.changes.is_empty()
+            && self.serving.is_empty()
+            && self.snapshots.is_empty()
+            && self.dead_letters.is_empty()
+            && self.progress.is_empty()
     }
 }
 
@@ -350,6 +356,18 @@ impl Store {
         &self.path
     }
 
+    /// Adds the tables and indexes the server reads final minutes through (`store_serving`).
+    pub fn prepare_for_serving(&self) -> Result<(), String> {
+        crate::store_serving::ensure(&self.conn).map_err(|e| sql_error(&self.path, e))
+    }
+
+    /// For a store that lives only as long as this process (`--serve` without `--store`): no
+    /// sync per commit (nothing is recovered from it), and a page cache of `cache_kib`.
+    pub fn make_ephemeral(&self, cache_kib: i64) -> Result<(), String> {
+        self.conn.pragma_update(None, "synchronous", "OFF").map_err(|e| sql_error(&self.path, e))?;
+        self.conn.pragma_update(None, "cache_size", -cache_kib).map_err(|e| sql_error(&self.path, e))
+    }
+
     fn meta(&self, key: &str) -> Result<Option<String>, String> {
         self.conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -481,6 +499,7 @@ impl Store {
                 }
             }
             rows.finish().map_err(err)?;
+            crate::store_serving::write(&tx, &batch.serving).map_err(err)?;
             let mut snapshot = tx
                 .prepare_cached("INSERT OR REPLACE INTO top_window (window_minutes, as_of, ad_id, clicks) VALUES (?1, ?2, ?3, ?4)")
                 .map_err(err)?;
@@ -1012,11 +1031,15 @@ pub struct Committer {
 /// whose last rows wait for the watermark) commits its offsets.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Told that every update before a frontier (`None`: the whole input) is committed.
+pub type OnCommit = Box<dyn Fn(Option<Time>) + Send>;
+
 /// Held while PostgreSQL commits, as `COMMIT_LOCK` is while the store does.
 pub static MIRROR_LOCK: Mutex<()> = Mutex::new(());
 
 impl Committer {
-    pub fn start(store: Store, mirror: Option<crate::postgres_sink::PostgresSink>) -> Committer {
+    /// `on_commit` is called on the commit thread after each commit, with its frontier.
+    pub fn start(store: Store, mirror: Option<crate::postgres_sink::PostgresSink>, on_commit: Option<OnCommit>) -> Committer {
         let sent = store.frontier;
         let (queue, batches) = std::sync::mpsc::sync_channel::<(Option<Time>, Batch)>(1);
         let (store_batches, mirror_thread) = match mirror {
@@ -1035,8 +1058,12 @@ impl Committer {
             .spawn(move || {
                 let mut store = store;
                 for (frontier, mut batch) in store_batches {
-                    let _committing = COMMIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+                    let committing = COMMIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
                     store.commit(frontier, &mut batch)?;
+                    drop(committing);
+                    if let Some(on_commit) = &on_commit {
+                        on_commit(frontier);
+                    }
                 }
                 Ok(store)
             })
@@ -1053,7 +1080,8 @@ impl Committer {
             (None, _) | (_, None) => true,
             (Some(f), Some(sent)) => f > sent,
         };
-        let has_answers = !(batch.changes.is_empty() && batch.snapshots.is_empty() && batch.dead_letters.is_empty());
+        let has_answers =
+            !(batch.changes.is_empty() && batch.serving.is_empty() && batch.snapshots.is_empty() && batch.dead_letters.is_empty());
         if !advances && !has_answers {
             let new_progress = batch.progress.iter().any(|(name, p)| self.progress_sent.get(name) != Some(p));
             if !new_progress || self.sent_at.elapsed() < PROGRESS_EVERY {
