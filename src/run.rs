@@ -357,7 +357,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
             sink.serve_into(Arc::clone(state));
         }
         if let Some(path) = &config.store {
-            let (store, committed) = Store::open(path, &config.store_settings(), &config.logs, &paths)?;
+            let (mut store, committed) = Store::open(path, &config.store_settings(), &config.logs, &paths)?;
             if let Some(committed) = &committed {
                 if config.out.is_some() {
                     return Err(format!(
@@ -394,7 +394,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
             };
             if let Some(state) = &config.serving {
                 // Final minutes are read from the store from now on, and dropped from memory.
-                crate::serve::embedded::prepare_store(&store)?;
+                crate::serve::embedded::prepare_store(&mut store)?;
                 state.attach_store(path, committed.as_ref().map(|c| c.frontier), config.dataflow_rules())?;
             }
             sink.commit_to(store, committed, mirror);

@@ -105,6 +105,9 @@ pub struct Store {
     /// How many bytes of each partition's beginning its `head_hash` covers.
     head_hashes: BTreeMap<String, u64>,
     logs: PathBuf,
+    /// A store kept only to serve final minutes from (see `make_ephemeral`): its changelog has
+    /// only the `ad_minute` rows (an ad-minute's history), and no window snapshots are kept.
+    serving_only: bool,
 }
 
 /// A read-write connection in the mode every commit relies on: write-ahead log, and a sync of
@@ -182,7 +185,14 @@ impl Store {
             existing.check_partitions(paths)?;
         }
         let conn = open_writable(path, !exists)?;
-        let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: logs.to_path_buf() };
+        let mut store = Store {
+            conn,
+            path: path.to_path_buf(),
+            frontier: None,
+            head_hashes: BTreeMap::new(),
+            logs: logs.to_path_buf(),
+            serving_only: false,
+        };
         if !exists {
             store.conn.execute_batch(SCHEMA).map_err(|e| sql_error(path, e))?;
             store.set_meta("schema_version", &SCHEMA_VERSION.to_string())?;
@@ -216,7 +226,8 @@ impl Store {
         }
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(|e| sql_error(path, e))?;
-        let store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new() };
+        let store =
+            Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new(), serving_only: false };
         let not_a_store = |why: String| format!("{} is not a clickagg store ({why}); it was left as it is", path.display());
         // Reading the schema fails on a file that is not SQLite, or one cut short.
         let tables: i64 = store
@@ -249,7 +260,7 @@ impl Store {
         let conn = open_writable(path, false)?;
         // A follower committing at the same time holds the write lock for a moment at a time.
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(|e| sql_error(path, e))?;
-        Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new() })
+        Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new(), serving_only: false })
     }
 
     /// The store's identity, random at its creation: a mirror database records the store it
@@ -362,8 +373,11 @@ impl Store {
     }
 
     /// For a store that lives only as long as this process (`--serve` without `--store`): no
-    /// sync per commit (nothing is recovered from it), and a page cache of `cache_kib`.
-    pub fn make_ephemeral(&self, cache_kib: i64) -> Result<(), String> {
+    /// sync per commit (nothing is recovered from it), a page cache of `cache_kib`, and only what
+    /// the server reads (`serving_only`): a served replay's committer spent more CPU than
+    /// either worker writing every changelog row, and the sink waited for it.
+    pub fn make_ephemeral(&mut self, cache_kib: i64) -> Result<(), String> {
+        self.serving_only = true;
         self.conn.pragma_update(None, "synchronous", "OFF").map_err(|e| sql_error(&self.path, e))?;
         self.conn.pragma_update(None, "cache_size", -cache_kib).map_err(|e| sql_error(&self.path, e))
     }
@@ -478,7 +492,12 @@ impl Store {
         let err = |e: rusqlite::Error| sql_error(&path, e);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
         {
-            insert_changelog(&tx, &batch.changes).map_err(err)?;
+            if self.serving_only {
+                let history: Vec<_> = batch.changes.iter().filter(|c| matches!(c.1, Answer::AdMinute { .. })).copied().collect();
+                insert_changelog(&tx, &history).map_err(err)?;
+            } else {
+                insert_changelog(&tx, &batch.changes).map_err(err)?;
+            }
             // Time by time, retractions first: within one time a changed answer is `-old`,
             // `+new` of one key, and the insertion replaces the row, so only retractions of
             // keys with no insertion at that time are deletes.
@@ -503,7 +522,8 @@ impl Store {
             let mut snapshot = tx
                 .prepare_cached("INSERT OR REPLACE INTO top_window (window_minutes, as_of, ad_id, clicks) VALUES (?1, ?2, ?3, ?4)")
                 .map_err(err)?;
-            for (boundary, members) in &batch.snapshots {
+            let snapshots: &[WindowSnapshot] = if self.serving_only { &[] } else { &batch.snapshots };
+            for (boundary, members) in snapshots {
                 for &(window, ad, clicks) in members {
                     snapshot.execute(params![window, boundary, ad as i64, clicks as i64]).map_err(err)?;
                 }

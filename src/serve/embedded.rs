@@ -50,8 +50,8 @@ pub fn is_embedded(path: &Path) -> bool {
 }
 
 /// Readies a store the server reads final minutes from: its serving tables and indexes, and for
-/// an embedded store, commits without syncs and a bounded page cache.
-pub fn prepare_store(store: &crate::store::Store) -> Result<(), String> {
+/// an embedded store, commits without syncs, a bounded page cache, and only what is served.
+pub fn prepare_store(store: &mut crate::store::Store) -> Result<(), String> {
     store.prepare_for_serving()?;
     if is_embedded(store.path()) {
         store.make_ephemeral(CACHE_KIB)?;
