@@ -50,19 +50,25 @@ pub(super) fn open_sink(config: &RunConfig, partitions: &mut Partitions) -> Resu
         return Ok(None);
     }
     let mut sink = OutputSink::new(partitions.names.clone(), config.dataflow_rules(), &config.logs);
+    // The server first, so that the committer tells it of each commit.
+    if let Some(state) = &config.serving {
+        sink.serve_into(Arc::clone(state) as Arc<dyn crate::sink::Publish>);
+    }
     if let Some(path) = &config.store {
-        let (store, committed) = Store::open(path, &config.store_settings(), &config.logs, &partitions.paths)?;
+        let (mut store, committed) = Store::open(path, &config.store_settings(), &config.logs, &partitions.paths)?;
         if let Some(committed) = &committed {
             recover(config, path, &store, committed, partitions)?;
         }
         let mirror = connect_mirror(config, &store, &committed)?;
+        if let Some(state) = &config.serving {
+            // Final minutes are read from the store from now on, and dropped from memory.
+            crate::serve::embedded::prepare_store(&mut store)?;
+            state.attach_store(path, committed.as_ref().map(|c| c.frontier), config.dataflow_rules())?;
+        }
         sink.commit_to(store, committed, mirror);
     }
     if let Some(out) = &config.out {
         sink.write_files(out, &config.plan.windows).map_err(|e| e.to_string())?;
-    }
-    if let Some(state) = &config.serving {
-        sink.serve_into(Arc::clone(state) as Arc<dyn crate::sink::Publish>);
     }
     let serving = config.serving.is_some();
     let sink = match config.follow {

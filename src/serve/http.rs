@@ -15,6 +15,7 @@ use clickagg_dataflows::{Minute, MINUTE_MS};
 use super::listener::{listen, Handler, Request, Response};
 use super::params::{bad, count_range, parse_id, parse_minute, parse_query, Failure, Params, TopSpan, MAX_COUNT, MAX_URL_BYTES};
 use super::state::{top_of, Materialized, ServingState, Subject};
+use super::tiers::Tiers;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -154,7 +155,7 @@ fn route(path: &str, params: &Params, answers: &Materialized, state: &ServingSta
         ["v1", "campaigns", id, "aggregated_count"] => {
             aggregated_count(Subject::Campaign(parse_id(id, "campaign_id")?), params, answers, state).map(Body::Json)
         }
-        ["v1", "ads", id, "history"] => history(parse_id(id, "ad_id")?, params, answers).map(Body::Json),
+        ["v1", "ads", id, "history"] => history(parse_id(id, "ad_id")?, params, answers, state).map(Body::Json),
         ["v1", "introspection", "arrangements"] => {
             params.only(&[])?;
             Ok(Body::Json(arrangements(state, answers)))
@@ -173,6 +174,16 @@ fn route(path: &str, params: &Params, answers: &Materialized, state: &ServingSta
         }
         _ => Err(Failure(404, format!("no such endpoint: {path}"))),
     }
+}
+
+/// Both tiers as `answers` splits them: memory from its `hot_from` on, the store before.
+fn tiers<'a>(answers: &'a Materialized, state: &'a ServingState) -> Tiers<'a> {
+    Tiers { hot: answers, cold: state.store() }
+}
+
+/// A store that cannot be read is the server's problem, not the request's.
+fn store_failure(message: String) -> Failure {
+    Failure(503, message)
 }
 
 /// The boundary answers stand at, or a 503 before anything is known.
@@ -203,7 +214,7 @@ fn aggregated_count(subject: Subject, params: &Params, answers: &Materialized, s
     let source = if maintained.is_some() { "maintained" } else { "computed" };
     let clicks = match maintained {
         Some(clicks) => clicks,
-        None => answers.count(subject, from, to, filter.country).map_err(|e| Failure(501, e))?,
+        None => tiers(answers, state).count(subject, from, to, filter.country).map_err(store_failure)?,
     };
     let (key, id) = match subject {
         Subject::Ad(id) => ("ad_id", id),
@@ -221,17 +232,16 @@ fn popular_ads(params: &Params, answers: &Materialized, state: &ServingState) ->
     let w = boundary(answers)?;
     let span = TopSpan::parse(params)?;
     let (from, to) = span.range(w);
+    let tiers = tiers(answers, state);
     let (ads, source, as_of) = match span {
         TopSpan::Minute(minute) => {
-            let maintained = match filter.country {
-                None => answers.top_minute.get(&minute),
-                Some(country) => answers.top_country_minute.get(&(minute, country)),
-            };
+            let maintained = tiers.top_of_minute(minute, filter.country).map_err(store_failure)?;
             match maintained {
-                Some(top) if count <= state.settings.top_k => {
-                    (top.iter().take(count).map(|r| (r.ad, r.clicks())).collect(), "maintained", answers.watermark())
+                Some(mut top) if count <= state.settings.top_k => {
+                    top.truncate(count);
+                    (top, "maintained", answers.watermark())
                 }
-                _ => (answers.top_over(from, to, filter.country, count), "computed", answers.watermark()),
+                _ => (tiers.top_over(from, to, filter.country, count).map_err(store_failure)?, "computed", answers.watermark()),
             }
         }
         TopSpan::Window(minutes) => {
@@ -251,7 +261,7 @@ fn popular_ads(params: &Params, answers: &Materialized, state: &ServingState) ->
             };
             match maintained {
                 Some(top) if configured => (top, "maintained", Some(w as u64 * MINUTE_MS)),
-                _ => (answers.top_over(from, to, filter.country, count), "computed", answers.watermark()),
+                _ => (tiers.top_over(from, to, filter.country, count).map_err(store_failure)?, "computed", answers.watermark()),
             }
         }
     };
@@ -264,16 +274,12 @@ fn popular_ads(params: &Params, answers: &Materialized, state: &ServingState) ->
     Ok(body)
 }
 
-fn history(ad: u64, params: &Params, answers: &Materialized) -> Result<Value, Failure> {
+fn history(ad: u64, params: &Params, answers: &Materialized, state: &ServingState) -> Result<Value, Failure> {
     params.only(&["minute"])?;
     let minute = params.get("minute").ok_or_else(|| bad("history needs minute="))?;
     let minute = parse_minute(minute).map_err(bad)?;
-    let updates: Vec<Value> = answers
-        .history
-        .get(&(ad, minute))
-        .map(|entries| entries.iter().map(|e| json!({ "time": e.time, "clicks": e.clicks, "diff": e.diff })).collect())
-        .unwrap_or_default();
-    let current = answers.ad.get(&minute).and_then(|ads| ads.get(&ad)).copied().unwrap_or(0);
+    let (current, entries) = tiers(answers, state).history(ad, minute).map_err(store_failure)?;
+    let updates: Vec<Value> = entries.iter().map(|e| json!({ "time": e.time, "clicks": e.clicks, "diff": e.diff })).collect();
     let mut body = json!({ "ad_id": ad, "minute": minute, "clicks": current, "updates": updates });
     merge(&mut body, watermark_json(answers));
     Ok(body)
@@ -414,7 +420,9 @@ fn status(answers: &Materialized, state: &ServingState) -> Value {
         "malformed": total(|p| p.malformed),
         "fraud_excluded": c.excluded,
         "changelog_rows": c.changelog_rows,
-        "minutes": answers.ad.len(),
+        "minutes": tiers(answers, state).minutes(),
+        "served_entries": answers.entries(),
+        "memory_from_minute": answers.hot_from,
         "top_k": state.settings.top_k,
         "windows": state.settings.windows,
         "watermark_delay_ms": state.settings.watermark_delay_ms,
@@ -504,7 +512,8 @@ fn metrics(answers: &Materialized, state: &ServingState) -> String {
     let lines: u64 = c.partitions.iter().map(|p| p.lines).sum();
     let seconds = state.started.elapsed().as_secs_f64().max(1e-9);
     metric("events_per_second", "gauge", "Lines read per second since start.", vec![(String::new(), lines as f64 / seconds)]);
-    metric("minutes_kept", "gauge", "Minutes whose answers the server holds.", vec![(String::new(), answers.ad.len() as f64)]);
+    metric("minutes_kept", "gauge", "Minutes with clicks whose answers the server holds in memory (older ones are read from the store).", vec![(String::new(), answers.ad.len() as f64)]);
+    metric("served_entries", "gauge", "Entries the server holds in memory (counts, top-K members, snapshots, history).", vec![(String::new(), answers.entries() as f64)]);
     let arranged: Vec<(String, f64)> = operators(state)
         .into_iter()
         .filter(|op| op.total.arranges)

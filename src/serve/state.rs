@@ -3,8 +3,12 @@
 //!
 //! The sink applies the dataflow's updates in time order and publishes them here once per
 //! frontier advance: a reader sees the state before or after an advance, never half of one.
-//! Like the output files, this state keeps every minute ever made final (retention retractions
-//! are not applied), so old minutes stay answerable.
+//!
+//! Memory holds only the minutes that can still change, and the sliding windows (SPEC §6). Once
+//! a minute is final and the store has committed it, it is dropped from here: `hot_from` is the
+//! first minute held, and the minutes before it are read from the store
+//! ([`super::store_tier`]), where they can no longer change. Retention retractions are never
+//! applied, so a minute is answered the same from either tier.
 //!
 //! There are two copies (the "left-right" scheme): the sink applies an advance to the copy no
 //! reader is directed to, points readers at it, then brings the other copy level. Applying a
@@ -15,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 use clickagg_dataflows::render::filters::{FilterKey, PeekResult};
 
@@ -58,7 +62,12 @@ pub struct Materialized {
     /// The top K of each window at the latest minute boundaries, as `top_window_{M}m.csv` has
     /// them (a few are kept: the frontier can run ahead of the boundary answers stand at).
     pub window_snapshots: BTreeMap<Minute, BTreeMap<u32, Vec<(u64, u64)>>>,
-    pub history: HashMap<(u64, Minute), Vec<HistoryEntry>>,
+    /// Every update of each ad's count, by minute.
+    pub history: BTreeMap<Minute, HashMap<u64, Vec<HistoryEntry>>>,
+    /// Minutes before this one are not held here: they are final and committed to the store.
+    pub hot_from: Minute,
+    /// How many minutes before `hot_from` have clicks.
+    pub cold_minutes: u64,
     pub counters: Counters,
     /// The latest minute with an accepted click.
     pub last_minute: Option<Minute>,
@@ -113,9 +122,54 @@ impl Materialized {
         self.complete_at.or(self.frontier)
     }
 
+    /// How many entries this copy holds: per-minute counts, top-K members, window members and
+    /// snapshot rows, history updates. The figure that must not grow with the log's length
+    /// (`/v1/status` `served_entries`, `clickagg_served_entries`).
+    pub fn entries(&self) -> u64 {
+        let counts = self.ad.values().chain(self.campaign.values()).map(HashMap::len).sum::<usize>()
+            + self.country.values().chain(self.campaign_country.values()).map(HashMap::len).sum::<usize>();
+        let tops = self.top_minute.values().map(BTreeSet::len).sum::<usize>()
+            + self.top_country_minute.values().chain(self.top_country_window.values()).map(BTreeSet::len).sum::<usize>();
+        let snapshots = self.window_snapshots.values().flat_map(BTreeMap::values).map(Vec::len).sum::<usize>();
+        let history = self.history.values().flat_map(HashMap::values).map(Vec::len).sum::<usize>();
+        (counts + tops + snapshots + history + self.campaign_window.len()) as u64
+    }
+
+    /// Every update of `ad`'s count in `minute` that this copy holds, in order.
+    pub fn history_of(&self, ad: u64, minute: Minute) -> &[HistoryEntry] {
+        self.history.get(&minute).and_then(|ads| ads.get(&ad)).map_or(&[], Vec::as_slice)
+    }
+
+    /// Drops every minute before `before` (they are final and committed: the store answers
+    /// them from now on). The sliding windows and snapshots stay.
+    pub fn evict_before(&mut self, before: Minute) {
+        if before <= self.hot_from {
+            return;
+        }
+        let first = (before, Country(0));
+        let kept = self.ad.split_off(&before);
+        // A minute's map is removed when its last count is, so each one left has clicks.
+        self.cold_minutes += self.ad.len() as u64;
+        self.ad = kept;
+        self.campaign = self.campaign.split_off(&before);
+        self.country = self.country.split_off(&first);
+        self.campaign_country = self.campaign_country.split_off(&first);
+        self.top_country_minute = self.top_country_minute.split_off(&first);
+        self.top_minute = self.top_minute.split_off(&before);
+        self.history = self.history.split_off(&before);
+        self.hot_from = before;
+    }
+
     /// Applies one update at `time`. Within one time, the old row's retraction and the new row's
     /// insertion may come in either order.
     pub fn apply(&mut self, time: Time, answer: &Answer, diff: isize) {
+        if answer.minute().is_some_and(|minute| minute < self.hot_from) {
+            // Recovery replays minutes the store already holds as final: the store answers them.
+            if let Answer::AdMinute { clicks, .. } = *answer {
+                self.counters.billable = (self.counters.billable as i64 + diff as i64 * clicks as i64) as u64;
+            }
+            return;
+        }
         match *answer {
             Answer::AdMinute { minute, ad, clicks } => {
                 let map = self.ad.entry(minute).or_default();
@@ -124,7 +178,7 @@ impl Materialized {
                     self.ad.remove(&minute);
                 }
                 self.counters.billable = (self.counters.billable as i64 + diff as i64 * clicks as i64) as u64;
-                self.history.entry((ad, minute)).or_default().push(HistoryEntry { time, clicks, diff: diff as i64 });
+                self.history.entry(minute).or_default().entry(ad).or_default().push(HistoryEntry { time, clicks, diff: diff as i64 });
                 self.last_minute = self.last_minute.max(Some(minute));
             }
             Answer::CampaignMinute { minute, campaign, clicks } => {
@@ -146,6 +200,9 @@ impl Materialized {
 
     /// Applies one serving-only update (see [`Materialized::apply`]).
     pub fn apply_serving(&mut self, answer: &ServingAnswer, diff: isize) {
+        if answer.minute().is_some_and(|minute| minute < self.hot_from) {
+            return;
+        }
         match *answer {
             ServingAnswer::CampaignCountryMinute { minute, country, campaign, clicks } => {
                 add(self.campaign_country.entry((minute, country)).or_default(), campaign, clicks, diff)
@@ -175,19 +232,15 @@ impl Materialized {
             (Subject::Campaign(campaign), None) => {
                 self.campaign.range(range).filter_map(|(_, campaigns)| campaigns.get(&campaign)).sum()
             }
-            (Subject::Ad(ad), Some(country)) => {
-                range.filter_map(|minute| self.country.get(&(minute, country))?.get(&ad)).sum()
-            }
+            (Subject::Ad(ad), Some(country)) => in_country(&self.country, range, country).filter_map(|ads| ads.get(&ad)).sum(),
             (Subject::Campaign(campaign), Some(country)) => {
-                range.filter_map(|minute| self.campaign_country.get(&(minute, country))?.get(&campaign)).sum()
+                in_country(&self.campaign_country, range, country).filter_map(|campaigns| campaigns.get(&campaign)).sum()
             }
         })
     }
 
-    /// The `count` ads with most clicks over minutes `[from, to)`, in `country` if given,
-    /// computed from the per-minute counts.
-    pub fn top_over(&self, from: Minute, to: Minute, country: Option<Country>, count: usize) -> Vec<(u64, u64)> {
-        let mut sums: HashMap<u64, u64> = HashMap::new();
+    /// Adds each ad's clicks over minutes `[from, to)`, in `country` if given, to `sums`.
+    pub fn add_sums(&self, from: Minute, to: Minute, country: Option<Country>, sums: &mut HashMap<u64, u64>) {
         let mut absorb = |ads: &HashMap<u64, u64>| {
             for (&ad, &clicks) in ads {
                 *sums.entry(ad).or_insert(0) += clicks;
@@ -195,10 +248,19 @@ impl Materialized {
         };
         match country {
             None => self.ad.range(from..to.max(from)).for_each(|(_, ads)| absorb(ads)),
-            Some(c) => (from..to.max(from)).filter_map(|m| self.country.get(&(m, c))).for_each(absorb),
+            Some(c) => in_country(&self.country, from..to.max(from), c).for_each(absorb),
         }
-        top_of(sums.into_iter().collect(), count)
     }
+}
+
+/// The maps of `country` in the minutes of `range`: a walk over the minutes held, not over
+/// every minute of the range.
+fn in_country<V>(
+    maps: &BTreeMap<(Minute, Country), V>,
+    range: std::ops::Range<Minute>,
+    country: Country,
+) -> impl Iterator<Item = &V> {
+    maps.range((range.start, Country(0))..(range.end, Country(0))).filter(move |((_, c), _)| *c == country).map(|(_, map)| map)
 }
 
 /// The `count` best `(ad, clicks)` by clicks descending, then ad ascending.
@@ -222,8 +284,23 @@ pub enum Subject {
 /// How long a filter query waits for the workers.
 const PEEK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How many minute boundaries' window snapshots the server keeps.
-const SNAPSHOTS_KEPT: usize = 64;
+/// How many minute boundaries' window snapshots the server keeps beyond the largest window:
+/// once every row is read, the frontier runs on past the boundary answers stand at while the
+/// windows empty (up to the largest window's length), and that boundary's snapshot is the one
+/// served.
+const SNAPSHOTS_BEYOND_WINDOWS: usize = 4;
+
+/// The store tier and the rules that say which minutes are final.
+#[derive(Debug)]
+pub struct Tiering {
+    pub store: super::store_tier::StoreTier,
+    rules: clickagg_dataflows::EventTimeRules,
+    /// Fault injection for the tests (`CLICKAGG_FAULT_KEEP_FINAL_MINUTES`, with the
+    /// `fault-injection` feature only): never drop a minute
+    /// from memory, as the server did before it had a store tier, so that a test can show that
+    /// its figure sees the growth.
+    keep_final_minutes: bool,
+}
 
 /// The state shared by the sink (one writer) and the server's threads (readers).
 pub struct ServingState {
@@ -243,6 +320,11 @@ pub struct ServingState {
     /// Called once when the replay is complete, with its summary.
     #[allow(clippy::type_complexity)]
     on_complete: Mutex<Option<Box<dyn FnOnce(&Summary) + Send>>>,
+    /// The store the final minutes are read from, once attached.
+    tiering: OnceLock<Tiering>,
+    /// Held by the one writer at a time (the sink publishing, the committer evicting): the
+    /// latest frontier the store has committed (`Time::MAX`: the end of the input).
+    writer: Mutex<Option<Time>>,
 }
 
 impl std::fmt::Debug for ServingState {
@@ -272,6 +354,8 @@ impl ServingState {
             introspection: Default::default(),
             peeks: Mutex::new(None),
             on_complete: Mutex::new(None),
+            tiering: OnceLock::new(),
+            writer: Mutex::new(None),
             settings,
         }
     }
@@ -325,6 +409,63 @@ impl ServingState {
         }
     }
 
+    /// Reads the final minutes from the store at `path` from now on. `committed`: the frontier
+    /// the store had already committed (a resumed store), whose final minutes the dataflow will
+    /// not rebuild. Minutes are dropped from memory as the store commits them ([`Self::committed`]).
+    pub fn attach_store(&self, path: &std::path::Path, committed: Option<Time>, rules: clickagg_dataflows::EventTimeRules) -> Result<(), String> {
+        let store = super::store_tier::StoreTier::open(path)?;
+        let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(committed) = committed {
+            let hot_from = rules.final_minutes_before(committed);
+            let cold_minutes = store.minutes_before(hot_from)?;
+            for copy in &self.copies {
+                let mut answers = copy.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+                answers.evict_before(hot_from);
+                answers.cold_minutes = cold_minutes;
+            }
+            *writer = Some(committed);
+        }
+        // Read only by builds with the `fault-injection` feature (the tests'): a production build
+        // never looks at the environment here.
+        let keep_final_minutes = cfg!(feature = "fault-injection") && std::env::var_os("CLICKAGG_FAULT_KEEP_FINAL_MINUTES").is_some();
+        self.tiering.set(Tiering { store, rules, keep_final_minutes }).map_err(|_| "a store is already attached to the server".to_string())
+    }
+
+    /// The store the final minutes are read from, if one is attached.
+    pub fn store(&self) -> Option<&super::store_tier::StoreTier> {
+        self.tiering.get().map(|t| &t.store)
+    }
+
+    /// Called by the committer once the store has committed every update before `frontier`
+    /// (`None`: the whole input): the minutes final by then are dropped from memory.
+    pub fn committed(&self, frontier: Option<Time>) {
+        let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let frontier = frontier.unwrap_or(Time::MAX);
+        *writer = Some(writer.map_or(frontier, |f| f.max(frontier)));
+        self.evict(*writer);
+    }
+
+    /// Drops the minutes that are final as of both the published watermark and `committed`
+    /// from both copies, the one readers are not directed to first. The caller holds `writer`.
+    /// Until a copy is switched to, its readers read the minutes it still holds from it; after,
+    /// from the store, which has them final: a reader sees each minute in exactly one tier.
+    fn evict(&self, committed: Option<Time>) {
+        let (Some(tiering), Some(committed)) = (self.tiering.get(), committed) else { return };
+        if tiering.keep_final_minutes {
+            return;
+        }
+        let active = self.active.load(Ordering::Acquire);
+        for copy in [1 - active, active] {
+            let mut answers = self.copies[copy].write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let Some(watermark) = answers.watermark() else { return };
+            answers.evict_before(tiering.rules.final_minutes_before(watermark.min(committed)));
+            drop(answers);
+            if copy != active {
+                self.active.store(copy, Ordering::Release);
+            }
+        }
+    }
+
     /// Applies one frontier advance's updates atomically.
     pub fn publish(
         &self,
@@ -334,6 +475,8 @@ impl ServingState {
         snapshots: Vec<SnapshotByWindow>,
         counters: Option<Counters>,
     ) {
+        let writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let snapshots_kept = self.settings.windows.iter().max().map_or(0, |&w| w as usize) + SNAPSHOTS_BEYOND_WINDOWS;
         let active = self.active.load(Ordering::Acquire);
         for copy in [1 - active, active] {
             let mut answers = self.copies[copy].write().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -344,7 +487,7 @@ impl ServingState {
                 answers.apply_serving(answer, *diff);
             }
             answers.window_snapshots.extend(snapshots.iter().cloned());
-            while answers.window_snapshots.len() > SNAPSHOTS_KEPT {
+            while answers.window_snapshots.len() > snapshots_kept {
                 answers.window_snapshots.pop_first();
             }
             if let Some(counters) = &counters {
@@ -364,6 +507,7 @@ impl ServingState {
                 self.active.store(copy, Ordering::Release);
             }
         }
+        self.evict(*writer);
     }
 }
 
@@ -382,7 +526,7 @@ mod tests {
         assert_eq!(m.count(Subject::Ad(7), 0, 2, None), Ok(4));
         assert_eq!(m.count(Subject::Ad(7), 2, 0, None), Ok(0));
         assert_eq!(m.counters.billable, 4);
-        assert_eq!(m.history[&(7, 0)].len(), 3);
+        assert_eq!(m.history_of(7, 0).len(), 3);
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub trait Publish: Send + Sync {
         snapshots: Vec<SnapshotByWindow>,
         counters: Option<Counters>,
     );
+
+    /// Told, on the commit thread, that the store has committed every update before `frontier`
+    /// (`None`: the whole input): a server may then read those minutes from the store.
+    fn committed(&self, _frontier: Option<Time>) {}
 }
 
 /// Applies the dataflow's updates in time order, and hands them to the output directory, the
@@ -127,10 +131,16 @@ impl OutputSink {
             self.last_minute = committed.last_minute;
         }
         let batch = Batch { partition_names: self.partition_names.clone(), ..Default::default() };
-        self.store = Some((Committer::start(store, mirror), batch));
+        // The server drops the minutes the store has committed as final (`serve_into` first).
+        let on_commit = self
+            .serving
+            .clone()
+            .map(|state| Box::new(move |frontier| state.committed(frontier)) as crate::storage::committer::OnCommit);
+        self.store = Some((Committer::start(store, mirror, on_commit), batch));
     }
 
-    /// Publishes every advance to `state` too, for the server.
+    /// Publishes every advance to `state` too, for the server; before [`Self::commit_to`], so
+    /// that the server learns of each commit.
     pub fn serve_into(&mut self, state: Arc<dyn Publish>) {
         self.serving = Some(state);
     }
@@ -301,6 +311,7 @@ impl OutputSink {
                 );
             }
         }
+        let serving_frontier = self.take_serving(frontier);
         if let Some((store, batch)) = &mut self.store {
             // From the committed watermark on: at it exactly, every update before it is skipped
             // above, but the offsets of lines that did not move it must still be committed.
@@ -310,11 +321,13 @@ impl OutputSink {
                 store.commit(frontier, batch).map_err(io::Error::other)?;
             }
         }
-        self.publish_serving(frontier);
+        self.publish_serving(serving_frontier);
         Ok(())
     }
 
-    fn publish_serving(&mut self, frontier: Option<Time>) {
+    /// Applies the serving-only updates that `frontier` completes (into `applied_serving`, and
+    /// the store's batch), and returns the frontier the server's answers stand at.
+    fn take_serving(&mut self, frontier: Option<Time>) -> Option<Time> {
         // Serving-only answers: a change at or after its minute's final time is retention
         // forgetting it, as for the view files.
         // Once every row is read, updates from the end of the last minute on are the sliding
@@ -341,10 +354,18 @@ impl OutputSink {
             for (answer, diff) in updates {
                 let forgetting = answer.minute().is_some_and(|minute| self.rules.is_final_at(minute, time));
                 if !forgetting {
+                    if let Some((_, batch)) = self.store.as_mut().filter(|_| time >= self.committed_before) {
+                        batch.serving.push((time, answer, diff));
+                    }
                     self.applied_serving.push((answer, diff));
                 }
             }
         }
+        frontier
+    }
+
+    /// Hands what the advance applied to the server, as of `frontier` ([`Self::take_serving`]'s).
+    fn publish_serving(&mut self, frontier: Option<Time>) {
         if let Some(state) = &self.serving {
             let counters = Counters {
                 partitions: self.summary.partitions.clone(),

@@ -43,9 +43,14 @@ pub struct Committer {
     progress_sent: BTreeMap<String, PartitionProgress>,
 }
 
+/// Told that every update before a frontier (`None`: the whole input) is committed.
+pub type OnCommit = Box<dyn Fn(Option<Time>) + Send>;
+
 impl Committer {
     /// Starts the commit threads: `mirror`'s first, when there is one, then `store`'s.
-    pub fn start(store: Store, mirror: Option<Box<dyn CommitStore>>) -> Committer {
+    /// `on_commit` is called on the commit thread after each of the store's commits, with its
+    /// frontier (the server then drops the minutes that are final and committed).
+    pub fn start(store: Store, mirror: Option<Box<dyn CommitStore>>, on_commit: Option<OnCommit>) -> Committer {
         let sent = store.frontier();
         let (queue, batches) = std::sync::mpsc::sync_channel::<Advance>(1);
         let (store_batches, mirror_thread) = match mirror {
@@ -64,8 +69,12 @@ impl Committer {
             .spawn(move || {
                 let mut store = store;
                 for (frontier, batch) in store_batches {
-                    let _committing = COMMIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+                    let committing = COMMIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
                     store.commit(frontier, &batch)?;
+                    drop(committing);
+                    if let Some(on_commit) = &on_commit {
+                        on_commit(frontier);
+                    }
                 }
                 Ok(store)
             })
@@ -82,7 +91,8 @@ impl Committer {
             (None, _) | (_, None) => true,
             (Some(f), Some(sent)) => f > sent,
         };
-        let has_answers = !(batch.changes.is_empty() && batch.snapshots.is_empty() && batch.dead_letters.is_empty());
+        let has_answers =
+            !(batch.changes.is_empty() && batch.serving.is_empty() && batch.snapshots.is_empty() && batch.dead_letters.is_empty());
         if !advances && !has_answers {
             let new_progress = batch.progress.iter().any(|(name, p)| self.progress_sent.get(name) != Some(p));
             if !new_progress || self.sent_at.elapsed() < PROGRESS_EVERY {

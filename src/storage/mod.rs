@@ -10,7 +10,7 @@ pub mod sqlite;
 
 use std::collections::BTreeMap;
 
-use clickagg_dataflows::{Answer, DeadLetter, Minute, PartitionProgress, Time, View};
+use clickagg_dataflows::{Answer, DeadLetter, Minute, PartitionProgress, ServingAnswer, Time, View};
 
 use crate::model::WindowSnapshot;
 
@@ -33,6 +33,8 @@ pub trait CommitStore: Send + 'static {
 pub struct Batch {
     /// Answer changes, in the order the sink applied them (the changelog's order).
     pub changes: Vec<(Time, Answer, isize)>,
+    /// Serving-only answer changes (when serving), in time order: see `sqlite::serving`.
+    pub serving: Vec<(Time, ServingAnswer, isize)>,
     /// Window snapshots: `(boundary, [(window, ad, clicks)])`.
     pub snapshots: Vec<WindowSnapshot>,
     pub dead_letters: Vec<(Time, DeadLetter)>,
@@ -46,7 +48,11 @@ pub struct Batch {
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.snapshots.is_empty() && self.dead_letters.is_empty() && self.progress.is_empty()
+        self.changes.is_empty()
+            && self.serving.is_empty()
+            && self.snapshots.is_empty()
+            && self.dead_letters.is_empty()
+            && self.progress.is_empty()
     }
 }
 

@@ -23,7 +23,19 @@ impl Drop for Served {
 
 /// Starts `clickagg run --serve 127.0.0.1:0 args…` and waits until the replay is complete.
 pub fn serve_replay(logs: &Path, out: &Path, args: &[&str]) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
+    serve_replay_with_env(logs, out, args, &[])
+}
+
+/// [`serve_replay`] with environment variables set (an empty value removes the variable).
+pub fn serve_replay_with_env(logs: &Path, out: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_clickagg"));
+    for (name, value) in env {
+        match value.is_empty() {
+            true => command.env_remove(name),
+            false => command.env(name, value),
+        };
+    }
+    let mut child = command
         .args(["run", "--logs", logs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--serve", "127.0.0.1:0"])
         .args(args)
         .stderr(Stdio::piped())

@@ -17,6 +17,7 @@ mod export;
 mod header;
 mod reconcile;
 mod schema;
+pub mod serving;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -46,6 +47,9 @@ pub struct Store {
     /// How many bytes of each partition's beginning its `head_hash` covers.
     head_hashes: BTreeMap<String, u64>,
     logs: PathBuf,
+    /// A store kept only to serve final minutes from (see `make_ephemeral`): its changelog has
+    /// only the `ad_minute` rows (an ad-minute's history), and no window snapshots are kept.
+    serving_only: bool,
 }
 
 /// A read-write connection in the mode every commit relies on: write-ahead log, and a sync of
@@ -124,7 +128,7 @@ impl Store {
             existing.check_partitions(paths)?;
         }
         let conn = open_writable(path, !exists)?;
-        let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: logs.to_path_buf() };
+        let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: logs.to_path_buf(), serving_only: false };
         if !exists {
             store.conn.execute_batch(SCHEMA).map_err(|e| sql_error(path, e))?;
             store.set_meta("schema_version", &SCHEMA_VERSION.to_string())?;
@@ -158,7 +162,7 @@ impl Store {
         }
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(|e| sql_error(path, e))?;
-        let store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new() };
+        let store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new(), serving_only: false };
         let not_a_store = |why: String| format!("{} is not a clickagg store ({why}); it was left as it is", path.display());
         // Reading the schema fails on a file that is not SQLite, or one cut short.
         let tables: i64 = store
@@ -191,7 +195,7 @@ impl Store {
         let conn = open_writable(path, false)?;
         // A follower committing at the same time holds the write lock for a moment at a time.
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(|e| sql_error(path, e))?;
-        Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new() })
+        Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new(), serving_only: false })
     }
 
     /// The store's identity, random at its creation: a mirror database records the store it
@@ -218,6 +222,21 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Adds the tables and indexes the server reads final minutes through (`serving`).
+    pub fn prepare_for_serving(&self) -> Result<(), String> {
+        serving::ensure(&self.conn).map_err(|e| sql_error(&self.path, e))
+    }
+
+    /// For a store that lives only as long as this process (`--serve` without `--store`): no
+    /// sync per commit (nothing is recovered from it), a page cache of `cache_kib`, and only what
+    /// the server reads (`serving_only`): a served replay's committer spent more CPU than
+    /// either worker writing every changelog row, and the sink waited for it.
+    pub fn make_ephemeral(&mut self, cache_kib: i64) -> Result<(), String> {
+        self.serving_only = true;
+        self.conn.pragma_update(None, "synchronous", "OFF").map_err(|e| sql_error(&self.path, e))?;
+        self.conn.pragma_update(None, "cache_size", -cache_kib).map_err(|e| sql_error(&self.path, e))
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, String> {
