@@ -221,3 +221,56 @@ fn stores_that_cannot_be_resumed_are_refused_and_left_alone() {
     std::fs::write(logs.join("part-00000.csv"), &original).unwrap();
     run_ok(&run_args(&committed, &[]).iter().map(String::as_str).collect::<Vec<_>>());
 }
+
+/// Issue #26: a line over 4 KiB (SPEC §1: not a click, dead-lettered) still being written when
+/// the follower is killed. The committed offset must stay at the line's start, so that the
+/// restart reads the line whole once its newline comes and dead-letters it once, at its true
+/// offset; a committed offset in the middle of the line would make its tail a row of its own.
+#[test]
+fn a_follower_killed_while_an_overlong_line_is_half_written_resumes_at_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    let logs = dir.path().join("logs");
+    let store = dir.path().join("answers.db");
+    generate(&source, 8_000, 3, 8, 17);
+    std::fs::create_dir_all(&logs).unwrap();
+    let name = "part-00000.csv";
+    let mut first = std::fs::read(source.join(name)).unwrap();
+    // The overlong line goes after about half of partition 0's rows; the rest follow it.
+    let cut = common::follow::nth_line_end(&first, first.len() / 2, 1);
+    let rest = first.split_off(cut);
+    let long_line_at = first.len() as u64;
+    let (head, tail) = (vec![b'x'; 5_000], [vec![b'y'; 1_000], b"\n".to_vec()].concat());
+    for other in ["part-00001.csv", "part-00002.csv"] {
+        std::fs::copy(source.join(other), logs.join(other)).unwrap();
+    }
+    std::fs::write(logs.join(name), [first.as_slice(), &head].concat()).unwrap();
+
+    let follower = start_follower(&logs, &store, &[]);
+    // Until the rows before the long line are committed, and a while after.
+    let committed_offset = || -> Option<u64> {
+        let conn = rusqlite::Connection::open_with_flags(&store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+        conn.query_row("SELECT offset FROM partitions WHERE name = ?1", [name], |r| r.get::<_, i64>(0)).ok().map(|o| o as u64)
+    };
+    let started = std::time::Instant::now();
+    while committed_offset().is_none_or(|o| o < long_line_at) {
+        assert!(started.elapsed() < Duration::from_secs(60), "the follower never committed the rows before the long line");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1_500));
+    let mut follower = follower;
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    let committed_at_kill = committed_offset();
+
+    // The line is finished, the partition grows on, and a new follower catches up.
+    let mut file = std::fs::OpenOptions::new().append(true).open(logs.join(name)).unwrap();
+    file.write_all(&[tail.as_slice(), &rest].concat()).unwrap();
+    drop(file);
+    stop_when_caught_up(start_follower(&logs, &store, &[]), &logs, &store);
+    let replay = clean_replay(&logs);
+    let dead = &replay["dead_letter.csv"];
+    assert_eq!(dead.matches(&format!("{name},{long_line_at},line_too_long,")).count(), 1, "{dead}");
+    assert_same_outputs(&replay, &finish_and_export(&logs, &store), "store after a kill inside an overlong line vs a clean replay");
+    assert_eq!(committed_at_kill, Some(long_line_at), "the committed offset was the overlong line's start, not its middle");
+}
