@@ -95,31 +95,28 @@ impl Default for Follow {
     }
 }
 
-/// Set by SIGTERM or SIGINT in follow mode: stop at the last commit.
-static SHUTDOWN: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn request_shutdown(_signal: libc::c_int) {
-    SHUTDOWN.store(true, Ordering::SeqCst);
-}
-
 /// Follow mode stops on SIGTERM or SIGINT: a thread waits for the signal, takes the commit lock
 /// (so that no commit is half-way) and exits. The store holds every answer before its last
-/// committed watermark; a restart resumes from there.
+/// committed watermark; a restart resumes from there. Without the signal thread (it could not be
+/// set up) the signals keep their default action, which ends the process as SIGKILL would: the
+/// store is still consistent, only the last advance may be replayed.
 fn stop_on_signal() {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGTERM, request_shutdown as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, request_shutdown as *const () as libc::sighandler_t);
-    }
-    std::thread::spawn(|| loop {
-        if SHUTDOWN.load(Ordering::SeqCst) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("clickagg: cannot handle SIGTERM and SIGINT ({e}); they will stop the follower abruptly");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
             // PostgreSQL's lock first, as its thread commits first; neither thread holds both.
             let _mirroring = crate::store::MIRROR_LOCK.lock();
             let _committing = crate::store::COMMIT_LOCK.lock();
             eprintln!("clickagg: stopped; the store holds every answer before the last committed watermark");
             std::process::exit(0);
         }
-        std::thread::sleep(Duration::from_millis(20));
     });
 }
 
