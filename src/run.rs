@@ -348,6 +348,8 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         Some(start_at) => start_at.clone(),
         None => vec![None; paths.len()],
     };
+    // Recovery: where each partition's committed lines end, and the committed frontier.
+    let mut uncommitted: Option<(Vec<u64>, Time)> = None;
     let sink = if config.is_sink_process() {
         let mut sink = OutputSink::new(names.clone(), config.dataflow_rules(), &config.logs);
         if let Some(path) = &config.store {
@@ -371,6 +373,8 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                 for (slot, name) in resume.iter_mut().zip(&names) {
                     *slot = store.checkpoint_before(name, live_from_ms)?.map(|c| c.progress);
                 }
+                let offsets = names.iter().map(|name| store.committed_offset(name)).collect::<Result<Vec<_>, _>>()?;
+                uncommitted = Some((offsets, committed.frontier));
                 let skipped: u64 = resume.iter().flatten().map(|p| p.offset).sum();
                 eprintln!(
                     "clickagg: resuming {}: committed before watermark {}; replaying from minute {live_from} \
@@ -410,6 +414,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         None
     };
     let resume = Arc::new(resume);
+    let uncommitted = Arc::new(uncommitted);
     let process_watermark = Arc::new(AtomicU64::new(0));
     let sink = std::sync::Mutex::new(sink);
     let peek_requests = std::sync::Mutex::new(config.serving.as_ref().map(|state| state.peek_channel()));
@@ -525,6 +530,9 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                 Ok(mut source) => {
                     if let Some(at) = config.hold_too_late_until {
                         source.hold_too_late_until(at);
+                    }
+                    if let Some((offsets, frontier)) = uncommitted.as_ref() {
+                        source.hold_uncommitted_lines(offsets[i], *frontier);
                     }
                     tails.push(Tail::new(source))
                 }
