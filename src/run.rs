@@ -158,7 +158,10 @@ impl RunConfig {
         }
         if let Some(sink) = &self.sink {
             if !(sink.starts_with("postgres://") || sink.starts_with("postgresql://")) {
-                return Err(format!("--sink takes a postgres:// or postgresql:// URL, not {sink}"));
+                return Err(format!(
+                    "--sink takes a postgres:// or postgresql:// URL, not {}",
+                    crate::postgres_sink::redact(sink)
+                ));
             }
             if self.store.is_none() {
                 return Err("--sink mirrors the store into PostgreSQL: add --store PATH, which keeps the checkpoints \
