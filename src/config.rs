@@ -1,23 +1,28 @@
 //! Parsing of the command line's value types.
 
-/// Parses a duration with a unit: `500ms`, `5s`, `5m`, `1h`, into milliseconds.
+/// What every duration message ends with.
+const DURATION_FORMS: &str = "expected a number and a unit, like 500ms, 5s, 5m or 1h";
+
+/// Parses a duration with a unit, `500ms`, `5s`, `5m`, `1h` (or `jiff`'s longer forms:
+/// `1h 30m`, `90 seconds`, `1.5s`), into milliseconds. A bare number is refused (is `5` seconds
+/// or minutes?), and so are negative durations and parts of a millisecond.
 pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    if number.is_empty() {
-        return Err(format!("'{text}' is not a duration: expected a number and a unit, like 500ms, 5s, 5m or 1h"));
+    if text.is_empty() {
+        return Err(format!("an empty duration: {DURATION_FORMS}"));
     }
-    let number: u64 = number.parse().map_err(|_| format!("'{text}': the number is too large"))?;
-    let scale = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "" => return Err(format!("'{text}' needs a unit: ms, s, m or h (e.g. {text}s)")),
-        other => return Err(format!("'{text}': unknown unit '{other}', expected ms, s, m or h")),
-    };
-    number.checked_mul(scale).ok_or_else(|| format!("'{text}' is too long a duration"))
+    if text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("'{text}' needs a unit: ms, s, m or h (e.g. {text}s)"));
+    }
+    let duration: jiff::SignedDuration =
+        text.parse().map_err(|e| format!("'{text}' is not a duration ({e}); {DURATION_FORMS}"))?;
+    if duration.is_negative() {
+        return Err(format!("'{text}' is negative; {DURATION_FORMS}"));
+    }
+    if duration.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!("'{text}' is not a whole number of milliseconds"));
+    }
+    u64::try_from(duration.as_millis()).map_err(|_| format!("'{text}' is too long a duration"))
 }
 
 /// Parses a list of sliding windows, `1m,5m,60m` (or `1h`), into whole minutes.
@@ -81,8 +86,14 @@ mod tests {
         assert_eq!(parse_duration_ms("5m"), Ok(300_000));
         assert_eq!(parse_duration_ms("1h"), Ok(3_600_000));
         assert_eq!(parse_duration_ms("0s"), Ok(0));
-        for bad in ["", "5", "s", "5x", "-5s", "5 s", "99999999999999999999s"] {
-            assert!(parse_duration_ms(bad).is_err(), "{bad} should not parse");
+        assert_eq!(parse_duration_ms(" 250ms "), Ok(250));
+        assert_eq!(parse_duration_ms("1h 30m"), Ok(5_400_000));
+        assert_eq!(parse_duration_ms("1.5s"), Ok(1_500));
+        for bad in ["", "5", "s", "5x", "-5s", "1.5ms", "99999999999999999999s", "5s5"] {
+            let error = parse_duration_ms(bad).expect_err(bad);
+            assert!(error.contains(bad.trim()) || bad.is_empty(), "{bad:?}: {error}");
         }
+        assert!(parse_duration_ms("5").unwrap_err().contains("needs a unit"));
+        assert!(parse_duration_ms("5x").unwrap_err().contains("like 500ms, 5s, 5m or 1h"));
     }
 }

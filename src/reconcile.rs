@@ -19,7 +19,7 @@
 //! counted twice. After `--apply`, committed equals reconciled and nothing differs.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, BufWriter, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use clickagg_dataflows::{minute_of, Minute, PartitionProgress, View, MINUTE_MS};
@@ -166,17 +166,19 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
     held.sort_unstable();
     let mut minutes = BTreeSet::new();
     std::fs::create_dir_all(&config.report).map_err(|e| format!("cannot create the report directory {}: {e}", config.report.display()))?;
-    let create = |name: &str| -> Result<BufWriter<std::fs::File>, String> {
+    // The report's files, written with the `csv` crate: a too-late row's line is quoted (it holds
+    // commas), and so would be a partition whose name needs it.
+    let csv_error = |e: csv::Error| format!("writing the report in {}: {e}", config.report.display());
+    let create = |name: &str, header: &str| -> Result<csv::Writer<std::fs::File>, String> {
         let path = config.report.join(name);
-        std::fs::File::create(&path).map(BufWriter::new).map_err(|e| format!("cannot create {}: {e}", path.display()))
+        let mut file = csv::Writer::from_path(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        file.write_record(header.split(',')).map_err(csv_error)?;
+        Ok(file)
     };
     let io = |e: std::io::Error| format!("writing the report in {}: {e}", config.report.display());
-    let mut differences = create("differences.csv")?;
-    writeln!(differences, "view,minute,key,committed,reconciled,difference,explained").map_err(io)?;
-    let mut unexplained = create("unexplained.csv")?;
-    writeln!(unexplained, "view,minute,key,committed,expected,reconciled").map_err(io)?;
-    let mut explanations = create("explanations.csv")?;
-    writeln!(explanations, "minute,ad_id,partition,offset,line").map_err(io)?;
+    let mut differences = create("differences.csv", "view,minute,key,committed,reconciled,difference,explained")?;
+    let mut unexplained = create("unexplained.csv", "view,minute,key,committed,expected,reconciled")?;
+    let mut explanations = create("explanations.csv", "minute,ad_id,partition,offset,line")?;
     let mut corrections: Vec<(AnswerKey, u64, u64)> = Vec::new();
     for (key, c, r) in merge_join(&committed, &reconciled, &held) {
         // The expected answer is the reconciled one unless the held rows changed it.
@@ -191,20 +193,19 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
         if key.view == View::AdMinute {
             outcome.clicks_added += r as i64 - c as i64;
         }
-        writeln!(differences, "{view},{minute},{text},{c},{r},{:+},{}", r as i64 - c as i64, if explained { "yes" } else { "no" })
-            .map_err(io)?;
+        let difference = format!("{:+}", r as i64 - c as i64);
+        differences.serialize((view, minute, &text, c, r, difference, if explained { "yes" } else { "no" })).map_err(csv_error)?;
         if explained {
             outcome.corrected += 1;
             if key.view == View::AdMinute {
                 let ad = key.id;
                 for row in too_late.get(&(*minute, ad)).into_iter().flatten() {
-                    writeln!(explanations, "{minute},{ad},{},{},\"{}\"", row.partition, row.offset, row.line.replace('"', "\"\""))
-                        .map_err(io)?;
+                    explanations.serialize((minute, ad, &row.partition, row.offset, &row.line)).map_err(csv_error)?;
                 }
             }
         } else {
             outcome.unexplained += 1;
-            writeln!(unexplained, "{view},{minute},{text},{c},{e},{r}").map_err(io)?;
+            unexplained.serialize((view, minute, &text, c, e, r)).map_err(csv_error)?;
         }
         corrections.push((key, c, r));
     }
@@ -301,21 +302,32 @@ fn replay_scratch_dir(report: &Path) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// A CSV file with a header line, read with the `csv` crate (fields may be quoted). Every record
+/// must have the header's number of fields.
+fn csv_reader(path: &Path) -> Result<csv::Reader<std::fs::File>, String> {
+    csv::ReaderBuilder::new().from_path(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// The line number of a record, for messages.
+fn line_of(record: &csv::StringRecord) -> u64 {
+    record.position().map_or(0, |p| p.line())
+}
+
 /// Reads the per-minute view files of an output directory.
 pub fn read_answers_dir(dir: &Path, in_range: impl Fn(Minute) -> bool) -> Result<Answers, String> {
     let mut answers = Answers::new();
     for view in View::PER_MINUTE {
         let name = view.name();
         let path = dir.join(format!("{name}.csv"));
-        let file = std::fs::File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        for (number, line) in std::io::BufReader::new(file).lines().enumerate().skip(1) {
-            let line = line.map_err(|e| format!("reading {}: {e}", path.display()))?;
-            let bad = || format!("{}:{}: not a row of {name}: {line}", path.display(), number + 1);
-            let fields: Vec<&str> = line.split(',').collect();
-            let minute: Minute = fields.first().and_then(|m| m.parse().ok()).ok_or_else(bad)?;
+        let mut reader = csv_reader(&path)?;
+        let mut record = csv::StringRecord::new();
+        while reader.read_record(&mut record).map_err(|e| format!("reading {}: {e}", path.display()))? {
+            let bad = || format!("{}:{}: not a row of {name}: {}", path.display(), line_of(&record), record.iter().collect::<Vec<_>>().join(","));
+            let minute: Minute = record.get(0).and_then(|m| m.parse().ok()).ok_or_else(bad)?;
             if !in_range(minute) {
                 continue;
             }
+            let fields: Vec<&str> = record.iter().collect();
             let (key, clicks) = match (view, fields.as_slice()) {
                 (View::CountryMinute, [_, country, ad, clicks]) => (format!("{country}/{ad}"), clicks),
                 // top_minute: minute,rank,ad_id,clicks; its key is the ad.
@@ -357,17 +369,19 @@ fn merge_join<'a>(committed: &'a Answers, reconciled: &'a Answers, held: &'a [An
 /// changelog's updates at `time`.
 fn values_before(out: &Path, time: u64, in_range: impl Fn(Minute) -> bool) -> Result<HashMap<AnswerKey, Option<u64>>, String> {
     let path = out.join("changelog").join("updates.csv");
-    let file = std::fs::File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut reader = csv_reader(&path)?;
     let mut retracted = Vec::new();
     let mut appeared = Vec::new();
-    let prefix = format!("{time},");
-    for line in std::io::BufReader::new(file).lines() {
-        let line = line.map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let Some(rest) = line.strip_prefix(&prefix) else { continue };
-        let bad = || format!("{}: not a changelog row: {line}", path.display());
-        // view,key,value,diff with key = minute/the answer's key.
-        let fields: Vec<&str> = rest.split(',').collect();
-        let [view, key, value, diff] = fields.as_slice() else { return Err(bad()) };
+    let time = time.to_string();
+    let mut record = csv::StringRecord::new();
+    while reader.read_record(&mut record).map_err(|e| format!("reading {}: {e}", path.display()))? {
+        if record.get(0) != Some(time.as_str()) {
+            continue;
+        }
+        let bad = || format!("{}:{}: not a changelog row: {}", path.display(), line_of(&record), record.iter().collect::<Vec<_>>().join(","));
+        // time,view,key,value,diff with key = minute/the answer's key.
+        let fields: Vec<&str> = record.iter().collect();
+        let [_, view, key, value, diff] = fields.as_slice() else { return Err(bad()) };
         let Some(view) = per_minute_view(view) else { continue };
         let (minute, key) = key.split_once('/').ok_or_else(bad)?;
         let minute: Minute = minute.parse().map_err(|_| bad())?;
@@ -392,16 +406,18 @@ fn values_before(out: &Path, time: u64, in_range: impl Fn(Minute) -> bool) -> Re
 /// The too-late rows of a replay's dead letter, parsed with their partition's header.
 fn too_late_rows(out: &Path, logs: &Path, in_range: impl Fn(Minute) -> bool) -> Result<Vec<TooLate>, String> {
     let path = out.join("dead_letter.csv");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut reader = csv_reader(&path)?;
     let mut parsers: BTreeMap<String, Option<LineParser>> = BTreeMap::new();
     let mut rows = Vec::new();
-    for line in text.lines().skip(1) {
-        let mut fields = line.splitn(4, ',');
-        let (Some(partition), Some(offset), Some("too_late"), Some(quoted)) = (fields.next(), fields.next(), fields.next(), fields.next())
+    let mut record = csv::StringRecord::new();
+    while reader.read_record(&mut record).map_err(|e| format!("reading {}: {e}", path.display()))? {
+        let (Some(partition), Some(offset), Some("too_late"), Some(row)) = (record.get(0), record.get(1), record.get(2), record.get(3))
         else {
             continue;
         };
-        let row = quoted.trim_matches('"').replace("\"\"", "\"");
+        let offset: u64 = offset
+            .parse()
+            .map_err(|_| format!("{}:{}: offset {offset:?} is not a number", path.display(), line_of(&record)))?;
         let parser = parsers.entry(partition.to_string()).or_insert_with(|| {
             let file = std::fs::File::open(logs.join(partition)).ok()?;
             let mut header = String::new();
@@ -411,7 +427,7 @@ fn too_late_rows(out: &Path, logs: &Path, in_range: impl Fn(Minute) -> bool) -> 
         let Some(click) = parser.as_mut().and_then(|p| p.parse(row.as_bytes()).ok()) else { continue };
         let minute = minute_of(click.key.ts);
         if in_range(minute) {
-            rows.push(TooLate { minute, ad: click.attrs.ad, partition: partition.to_string(), offset: offset.parse().unwrap_or(0), line: row });
+            rows.push(TooLate { minute, ad: click.attrs.ad, partition: partition.to_string(), offset, line: row.to_string() });
         }
     }
     Ok(rows)

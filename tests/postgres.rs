@@ -25,10 +25,21 @@ struct Postgres {
 
 impl Postgres {
     fn start() -> Postgres {
+        Postgres::start_with(&[])
+    }
+
+    /// A server that takes TLS connections only, with a self-signed certificate for localhost
+    /// and 127.0.0.1 ([`Postgres::certificate`]).
+    fn start_tls() -> Postgres {
+        Postgres::start_with(&["tls"])
+    }
+
+    fn start_with(options: &[&str]) -> Postgres {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let output = Command::new("bash")
             .args(["scripts/test-postgres.sh", "start", s(dir.path()), &port.to_string()])
+            .args(options)
             .output()
             .expect("bash runs");
         assert!(output.status.success(), "PostgreSQL did not start: {}", String::from_utf8_lossy(&output.stderr));
@@ -37,7 +48,7 @@ impl Postgres {
 
     /// A new, empty database on the server.
     fn database(&self, name: &str) -> String {
-        let mut admin = postgres::Client::connect(&self.url("clickagg"), postgres::NoTls).unwrap();
+        let mut admin = client(&self.url("clickagg")).unwrap();
         admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
         self.url(name)
     }
@@ -45,6 +56,17 @@ impl Postgres {
     fn url(&self, database: &str) -> String {
         format!("postgres://clickagg@127.0.0.1:{}/{database}", self.port)
     }
+
+    /// The TLS server's certificate, its own root.
+    fn certificate(&self) -> PathBuf {
+        self.dir.path().join("tls").join("server.crt")
+    }
+}
+
+/// The tests' own connection: TLS when the server offers it (libpq's `prefer`), unverified.
+fn client(url: &str) -> Result<postgres::Client, postgres::Error> {
+    let tls = native_tls::TlsConnector::builder().danger_accept_invalid_certs(true).build().unwrap();
+    postgres::Client::connect(url, postgres_native_tls::MakeTlsConnector::new(tls))
 }
 
 impl Drop for Postgres {
@@ -69,7 +91,7 @@ const TABLES: [(&str, &str, &str); 9] = [
 const META: [&str; 5] = ["settings", "frontier", "next_boundary", "last_minute", "complete"];
 
 fn postgres_tables(url: &str) -> BTreeMap<String, Vec<String>> {
-    let mut client = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let mut client = client(url).unwrap();
     let mut tables = BTreeMap::new();
     for (table, columns, order) in TABLES {
         let columns = columns.replace("{hex}", "encode(line,'hex')");
@@ -144,7 +166,7 @@ fn assert_same_tables(store: &Path, url: &str, what: &str) {
 }
 
 fn pg_frontier(url: &str) -> Option<u64> {
-    let mut client = postgres::Client::connect(url, postgres::NoTls).ok()?;
+    let mut client = client(url).ok()?;
     let row = client.query_opt("SELECT value FROM clickagg_meta WHERE key = 'frontier'", &[]).ok()??;
     row.get::<_, String>(0).parse().ok()
 }
@@ -257,13 +279,27 @@ fn a_database_that_does_not_match_the_store_is_refused() {
     args.extend(SETTINGS);
     assert!(run_err(&args).contains("postgres://"));
 
+    // TLS asked for, from a server without it; and no password in any message.
+    let plain = format!("postgres://clickagg:s3cret@127.0.0.1:{}/refusals?sslmode=require", server.port);
+    let refused = run_err(&replay_args(&logs, &path("tls.db"), &plain));
+    assert!(refused.contains("server does not support TLS"), "{refused}");
+    assert!(refused.contains("clickagg:***@127.0.0.1") && !refused.contains("s3cret"), "{refused}");
+    let with_query = format!("postgres://clickagg@127.0.0.1:{}/refusals?password=s3cret&sslmode=verify-full", server.port);
+    let refused = run_err(&replay_args(&logs, &path("tls.db"), &with_query));
+    assert!(refused.contains("password=***") && !refused.contains("s3cret"), "{refused}");
+    let mut args = vec!["run", "--logs", s(&logs), "--store", s(&a), "--sink", "host=db password=s3cret"];
+    args.extend(SETTINGS);
+    let refused = run_err(&args);
+    assert!(refused.contains("password=***") && !refused.contains("s3cret"), "{refused}");
+    assert!(!path("tls.db").exists() || store_position(&path("tls.db")).is_none(), "a refused sink commits nothing");
+
     // Nothing listens on this port.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let unreachable = format!("postgres://clickagg@127.0.0.1:{closed}/clickagg");
     assert!(run_err(&replay_args(&logs, &path("b.db"), &unreachable)).contains("PostgreSQL sink"));
 
     // Another writer holds the database.
-    let mut other = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut other = client(&url).unwrap();
     other.query_one("SELECT pg_advisory_lock(7164216982963840871)", &[]).unwrap();
     assert!(run_err(&replay_args(&logs, &path("c.db"), &url)).contains("another clickagg"));
     drop(other);
@@ -283,4 +319,41 @@ fn a_database_that_does_not_match_the_store_is_refused() {
     // And the refusals wrote nothing: the stopped run resumes and ends equal.
     run_ok(&replay_args(&logs, &path("d.db"), &url));
     assert_same_tables(&path("d.db"), &url, "after the refusals");
+}
+
+/// `sslmode=require` and the verifying modes against a server that takes TLS connections only
+/// (so a run that mirrors at all went over TLS); a certificate that does not verify, and a plain
+/// connection, are refused with a message that says so.
+#[test]
+fn tls_is_used_when_the_url_asks_for_it() {
+    let server = Postgres::start_tls();
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    generate(&logs, 20_000, 2, 8, 9);
+    let store = |name: &str| dir.path().join(name);
+
+    let url = server.database("required");
+    run_ok(&replay_args(&logs, &store("a.db"), &format!("{url}?sslmode=require")));
+    assert_same_tables(&store("a.db"), &url, "over TLS (sslmode=require)");
+
+    // Verified: by the certificate as root, under both names it holds.
+    let root = server.certificate();
+    for (database, host) in [("full_by_name", "localhost"), ("full_by_ip", "127.0.0.1")] {
+        server.database(database);
+        let url = format!("postgres://clickagg@{host}:{}/{database}?sslmode=verify-full&sslrootcert={}", server.port, s(&root));
+        run_ok(&replay_args(&logs, &store(&format!("{database}.db")), &url));
+        assert_same_tables(&store(&format!("{database}.db")), &server.url(database), &format!("over TLS, verified as {host}"));
+    }
+    let url = server.database("ca");
+    run_ok(&replay_args(&logs, &store("ca.db"), &format!("{url}?sslmode=verify-ca&sslrootcert={}", s(&root))));
+    assert_same_tables(&store("ca.db"), &url, "over TLS (verify-ca)");
+
+    // A self-signed certificate does not verify against the system's roots.
+    let refused = run_err(&replay_args(&logs, &store("b.db"), &format!("{url}?sslmode=verify-full")));
+    assert!(refused.contains("PostgreSQL sink") && refused.contains("certificate verify failed"), "{refused}");
+    let missing = run_err(&replay_args(&logs, &store("b.db"), &format!("{url}?sslmode=verify-full&sslrootcert=/nonexistent.pem")));
+    assert!(missing.contains("cannot read sslrootcert /nonexistent.pem"), "{missing}");
+    // Without TLS the server refuses.
+    let refused = run_err(&replay_args(&logs, &store("b.db"), &format!("{url}?sslmode=disable")));
+    assert!(refused.contains("no encryption"), "{refused}");
 }

@@ -222,6 +222,65 @@ fn stores_that_cannot_be_resumed_are_refused_and_left_alone() {
     run_ok(&run_args(&committed, &[]).iter().map(String::as_str).collect::<Vec<_>>());
 }
 
+/// Issue #26: a line over 4 KiB (SPEC §1: not a click, dead-lettered) still being written when
+/// the follower is killed. The committed offset, and the checkpoint a restart resumes from, must
+/// stay at the line's start, so that the restart reads the line whole once its newline comes and
+/// dead-letters it once, at its true offset. A checkpoint inside the line would make its tail a
+/// row of its own. A restart resumes there when the partition went idle behind the others (the
+/// writer of the half line hung), so that the others moved the watermark on.
+#[test]
+fn a_follower_killed_while_an_overlong_line_is_half_written_resumes_at_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    let store = dir.path().join("answers.db");
+    std::fs::create_dir_all(&logs).unwrap();
+    let header = "event_id,ts,ad_id,campaign_id,user_id,ip,country\n";
+    let t0 = 1_767_225_600_000u64;
+    // Rows every 20 s of event time in [from, to) minutes, on ads 1 to 5.
+    let rows = |prefix: &str, from: u64, to: u64| -> String {
+        (from * 3..to * 3)
+            .map(|i| format!("{prefix}{i},{},{},7,{},10.0.0.{},US\n", t0 + i * 20_000, 1 + i % 5, i % 11, 1 + i % 3))
+            .collect()
+    };
+    let (quiet, busy) = ("part-00000.csv", "part-00001.csv");
+    let before_long_line = format!("{header}{}", rows("a", 0, 1));
+    let long_line_at = before_long_line.len() as u64;
+    std::fs::write(logs.join(quiet), format!("{before_long_line}{}", "x".repeat(5_000))).unwrap();
+    std::fs::write(logs.join(busy), format!("{header}{}", rows("b", 0, 11))).unwrap();
+
+    let follow = |idle: &str| {
+        let mut args = vec!["run", "--logs", s(&logs), "--store", s(&store), "--follow", "-w", "2", "--idle-timeout", idle];
+        args.extend(SETTINGS);
+        clickagg().args(&args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("the follower starts")
+    };
+    let mut follower = follow("1s");
+    // The quiet partition goes idle, and the busy one moves the watermark past minute 9.
+    let started = std::time::Instant::now();
+    while store_position(&store).is_none_or(|(frontier, _)| frontier < t0 + 9 * 60_000) {
+        assert!(started.elapsed() < Duration::from_secs(60), "the follower did not commit minute 9: {:?}", store_position(&store));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    let committed_at_kill = {
+        let conn = rusqlite::Connection::open_with_flags(&store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        conn.query_row("SELECT offset FROM partitions WHERE name = ?1", [quiet], |r| r.get::<_, i64>(0)).unwrap() as u64
+    };
+
+    // The line is finished, both partitions grow on, and a new follower catches up.
+    let append = |name: &str, text: &str| {
+        std::fs::OpenOptions::new().append(true).open(logs.join(name)).unwrap().write_all(text.as_bytes()).unwrap();
+    };
+    append(quiet, &format!("{}\n{}", "y".repeat(1_000), rows("c", 11, 13)));
+    append(busy, &rows("d", 11, 14));
+    stop_when_caught_up(follow("1s"), &logs, &store);
+    let replay = clean_replay(&logs);
+    let dead = &replay["dead_letter.csv"];
+    assert_eq!(dead.matches(&format!("{quiet},{long_line_at},line_too_long,")).count(), 1, "{dead}");
+    assert_same_outputs(&replay, &finish_and_export(&logs, &store), "store after a kill inside an overlong line vs a clean replay");
+    assert_eq!(committed_at_kill, long_line_at, "the committed offset was the overlong line's start, not its middle");
+}
+
 /// A store written before the settings were typed holds them as `key=value` text: it is read
 /// field by field, so it exports as before, and is compared as data when resumed.
 #[test]

@@ -108,10 +108,15 @@ pub fn changelog_fields(answer: &Answer, key: &mut String) -> (std::borrow::Cow<
     (view, value)
 }
 
+/// Puts a top-K's `(ad, clicks)` in rank order: most clicks first, ties by the smaller ad id.
+pub fn sort_ranked(ranked: &mut [(u64, u64)]) {
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+}
+
 /// Ranks `(ad, clicks)` by clicks descending, then ad ascending (SPEC §3), and writes
 /// `{at},{rank},{ad},{clicks}` rows.
 pub fn write_ranked(out: &mut impl Write, at: Minute, ranked: &mut [(u64, u64)]) -> io::Result<()> {
-    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    sort_ranked(ranked);
     for (rank, (ad, clicks)) in ranked.iter().enumerate() {
         writeln!(out, "{at},{},{ad},{clicks}", rank + 1)?;
     }

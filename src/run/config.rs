@@ -84,7 +84,10 @@ impl RunConfig {
         }
         if let Some(sink) = &self.sink {
             if !(sink.starts_with("postgres://") || sink.starts_with("postgresql://")) {
-                return Err(format!("--sink takes a postgres:// or postgresql:// URL, not {sink}"));
+                return Err(format!(
+                    "--sink takes a postgres:// or postgresql:// URL, not {}",
+                    crate::storage::postgres::redact(sink)
+                ));
             }
             if self.store.is_none() {
                 return Err("--sink mirrors the store into PostgreSQL: add --store PATH, which keeps the checkpoints \

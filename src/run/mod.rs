@@ -64,6 +64,7 @@ fn share(config: &RunConfig, partitions: Partitions, sink: Option<SinkRunner>) -
         paths: partitions.paths,
         names: partitions.names,
         resume: partitions.resume,
+        uncommitted: partitions.uncommitted,
         sink: Mutex::new(sink),
         peek_requests: Mutex::new(config.serving.as_ref().map(|state| state.peek_channel())),
         process_watermark: AtomicU64::new(0),

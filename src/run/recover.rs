@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use clickagg_dataflows::PartitionProgress;
+use clickagg_dataflows::{PartitionProgress, Time};
 
 use super::worker::{lower_thread_priority, WORKER_NICENESS};
 use super::RunConfig;
@@ -19,6 +19,9 @@ pub(super) struct Partitions {
     pub names: Vec<String>,
     /// Where to start reading each partition (`None`: its beginning).
     pub resume: Vec<Option<PartitionProgress>>,
+    /// Recovery: where each partition's committed lines end, and the committed frontier (see
+    /// `PartitionSource::hold_uncommitted_lines`).
+    pub uncommitted: Option<(Vec<u64>, Time)>,
 }
 
 impl Partitions {
@@ -38,7 +41,7 @@ impl Partitions {
             Some(start_at) => start_at.clone(),
             None => vec![None; paths.len()],
         };
-        Ok(Partitions { paths, names, resume })
+        Ok(Partitions { paths, names, resume, uncommitted: None })
     }
 }
 
@@ -106,6 +109,8 @@ fn recover(config: &RunConfig, path: &Path, store: &Store, committed: &Committed
     for (slot, name) in partitions.resume.iter_mut().zip(&partitions.names) {
         *slot = store.checkpoint_before(name, live_from_ms)?.map(|c| c.progress);
     }
+    let offsets = partitions.names.iter().map(|name| store.committed_offset(name)).collect::<Result<Vec<_>, _>>()?;
+    partitions.uncommitted = Some((offsets, committed.frontier));
     let skipped: u64 = partitions.resume.iter().flatten().map(|p| p.offset).sum();
     eprintln!(
         "clickagg: resuming {}: committed before watermark {}; replaying from minute {live_from} \

@@ -3,7 +3,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use timely::communication::WorkerGuards;
 
@@ -14,31 +13,29 @@ use crate::storage::committer::{COMMIT_LOCK, MIRROR_LOCK};
 /// What a worker returns: the sink's summary (worker 0 of process 0) and the errors it met.
 pub(super) type WorkerResult = (Option<Result<Summary, String>>, Vec<String>);
 
-/// Set by SIGTERM or SIGINT in follow mode: stop at the last commit.
-static SHUTDOWN: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn request_shutdown(_signal: libc::c_int) {
-    SHUTDOWN.store(true, Ordering::SeqCst);
-}
-
-/// Follow mode stops on SIGTERM or SIGINT: a thread waits for the signal, takes the commit lock
-/// (so that no commit is half-way) and exits. The store holds every answer before its last
-/// committed watermark; a restart resumes from there.
+/// Follow mode stops on SIGTERM or SIGINT: a thread waits for the signal (signal-hook's
+/// iterator, no handler of our own), takes the commit lock (so that no commit is half-way) and
+/// exits. The store holds every answer before its last committed watermark; a restart resumes
+/// from there. Without the signal thread (it could not be set up) the signals keep their default
+/// action, which ends the process as SIGKILL would: the store is still consistent, only the last
+/// advance may be replayed.
 pub(super) fn stop_on_signal() {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGTERM, request_shutdown as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, request_shutdown as *const () as libc::sighandler_t);
-    }
-    std::thread::spawn(|| loop {
-        if SHUTDOWN.load(Ordering::SeqCst) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("clickagg: cannot handle SIGTERM and SIGINT ({e}); they will stop the follower abruptly");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
             // PostgreSQL's lock first, as its thread commits first; neither thread holds both.
             let _mirroring = MIRROR_LOCK.lock();
             let _committing = COMMIT_LOCK.lock();
             eprintln!("clickagg: stopped; the store holds every answer before the last committed watermark");
             std::process::exit(0);
         }
-        std::thread::sleep(Duration::from_millis(20));
     });
 }
 

@@ -52,6 +52,8 @@ pub(super) struct Shared {
     pub paths: Vec<PathBuf>,
     pub names: Vec<String>,
     pub resume: Vec<Option<PartitionProgress>>,
+    /// Recovery: where each partition's committed lines end, and the committed frontier.
+    pub uncommitted: Option<(Vec<u64>, Time)>,
     /// Process 0's sink, taken by worker 0.
     pub sink: Mutex<Option<SinkRunner>>,
     /// The server's filter queries, taken by worker 0.
@@ -110,6 +112,9 @@ pub(super) fn work(worker: &mut Worker, shared: &Shared) -> WorkerResult {
         config.rules,
         config.batch_lines,
     );
+    if let Some((offsets, frontier)) = &shared.uncommitted {
+        reader.hold_uncommitted_lines(offsets, *frontier);
+    }
     match config.follow {
         None => replay(worker, shared, &mut dataflow, &mut reader),
         Some(follow) => tail(worker, shared, &mut dataflow, &mut reader, &follow),

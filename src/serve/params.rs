@@ -41,29 +41,24 @@ pub fn parse_query(query: &str) -> Result<Params, String> {
     Ok(Params(params))
 }
 
+/// Decodes a query-string name or value: `+` is a space and `%XX` a byte (with the
+/// `percent-encoding` crate), and the result must be UTF-8. A `%` not followed by two hex digits
+/// is an error rather than a literal `%`: such a client sent something it did not mean.
 fn percent_decode(text: &str) -> Result<String, String> {
     let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-                let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or_else(|| format!("bad percent-escape in {text:?}"))?;
-                out.push(byte);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
+    let escapes_are_whole = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, &b)| b == b'%')
+        .all(|(at, _)| bytes.get(at + 1..at + 3).is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)));
+    if !escapes_are_whole {
+        return Err(format!("bad percent-escape in {text:?}"));
     }
-    String::from_utf8(out).map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
+    let spaced = text.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| format!("{text:?} is not UTF-8 once decoded"))
 }
 
 impl Params {
@@ -137,55 +132,12 @@ pub fn parse_minute(text: &str) -> Result<Minute, String> {
     Minute::try_from(ms.div_euclid(MINUTE_MS as i64)).map_err(|_| format!("{text:?} is out of range"))
 }
 
-/// `YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)` to ms since the epoch.
+/// An RFC 3339 time, `YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)`, to ms since the epoch (fractions
+/// below the millisecond dropped), parsed by `jiff`. A time without its offset is refused: it
+/// would name a different minute in every time zone.
 fn parse_rfc3339_ms(text: &str) -> Option<i64> {
-    let b = text.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let s = text.get(r)?;
-        s.bytes().all(|c| c.is_ascii_digit()).then(|| s.parse().ok())?
-    };
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
-        return None;
-    }
-    let mut rest = &text[19..];
-    let mut millis = 0;
-    if let Some(fraction) = rest.strip_prefix('.') {
-        let digits = fraction.bytes().take_while(|c| c.is_ascii_digit()).count();
-        if digits == 0 {
-            return None;
-        }
-        let padded = format!("{:0<3}", &fraction[..digits.min(3)]);
-        millis = padded.parse::<i64>().ok()?;
-        rest = &fraction[digits..];
-    }
-    // Work on bytes: the rest may hold any UTF-8, and slicing a str inside a character panics
-    // (the fuzzer found that).
-    let offset = rest.as_bytes();
-    let two_digits = |b: &[u8]| -> Option<i64> {
-        (b.len() == 2 && b.iter().all(u8::is_ascii_digit)).then(|| i64::from(b[0] - b'0') * 10 + i64::from(b[1] - b'0'))
-    };
-    let offset_minutes = match offset {
-        b"Z" | b"z" => 0,
-        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
-            let sign = if *sign == b'-' { -1 } else { 1 };
-            sign * (two_digits(&[*h1, *h2])? * 60 + two_digits(&[*m1, *m2])?)
-        }
-        _ => return None,
-    };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 24 + hour) * 60 + minute - offset_minutes) * 60_000 + second * 1000 + millis)
+    let time: jiff::Timestamp = text.parse().ok()?;
+    Some(time.as_millisecond())
 }
 
 pub fn parse_window(window: &str) -> Result<Minute, Failure> {
@@ -264,6 +216,10 @@ mod tests {
         assert!(parse_query("a=1&a=2").unwrap_err().contains("more than once"));
         assert!(parse_query("a=%zz").is_err());
         assert!(parse_query("a=%ff").is_err());
+        assert!(parse_query("a=%4").is_err());
+        assert!(parse_query("a=50%").is_err());
+        let p = parse_query("q=%2B1%20%C3%A9&%6Eame=a%2Cb").unwrap();
+        assert_eq!((p.get("q"), p.get("name")), (Some("+1 \u{e9}"), Some("a,b")));
     }
 
     #[test]
@@ -273,7 +229,9 @@ mod tests {
         assert_eq!(parse_minute("1970-01-01T00:01:59.999Z"), Ok(1));
         assert_eq!(parse_minute("2026-11-22T10:00:00Z"), Ok((1_795_341_600_000u64 / 60_000) as u32));
         assert_eq!(parse_minute("2026-11-22T11:00:00+01:00"), parse_minute("2026-11-22T10:00:00Z"));
-        for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "2026-11-22T10:00:00", "-5", "2026-11-22T10:00:00.Z", "1970-01-01T15:00:00.5+0\u{3fc}0+"] {
+        assert_eq!(parse_minute("2026-11-22T09:30:00-00:30"), parse_minute("2026-11-22T10:00:00Z"));
+        assert_eq!(parse_minute("1970-01-01t00:02:00.123456789z"), Ok(2));
+        for bad in ["", "yesterday", "2026-13-01T00:00:00Z", "2026-11-22T10:00:00", "-5", "2026-11-22T10:00:00.Z", "1970-01-01T15:00:00.5+0\u{3fc}0+", "1969-12-31T23:59:00Z", "2026-02-30T00:00:00Z", "2026-11-22T10:00:00Z\u{e9}"] {
             assert!(parse_minute(bad).is_err(), "{bad:?}");
         }
     }

@@ -64,6 +64,9 @@ pub struct PartitionSource {
     /// Reconciliation: rows too late for `run` still enter, all at this time, after every other
     /// row (see `hold_too_late_until`).
     too_late_at: Option<Time>,
+    /// Recovery: lines from this offset on enter no earlier than this time (see
+    /// `hold_uncommitted_lines`).
+    uncommitted_from: Option<(u64, Time)>,
 }
 
 /// Where a source sends what it reads.
@@ -93,6 +96,7 @@ impl PartitionSource {
             header: HeaderState::Unread,
             clock: PartitionClock::default(),
             too_late_at: None,
+            uncommitted_from: None,
         };
         let Some(resume) = resume.filter(|r| r.offset > 0) else { return Ok(source) };
         // The header decides how every later line parses.
@@ -120,6 +124,16 @@ impl PartitionSource {
     /// the reconciled ones: one replay gives both, and the updates at `time` are the difference.
     pub fn hold_too_late_until(&mut self, time: Time) {
         self.too_late_at = Some(time);
+    }
+
+    /// Recovery of a store: the lines from `offset` on (where the partition's committed lines
+    /// end) were never read by the run that committed, or were read after its last commit, so
+    /// that run would have given them times at or after `frontier`, its committed frontier. They
+    /// enter no earlier than that here too. Otherwise a line finished after the stop (the end of
+    /// an overlong line, or rows of a partition that had gone idle) could fall before the
+    /// frontier, where the recovery writes nothing: it would be lost.
+    pub fn hold_uncommitted_lines(&mut self, offset: u64, frontier: Time) {
+        self.uncommitted_from = Some((offset, frontier));
     }
 
     /// Follow mode, at the end of the data: whether the file is still the one being read and
@@ -199,6 +213,10 @@ impl PartitionSource {
                 Line::Complete { offset, bytes } => (offset, bytes, None),
                 Line::TooLong { offset, prefix } => (offset, prefix, Some(Reason::LineTooLong)),
                 Line::Unterminated { offset, bytes } => (offset, bytes, Some(Reason::UnterminatedLine)),
+            };
+            let floor = match self.uncommitted_from {
+                Some((from, frontier)) if offset >= from => floor.max(frontier),
+                _ => floor,
             };
             if let HeaderState::Unread = self.header {
                 self.header = match (verdict, Header::parse(bytes)) {

@@ -1,5 +1,14 @@
 //! Byte-level parsing of log lines (SPEC §1). No allocation per line: fields are located in a
 //! reused index and numbers are parsed from bytes.
+//!
+//! Hand-written on purpose, unlike the CSV read and written on cold paths (export, reconcile),
+//! which use the `csv` crate. Measured against `csv::Reader::read_byte_record` on 2,020,093
+//! generated lines (149 MB, one partition): the crate returned 181 records fewer, because it
+//! skips blank lines, which SPEC §1 makes dead letters (and with quoting on, a stray `"` in a bad
+//! line joins it to the next ones); it holds a record of any length in memory, where
+//! [`super::reader`] keeps 4 KiB of an overlong line; and splitting the fields and parsing the
+//! numbers alone cost it 0.41–0.56 CPU-s, where this whole parse, every field checked, cost
+//! 0.39–0.59 CPU-s (5 interleaved rounds each, on a loaded 2-core machine): nothing to gain.
 
 use clickagg_dataflows::{Bits128, Click, ClickAttrs, ClickKey, Country, Ip, Reason};
 

@@ -23,7 +23,7 @@ pub struct LineReader<R> {
     /// `buffer[start..end]` holds bytes read but not yet returned.
     start: usize,
     end: usize,
-    /// File offset of `buffer[start]`.
+    /// File offset of `buffer[start]`: past the bytes of an overlong line skipped so far.
     offset: u64,
     /// While skipping an overlong line: where it began and its first bytes.
     skipping: Option<(u64, Vec<u8>)>,
@@ -46,9 +46,14 @@ impl<R: Read> LineReader<R> {
         }
     }
 
-    /// Offset just past the last line returned.
+    /// Where the next line not yet returned starts: just past the last line returned. Always a
+    /// line start, also while an overlong line is being skipped (its start, until its newline
+    /// comes), so that a checkpoint taken here resumes at a line and never inside one.
     pub fn offset(&self) -> u64 {
-        self.offset
+        match &self.skipping {
+            Some((line_start, _)) => *line_start,
+            None => self.offset,
+        }
     }
 
     /// How far into the file the reader has read, buffered bytes included.
@@ -171,5 +176,38 @@ mod tests {
         assert_eq!(lines(&vec![b'z'; 2 * BUFFER_BYTES], true), ["0:long:4096"]);
         assert_eq!(lines(&vec![b'z'; MAX_LINE_BYTES + 1], true), ["0:long:4096"]);
         assert_eq!(lines(&vec![b'z'; MAX_LINE_BYTES], true), [format!("0:partial:{}", "z".repeat(MAX_LINE_BYTES))]);
+    }
+
+    /// Follow mode: an overlong line whose newline has not come yet keeps the reader's offset at
+    /// its start, however much of it was skipped; it is returned once, when the newline comes.
+    #[test]
+    fn an_unfinished_overlong_line_keeps_the_offset_at_its_start() {
+        let mut data = b"h\nshort\n".to_vec();
+        data.extend(vec![b'x'; 3 * BUFFER_BYTES]);
+        let written = std::rc::Rc::new(std::cell::Cell::new(data.len()));
+        data.extend_from_slice(b"yy\nnext\n");
+        /// Reads `data` up to what was written so far.
+        struct Growing(Vec<u8>, usize, std::rc::Rc<std::cell::Cell<usize>>);
+        impl Read for Growing {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                let n = out.len().min(self.2.get() - self.1);
+                out[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+                self.1 += n;
+                Ok(n)
+            }
+        }
+        let mut reader = LineReader::new(Growing(data.clone(), 0, written.clone()), 0);
+        assert!(matches!(reader.next_line(false).unwrap(), Some(Line::Complete { offset: 0, .. })));
+        assert!(matches!(reader.next_line(false).unwrap(), Some(Line::Complete { offset: 2, .. })));
+        assert_eq!(reader.next_line(false).unwrap(), None);
+        assert_eq!(reader.offset(), 8, "the committed offset stays at the long line's start");
+        assert_eq!(reader.read_position(), written.get() as u64, "while the reader has read all of it");
+        written.set(data.len());
+        let Some(Line::TooLong { offset: 8, prefix }) = reader.next_line(false).unwrap() else { panic!("the long line") };
+        assert_eq!(prefix.len(), MAX_LINE_BYTES);
+        let next_at = data.len() as u64 - 5;
+        assert_eq!(reader.offset(), next_at);
+        assert_eq!(reader.next_line(false).unwrap(), Some(Line::Complete { offset: next_at, bytes: b"next" }));
+        assert_eq!(reader.next_line(false).unwrap(), None);
     }
 }

@@ -104,6 +104,16 @@ impl Reader {
         Reader { tails, names: names.to_vec(), errors, rules, batch_lines }
     }
 
+    /// Recovery: the lines of partition `i` from `offsets[i]` on enter no earlier than
+    /// `frontier` (see [`PartitionSource::hold_uncommitted_lines`]).
+    pub fn hold_uncommitted_lines(&mut self, offsets: &[u64], frontier: Time) {
+        for tail in &mut self.tails {
+            if let Some(&offset) = offsets.get(tail.source.progress().partition as usize) {
+                tail.source.hold_uncommitted_lines(offset, frontier);
+            }
+        }
+    }
+
     /// Reports every partition's progress as it stands: once the input ends.
     pub fn report_progress(&self, inputs: &mut impl WorkerInput) {
         for tail in &self.tails {

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 
-use postgres::{Client, NoTls};
+use postgres::Client;
 
 use clickagg_dataflows::{Answer, Minute, Time, View};
 
@@ -85,14 +85,16 @@ impl PostgresSink {
     /// written by it alone, under the same settings, and holding at least what it committed.
     /// Nothing is written when it refuses.
     pub fn connect(url: &str, settings: &AnswerSettings, store: &MirroredStore) -> Result<PostgresSink, String> {
-        let mut config: postgres::Config = url.parse().map_err(|e| format!("--sink {}: {e}", redact(url)))?;
+        let place = redact(url);
+        let (driver_url, tls) = TlsRequest::take_from(url).map_err(|e| format!("--sink {place}: {e}"))?;
+        let mut config: postgres::Config = driver_url.parse().map_err(|e| format!("--sink {place}: {}", with_cause(&e)))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(std::time::Duration::from_secs(10));
         }
         config.application_name("clickagg");
-        let place = redact(url);
+        let connector = tls.connector().map_err(|e| format!("--sink {place}: {e}"))?;
         let err = |e: postgres::Error| format!("PostgreSQL sink {place}: {}", describe(&e));
-        let mut client = config.connect(NoTls).map_err(err)?;
+        let mut client = config.connect(connector).map_err(err)?;
         // A writer killed a moment ago holds the lock until its server process notices the
         // closed connection: wait a little before calling the database taken.
         let waiting_since = std::time::Instant::now();
@@ -319,22 +321,187 @@ fn escape(text: &str) -> std::borrow::Cow<'_, str> {
     text.replace('\\', "\\\\").replace('\t', "\\t").replace('\n', "\\n").replace('\r', "\\r").into()
 }
 
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
-                None => url.to_string(),
+/// What a `postgres://` URL asks of TLS, in libpq's terms: its `sslmode` (`disable`, `prefer`,
+/// the default, `require`, `verify-ca` or `verify-full`) and `sslrootcert` (a PEM file of the
+/// certificates to trust, or `system`).
+///
+/// The driver knows only the first three modes and no root certificate, so clickagg takes both
+/// options out of the URL, hands the driver `sslmode=require` for the verifying modes, and sets
+/// the verification up itself in [`TlsRequest::connector`]:
+/// - `prefer` and `require` encrypt without checking the certificate (as libpq does, unless
+///   `sslrootcert` is given: then the chain is checked, as with `verify-ca`);
+/// - `verify-ca` checks that a trusted root signed the server's certificate;
+/// - `verify-full` checks that too, and that the certificate names the host connected to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct TlsRequest {
+    verify: Verify,
+    root_cert: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Verify {
+    /// `disable`, `prefer`, `require`, or no `sslmode`: the driver's own modes.
+    #[default]
+    Nothing,
+    Chain,
+    ChainAndHost,
+}
+
+impl TlsRequest {
+    /// Splits `sslrootcert` and the verifying `sslmode`s out of a URL's query. Other strings (a
+    /// `key=value` list) go to the driver as they are.
+    fn take_from(url: &str) -> Result<(String, TlsRequest), String> {
+        let mut request = TlsRequest::default();
+        let query_start = url.find("://").and_then(|scheme| url[scheme..].find('?').map(|q| scheme + q));
+        let Some(query_start) = query_start else { return Ok((url.to_string(), request)) };
+        let mut kept = Vec::new();
+        for pair in url[query_start + 1..].split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let decoded = percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .map_err(|_| format!("the value of {key} is not UTF-8 once decoded"))?;
+            match (key, decoded.as_ref()) {
+                ("sslmode", "verify-ca") => request.verify = Verify::Chain,
+                ("sslmode", "verify-full") => request.verify = Verify::ChainAndHost,
+                ("sslrootcert", path) => request.root_cert = Some(path.to_string()),
+                _ => kept.push(pair),
             }
         }
-        // The key=value form: `host=db user=bill password=…`.
-        _ => url
-            .split(' ')
-            .map(|part| if part.starts_with("password=") { "password=***" } else { part })
-            .collect::<Vec<_>>()
-            .join(" "),
+        if request.verify != Verify::Nothing {
+            kept.retain(|pair| !pair.starts_with("sslmode="));
+            kept.push("sslmode=require");
+        }
+        let base = &url[..query_start];
+        Ok((if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) }, request))
+    }
+
+    /// A TLS connector that checks what the URL asked for (see [`TlsRequest`]). The driver uses
+    /// it unless `sslmode=disable`; with `prefer` only if the server offers TLS.
+    fn connector(&self) -> Result<postgres_native_tls::MakeTlsConnector, String> {
+        let mut builder = native_tls::TlsConnector::builder();
+        let root_file = self.root_cert.as_deref().filter(|path| *path != "system");
+        if let Some(path) = root_file {
+            let pem = std::fs::read(path).map_err(|e| format!("cannot read sslrootcert {path}: {e}"))?;
+            let roots = native_tls::Certificate::stack_from_pem(&pem)
+                .ok()
+                .filter(|roots| !roots.is_empty())
+                .ok_or_else(|| format!("sslrootcert {path} holds no PEM certificate"))?;
+            // Only these are trusted, as with libpq.
+            builder.disable_built_in_roots(true);
+            for root in roots {
+                builder.add_root_certificate(root);
+            }
+        }
+        match self.verify {
+            Verify::Nothing if self.root_cert.is_none() => {
+                builder.danger_accept_invalid_certs(true);
+            }
+            Verify::Nothing | Verify::Chain => {
+                builder.danger_accept_invalid_hostnames(true);
+            }
+            Verify::ChainAndHost => {}
+        }
+        let connector = builder.build().map_err(|e| format!("cannot set up TLS: {e}"))?;
+        Ok(postgres_native_tls::MakeTlsConnector::new(connector))
+    }
+}
+
+/// A connection string without its passwords, for messages: a URL's `user:password@` and
+/// `password=` parameter, and a `key=value` list's `password=` (quoted or not). Where a URL's
+/// password cannot be told from its host (an unescaped `@` in it), more is hidden, never less.
+pub fn redact(url: &str) -> String {
+    match url.find("://") {
+        Some(scheme) => redact_url(url, scheme + 3),
+        None => redact_key_values(url),
+    }
+}
+
+/// A URL from `authority` (just past `://`) on: the driver reads the user up to the first `@`;
+/// when a `:` comes before it, everything from there to the last `@` is hidden.
+fn redact_url(url: &str, authority: usize) -> String {
+    let rest = &url[authority..];
+    let (mut out, tail) = match rest.find('@') {
+        Some(first_at) if rest[..first_at].contains(':') => {
+            let colon = rest.find(':').expect("a colon before the first @");
+            let last_at = rest.rfind('@').expect("an @");
+            (format!("{}***", &url[..authority + colon + 1]), &rest[last_at..])
+        }
+        _ => (url[..authority].to_string(), rest),
+    };
+    match tail.split_once('?') {
+        Some((before, query)) => {
+            let pairs: Vec<&str> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if percent_encoding::percent_decode_str(key).decode_utf8_lossy() == "password" => "password=***",
+                    _ => pair,
+                })
+                .collect();
+            out.push_str(before);
+            out.push('?');
+            out.push_str(&pairs.join("&"));
+        }
+        None => out.push_str(tail),
+    }
+    out
+}
+
+/// A `key=value` list as libpq reads it: spaces around `=` allowed, a value either quoted
+/// (`'…'`, with `\'` and `\\`) or running to the next space. Each password becomes `***`.
+fn redact_key_values(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let key_start = at;
+        while at < bytes.len() && bytes[at] != b'=' && !bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        let key = &text[key_start..at];
+        while at < bytes.len() && bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        if at >= bytes.len() || bytes[at] != b'=' {
+            out.push_str(&text[key_start..at]);
+            continue;
+        }
+        at += 1;
+        while at < bytes.len() && bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        let value_start = at;
+        let quoted = bytes.get(at) == Some(&b'\'');
+        at += quoted as usize;
+        while at < bytes.len() {
+            match bytes[at] {
+                // An escape: the next character, whatever its length, is part of the value.
+                b'\\' => at += 1 + text[at + 1..].chars().next().map_or(0, char::len_utf8),
+                b'\'' if quoted => {
+                    at += 1;
+                    break;
+                }
+                b if !quoted && b.is_ascii_whitespace() => break,
+                _ => at += 1,
+            }
+        }
+        at = at.min(bytes.len());
+        out.push_str(&text[key_start..value_start]);
+        out.push_str(if key == "password" { "***" } else { &text[value_start..at] });
+        let space_start = at;
+        while at < bytes.len() && bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        out.push_str(&text[space_start..at]);
+    }
+    out
+}
+
+/// An error with its cause: the driver's Display says only "invalid connection string" or "error
+/// performing TLS handshake"; the cause says which option, or why the handshake failed.
+fn with_cause(e: &postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
     }
 }
 
@@ -342,7 +509,7 @@ fn redact(url: &str) -> String {
 fn describe(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.severity(), db.message()),
-        None => e.to_string(),
+        None => with_cause(e),
     }
 }
 
@@ -355,6 +522,50 @@ mod tests {
         assert_eq!(redact("postgres://bill:s3cret@db:5432/clicks"), "postgres://bill:***@db:5432/clicks");
         assert_eq!(redact("postgres://bill@db/clicks"), "postgres://bill@db/clicks");
         assert_eq!(redact("host=db user=bill password=s3cret"), "host=db user=bill password=***");
+        // In a URL's query, percent-encoded or not, and among TLS options.
+        assert_eq!(
+            redact("postgres://bill@db/clicks?sslmode=require&password=s3cret&application_name=x"),
+            "postgres://bill@db/clicks?sslmode=require&password=***&application_name=x"
+        );
+        assert_eq!(redact("postgresql://db/clicks?%70assword=s3cret"), "postgresql://db/clicks?password=***");
+        assert_eq!(redact("postgres://bill:s3cret@db/clicks?password=other"), "postgres://bill:***@db/clicks?password=***");
+        // An unescaped @ or : in the password: all of it is hidden.
+        assert_eq!(redact("postgres://bill:s3@c:ret@db:5432/clicks"), "postgres://bill:***@db:5432/clicks");
+        // A user without a password, and an @ in a parameter, hide nothing but passwords.
+        assert_eq!(redact("postgres://bill@db:5432/clicks?application_name=a@b"), "postgres://bill@db:5432/clicks?application_name=a@b");
+        // key=value lists: quoted values, escapes, spaces around =, several passwords.
+        assert_eq!(redact("host=db password='s3 c\\'ret' user=bill"), "host=db password=*** user=bill");
+        assert_eq!(redact("password = s3cret  dbname=clicks"), "password = ***  dbname=clicks");
+        assert_eq!(redact("user=bill password=a password=b"), "user=bill password=*** password=***");
+        for url in [
+            "postgres://bill:s3cret@db/clicks",
+            "postgres://db/clicks?password=s3cret",
+            "host=db password=s3cret",
+            "host=db password='s3cret'",
+            "host=db password=s3cret\\\u{e9}",
+            "postgres://bill:s3cret@db/clicks?sslmode=verify-full&sslrootcert=/ca.pem",
+        ] {
+            assert!(!redact(url).contains("s3cret"), "{url}: {}", redact(url));
+        }
+    }
+
+    #[test]
+    fn tls_options_the_driver_does_not_know_are_taken_out_of_the_url() {
+        let take = |url: &str| TlsRequest::take_from(url).unwrap();
+        assert_eq!(take("postgres://db/clicks"), ("postgres://db/clicks".into(), TlsRequest::default()));
+        assert_eq!(take("postgres://db/clicks?sslmode=require"), ("postgres://db/clicks?sslmode=require".into(), TlsRequest::default()));
+        let (url, tls) = take("postgres://db/clicks?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=3");
+        assert_eq!(url, "postgres://db/clicks?connect_timeout=3&sslmode=require");
+        assert_eq!(tls, TlsRequest { verify: Verify::ChainAndHost, root_cert: Some("/etc/ca.pem".into()) });
+        let (url, tls) = take("postgres://db/clicks?sslmode=verify-ca");
+        assert_eq!((url.as_str(), tls.verify), ("postgres://db/clicks?sslmode=require", Verify::Chain));
+        assert_eq!(take("host=db sslmode=require").0, "host=db sslmode=require");
+        // What the driver refuses, it still refuses (with the option's name).
+        let (url, _) = take("postgres://db/clicks?sslmode=sometimes");
+        let refused = with_cause(&url.parse::<postgres::Config>().unwrap_err());
+        assert!(refused.contains("sslmode"), "{refused}");
+        let missing = TlsRequest { verify: Verify::ChainAndHost, root_cert: Some("/nonexistent/ca.pem".into()) };
+        assert!(missing.connector().err().unwrap().contains("cannot read sslrootcert /nonexistent/ca.pem"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use clickagg_dataflows::Minute;
 
 use super::{sql_error, Store};
 use crate::model::Summary;
-use crate::output::{write_quoted, write_ranked};
+use crate::output::{sort_ranked, write_quoted};
 
 impl Store {
     /// The run's figures from the committed answers (when no output directory was written).
@@ -50,11 +50,23 @@ impl Store {
 
     /// Writes SPEC §4's files from the committed answers, byte for byte as `run --out` writes
     /// them after a replay of the same logs.
+    ///
+    /// A cold path (one pass over the store, run by hand), so the rows go through the `csv`
+    /// crate rather than the sink's hand-formatted lines. Its fields are numbers, countries and
+    /// changelog keys (`minute/US/7`), none of which CSV quotes, so the bytes are the sink's. The
+    /// dead letters' `line` is the exception: `run --out` always quotes it, which `csv` does only
+    /// for every field of a file at once, so those rows share the sink's writer instead.
     pub fn export(&self, dir: &Path) -> Result<(), String> {
         let err = |e: rusqlite::Error| sql_error(&self.path, e);
         let io_err = |e: io::Error| format!("writing {}: {e}", dir.display());
+        let csv_err = |e: csv::Error| format!("writing {}: {e}", dir.display());
         std::fs::create_dir_all(dir.join("changelog")).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let create = |name: &str| crate::output::create(&dir.join(name)).map_err(|e| e.to_string());
+        let create = |name: &str, header: &str| -> Result<csv::Writer<io::BufWriter<std::fs::File>>, String> {
+            let file = crate::output::create(&dir.join(name)).map_err(|e| e.to_string())?;
+            let mut out = csv::WriterBuilder::new().has_headers(false).from_writer(file);
+            out.write_record(header.split(',')).map_err(csv_err)?;
+            Ok(out)
+        };
         // Plain per-minute tables: (minute, key..., clicks), sorted as unsigned numbers.
         for (file, header, sql) in [
             ("ad_minute.csv", "minute,ad_id,clicks", "SELECT minute, ad_id, clicks FROM ad_minute"),
@@ -63,10 +75,9 @@ impl Store {
         ] {
             let mut rows = self.triples(sql)?;
             rows.sort_unstable();
-            let mut out = create(file)?;
-            writeln!(out, "{header}").map_err(io_err)?;
-            for (minute, key, clicks) in rows {
-                writeln!(out, "{minute},{key},{clicks}").map_err(io_err)?;
+            let mut out = create(file, header)?;
+            for row in rows {
+                out.serialize(row).map_err(csv_err)?;
             }
             out.flush().map_err(io_err)?;
         }
@@ -76,29 +87,34 @@ impl Store {
             .and_then(|rows| rows.collect())
             .map_err(err)?;
         rows.sort_unstable();
-        let mut out = create("country_minute.csv")?;
-        writeln!(out, "minute,country,ad_id,clicks").map_err(io_err)?;
-        for (minute, country, ad, clicks) in rows {
-            writeln!(out, "{minute},{country},{ad},{clicks}").map_err(io_err)?;
+        let mut out = create("country_minute.csv", "minute,country,ad_id,clicks")?;
+        for row in rows {
+            out.serialize(row).map_err(csv_err)?;
         }
         out.flush().map_err(io_err)?;
 
-        let mut out = create("top_minute.csv")?;
-        writeln!(out, "minute,rank,ad_id,clicks").map_err(io_err)?;
+        // Top rows: each minute's (or boundary's) ads in rank order.
+        let write_top = |out: &mut csv::Writer<_>, rows: &[(u64, u64, u64)]| -> Result<(), String> {
+            for group in rows.chunk_by(|a, b| a.0 == b.0) {
+                let mut ranked: Vec<(u64, u64)> = group.iter().map(|&(_, ad, clicks)| (ad, clicks)).collect();
+                sort_ranked(&mut ranked);
+                for (rank, (ad, clicks)) in ranked.into_iter().enumerate() {
+                    out.serialize((group[0].0, rank + 1, ad, clicks)).map_err(csv_err)?;
+                }
+            }
+            Ok(())
+        };
+        let mut out = create("top_minute.csv", "minute,rank,ad_id,clicks")?;
         let mut rows = self.triples("SELECT minute, ad_id, clicks FROM top_minute")?;
         rows.sort_unstable();
-        for group in rows.chunk_by(|a, b| a.0 == b.0) {
-            let mut ranked: Vec<(u64, u64)> = group.iter().map(|&(_, ad, clicks)| (ad, clicks)).collect();
-            write_ranked(&mut out, group[0].0 as Minute, &mut ranked).map_err(io_err)?;
-        }
+        write_top(&mut out, &rows)?;
         out.flush().map_err(io_err)?;
 
         // Window snapshots run to the last minute's end, as a replay's files do.
         let last_boundary = self.committed()?.and_then(|c| c.last_minute).map_or(0, |m| m as u64 + 1);
         let windows = self.settings()?.windows;
         for window in windows {
-            let mut out = create(&format!("top_window_{window}m.csv"))?;
-            writeln!(out, "as_of,rank,ad_id,clicks").map_err(io_err)?;
+            let mut out = create(&format!("top_window_{window}m.csv"), "as_of,rank,ad_id,clicks")?;
             let mut statement =
                 self.conn.prepare("SELECT as_of, ad_id, clicks FROM top_window WHERE window_minutes = ?1").map_err(err)?;
             let mut rows: Vec<(u64, u64, u64)> = statement
@@ -107,14 +123,11 @@ impl Store {
                 .map_err(err)?;
             rows.retain(|r| r.0 <= last_boundary);
             rows.sort_unstable();
-            for group in rows.chunk_by(|a, b| a.0 == b.0) {
-                let mut ranked: Vec<(u64, u64)> = group.iter().map(|&(_, ad, clicks)| (ad, clicks)).collect();
-                write_ranked(&mut out, group[0].0 as Minute, &mut ranked).map_err(io_err)?;
-            }
+            write_top(&mut out, &rows)?;
             out.flush().map_err(io_err)?;
         }
 
-        let mut out = create("dead_letter.csv")?;
+        let mut out = crate::output::create(&dir.join("dead_letter.csv")).map_err(|e| e.to_string())?;
         writeln!(out, "partition,offset,reason,line").map_err(io_err)?;
         let mut statement = self.conn.prepare("SELECT partition, offset, reason, line FROM dead_letter").map_err(err)?;
         let mut rows: Vec<(String, u64, String, Vec<u8>)> = statement
@@ -129,14 +142,13 @@ impl Store {
         }
         out.flush().map_err(io_err)?;
 
-        let mut out = create("changelog/updates.csv")?;
-        writeln!(out, "time,view,key,value,diff").map_err(io_err)?;
+        let mut out = create("changelog/updates.csv", "time,view,key,value,diff")?;
         let mut statement = self.conn.prepare("SELECT time, view, key, value, diff FROM changelog ORDER BY seq").map_err(err)?;
         let mut rows = statement.query([]).map_err(err)?;
         while let Some(row) = rows.next().map_err(err)? {
             let (time, view, key, value, diff): (i64, String, String, i64, i64) =
                 (row.get(0).map_err(err)?, row.get(1).map_err(err)?, row.get(2).map_err(err)?, row.get(3).map_err(err)?, row.get(4).map_err(err)?);
-            writeln!(out, "{},{view},{key},{},{diff}", time as u64, value as u64).map_err(io_err)?;
+            out.serialize((time as u64, view, key, value as u64, diff)).map_err(csv_err)?;
         }
         out.flush().map_err(io_err)
     }

@@ -269,6 +269,16 @@ impl Store {
         }))
     }
 
+    /// Where the committed lines of `partition` end: every line before this offset was read by
+    /// a run whose updates are committed, and no line after it (0: none was).
+    pub fn committed_offset(&self, partition: &str) -> Result<u64, String> {
+        self.conn
+            .query_row("SELECT offset FROM partitions WHERE name = ?1", [partition], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|offset| offset.map_or(0, |o| o as u64))
+            .map_err(|e| sql_error(&self.path, e))
+    }
+
     /// The latest checkpoint of `partition` from which every row with a ts at or after
     /// `live_from_ms` is still ahead; `None`: start from the beginning.
     pub fn checkpoint_before(&self, partition: &str, live_from_ms: u64) -> Result<Option<Checkpoint>, String> {
