@@ -30,7 +30,7 @@ use clickagg_dataflows::{
 use crate::cluster::{self, Cluster, Greeting};
 use crate::serve::{peek, ServingState};
 use clickagg_dataflows::render::counts::count_per_minute;
-use clickagg_dataflows::render::topk::top_k;
+use clickagg_dataflows::render::topk::top_k_per_minute_in_groups;
 use clickagg_dataflows::render::sliding_counts;
 use clickagg_dataflows::render::windows::sliding_top_k_with_minute_tops;
 use clickagg_dataflows::render::filters::render_filters;
@@ -456,8 +456,9 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
             let deliveries = deliveries.as_collection();
             let (notes, note_collection) = scope.new_collection::<SourceNote, isize>();
             let dataflow_rules = config.dataflow_rules();
-            // Only the server's filters arrange the clicks beside the views, and must see them retracted.
-            let rendered = render_clicks(deliveries, &config.plan, &dataflow_rules, config.serve_filters);
+            // The server's filters retract each click themselves, when it leaves their horizon, and
+            // ignore retention's retractions: the clicks need not be retracted for them.
+            let rendered = render_clicks(deliveries, &config.plan, &dataflow_rules);
             // Serving: the billable clicks arranged by ip and by user, for filtered queries.
             let filters = config.serve_filters.then(|| {
                 let horizon = config.plan.windows.iter().copied().max().unwrap_or(0);
@@ -474,10 +475,8 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                     let campaign_country = count_per_minute("CampaignCountryMinute", per_campaign, &dataflow_rules).map(|((minute, country, campaign), clicks)| {
                         ServingAnswer::CampaignCountryMinute { minute, country, campaign, clicks }
                     });
-                    let country = counts.country.enter_region(inner);
-                    let per_country_minute = country.clone().map(|((minute, country, ad), clicks)| ((minute, country), (ad, clicks)));
-                    let top_country_minute = top_k("TopCountryMinute", per_country_minute, plan);
                     let country_clicks = counts.clicks.country.enter_region(inner);
+                    let top_country_minute = top_k_per_minute_in_groups("TopCountryMinute", country_clicks.clone(), plan.top_k, &dataflow_rules);
                     let top_country_window = sliding_top_k_with_minute_tops("TopCountryWindow", country_clicks, || top_country_minute.clone(), plan, rules, |&(m, c, _)| (m, c))
                         .map(|((window, country), (ad, clicks))| ServingAnswer::TopCountryWindow { window, country, ad, clicks });
                     let top_country_minute =
