@@ -286,7 +286,7 @@ def served_watermark(port):
         return None
 
 
-def soak(data_dir, scratch, results_dir, hours=6, time_scale=120, rate=2_000, every=3.0):
+def soak(data_dir, scratch, results_dir, hours=6, time_scale=120, rate=10_000, every=3.0):
     """Serving for hours of event time (issue 25): `run --follow --store … --serve` while `feed`
     appends `hours` of event time at `time_scale` times the wall clock (`rate` clicks per wall
     second, so rate/time_scale per event second), sampling the follower's RSS every `every`
@@ -645,7 +645,12 @@ def main():
     frozen = args.data / "clickagg"
     shutil.copy2(BINARY, frozen)
     BINARY = frozen
-    default, lines = dataset(args.data, f"default-{args.events}", args.events, "default")
+    # The soak writes its own logs: alone, it needs no generated set.
+    if groups - {"soak"}:
+        default, lines = dataset(args.data, f"default-{args.events}", args.events, "default")
+    else:
+        marker = args.data / f"default-{args.events}" / ".bench.json"
+        default, lines = None, json.loads(marker.read_text())["lines"] if marker.exists() else 0
     results = []
     serving = recovered = fresh = soaked = None
     with tempfile.TemporaryDirectory(prefix="clickagg-bench-") as scratch:
