@@ -2,7 +2,11 @@
 //! letters), and decides by the partition's own event-time rules when each click enters.
 
 pub mod parse;
+pub mod preflight;
 pub mod reader;
+pub mod tail;
+
+pub use tail::{discovered_partition_id, Follow};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
