@@ -43,6 +43,8 @@ PEERS = {
     "DuckDB 2 threads, exact tie-break": ["duckdb_job.py", "--dedup", "exact"],
     "chDB 2 threads, LIMIT 1 BY": ["chdb_job.py"],
 }
+# Run only when asked for (`--only soak`): it takes minutes and times nothing.
+OPTIONAL_GROUPS = ["soak"]
 
 
 def log(message):
@@ -236,19 +238,117 @@ def serving_latency(logs, scratch, runs, seconds=8, connections=200):
 
 def serving_replay(logs, scratch, runs):
     """A 2-worker replay with --serve, timed up to its "replay complete" (the process then goes
-    on serving, and is stopped): the cost of the filter arrangements and the views kept for the
-    server. Peak RSS is read from /proc before stopping it."""
-    samples = []
+    on serving, and is stopped), and the plain 2-worker replay of the same logs, one of each per
+    round (interleaved, so that the ratio compares the same minutes of a machine whose speed
+    drifts): what serving costs ingest. Peak RSS of the served one is read from /proc before
+    stopping it."""
+    served, plain = [], []
     for i in range(runs):
+        seconds, rss, _, _ = measure([[BINARY, "run", "--logs", logs, "--out", scratch / "plain", "-w", "2"]])
+        log(f"run -w 2: run {i + 1}/{runs}: {seconds:.2f} s, {rss / 2**30:.2f} GiB")
+        plain.append((seconds, rss))
         process, _, seconds = start_served(logs, scratch, "replay complete")
         status = Path(f"/proc/{process.pid}/status").read_text()
         rss = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) * 1024
         stop(process)
-        log(f"run -w 2 --serve: run {i + 1}/{runs}: {seconds:.2f} s to replay complete, {rss / 2**30:.2f} GiB")
-        samples.append((seconds, rss))
-    times = sorted(t for t, _ in samples)
-    return {"name": "run, 1×2 with --serve (to replay complete)", "median": statistics.median(times), "min": times[0],
-            "max": times[-1], "rss": max(r for _, r in samples), "runs": runs}
+        log(f"run -w 2 --serve: run {i + 1}/{runs}: {seconds:.2f} s to replay complete, {rss / 2**30:.2f} GiB "
+            f"({seconds / plain[-1][0]:.2f}× the plain run's time, {rss / plain[-1][1]:.2f}× its RSS)")
+        served.append((seconds, rss))
+
+    def summary(name, samples):
+        times = sorted(t for t, _ in samples)
+        return {"name": name, "median": statistics.median(times), "min": times[0], "max": times[-1],
+                "rss": max(r for _, r in samples), "runs": runs}
+    serve = summary("run, 1×2 with --serve (to replay complete)", served)
+    beside = summary("run, 1×2 (in the --serve rounds)", plain)
+    serve["time_ratio"] = statistics.median(s[0] / p[0] for s, p in zip(served, plain))
+    serve["rss_ratio"] = statistics.median(s[1] / p[1] for s, p in zip(served, plain))
+    return serve, beside
+
+
+def rss_of(pid):
+    """Resident set size of a process now, in bytes (VmRSS of /proc/PID/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1]) * 1024
+
+
+def served_watermark(port):
+    """The follower's watermark (ms of event time) from /v1/status, or None before it has one."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status", timeout=5) as response:
+            return json.load(response).get("watermark")
+    except (OSError, ValueError):
+        return None
+
+
+def soak(data_dir, scratch, results_dir, hours=6, time_scale=120, rate=10_000, every=3.0):
+    """Serving for hours of event time (issue 25): `run --follow --store … --serve` while `feed`
+    appends `hours` of event time at `time_scale` times the wall clock (`rate` clicks per wall
+    second, so rate/time_scale per event second), sampling the follower's RSS every `every`
+    seconds against the event time it has reached (the served watermark). Writes the samples as
+    JSON and an RSS-against-event-time plot as a PNG beside the results; reports RSS at 2 h and
+    at the end. Not a timed test: the ratio is what it is about."""
+    logs, store = scratch / "soak-logs", scratch / "soak.db"
+    shutil.rmtree(logs, ignore_errors=True)
+    subprocess.run([BINARY, "feed", "--logs", logs, "--duration", "0s"], check=True, stderr=subprocess.DEVNULL)
+    port = free_ports(1)[0]
+    follower = subprocess.Popen(follow_command(logs, store, "--serve", f"127.0.0.1:{port}"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = hours * 3600 / time_scale
+    feeder = subprocess.Popen([BINARY, "feed", "--logs", logs, "--rate", str(rate), "--time-scale", str(time_scale),
+                               "--duration", f"{int(wall) + 30}s"], stderr=subprocess.DEVNULL)
+    began = time.monotonic()
+    start = None
+    samples = []
+    try:
+        while True:
+            time.sleep(every)
+            if follower.poll() is not None:
+                raise SystemExit(f"soak: the follower exited with status {follower.returncode}")
+            mark = served_watermark(port)
+            if mark is None:
+                continue
+            start = start if start is not None else mark
+            hours_in = (mark - start) / 3_600_000
+            samples.append({"wall_s": round(time.monotonic() - began, 1), "event_hours": hours_in, "rss": rss_of(follower.pid)})
+            if len(samples) % 20 == 0:
+                log(f"soak: {hours_in:.2f} h of event time, RSS {samples[-1]['rss'] / 2**30:.2f} GiB")
+            if hours_in >= hours or feeder.poll() is not None:
+                break
+    finally:
+        feeder.kill()
+        feeder.wait()
+        follower.terminate()
+        follower.wait()
+        shutil.rmtree(logs, ignore_errors=True)
+
+    def rss_at(h):
+        return next((s["rss"] for s in samples if s["event_hours"] >= h), None)
+    reached = samples[-1]["event_hours"] if samples else 0
+    result = {"hours": hours, "reached_hours": reached, "time_scale": time_scale, "rate": rate,
+              "wall_s": round(time.monotonic() - began), "rss_2h": rss_at(2), "rss_end": samples[-1]["rss"] if samples else None,
+              "peak": max((s["rss"] for s in samples), default=None), "samples": len(samples),
+              "plot": "soak-rss.png"}
+    if result["rss_2h"] and result["rss_end"]:
+        result["ratio"] = result["rss_end"] / result["rss_2h"]
+    (results_dir / "soak-samples.json").write_text(json.dumps(samples))
+    plot = ("import json, sys\n"
+            "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+            "samples = json.load(open(sys.argv[1]))\n"
+            "fig, ax = plt.subplots(figsize=(8, 4.5))\n"
+            "ax.plot([s['event_hours'] for s in samples], [s['rss'] / 2**20 for s in samples])\n"
+            "ax.set_xlabel('event time fed (hours)'); ax.set_ylabel('follower RSS (MiB)')\n"
+            "ax.set_ylim(bottom=0); ax.grid(True)\n"
+            "ax.set_title(sys.argv[3])\n"
+            "fig.tight_layout(); fig.savefig(sys.argv[2], dpi=100)\n")
+    python = harness_python_with(data_dir, ("matplotlib",))
+    title = f"run --follow --serve while feed writes {hours} h at {time_scale}x"
+    subprocess.run([python, "-c", plot, results_dir / "soak-samples.json", results_dir / result["plot"], title], check=True)
+    log(f"soak: {reached:.2f} h of event time in {result['wall_s']} s; RSS at 2 h "
+        f"{(result['rss_2h'] or 0) / 2**30:.2f} GiB, at the end {(result['rss_end'] or 0) / 2**30:.2f} GiB"
+        + (f" ({result['ratio']:.2f}×)" if "ratio" in result else ""))
+    return result
 
 
 def store_read(store):
@@ -362,18 +462,23 @@ def freshness(scratch, runs, rate=200_000, seconds=20, tick="250ms", delay_ms=5_
             "p99": statistics.median(s[1] for s in samples), "rss": max(s[2] for s in samples), "runs": runs}
 
 
-def peers_python(scratch_root):
-    """A virtual environment of the harness's own with the peers (DuckDB, chDB), made once."""
+def harness_python_with(scratch_root, packages):
+    """A virtual environment of the harness's own, made once, with `packages` installed."""
     venv = scratch_root / "venv"
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    missing = [p for p in ("duckdb", "chdb")
+    missing = [p for p in packages
                if subprocess.run([python, "-c", f"import {p}"], capture_output=True).returncode != 0]
     if missing:
         log(f"installing {', '.join(missing)} into {venv}")
         subprocess.run([python, "-m", "pip", "install", "--quiet", *missing], check=True)
     return python
+
+
+def peers_python(scratch_root):
+    """A virtual environment of the harness's own with the peers (DuckDB, chDB), made once."""
+    return harness_python_with(scratch_root, ("duckdb", "chdb"))
 
 
 def peer_versions(python):
@@ -478,6 +583,11 @@ def render(results, lines, args, built_from, serving, saved):
             check += (f"; the parse floor, whose threads share nothing, went {floor[1]['median'] / floor[2]['median']:.2f}× "
                       "faster with 2 threads in the same rounds: what this machine gives two threads")
         checks.append(check)
+    if "run, 1×2 with --serve (to replay complete)" in by_name:
+        served = by_name["run, 1×2 with --serve (to replay complete)"]
+        if "time_ratio" in served:
+            checks.append(f"- `--serve` against the plain replay in the same rounds (issue 25): {served['time_ratio']:.2f}× the time "
+                          f"(target 1.5×), {served['rss_ratio']:.2f}× the peak RSS, {served['rss'] / 2**30:.2f} GiB (target 2.5 GiB)")
     if hot and w2:
         checks.append(f"- Hot-key set: {100 * hot / w2:.0f}% of the default set's speed (target within 15%)")
     if checks:
@@ -522,6 +632,20 @@ def render(results, lines, args, built_from, serving, saved):
             f"- p50 {f['p50']} ms, p99 {f['p99']} ms (target: p99 under 1000 ms); peak RSS {f['rss'] / 2**30:.2f} GiB",
             "",
         ]
+    if saved.get("soak"):
+        k = saved["soak"]
+        gib = lambda b: f"{b / 2**30:.2f} GiB" if b else "n/a"
+        text += [
+            "## Soak: following and serving for hours of event time (issue 25)",
+            "",
+            f"`run --follow --store … --serve` (2 workers) while `feed --time-scale {k['time_scale']} --rate {k['rate']}` appends",
+            f"{k['hours']} h of event time ({k['rate']:,} clicks per wall second), RSS sampled every few seconds "
+            f"(at {k.get('commit', '?')}; {k['wall_s']} s of wall time; {k['reached_hours']:.2f} h reached). Plot: `{k['plot']}`.",
+            "",
+            f"- RSS at 2 h of event time {gib(k['rss_2h'])}, at the end {gib(k['rss_end'])}"
+            + (f": {k['ratio']:.2f}× (target 1.15×)" if "ratio" in k else "") + f"; peak {gib(k['peak'])}",
+            "",
+        ]
     return "\n".join(text)
 
 
@@ -530,12 +654,12 @@ def main():
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("CLICKAGG_BENCH_DATA", ROOT / "bench" / ".data")))
-    parser.add_argument("--only", default=",".join(GROUPS), help="comma-separated groups: " + ", ".join(GROUPS))
+    parser.add_argument("--only", default=",".join(GROUPS), help="comma-separated groups: " + ", ".join(GROUPS + OPTIONAL_GROUPS))
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
     args = parser.parse_args()
     groups = set(args.only.split(","))
-    if groups - set(GROUPS):
-        parser.error(f"unknown group(s) {sorted(groups - set(GROUPS))}; choose from {GROUPS}")
+    if groups - set(GROUPS + OPTIONAL_GROUPS):
+        parser.error(f"unknown group(s) {sorted(groups - set(GROUPS + OPTIONAL_GROUPS))}; choose from {GROUPS + OPTIONAL_GROUPS}")
 
     log("building clickagg (release)")
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
@@ -545,9 +669,14 @@ def main():
     frozen = args.data / "clickagg"
     shutil.copy2(BINARY, frozen)
     BINARY = frozen
-    default, lines = dataset(args.data, f"default-{args.events}", args.events, "default")
+    # The soak writes its own logs: alone, it needs no generated set.
+    if groups - {"soak"}:
+        default, lines = dataset(args.data, f"default-{args.events}", args.events, "default")
+    else:
+        marker = args.data / f"default-{args.events}" / ".bench.json"
+        default, lines = None, json.loads(marker.read_text())["lines"] if marker.exists() else 0
     results = []
-    serving = recovered = fresh = peer_versions_seen = None
+    serving = recovered = fresh = peer_versions_seen = soaked = None
     with tempfile.TemporaryDirectory(prefix="clickagg-bench-") as scratch:
         scratch = Path(scratch)
         out = scratch / "out"
@@ -586,11 +715,15 @@ def main():
             # killing a 6 GiB process), the first latency run's p99 was 20-28 ms in four sets
             # of four, against ~8.5 ms for the others and for a first run measured alone.
             serving = serving_latency(default, scratch, args.runs)
-            add(serving_replay(default, scratch, args.runs), 2)
+            served, beside = serving_replay(default, scratch, args.runs)
+            add(served, 2)
+            add(beside, 2)
         if "recovery" in groups:
             recovered = recovery(args.data, scratch, args.runs)
         if "freshness" in groups:
             fresh = freshness(scratch, args.runs)
+        if "soak" in groups:
+            soaked = soak(args.data, scratch, args.results.parent)
 
     # Rows from earlier runs of other groups stay, each with the commit it was measured at.
     store = args.results.with_suffix(".json")
@@ -611,10 +744,13 @@ def main():
         saved["recovery"] = recovered
     if fresh:
         saved["freshness"] = fresh
+    if soaked:
+        soaked["commit"] = built_from
+        saved["soak"] = soaked
     store.write_text(json.dumps(saved, indent=1))
     order = ["parse-only, 1 thread", "parse-only, 2 threads", "run, 1×1 (processes × workers)", "run, 1×2",
-             "run, 1×2, hot-key set", "run, 2×1 (two processes on loopback)", "run, 1×2 with --serve (to replay complete)",
-             *PEERS]
+             "run, 1×2, hot-key set", "run, 2×1 (two processes on loopback)", "run, 1×2 (in the --serve rounds)",
+             "run, 1×2 with --serve (to replay complete)", *PEERS]
     merged = sorted(saved["rows"].values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     report = render(merged, lines, args, built_from, saved["serving"], saved)
     args.results.write_text(report)

@@ -101,6 +101,10 @@ enum Command {
         ads: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Event time runs this many times faster than the wall clock (60: a minute of clicks
+        /// each second), from the wall-clock time `feed` starts; `--rate` stays per wall second.
+        #[arg(long, default_value_t = 1)]
+        time_scale: u64,
     },
     /// Read and parse the logs with no dataflow: the floor that `run` is measured against.
     ParseOnly {
@@ -534,7 +538,7 @@ fn execute(command: Command, matches: &ArgMatches) -> Result<(), String> {
             );
             Ok(())
         }
-        Command::Feed { logs, partitions, rate, duration, interval, ads, seed } => {
+        Command::Feed { logs, partitions, rate, duration, interval, ads, seed, time_scale } => {
             let config = clickagg::feed::FeedConfig {
                 logs,
                 partitions,
@@ -543,6 +547,7 @@ fn execute(command: Command, matches: &ArgMatches) -> Result<(), String> {
                 interval: std::time::Duration::from_millis(interval.max(1)),
                 ads,
                 seed,
+                time_scale,
             };
             let fed = clickagg::feed::feed(&config)?;
             eprintln!(

@@ -135,8 +135,9 @@ fn build(worker: &mut Worker, shared: &Shared) -> Dataflow {
         let deliveries = deliveries.as_collection();
         let (notes, note_collection) = scope.new_collection::<SourceNote, isize>();
         let dataflow_rules = config.dataflow_rules();
-        // Only the server's filters arrange the clicks beside the views, and must see them retracted.
-        let rendered = render_clicks(deliveries, &config.plan, &dataflow_rules, config.serve_filters);
+        // The server's filters retract each click themselves, when it leaves their horizon, and
+        // ignore retention's retractions: the clicks need not be retracted for them.
+        let rendered = render_clicks(deliveries, &config.plan, &dataflow_rules);
         // Serving: the billable clicks arranged by ip and by user, for filtered queries.
         let filters: Option<FilterArrangements> = config.serve_filters.then(|| filters_region(&rendered, &config.plan, &config.rules));
         // Serving: answers that no view file holds, maintained for the server.

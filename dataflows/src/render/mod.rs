@@ -35,7 +35,8 @@ pub fn arrangement_schema(name: &str) -> Option<(&'static str, &'static str)> {
         "CountryMinute" => ("(minute, country, ad_id)", "()"),
         "CampaignWindowCounts" => ("(window minutes, campaign_id)", "()"),
         "CampaignCountryMinute" => ("(minute, country, campaign_id)", "()"),
-        n if n.starts_with("TopCountryMinute") => ("((minute, country), ad_id bucket)", RANK),
+        "TopCountryMinute" => ("(minute, country)", RANK),
+        "TopCountryMinuteLocal" => ("(minute, country)", "clicks per ad_id, this worker's share"),
         "TopCountryWindow" => ("(window minutes, country)", RANK),
         "IpMinute" | "IpMinuteOverLimit" => ("(minute, ip)", "()"),
         "UserMinute" | "UserMinuteOverLimit" => ("(minute, user_id)", "()"),
@@ -111,7 +112,7 @@ pub fn first_live_minute(frontier: Time, plan: &Plan, rules: &EventTimeRules, se
 pub struct Rendered<'scope> {
     /// Distinct accepted clicks that are billable: one record per `(event_id, ts)`, with the
     /// attributes that count (all distinct clicks when there are no fraud rules). Retracted when
-    /// their minute is final only if rendered with `retract_clicks` (see [`render_clicks`]).
+    /// their minute is final only when the fraud rules are active (see [`render_clicks`]).
     pub clicks: VecCollection<'scope, Time, (ClickKey, ClickAttrs)>,
     /// Every answer of every view, for the sink.
     pub answers: VecCollection<'scope, Time, Answer>,
@@ -124,18 +125,18 @@ pub struct Rendered<'scope> {
 /// With a lateness bound, de-duplication and the per-minute state hold only the minutes that can
 /// still change: each forgets a minute once it is final (`rules.minute_final_at`), and retracts
 /// what it sent of it; the sink has written those minutes' answers by then, and ignores the
-/// retractions. With `retract_clicks`, `Rendered::clicks` retracts each click then too, for
-/// consumers beside these that arrange the clicks and must forget them (the server's filters);
-/// without it, no click is retracted unless the fraud rules, which arrange them, need it.
+/// retractions. No click of `Rendered::clicks` is retracted then unless the fraud rules, which
+/// arrange them, need it: consumers beside these that hold clicks (the server's filters) forget
+/// them on their own schedule. Retracting every click for them cost a second update per click
+/// through de-duplication and every consumer of the clicks, which all drop it.
 pub fn render_clicks<'scope>(
     deliveries: VecCollection<'scope, Time, Click>,
     plan: &Plan,
     rules: &EventTimeRules,
-    retract_clicks: bool,
 ) -> Rendered<'scope> {
     let scope = deliveries.scope();
     let rules = *rules;
-    let retract = retract_clicks || plan.fraud.is_active();
+    let retract = plan.fraud.is_active();
     let clicks = scope.region_named("Dedup", |inner| {
         dedup::distinct_clicks("DistinctClicks", deliveries.enter_region(inner), &rules, retract).leave_region(scope)
     });

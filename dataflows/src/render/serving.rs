@@ -6,7 +6,7 @@ use differential_dataflow::VecCollection;
 
 use super::counts::count_per_minute;
 use super::filters::{render_filters, FilterArrangements};
-use super::topk::top_k;
+use super::topk::top_k_per_minute_in_groups;
 use super::windows::sliding_top_k_with_minute_tops;
 use super::{sliding_counts, Rendered};
 use crate::answer::{ServingAnswer, SinkRecord};
@@ -41,10 +41,8 @@ pub fn serving_views<'scope>(
         let campaign_country = count_per_minute("CampaignCountryMinute", per_campaign, dataflow_rules).map(|((minute, country, campaign), clicks)| {
             ServingAnswer::CampaignCountryMinute { minute, country, campaign, clicks }
         });
-        let country = counts.country.enter_region(inner);
-        let per_country_minute = country.clone().map(|((minute, country, ad), clicks)| ((minute, country), (ad, clicks)));
-        let top_country_minute = top_k("TopCountryMinute", per_country_minute, plan);
         let country_clicks = counts.clicks.country.enter_region(inner);
+        let top_country_minute = top_k_per_minute_in_groups("TopCountryMinute", country_clicks.clone(), plan.top_k, dataflow_rules);
         let top_country_window = sliding_top_k_with_minute_tops("TopCountryWindow", country_clicks, || top_country_minute.clone(), plan, rules, |&(m, c, _)| (m, c))
             .map(|((window, country), (ad, clicks))| ServingAnswer::TopCountryWindow { window, country, ad, clicks });
         let top_country_minute =
