@@ -493,7 +493,10 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                 })
             });
             let answers = answers_for_sink(rendered.answers, &dataflow_rules);
-            let records = answers.map(SinkRecord::Answers).concat(note_collection.map(SinkRecord::Note));
+            let records = answers
+                .map(SinkRecord::Answers)
+                .concat(note_collection.map(SinkRecord::Note))
+                .concat(rendered.duplicates.map(|()| SinkRecord::Duplicates));
             let records = match serving_answers {
                 Some(serving) => records.concat(serving),
                 None => records,

@@ -27,6 +27,9 @@ pub struct Summary {
     pub minutes: u64,
     pub busiest_minute: Option<BusiestMinute>,
     pub changelog_rows: u64,
+    /// Accepted deliveries that de-duplication found to be copies of a click it already held,
+    /// at times the sink has applied (the same number for any worker count).
+    pub duplicates: u64,
 }
 
 /// The minute with the most clicks, its clicks, and its top 10 `(ad, clicks)`.
@@ -60,7 +63,7 @@ impl Summary {
     }
     /// Accepted deliveries that were copies of a click already counted.
     pub fn duplicates(&self) -> u64 {
-        self.accepted() - self.clicks - self.excluded
+        self.duplicates
     }
 }
 
@@ -125,6 +128,10 @@ pub struct OutputSink {
     applied_serving: Vec<(ServingAnswer, isize)>,
     /// Window snapshots taken since the last publication, for the server.
     new_snapshots: Vec<SnapshotByWindow>,
+    /// Duplicates found at times the frontier has not passed yet, by time.
+    pending_duplicates: BTreeMap<Time, i64>,
+    /// Dead letters taken since this process started, by reason, for the server.
+    dead_letters_by_reason: BTreeMap<&'static str, u64>,
 }
 
 /// Creates (or empties) the file `path`, buffered for large writes: for the store's export, and
@@ -400,6 +407,8 @@ impl OutputSink {
             new_snapshots: Vec::new(),
             pending_serving: BTreeMap::new(),
             applied_serving: Vec::new(),
+            pending_duplicates: BTreeMap::new(),
+            dead_letters_by_reason: BTreeMap::new(),
         }
     }
 
@@ -478,6 +487,7 @@ impl OutputSink {
                     return;
                 }
                 dead.partition = self.slot(dead.partition).unwrap_or(u32::MAX as usize) as u32;
+                *self.dead_letters_by_reason.entry(dead.reason.as_str()).or_default() += 1;
                 if let Some((_, batch)) = &mut self.store {
                     batch.dead_letters.push((time, dead.clone()));
                 }
@@ -485,6 +495,7 @@ impl OutputSink {
                     files.dead_letters.push(dead);
                 }
             }
+            SinkRecord::Duplicates => *self.pending_duplicates.entry(time).or_default() += diff as i64,
             SinkRecord::Serving(answer) => {
                 if self.serving.is_some() {
                     self.pending_serving.entry(time).or_default().push((answer, diff));
@@ -572,6 +583,7 @@ impl OutputSink {
             }
             self.next_boundary.get_or_insert(minute_of(time) + 1);
         }
+        self.count_duplicates_before(frontier);
         match frontier {
             Some(frontier) => self.reach(frontier)?,
             None => {
@@ -605,6 +617,18 @@ impl OutputSink {
         }
         self.publish_serving(frontier);
         Ok(())
+    }
+
+    /// Adds the duplicates found at times before `frontier` (all of them, when the input is
+    /// complete) to the summary.
+    fn count_duplicates_before(&mut self, frontier: Option<Time>) {
+        while let Some(entry) = self.pending_duplicates.first_entry() {
+            if frontier.is_some_and(|f| *entry.key() >= f) {
+                break;
+            }
+            let found = entry.remove();
+            self.summary.duplicates = (self.summary.duplicates as i64 + found).max(0) as u64;
+        }
     }
 
     fn publish_serving(&mut self, frontier: Option<Time>) {
@@ -642,6 +666,8 @@ impl OutputSink {
             let counters = Counters {
                 partitions: self.summary.partitions.clone(),
                 changelog_rows: self.summary.changelog_rows,
+                duplicates: self.summary.duplicates,
+                dead_letters: self.dead_letters_by_reason.clone(),
                 ..Default::default()
             };
             state.publish(frontier, &self.applied, &self.applied_serving, std::mem::take(&mut self.new_snapshots), Some(counters));
