@@ -34,6 +34,10 @@ pub struct Counters {
     /// Distinct clicks excluded by the fraud rules.
     pub excluded: u64,
     pub changelog_rows: u64,
+    /// Deliveries found to be copies of a click already held, at times before the frontier.
+    pub duplicates: u64,
+    /// Dead letters taken since this process started, by reason.
+    pub dead_letters: BTreeMap<&'static str, u64>,
 }
 
 /// One update of one ad's count in one minute, as the changelog has it.
@@ -193,6 +197,23 @@ impl Materialized {
                 range.filter_map(|minute| self.campaign_country.get(&(minute, country))?.get(&campaign)).sum()
             }
         })
+    }
+
+    /// Clicks of `ad` (or of `campaign`) in each minute of `[from, to)`, in `country` if given:
+    /// one `(minute, clicks)` per minute, in order, zeros included.
+    pub fn series(&self, subject: Subject, from: Minute, to: Minute, country: Option<Country>) -> Vec<(Minute, u64)> {
+        let of = |maps: Option<&HashMap<u64, u64>>, id: u64| maps.and_then(|m| m.get(&id)).copied().unwrap_or(0);
+        (from..to.max(from))
+            .map(|minute| {
+                let clicks = match (subject, country) {
+                    (Subject::Ad(ad), None) => of(self.ad.get(&minute), ad),
+                    (Subject::Campaign(campaign), None) => of(self.campaign.get(&minute), campaign),
+                    (Subject::Ad(ad), Some(country)) => of(self.country.get(&(minute, country)), ad),
+                    (Subject::Campaign(campaign), Some(country)) => of(self.campaign_country.get(&(minute, country)), campaign),
+                };
+                (minute, clicks)
+            })
+            .collect()
     }
 
     /// The `count` ads with most clicks over minutes `[from, to)`, in `country` if given,
