@@ -62,9 +62,19 @@ fn headless(browser: &str, url: &str, viewport: (u32, u32), extra: &[String]) ->
     reader.join().unwrap().expect("chromium's output")
 }
 
-/// The page's DOM after its scripts ran, as Chromium serializes it.
+/// The page's DOM after its scripts ran, as Chromium serializes it, without the scripts' text
+/// (which names the attributes and messages the tests look for).
 fn rendered_dom(browser: &str, url: &str) -> String {
-    headless(browser, url, VIEWPORTS[0], &["--dump-dom".to_string()])
+    let dom = headless(browser, url, VIEWPORTS[0], &["--dump-dom".to_string()]);
+    let mut rest = dom.as_str();
+    let mut shown = String::new();
+    while let Some(start) = rest.find("<script") {
+        shown.push_str(&rest[..start]);
+        rest = rest[start..].find("</script>").map_or("", |end| &rest[start + end + "</script>".len()..]);
+    }
+    shown.push_str(rest);
+    assert!(shown.contains("data-figure="), "the page's scripts did not run: {dom}");
+    shown
 }
 
 /// Screenshots of `url` at every viewport, as `target/dashboard-screenshots/{name}-{W}x{H}.png`.
@@ -130,7 +140,7 @@ fn closed_minutes(series: &Value) -> Vec<Vec<u64>> {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|m| !m["clicks"].is_null())
+        .filter(|m| m["state"] != "open")
         .map(|m| vec![m["minute"].as_u64().unwrap(), m["clicks"].as_u64().unwrap()])
         .collect()
 }
@@ -271,30 +281,44 @@ fn status_when(address: &str, within: Duration, ready: impl Fn(&Value) -> bool) 
 fn during_a_follow_the_page_shows_the_open_minute_and_health() {
     let browser = chromium();
     let dir = tempfile::tempdir().unwrap();
-    let fed = follow(dir.path(), 100);
+    // Start early in a minute, so that the page is seen (and photographed) before it closes.
+    let second_of_minute = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() % 60;
+    while second_of_minute() > 15 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let fed = follow(dir.path(), 150);
     let a = fed.address.as_str();
     let home = format!("http://{a}/");
 
-    // Clicks accepted, none visible yet unless a minute has closed: the page says which.
-    let before = status_when(a, Duration::from_secs(30), |s| s["accepted"].as_u64() > Some(1000));
+    // The first minutes: clicks counted so far in the open minute, none of the window closed.
+    let before = status_when(a, Duration::from_secs(30), |s| s["clicks"].as_u64() > Some(1000));
+    let first_open = before["as_of_minute"].as_u64().unwrap();
     let dom = rendered_dom(&browser, &home);
     let after = get_json(a, "/v1/status");
     assert_eq!(figure(&dom, "duplicates"), Some(0), "feed writes no duplicates");
     let shown_clicks = figure(&dom, "clicks").unwrap();
     assert!(before["clicks"].as_u64().unwrap() <= shown_clicks && shown_clicks <= after["clicks"].as_u64().unwrap());
-    if after["minutes"].as_u64() == Some(0) {
-        let at = dom.find("No minute has closed yet").expect("the page should say that no minute is visible yet");
-        let pending: u64 = dom[..at].rsplit("data-pending=\"").next().unwrap().split('"').next().unwrap().parse().unwrap();
-        assert!(pending > 0, "the notice should count the clicks waiting");
+    let rows = numbers(&dom, &["data-rank", "data-ad", "data-clicks"]);
+    assert!(!rows.is_empty(), "the page should show the clicks counted so far, not an empty top");
+    // Started early in a minute, the page is seen before that minute closes: the top is the open
+    // minute's so far, labelled, each count at most what the API says a moment later.
+    assert!(dom.contains("data-provisional=\"true\""), "the first minute should show its clicks so far, as provisional");
+    {
+        assert!(dom.contains("No minute of the window has closed yet"), "the provisional top should say what it is");
+        let open = numbers(&dom, &["data-open-top-minute"])[0][0];
+        for row in &rows {
+            let later = get_json(a, &format!("/v1/ads/{}/aggregated_count?from={open}&to={}", row[1], open + 1));
+            assert!(row[2] <= later["clicks"].as_u64().unwrap(), "ad {}: the page shows {}, the API {later}", row[1], row[2]);
+        }
         screenshots(&browser, &home, "follow-first-minute");
     }
 
     // Once a minute has closed: its clicks are charted, and the open minute is marked.
-    status_when(a, Duration::from_secs(100), |s| s["minutes"].as_u64() > Some(0));
+    status_when(a, Duration::from_secs(100), |s| s["as_of_minute"].as_u64() > Some(first_open));
     let dom = rendered_dom(&browser, &home);
     let status = get_json(a, "/v1/status");
     let boundary = status["as_of_minute"].as_u64().unwrap();
-    assert!(!dom.contains("No minute has closed yet"));
+    assert!(!dom.contains("has closed yet"), "a minute of the window has closed");
     let rows = numbers(&dom, &["data-rank", "data-ad", "data-clicks"]);
     assert!(!rows.is_empty(), "the top table should list the ads of the closed minute");
     let charted = rows[0][1];

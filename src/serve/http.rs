@@ -226,8 +226,9 @@ const MAX_SERIES_MINUTES: u32 = 24 * 60;
 /// stand at, `from` to an hour before `to`), in one answer exact as of one watermark.
 ///
 /// Each minute says what it is: `final` (no late click can change it any more), `provisional`
-/// (visible, but late clicks may still correct it), or `open` (at or after the boundary: none of
-/// its clicks is visible yet, `clicks` is null).
+/// (closed, but late clicks may still correct it), or `open`: the minute the watermark is in,
+/// with the clicks visible so far (a follower ticks within the minute; a replay stands on its
+/// boundary, where none is), and the minutes after it, whose `clicks` are null.
 fn series(subject: Subject, params: &Params, answers: &Materialized, state: &ServingState) -> Result<Value, Failure> {
     params.only(&["from", "to", "country"])?;
     let filter = params.filter()?;
@@ -250,12 +251,15 @@ fn series(subject: Subject, params: &Params, answers: &Materialized, state: &Ser
         }
         .final_minutes_before(answers.watermark().unwrap_or(0)),
     };
-    let visible = answers.series(subject, from.min(w), to.min(w), filter.country);
+    // Before a replay ends its last minute is open too; once it has, nothing is.
+    let open = if answers.complete_at.is_some() { w } else { w + 1 };
+    let visible = answers.series(subject, from.min(open), to.min(open), filter.country);
     let minutes: Vec<Value> = (from..to)
         .map(|m| match visible.get((m - from) as usize) {
             Some(&(_, clicks)) if m < w => {
                 json!({ "minute": m, "clicks": clicks, "state": if m < final_before { "final" } else { "provisional" } })
             }
+            Some(&(_, clicks)) if m < open => json!({ "minute": m, "clicks": clicks, "state": "open" }),
             _ => json!({ "minute": m, "clicks": null, "state": "open" }),
         })
         .collect();
