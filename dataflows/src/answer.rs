@@ -138,6 +138,10 @@ pub enum SinkRecord {
     Note(crate::types::SourceNote),
     /// Kept for the server only: in no file and not in the changelog.
     Serving(ServingAnswer),
+    /// Deliveries found to be copies of a click already held, at the record's time: the
+    /// multiplicity is how many ([`Rendered::duplicates`](crate::render::Rendered::duplicates)).
+    /// In no file and not in the changelog.
+    Duplicates,
 }
 
 /// Answers maintained only when serving, for queries that no view file answers.

@@ -16,6 +16,9 @@ pub struct Summary {
     pub minutes: u64,
     pub busiest_minute: Option<BusiestMinute>,
     pub changelog_rows: u64,
+    /// Accepted deliveries that de-duplication found to be copies of a click it already held,
+    /// at times the sink has applied (the same number for any worker count).
+    pub duplicates: u64,
 }
 
 /// The minute with the most clicks, its clicks, and its top 10 `(ad, clicks)`.
@@ -49,7 +52,7 @@ impl Summary {
     }
     /// Accepted deliveries that were copies of a click already counted.
     pub fn duplicates(&self) -> u64 {
-        self.accepted() - self.clicks - self.excluded
+        self.duplicates
     }
 }
 
@@ -62,4 +65,8 @@ pub struct Counters {
     /// Distinct clicks excluded by the fraud rules.
     pub excluded: u64,
     pub changelog_rows: u64,
+    /// Deliveries found to be copies of a click already held, at times before the frontier.
+    pub duplicates: u64,
+    /// Dead letters taken since this process started, by reason.
+    pub dead_letters: BTreeMap<&'static str, u64>,
 }

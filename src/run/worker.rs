@@ -143,7 +143,10 @@ fn build(worker: &mut Worker, shared: &Shared) -> Dataflow {
         // Serving: answers that no view file holds, maintained for the server.
         let serving_answers = config.serve_filters.then(|| serving_views(&rendered, &config.plan, &config.rules, &dataflow_rules));
         let answers = answers_for_sink(rendered.answers, &dataflow_rules);
-        let records = answers.map(SinkRecord::Answers).concat(note_collection.map(SinkRecord::Note));
+        let records = answers
+            .map(SinkRecord::Answers)
+            .concat(note_collection.map(SinkRecord::Note))
+            .concat(rendered.duplicates.map(|()| SinkRecord::Duplicates));
         let records = match serving_answers {
             Some(serving) => records.concat(serving),
             None => records,

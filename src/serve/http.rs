@@ -155,6 +155,8 @@ fn route(path: &str, params: &Params, answers: &Materialized, state: &ServingSta
         ["v1", "campaigns", id, "aggregated_count"] => {
             aggregated_count(Subject::Campaign(parse_id(id, "campaign_id")?), params, answers, state).map(Body::Json)
         }
+        ["v1", "ads", id, "series"] => series(Subject::Ad(parse_id(id, "ad_id")?), params, answers, state).map(Body::Json),
+        ["v1", "campaigns", id, "series"] => series(Subject::Campaign(parse_id(id, "campaign_id")?), params, answers, state).map(Body::Json),
         ["v1", "ads", id, "history"] => history(parse_id(id, "ad_id")?, params, answers, state).map(Body::Json),
         ["v1", "introspection", "arrangements"] => {
             params.only(&[])?;
@@ -221,6 +223,63 @@ fn aggregated_count(subject: Subject, params: &Params, answers: &Materialized, s
         Subject::Campaign(id) => ("campaign_id", id),
     };
     let mut body = json!({ key: id, "from_minute": from, "to_minute": to, "filter": filter.json(), "clicks": clicks, "source": source });
+    merge(&mut body, watermark_json(answers));
+    Ok(body)
+}
+
+/// Most minutes one series request may span: a day.
+const MAX_SERIES_MINUTES: u32 = 24 * 60;
+
+/// `/v1/{ads,campaigns}/{id}/series?from=&to=[&country=XX]`: the clicks of each minute of
+/// `[from, to)` (minute numbers or RFC 3339 times; `to` defaults to the boundary the answers
+/// stand at, `from` to an hour before `to`), in one answer exact as of one watermark.
+///
+/// Each minute says what it is: `final` (no late click can change it any more), `provisional`
+/// (closed, but late clicks may still correct it), or `open`: the minute the watermark is in,
+/// with the clicks visible so far (a follower ticks within the minute; a replay stands on its
+/// boundary, where none is), and the minutes after it, whose `clicks` are null.
+fn series(subject: Subject, params: &Params, answers: &Materialized, state: &ServingState) -> Result<Value, Failure> {
+    params.only(&["from", "to", "country"])?;
+    let filter = params.filter()?;
+    let w = boundary(answers)?;
+    let minute = |name: &str| params.get(name).map(parse_minute).transpose().map_err(|e| bad(format!("{name}: {e}")));
+    let to = minute("to")?.unwrap_or(w);
+    let from = minute("from")?.unwrap_or(to.saturating_sub(60));
+    if to <= from {
+        return Err(bad(format!("to ({to}) must be after from ({from})")));
+    }
+    if to - from > MAX_SERIES_MINUTES {
+        return Err(bad(format!("the series spans {} minutes; at most {MAX_SERIES_MINUTES} in one request", to - from)));
+    }
+    let final_before = match answers.complete_at {
+        Some(_) => Minute::MAX,
+        None => clickagg_dataflows::EventTimeRules {
+            watermark_delay_ms: state.settings.watermark_delay_ms,
+            allowed_lateness_ms: state.settings.allowed_lateness_ms,
+            tick_ms: MINUTE_MS,
+        }
+        .final_minutes_before(answers.watermark().unwrap_or(0)),
+    };
+    // Before a replay ends its last minute is open too; once it has, nothing is.
+    let open = if answers.complete_at.is_some() { w } else { w + 1 };
+    let visible = tiers(answers, state).series(subject, from.min(open), to.min(open), filter.country).map_err(store_failure)?;
+    let minutes: Vec<Value> = (from..to)
+        .map(|m| match visible.get((m - from) as usize) {
+            Some(&(_, clicks)) if m < w => {
+                json!({ "minute": m, "clicks": clicks, "state": if m < final_before { "final" } else { "provisional" } })
+            }
+            Some(&(_, clicks)) if m < open => json!({ "minute": m, "clicks": clicks, "state": "open" }),
+            _ => json!({ "minute": m, "clicks": null, "state": "open" }),
+        })
+        .collect();
+    let (key, id) = match subject {
+        Subject::Ad(id) => ("ad_id", id),
+        Subject::Campaign(id) => ("campaign_id", id),
+    };
+    let mut body = json!({
+        key: id, "from_minute": from, "to_minute": to, "filter": filter.json(), "minutes": minutes,
+        "final_before_minute": final_before.min(w), "open_from_minute": w,
+    });
     merge(&mut body, watermark_json(answers));
     Ok(body)
 }
@@ -382,6 +441,19 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Accepted deliveries not yet visible in the answers: accepted, less the duplicates and the
+/// distinct clicks (billable or excluded) at times before the frontier. Every accepted delivery
+/// is one of the three once the frontier passes its time, so this is what waits behind the
+/// watermark (0 once a replay is complete).
+fn pending_behind_watermark(answers: &Materialized) -> u64 {
+    let c = &answers.counters;
+    let accepted: u64 = c.partitions.iter().map(|p| p.accepted).sum();
+    accepted.saturating_sub(c.duplicates + c.billable + c.excluded)
+}
+
+/// `/v1/status`. A partition's `lag_seconds` is how far its newest event time is behind the
+/// wall clock while it is still being read; `null` once it is read to the end (`finished`), as
+/// every partition of a completed replay is.
 fn status(answers: &Materialized, state: &ServingState) -> Value {
     let now = now_ms();
     let c = &answers.counters;
@@ -397,7 +469,7 @@ fn status(answers: &Materialized, state: &ServingState) -> Value {
                 "size": size,
                 "lag_bytes": size.map(|s| s.saturating_sub(p.offset)),
                 "max_ts": p.max_ts,
-                "lag_seconds": p.max_ts.map(|ts| now.saturating_sub(ts) as f64 / 1000.0),
+                "lag_seconds": p.max_ts.filter(|_| !p.finished).map(|ts| now.saturating_sub(ts) as f64 / 1000.0),
                 "lines": p.lines,
                 "accepted": p.accepted,
                 "late": p.late,
@@ -408,13 +480,20 @@ fn status(answers: &Materialized, state: &ServingState) -> Value {
         })
         .collect();
     let total = |f: fn(&clickagg_dataflows::PartitionProgress) -> u64| c.partitions.iter().map(f).sum::<u64>();
-    let accepted = total(|p| p.accepted);
+    let finished = answers.complete_at.is_some() || (!c.partitions.is_empty() && c.partitions.iter().all(|p| p.finished));
+    let lag_seconds = c.partitions.iter().filter(|p| !p.finished).filter_map(|p| p.max_ts).map(|ts| now.saturating_sub(ts) as f64 / 1000.0).reduce(f64::max);
+    let uptime = state.started.elapsed().as_secs_f64();
     let mut body = json!({
         "partitions": partitions,
         "lines": total(|p| p.lines),
-        "accepted": accepted,
+        "lines_per_second": total(|p| p.lines) as f64 / uptime.max(1e-9),
+        "accepted": total(|p| p.accepted),
         "clicks": c.billable,
-        "duplicates": accepted.saturating_sub(c.billable + c.excluded),
+        "duplicates": c.duplicates,
+        "pending_behind_watermark": pending_behind_watermark(answers),
+        "dead_letters": c.dead_letters,
+        "finished": finished,
+        "lag_seconds": if finished { None } else { lag_seconds },
         "late": total(|p| p.late),
         "too_late": total(|p| p.too_late),
         "malformed": total(|p| p.malformed),
@@ -427,7 +506,7 @@ fn status(answers: &Materialized, state: &ServingState) -> Value {
         "windows": state.settings.windows,
         "watermark_delay_ms": state.settings.watermark_delay_ms,
         "allowed_lateness_ms": state.settings.allowed_lateness_ms,
-        "uptime_seconds": state.started.elapsed().as_secs_f64(),
+        "uptime_seconds": uptime,
     });
     merge(&mut body, watermark_json(answers));
     body
@@ -507,6 +586,10 @@ fn metrics(answers: &Materialized, state: &ServingState) -> String {
     metric("malformed_total", "counter", "Lines that are not clicks (dead letter).", per_partition(|p| p.malformed));
     metric("offset_bytes", "gauge", "Byte offset read to, per partition.", per_partition(|p| p.offset));
     metric("clicks_total", "counter", "Distinct billable clicks counted.", vec![(String::new(), c.billable as f64)]);
+    metric("duplicates_total", "counter", "Accepted deliveries that de-duplication found to be copies of a click already held.", vec![(String::new(), c.duplicates as f64)]);
+    metric("pending_behind_watermark", "gauge", "Accepted deliveries not yet visible in the answers.", vec![(String::new(), pending_behind_watermark(answers) as f64)]);
+    let reasons: Vec<(String, f64)> = c.dead_letters.iter().map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), *n as f64)).collect();
+    metric("dead_letters_total", "counter", "Dead letters since this process started, by reason.", reasons);
     metric("fraud_excluded_total", "counter", "Distinct clicks excluded by the fraud rules.", vec![(String::new(), c.excluded as f64)]);
     metric("changelog_rows_total", "counter", "Updates the sink applied.", vec![(String::new(), c.changelog_rows as f64)]);
     let lines: u64 = c.partitions.iter().map(|p| p.lines).sum();

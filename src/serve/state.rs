@@ -239,6 +239,23 @@ impl Materialized {
         })
     }
 
+    /// Clicks of `ad` (or of `campaign`) in each minute of `[from, to)`, in `country` if given:
+    /// one `(minute, clicks)` per minute, in order, zeros included.
+    pub fn series(&self, subject: Subject, from: Minute, to: Minute, country: Option<Country>) -> Vec<(Minute, u64)> {
+        let of = |maps: Option<&HashMap<u64, u64>>, id: u64| maps.and_then(|m| m.get(&id)).copied().unwrap_or(0);
+        (from..to.max(from))
+            .map(|minute| {
+                let clicks = match (subject, country) {
+                    (Subject::Ad(ad), None) => of(self.ad.get(&minute), ad),
+                    (Subject::Campaign(campaign), None) => of(self.campaign.get(&minute), campaign),
+                    (Subject::Ad(ad), Some(country)) => of(self.country.get(&(minute, country)), ad),
+                    (Subject::Campaign(campaign), Some(country)) => of(self.campaign_country.get(&(minute, country)), campaign),
+                };
+                (minute, clicks)
+            })
+            .collect()
+    }
+
     /// Adds each ad's clicks over minutes `[from, to)`, in `country` if given, to `sums`.
     pub fn add_sums(&self, from: Minute, to: Minute, country: Option<Country>, sums: &mut HashMap<u64, u64>) {
         let mut absorb = |ads: &HashMap<u64, u64>| {

@@ -73,6 +73,19 @@ impl<'a> Tiers<'a> {
         Ok((clicks, self.hot.history_of(ad, minute).to_vec()))
     }
 
+    /// Clicks of `subject` in each minute of `[from, to)`, in `country` if given: one
+    /// `(minute, clicks)` per minute, in order, zeros included. Each minute before `hot_from` is
+    /// one indexed lookup in the store (a series spans at most a day of minutes).
+    pub fn series(&self, subject: Subject, from: Minute, to: Minute, country: Option<Country>) -> Result<Vec<(Minute, u64)>, String> {
+        let ((cold_from, cold_to), (hot_from, hot_to)) = self.split(from, to);
+        let mut series = Vec::with_capacity((to.max(from) - from) as usize);
+        for minute in cold_from..cold_to {
+            series.push((minute, self.cold()?.count(subject, minute, minute + 1, country)?));
+        }
+        series.extend(self.hot.series(subject, hot_from, hot_to, country));
+        Ok(series)
+    }
+
     /// How many minutes have clicks.
     pub fn minutes(&self) -> u64 {
         self.hot.cold_minutes + self.hot.ad.len() as u64

@@ -83,6 +83,10 @@ pub struct OutputSink {
     applied_serving: Vec<(ServingAnswer, isize)>,
     /// Window snapshots taken since the last publication, for the server.
     new_snapshots: Vec<SnapshotByWindow>,
+    /// Duplicates found at times the frontier has not passed yet, by time.
+    pending_duplicates: BTreeMap<Time, i64>,
+    /// Dead letters taken since this process started, by reason, for the server.
+    dead_letters_by_reason: BTreeMap<&'static str, u64>,
 }
 
 impl OutputSink {
@@ -110,6 +114,8 @@ impl OutputSink {
             applied: Vec::new(),
             new_snapshots: Vec::new(),
             pending_serving: BTreeMap::new(),
+            pending_duplicates: BTreeMap::new(),
+            dead_letters_by_reason: BTreeMap::new(),
             applied_serving: Vec::new(),
         }
     }
@@ -195,6 +201,7 @@ impl OutputSink {
                     return;
                 }
                 dead.partition = self.slot(dead.partition).unwrap_or(u32::MAX as usize) as u32;
+                *self.dead_letters_by_reason.entry(dead.reason.as_str()).or_default() += 1;
                 if let Some((_, batch)) = &mut self.store {
                     batch.dead_letters.push((time, dead.clone()));
                 }
@@ -202,6 +209,7 @@ impl OutputSink {
                     files.dead_letters.push(dead);
                 }
             }
+            SinkRecord::Duplicates => *self.pending_duplicates.entry(time).or_default() += diff as i64,
             SinkRecord::Serving(answer) => {
                 if self.serving.is_some() {
                     self.pending_serving.entry(time).or_default().push((answer, diff));
@@ -289,6 +297,7 @@ impl OutputSink {
             }
             self.next_boundary.get_or_insert(minute_of(time) + 1);
         }
+        self.count_duplicates_before(frontier);
         match frontier {
             Some(frontier) => self.reach(frontier)?,
             None => {
@@ -323,6 +332,18 @@ impl OutputSink {
         }
         self.publish_serving(serving_frontier);
         Ok(())
+    }
+
+    /// Adds the duplicates found at times before `frontier` (all of them, when the input is
+    /// complete) to the summary.
+    fn count_duplicates_before(&mut self, frontier: Option<Time>) {
+        while let Some(entry) = self.pending_duplicates.first_entry() {
+            if frontier.is_some_and(|f| *entry.key() >= f) {
+                break;
+            }
+            let found = entry.remove();
+            self.summary.duplicates = (self.summary.duplicates as i64 + found).max(0) as u64;
+        }
     }
 
     /// Applies the serving-only updates that `frontier` completes (into `applied_serving`, and
@@ -370,6 +391,8 @@ impl OutputSink {
             let counters = Counters {
                 partitions: self.summary.partitions.clone(),
                 changelog_rows: self.summary.changelog_rows,
+                duplicates: self.summary.duplicates,
+                dead_letters: self.dead_letters_by_reason.clone(),
                 ..Default::default()
             };
             state.publish(frontier, &self.applied, &self.applied_serving, std::mem::take(&mut self.new_snapshots), Some(counters));

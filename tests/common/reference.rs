@@ -240,6 +240,19 @@ pub fn reference_outputs(dir: &Path, config: &RefConfig) -> BTreeMap<String, Str
 
 /// The output files and every distinct accepted click (the fraud rules not applied).
 pub fn reference_run(dir: &Path, config: &RefConfig) -> (BTreeMap<String, String>, Vec<RefClick>) {
+    let (files, clicks, _) = model(dir, config);
+    (files, clicks)
+}
+
+/// How many accepted rows were further deliveries of a click already accepted: the accepted
+/// rows less the distinct clicks.
+pub fn reference_duplicates(dir: &Path, config: &RefConfig) -> u64 {
+    let (_, clicks, accepted) = model(dir, config);
+    accepted - clicks.len() as u64
+}
+
+/// The output files, every distinct accepted click, and how many rows were accepted.
+fn model(dir: &Path, config: &RefConfig) -> (BTreeMap<String, String>, Vec<RefClick>, u64) {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -426,5 +439,5 @@ pub fn reference_run(dir: &Path, config: &RefConfig) -> (BTreeMap<String, String
             (ts / 60_000, ad, campaign, user, ip, country)
         })
         .collect();
-    (files, clicks)
+    (files, clicks, copies.len() as u64)
 }

@@ -5,7 +5,7 @@ use differential_dataflow::VecCollection;
 use crate::batches::exchange_routed;
 use crate::event_time::EventTimeRules;
 use crate::hashing::{fast_hash, TagIndex};
-use crate::render::minute_state::{per_minute, MinuteState};
+use crate::render::minute_state::{per_minute_tallied, MinuteState};
 use crate::render::peekable::FirstRows;
 use crate::types::{Click, ClickAttrs, ClickKey, Minute, Time};
 
@@ -33,8 +33,23 @@ pub fn distinct_clicks<'scope>(
     rules: &EventTimeRules,
     retract: bool,
 ) -> VecCollection<'scope, Time, (ClickKey, ClickAttrs)> {
-    let empty = move || DistinctClicks { clicks: Vec::new(), index: TagIndex::default(), retract };
-    per_minute(name, deliveries, exchange_routed(route_delivery), Click::minute, rules, empty)
+    distinct_clicks_counting_copies(name, deliveries, rules, retract).0
+}
+
+/// [`distinct_clicks`], and the duplicates counted where they are found: a record `()` at each
+/// time, its multiplicity the change at that time in the deliveries beyond the first of each
+/// click, over the clicks whose minutes are live (every delivery of a click reaches its minute
+/// before the minute is final, see `EventTimeRules::minute_final_at`). With deliveries only
+/// added, that is how many deliveries at that time were copies of a click already held. It is a
+/// function of the deliveries up to each time, so it is the same for any worker count.
+pub fn distinct_clicks_counting_copies<'scope>(
+    name: &str,
+    deliveries: VecCollection<'scope, Time, Click>,
+    rules: &EventTimeRules,
+    retract: bool,
+) -> (VecCollection<'scope, Time, (ClickKey, ClickAttrs)>, VecCollection<'scope, Time, ()>) {
+    let empty = move || DistinctClicks { clicks: Vec::new(), index: TagIndex::default(), retract, copies_beyond_first: 0 };
+    per_minute_tallied(name, deliveries, exchange_routed(route_delivery), Click::minute, rules, empty)
 }
 
 /// The hash that sends a delivery to its worker: every copy of a click goes to the same one.
@@ -57,6 +72,8 @@ struct DistinctClicks {
     index: TagIndex,
     /// Whether retiring the minute retracts its clicks.
     retract: bool,
+    /// The change, since it was last taken, in the deliveries held beyond the first of each click.
+    copies_beyond_first: isize,
 }
 
 impl MinuteState for DistinctClicks {
@@ -79,8 +96,10 @@ impl MinuteState for DistinctClicks {
         };
         let copies = &mut self.clicks[at].1;
         let before = copies.smallest();
+        let beyond_before = copies.beyond_first();
         copies.add(click.attrs, diff);
         let after = copies.smallest();
+        self.copies_beyond_first += copies.beyond_first() - beyond_before;
         if copies.is_empty() {
             self.index.remove(hash, at as u32);
         }
@@ -125,6 +144,10 @@ impl MinuteState for DistinctClicks {
     fn keys(&self) -> usize {
         self.index.len()
     }
+
+    fn take_tally(&mut self) -> isize {
+        std::mem::take(&mut self.copies_beyond_first)
+    }
 }
 
 /// The visible copies of one click, with their multiplicities: nearly always one copy, so it is
@@ -146,6 +169,16 @@ impl Copies {
             Copies::One(attrs, count) => (*count > 0).then_some(*attrs),
             Copies::Many(copies) => copies.iter().find(|(_, count)| *count > 0).map(|(attrs, _)| *attrs),
         }
+    }
+
+    /// The deliveries held beyond the first: the positive multiplicities' sum, less one if any.
+    fn beyond_first(&self) -> isize {
+        let held = match self {
+            Copies::None => 0,
+            Copies::One(_, count) => (*count).max(0),
+            Copies::Many(copies) => copies.iter().map(|(_, count)| (*count).max(0)).sum(),
+        };
+        (held - 1).max(0)
     }
 
     fn add(&mut self, attrs: ClickAttrs, diff: isize) {
@@ -183,7 +216,7 @@ impl Copies {
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::{distinct_clicks, Copies};
+    use super::{distinct_clicks, distinct_clicks_counting_copies, Copies};
     use crate::render::testing::{generator, held_at, run_operator, rules_and_workers, times_of};
     use crate::event_time::EventTimeRules;
     use crate::types::{Bits128, Click, ClickAttrs, ClickKey, Country, Ip, Time, MINUTE_MS};
@@ -281,6 +314,35 @@ mod tests {
                     rules.minute_final_at(crate::types::minute_of(record.0.ts)).is_some_and(|at| *time >= at)
                 });
                 assert_eq!(after_final.count(), 0, "seed {seed}, {workers} workers: a retraction at a final time without `retract`");
+            }
+        }
+    }
+
+    /// The duplicates counted up to `time`: for each click, the deliveries beyond the first
+    /// (positive multiplicities only) over those that reached its minute while it was live.
+    fn reference_duplicates(updates: &[(Click, Time, isize)], rules: &EventTimeRules, time: Time) -> isize {
+        let mut copies: BTreeMap<ClickKey, BTreeMap<ClickAttrs, isize>> = BTreeMap::new();
+        for (click, at, diff) in updates {
+            if *at <= time && rules.minute_final_at(click.minute()).is_none_or(|f| *at < f) {
+                *copies.entry(click.key).or_default().entry(click.attrs).or_default() += diff;
+            }
+        }
+        copies.values().map(|by_attrs| (by_attrs.values().map(|c| (*c).max(0)).sum::<isize>() - 1).max(0)).sum()
+    }
+
+    #[test]
+    fn duplicates_are_counted_where_they_are_found() {
+        for seed in 0..6 {
+            for (rules, workers) in rules_and_workers() {
+                let updates = deliveries(seed, 400);
+                let tallies = run_operator(workers, &updates, move |deliveries| distinct_clicks_counting_copies("DistinctClicks", deliveries, &rules, true).1);
+                let mut total = 0;
+                for time in times_of(&updates, &tallies) {
+                    let counted = held_at(&tallies, time).get(&()).copied().unwrap_or(0);
+                    assert_eq!(counted, reference_duplicates(&updates, &rules, time), "seed {seed}, {workers} workers, time {time}, {rules:?}");
+                    total = counted;
+                }
+                assert!(total > 0, "seed {seed}: the generator makes copies");
             }
         }
     }

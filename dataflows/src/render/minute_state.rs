@@ -15,7 +15,9 @@ use differential_dataflow::collection::AsCollection;
 use differential_dataflow::logging::{BatchEvent, DifferentialEventBuilder, DropEvent, Logger, MergeEvent};
 use differential_dataflow::{ExchangeData, VecCollection};
 use timely::dataflow::channels::pact::ParallelizationContract;
-use timely::dataflow::operators::generic::Operator;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Capability;
 
 use super::peekable::{register, FirstRows, Peekable};
@@ -46,6 +48,12 @@ pub trait MinuteState: 'static {
     /// Offers every key it holds of `minute`, with its value, to a peek (introspection). It may
     /// skip keys that cannot begin with the peek's prefix.
     fn peek(&self, minute: Minute, rows: &mut FirstRows);
+    /// Events the state counted since it was last asked (de-duplication: deliveries of a click it
+    /// already held), taken once a time's updates are applied and reported at that time by
+    /// [`per_minute_tallied`]. None by default.
+    fn take_tally(&mut self) -> isize {
+        0
+    }
 }
 
 /// A `per_minute` operator's live minutes, shared with the peeks of its worker.
@@ -91,13 +99,36 @@ pub fn per_minute<'scope, S: MinuteState, P>(
 where
     P: ParallelizationContract<Time, Vec<(S::Update, Time, isize)>>,
 {
+    per_minute_tallied(name, input, pact, minute_of, rules, empty).0
+}
+
+/// [`per_minute`], and the states' tallies ([`MinuteState::take_tally`]): a record `()` at each
+/// time whose updates made a tally, with the tally as its multiplicity. A tally is taken after
+/// all of a time's updates are applied, so it is a function of the updates up to that time, and
+/// the same for any worker count when the state's is (a sum over keys, each key on one worker).
+pub fn per_minute_tallied<'scope, S: MinuteState, P>(
+    name: &str,
+    input: VecCollection<'scope, Time, S::Update>,
+    pact: P,
+    minute_of: impl Fn(&S::Update) -> Minute + 'static,
+    rules: &EventTimeRules,
+    empty: impl Fn() -> S + 'static,
+) -> (VecCollection<'scope, Time, S::Output>, VecCollection<'scope, Time, ()>)
+where
+    P: ParallelizationContract<Time, Vec<(S::Update, Time, isize)>>,
+{
     let rules = *rules;
     let logger = StateLog::logger(&input.scope());
     let peek_name = name.to_string();
-    input
-        .inner
-        .unary_frontier::<LargeBatches<(S::Output, Time, isize)>, _, _, _>(pact, name, move |_, info| {
-            let log = StateLog { logger, operator: info.global_id };
+    let mut builder = OperatorBuilder::new(name.to_owned(), input.scope());
+    let log = StateLog { logger, operator: builder.operator_info().global_id };
+    let mut input = builder.new_input(input.inner, pact);
+    let (output, stream) = builder.new_output();
+    let mut output = OutputBuilder::<_, LargeBatches<(S::Output, Time, isize)>>::from(output);
+    let (tallies, tally_stream) = builder.new_output();
+    let mut tallies = OutputBuilder::<_, CapacityContainerBuilder<Vec<((), Time, isize)>>>::from(tallies);
+    builder.build(move |_initial_capabilities| {
+        {
             // Updates by time, applied in time order once the frontier has passed their time.
             let mut pending: BTreeMap<Time, HeldTime<S::Update>> = BTreeMap::new();
             let shared: Minutes<S> = Rc::new(RefCell::new(FastMap::default()));
@@ -111,14 +142,17 @@ where
             let mut spare_state: Option<S> = None;
             let mut spare_lists: Vec<Vec<(S::Update, isize)>> = Vec::new();
             let mut touched: Vec<Minute> = Vec::new();
-            move |(input, frontier), output| {
+            move |frontiers| {
+                let frontier = &frontiers[0];
+                let mut output = output.activate();
+                let mut tallies = tallies.activate();
                 let mut minutes = shared.borrow_mut();
                 input.for_each(|capability, data| {
                     let mut data = data.drain(..).peekable();
                     while let Some((update, time, diff)) = data.next() {
-                        let (_, updates) = pending
-                            .entry(time)
-                            .or_insert_with(|| (capability.delayed(&time, 0), spare_lists.pop().unwrap_or_default()));
+                        let (_, _, updates) = pending.entry(time).or_insert_with(|| {
+                            (capability.delayed(&time, 0), capability.delayed(&time, 1), spare_lists.pop().unwrap_or_default())
+                        });
                         updates.push((update, diff));
                         // A container's updates mostly share one time: the rest of its run go
                         // to the same list without looking the time up again.
@@ -143,7 +177,7 @@ where
                             spare_state = Some(live.state);
                         }
                         (Some(_), _) => {
-                            let (_, (capability, mut updates)) = pending.pop_first().expect("just seen");
+                            let (_, (capability, tally_capability, mut updates)) = pending.pop_first().expect("just seen");
                             let time = *capability.time();
                             let mut session = output.session_with_builder(&capability);
                             let mut emit = |out, diff| session.give((out, time, diff));
@@ -185,11 +219,16 @@ where
                             }
                             drop(drain);
                             spare_lists.push(updates);
+                            let mut tally = 0;
                             for minute in touched.drain(..) {
                                 let live = minutes.get_mut(&minute).expect("touched, so live");
                                 live.state.settle(&mut emit);
+                                tally += live.state.take_tally();
                                 log.resized(live.reported, live.state.keys());
                                 live.reported = live.state.keys();
+                            }
+                            if tally != 0 {
+                                tallies.session_with_builder(&tally_capability).give(((), time, tally));
                             }
                         }
                         (None, _) => break,
@@ -203,12 +242,14 @@ where
                     }
                 }
             }
-        })
-        .as_collection()
+        }
+    });
+    (stream.as_collection(), tally_stream.as_collection())
 }
 
-/// A time's capability and the updates received for it, with their multiplicities.
-type HeldTime<U> = (Capability<Time>, Vec<(U, isize)>);
+/// A time's capabilities (for the output and for the tallies) and the updates received for it,
+/// with their multiplicities.
+type HeldTime<U> = (Capability<Time>, Capability<Time>, Vec<(U, isize)>);
 
 /// One live minute: its state, and the capability to retract it when the minute is final.
 struct Live<S> {

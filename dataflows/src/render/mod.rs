@@ -118,6 +118,10 @@ pub struct Rendered<'scope> {
     pub answers: VecCollection<'scope, Time, Answer>,
     /// The per-minute counts of billable clicks, for views rendered beside these.
     pub counts: counts::MinuteCounts<'scope>,
+    /// Duplicates as de-duplication finds them: at each time, a record `()` whose multiplicity
+    /// is how many deliveries then were copies of a click already held
+    /// ([`dedup::distinct_clicks_counting_copies`]).
+    pub duplicates: VecCollection<'scope, Time, ()>,
 }
 
 /// Renders the whole plan over the stream of click deliveries (duplicates included).
@@ -137,8 +141,9 @@ pub fn render_clicks<'scope>(
     let scope = deliveries.scope();
     let rules = *rules;
     let retract = plan.fraud.is_active();
-    let clicks = scope.region_named("Dedup", |inner| {
-        dedup::distinct_clicks("DistinctClicks", deliveries.enter_region(inner), &rules, retract).leave_region(scope)
+    let (clicks, duplicates) = scope.region_named("Dedup", |inner| {
+        let (clicks, duplicates) = dedup::distinct_clicks_counting_copies("DistinctClicks", deliveries.enter_region(inner), &rules, retract);
+        (clicks.leave_region(scope), duplicates.leave_region(scope))
     });
     let (clicks, excluded) = if plan.fraud.is_active() {
         scope.region_named("Fraud", |inner| {
@@ -185,7 +190,7 @@ pub fn render_clicks<'scope>(
         })),
         None => answers,
     };
-    Rendered { clicks, answers, counts }
+    Rendered { clicks, answers, counts, duplicates }
 }
 
 /// The answers as the sink applies them: each worker consolidates its share of every completed

@@ -134,7 +134,7 @@ struct TopOfMinuteInGroups<G> {
     ranked: Vec<Rank>,
 }
 
-impl<G: differential_dataflow::ExchangeData + std::hash::Hash> MinuteState for TopOfMinuteInGroups<G> {
+impl<G: differential_dataflow::ExchangeData + std::hash::Hash + serde::Serialize> MinuteState for TopOfMinuteInGroups<G> {
     type Update = (Minute, G, u64);
     type Output = ((Minute, G), Rank);
 
@@ -172,6 +172,17 @@ impl<G: differential_dataflow::ExchangeData + std::hash::Hash> MinuteState for T
 
     fn keys(&self) -> usize {
         self.tops.values().map(LocalTop::len).sum()
+    }
+
+    /// Each `(minute, group, ad)` this worker counts, with its clicks as its multiplicity.
+    fn peek(&self, minute: Minute, rows: &mut FirstRows) {
+        if rows.may_hold(minute) {
+            for (group, top) in &self.tops {
+                for (ad, count) in top.counts.iter().filter(|(_, c)| c.clicks != 0) {
+                    rows.offer(&(minute, group, *ad), &(), count.clicks as isize);
+                }
+            }
+        }
     }
 }
 
