@@ -98,7 +98,6 @@ pub struct Store {
     frontier: Option<Time>,
     /// How many bytes of each partition's beginning its `head_hash` covers.
     head_hashes: BTreeMap<String, u64>,
-    logs: PathBuf,
 }
 
 /// A read-write connection in the mode every commit relies on: write-ahead log, and a sync of
@@ -176,7 +175,7 @@ impl Store {
             existing.check_partitions(paths)?;
         }
         let conn = open_writable(path, !exists)?;
-        let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: logs.to_path_buf() };
+        let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new() };
         if !exists {
             store.conn.execute_batch(SCHEMA).map_err(|e| sql_error(path, e))?;
             store.set_meta("schema_version", &SCHEMA_VERSION.to_string())?;
@@ -210,7 +209,7 @@ impl Store {
         }
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(|e| sql_error(path, e))?;
-        let store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new() };
+        let store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new() };
         let not_a_store = |why: String| format!("{} is not a clickagg store ({why}); it was left as it is", path.display());
         // Reading the schema fails on a file that is not SQLite, or one cut short.
         let tables: i64 = store
@@ -243,7 +242,7 @@ impl Store {
         let conn = open_writable(path, false)?;
         // A follower committing at the same time holds the write lock for a moment at a time.
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(|e| sql_error(path, e))?;
-        Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new() })
+        Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new() })
     }
 
     /// The store's identity, random at its creation: a mirror database records the store it
@@ -364,6 +363,11 @@ impl Store {
             .map_err(|e| sql_error(&self.path, e))
     }
 
+    /// Whether the store holds a finished replay (the end of the logs was committed).
+    pub fn is_complete(&self) -> Result<bool, String> {
+        Ok(self.meta("complete")?.is_some())
+    }
+
     /// What the last commit left, if anything was committed.
     pub fn committed(&self) -> Result<Option<Committed>, String> {
         let number = |key: &str| -> Result<Option<u64>, String> {
@@ -400,6 +404,8 @@ impl Store {
                             too_late: r.get::<_, i64>(5)? as u64,
                             malformed: r.get::<_, i64>(6)? as u64,
                             finished: false,
+                            // The source takes the hash again when it opens the file here.
+                            head_hash: 0,
                         },
                     })
                 },
@@ -519,10 +525,10 @@ impl Store {
             for (name, p) in &batch.progress {
                 let covered = self.head_hashes.get(name).copied().unwrap_or(0);
                 let wanted = p.offset.min(4096);
+                // The reader hashed the head: process 0 may not have the file (--local-logs).
                 let hash = if wanted > covered || !self.head_hashes.contains_key(name) {
-                    let hash = head_hash(&self.logs.join(name), wanted).map_err(|e| format!("cannot read partition {name}: {e}"))?;
                     self.head_hashes.insert(name.clone(), wanted);
-                    Some(hash)
+                    Some(p.head_hash)
                 } else {
                     None
                 };

@@ -46,6 +46,11 @@ impl<R: Read> LineReader<R> {
         }
     }
 
+    /// The source being read.
+    pub fn get_ref(&self) -> &R {
+        &self.source
+    }
+
     /// Offset just past the last line returned.
     pub fn offset(&self) -> u64 {
         self.offset
