@@ -12,6 +12,7 @@ pub mod feed;
 pub mod fuzzing;
 pub mod generate;
 pub mod introspect;
+pub mod layout;
 pub mod postgres_sink;
 pub mod reconcile;
 pub mod run;

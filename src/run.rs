@@ -1,6 +1,7 @@
 //! `clickagg run`: one timely computation over all partitions, in one process or several. Each
-//! of the computation's W·N workers reads partitions `i, i+W·N, …`; its input frontier is the
-//! watermark of those partitions, so the computation's frontier is the watermark of SPEC §2.
+//! of the computation's W·N workers reads its share of the partitions ([`Layout`]: `i, i+W·N, …`
+//! of a shared directory, or of its own process's files with `--local-logs`); its input frontier
+//! is the watermark of those partitions, so the computation's frontier is the watermark of SPEC §2.
 //! Worker 0 of process 0 gathers the answers and hands them to the sink, which runs on a thread of
 //! its own during a replay, and on worker 0 itself when following (see [`SinkRunner`]).
 
@@ -28,6 +29,7 @@ use clickagg_dataflows::{
 };
 
 use crate::cluster::{self, Cluster, Greeting};
+use crate::layout::{Layout, LogsMode};
 use crate::serve::{peek, ServingState};
 use clickagg_dataflows::render::counts::count_per_minute;
 use clickagg_dataflows::render::topk::top_k;
@@ -343,88 +345,38 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
     }
     let paths = list_partitions(&config.logs)?;
     let names: Vec<String> = paths.iter().map(|p| partition_name(p)).collect();
-    // Open the store, and fail before starting workers if the output cannot be written.
-    let mut resume: Vec<Option<PartitionProgress>> = match &config.start_at {
-        Some(start_at) if start_at.len() != paths.len() => {
-            return Err(format!("{} start offsets for {} partitions", start_at.len(), paths.len()))
-        }
-        Some(start_at) => start_at.clone(),
-        None => vec![None; paths.len()],
-    };
-    let sink = if config.is_sink_process() {
-        let mut sink = OutputSink::new(names.clone(), config.dataflow_rules(), &config.logs);
-        if let Some(path) = &config.store {
-            let (store, committed) = Store::open(path, &config.store_settings(), &config.logs, &paths)?;
-            if let Some(committed) = &committed {
-                if config.out.is_some() {
-                    return Err(format!(
-                        "the store {} is being resumed, so this run computes only what comes after it: write \
-                         the files with `clickagg export --store {} --out DIR` instead of --out",
-                        path.display(),
-                        path.display()
-                    ));
-                }
-                if config.cluster.as_ref().is_some_and(|c| c.processes > 1) {
-                    return Err("resuming a store needs one process (its checkpoints are on process 0): run the \
-                                recovery with -n 1, then go on as a cluster"
-                        .into());
-                }
-                let live_from = clickagg_dataflows::render::first_live_minute(committed.frontier, &config.plan, &config.rules, config.serve_filters);
-                let live_from_ms = live_from as u64 * clickagg_dataflows::MINUTE_MS;
-                for (slot, name) in resume.iter_mut().zip(&names) {
-                    *slot = store.checkpoint_before(name, live_from_ms)?.map(|c| c.progress);
-                }
-                let skipped: u64 = resume.iter().flatten().map(|p| p.offset).sum();
-                eprintln!(
-                    "clickagg: resuming {}: committed before watermark {}; replaying from minute {live_from} \
-                     ({skipped} bytes of the logs skipped)",
-                    path.display(),
-                    committed.frontier
-                );
-            }
-            let mirror = match &config.sink {
-                Some(url) => {
-                    let mirrored = crate::postgres_sink::MirroredStore { id: store.id()?, committed: committed.clone() };
-                    Some(crate::postgres_sink::PostgresSink::connect(url, &config.store_settings(), &mirrored)?)
-                }
-                None => None,
-            };
-            sink.commit_to(store, committed, mirror);
-        }
-        if let Some(out) = &config.out {
-            sink.write_files(out, &config.plan.windows).map_err(|e| e.to_string())?;
-        }
-        if let Some(state) = &config.serving {
-            sink.serve_into(Arc::clone(state));
-        }
-        let serving = config.serving.is_some();
-        let sink = match config.follow {
-            Some(_) => SinkRunner::on_worker(sink),
-            None => SinkRunner::on_thread(sink, move || {
-                if serving {
-                    // Ingest, as the workers are: the server's threads come first.
-                    lower_thread_priority(WORKER_NICENESS);
-                }
-            })
-            .map_err(|e| format!("cannot start the sink's thread: {e}"))?,
-        };
-        Some(sink)
-    } else {
-        None
-    };
-    let resume = Arc::new(resume);
-    let process_watermark = Arc::new(AtomicU64::new(0));
-    let sink = std::sync::Mutex::new(sink);
-    let peek_requests = std::sync::Mutex::new(config.serving.as_ref().map(|state| state.peek_channel()));
+    let local_logs = config.cluster.as_ref().is_some_and(|c| c.processes > 1 && c.local_logs);
+    // A shared directory: every process lists the partitions of the whole cluster, so the sink
+    // (process 0) opens before the cluster forms, and a bad --out or store fails at once. With
+    // --local-logs it needs every process's names first.
+    let early = if local_logs { None } else { Some(open_sink(config, &names, &paths)?) };
     let greeting = config.cluster.as_ref().map(|cluster| Greeting {
         process: cluster.process,
         processes: cluster.processes,
         workers: config.workers,
         settings: config.answer_settings(),
-        partitions: names.len(),
-        partitions_fingerprint: xxhash_rust::xxh3::xxh3_64(names.join("\n").as_bytes()),
+        local_logs: cluster.local_logs,
+        partition_names: names.clone(),
     });
-    let cluster = config.cluster.as_ref().zip(greeting.as_ref());
+    let (layout, connected) = match config.cluster.as_ref().zip(greeting.as_ref()) {
+        Some((cluster, greeting)) if cluster.processes > 1 => {
+            let connected = cluster::connect(cluster, greeting)?;
+            let lists: Vec<Vec<String>> = connected.greetings.iter().map(|g| g.partition_names.clone()).collect();
+            let mode = if cluster.local_logs { LogsMode::Local } else { LogsMode::Shared };
+            (Layout::agree(mode, &lists)?, Some(connected))
+        }
+        _ => (Layout::single(names.clone()), None),
+    };
+    let (sink, resume) = match early {
+        Some(opened) => opened,
+        None => open_sink(config, &layout.names, &paths)?,
+    };
+    let resume = Arc::new(resume);
+    let layout = Arc::new(layout);
+    let process_watermark = Arc::new(AtomicU64::new(0));
+    let sink = std::sync::Mutex::new(sink);
+    let peek_requests = std::sync::Mutex::new(config.serving.as_ref().map(|state| state.peek_channel()));
+    let cluster = config.cluster.as_ref().zip(connected);
     let sink_process = config.is_sink_process();
     let config = config.clone();
 
@@ -523,8 +475,9 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
 
         let mut errors = Vec::new();
         let mut tails = Vec::new();
-        for (i, path) in paths.iter().enumerate().skip(index).step_by(peers) {
-            match PartitionSource::open_at(i as u32, path, resume[i]) {
+        let processes = peers / config.workers;
+        for i in layout.partitions_of(index, config.workers, processes) {
+            match PartitionSource::open_at(i as u32, &config.logs.join(&layout.names[i]), resume[i]) {
                 Ok(mut source) => {
                     if let Some(at) = config.hold_too_late_until {
                         source.hold_too_late_until(at);
@@ -534,7 +487,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                 Err(e) => errors.push(e),
             }
         }
-        let mut reader = Reader { tails, names: names.clone(), errors, rules: config.rules, batch_lines: config.batch_lines };
+        let mut reader = Reader { tails, names: layout.names.clone(), errors, rules: config.rules, batch_lines: config.batch_lines };
 
         match config.follow {
             None => {
@@ -554,12 +507,14 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
                 }
             }
             Some(follow) => {
-                let mut known: std::collections::BTreeSet<String> = names.iter().cloned().collect();
+                let own: std::collections::BTreeSet<String> = names.iter().cloned().collect();
+                let others = layout.names.iter().filter(|name| !own.contains(*name)).cloned().collect();
+                let mut seen = Seen { own, others };
                 let mut last_scan = Instant::now();
                 while !failed() {
                     if last_scan.elapsed() >= follow.rescan {
                         last_scan = Instant::now();
-                        reader.discover(&config.logs, &mut known, index, peers);
+                        reader.discover(&config.logs, &mut seen, |id| layout.reads_discovered(id, index, config.workers, processes), &mut inputs);
                     }
                     let floor = *inputs.clicks.time();
                     let frontier = match reader.follow_step(&follow, floor, &mut inputs) {
@@ -645,6 +600,102 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
     }
 }
 
+/// The sink process's sink, opened before the workers start so that an output that cannot be
+/// written fails at once, and where each partition (by id, in `names`: every partition of the
+/// cluster) starts: a resumed store's checkpoints, or `start_at`. Other processes get no sink.
+fn open_sink(config: &RunConfig, names: &[String], paths: &[PathBuf]) -> Result<(Option<SinkRunner>, Vec<Option<PartitionProgress>>), String> {
+    // Open the store, and fail before starting workers if the output cannot be written.
+    let mut resume: Vec<Option<PartitionProgress>> = match &config.start_at {
+        Some(start_at) if start_at.len() != names.len() => {
+            return Err(format!("{} start offsets for {} partitions", start_at.len(), names.len()))
+        }
+        Some(start_at) => start_at.clone(),
+        None => vec![None; names.len()],
+    };
+    let sink = if config.is_sink_process() {
+        let mut sink = OutputSink::new(names.to_vec(), config.dataflow_rules());
+        if let Some(path) = &config.store {
+            refuse_local_resume(config, path)?;
+            let (store, committed) = Store::open(path, &config.store_settings(), &config.logs, paths)?;
+            if let Some(committed) = &committed {
+                if config.out.is_some() {
+                    return Err(format!(
+                        "the store {} is being resumed, so this run computes only what comes after it: write \
+                         the files with `clickagg export --store {} --out DIR` instead of --out",
+                        path.display(),
+                        path.display()
+                    ));
+                }
+                if config.cluster.as_ref().is_some_and(|c| c.processes > 1) {
+                    return Err("resuming a store needs one process (its checkpoints are on process 0): run the \
+                                recovery with -n 1, then go on as a cluster"
+                        .into());
+                }
+                let live_from = clickagg_dataflows::render::first_live_minute(committed.frontier, &config.plan, &config.rules, config.serve_filters);
+                let live_from_ms = live_from as u64 * clickagg_dataflows::MINUTE_MS;
+                for (slot, name) in resume.iter_mut().zip(names) {
+                    *slot = store.checkpoint_before(name, live_from_ms)?.map(|c| c.progress);
+                }
+                let skipped: u64 = resume.iter().flatten().map(|p| p.offset).sum();
+                eprintln!(
+                    "clickagg: resuming {}: committed before watermark {}; replaying from minute {live_from} \
+                     ({skipped} bytes of the logs skipped)",
+                    path.display(),
+                    committed.frontier
+                );
+            }
+            let mirror = match &config.sink {
+                Some(url) => {
+                    let mirrored = crate::postgres_sink::MirroredStore { id: store.id()?, committed: committed.clone() };
+                    Some(crate::postgres_sink::PostgresSink::connect(url, &config.store_settings(), &mirrored)?)
+                }
+                None => None,
+            };
+            sink.commit_to(store, committed, mirror);
+        }
+        if let Some(out) = &config.out {
+            sink.write_files(out, &config.plan.windows).map_err(|e| e.to_string())?;
+        }
+        if let Some(state) = &config.serving {
+            sink.serve_into(Arc::clone(state));
+        }
+        let serving = config.serving.is_some();
+        let sink = match config.follow {
+            Some(_) => SinkRunner::on_worker(sink),
+            None => SinkRunner::on_thread(sink, move || {
+                if serving {
+                    // Ingest, as the workers are: the server's threads come first.
+                    lower_thread_priority(WORKER_NICENESS);
+                }
+            })
+            .map_err(|e| format!("cannot start the sink's thread: {e}"))?,
+        };
+        Some(sink)
+    } else {
+        None
+    };
+    Ok((sink, resume))
+}
+
+/// A store being resumed needs one process that reads every partition: refused with a reason a
+/// `--local-logs` operator can act on, before the store's own checks look for partition files
+/// that are on other processes' disks.
+fn refuse_local_resume(config: &RunConfig, path: &std::path::Path) -> Result<(), String> {
+    if !config.cluster.as_ref().is_some_and(|c| c.processes > 1 && c.local_logs) || !path.exists() {
+        return Ok(());
+    }
+    let store = Store::open_read_only(path)?;
+    if store.committed()?.is_some() && !store.is_complete()? {
+        return Err(format!(
+            "the store {} holds committed answers, and resuming it needs one process that reads every partition \
+             (its checkpoints are on process 0; with --local-logs each process has only its own files): gather \
+             every process's partition files into one directory and resume with -n 1 over it",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 /// One partition as a worker reads it, with what follow mode knows of its recent activity.
 struct Tail {
     source: PartitionSource,
@@ -668,6 +719,13 @@ impl Tail {
         !self.source.is_finished()
             && !(self.at_end && (self.source.progress().max_ts.is_none() || self.last_data.elapsed() >= follow.idle_timeout))
     }
+}
+
+/// The partition names a follower has seen: in its own `--logs`, and (with `--local-logs`)
+/// those the other processes listed at the start, which its own directory must not repeat.
+struct Seen {
+    own: std::collections::BTreeSet<String>,
+    others: std::collections::BTreeSet<String>,
 }
 
 /// A worker's partitions and how it reads them.
@@ -756,22 +814,34 @@ impl Reader {
         self.tails.iter().any(|t| !t.source.is_finished() && (!t.at_end || now.duration_since(t.polled) >= follow.poll))
     }
 
-    /// Follow: lists the log directory and opens the new partitions that this worker owns.
-    fn discover(&mut self, logs: &std::path::Path, known: &mut std::collections::BTreeSet<String>, index: usize, peers: usize) {
+    /// Follow: lists the log directory and opens the new partitions that this worker `reads`,
+    /// telling the sink each one's name. `known`: the names seen so far, this process's and
+    /// (with `--local-logs`) the other processes'; `own`: this process's.
+    fn discover(&mut self, logs: &std::path::Path, seen: &mut Seen, reads: impl Fn(u32) -> bool, inputs: &mut Inputs) {
         let Ok(paths) = list_partitions(logs) else { return };
         for path in paths {
             let name = partition_name(&path);
-            if known.contains(&name) {
+            if seen.own.contains(&name) {
                 continue;
             }
-            known.insert(name.clone());
+            seen.own.insert(name.clone());
+            if seen.others.contains(&name) {
+                let error = format!(
+                    "partition {name} appeared in this process's --logs, but another process of the cluster has a partition \
+                     of that name: names must be unique across the cluster with --local-logs; this one is not read"
+                );
+                eprintln!("clickagg: {error}");
+                self.errors.push(error);
+                continue;
+            }
             let id = discovered_partition_id(&name);
-            if id as usize % peers != index {
+            if !reads(id) {
                 continue;
             }
             match PartitionSource::open(id, &path) {
                 Ok(source) => {
                     eprintln!("clickagg: new partition {name}");
+                    inputs.notes.update_at(SourceNote::Found { partition: id, name }, *inputs.notes.time(), 1);
                     self.tails.push(Tail::new(source));
                 }
                 Err(e) => self.errors.push(e),
