@@ -19,6 +19,8 @@ use timely::communication::{AllocatorBuilder, Hooks, WorkerGuards};
 use timely::worker::Worker;
 use timely::WorkerConfig;
 
+use crate::model::ClusterSettings;
+
 /// Where this process sits in a cluster: plain data from the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cluster {
@@ -94,7 +96,7 @@ pub struct Greeting {
     pub process: usize,
     pub processes: usize,
     pub workers: usize,
-    /// The run settings that change answers (event-time rules, plan), in a readable form.
+    /// The run settings that change answers (a [`ClusterSettings`] as JSON).
     pub settings: String,
     /// Whether each process reads a log directory of its own (`--local-logs`); every process
     /// must say the same.
@@ -182,10 +184,12 @@ impl Greeting {
             ));
         }
         if theirs.settings != self.settings.replace(['\n', ' '], "_") {
-            return Some(format!(
-                "process {them} and process {me} were started with different settings:\n  process {them}: {}\n  process {me}: {}",
-                theirs.settings, self.settings
-            ));
+            let parse = |text: &str| serde_json::from_str::<ClusterSettings>(text).ok();
+            let differences = match (parse(&theirs.settings), parse(&self.settings)) {
+                (Some(their), Some(mine)) => their.differences(&format!("on process {them}"), &mine, &format!("on process {me}")),
+                _ => format!("  process {them}: {}\n  process {me}: {}", theirs.settings, self.settings),
+            };
+            return Some(format!("process {them} and process {me} were started with different settings:\n{differences}"));
         }
         None
     }
@@ -258,7 +262,7 @@ pub fn connect(cluster: &Cluster, greeting: &Greeting) -> Result<Connected, Stri
 
     for (peer, address) in addresses.iter().enumerate().take(me) {
         let mut stream = connect_with_retry(address, deadline)
-            .map_err(|e| format!("process {peer} at {address} did not come up within {:?}: {e}", cluster.connect_timeout))?;
+            .map_err(|e| format!("process {peer} at {address} did not come up within {}: {e}", humantime::format_duration(cluster.connect_timeout)))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         stream.write_all(greeting.encode().as_bytes()).map_err(|e| format!("greeting process {peer} at {address}: {e}"))?;
         let (version, theirs) = read_greeting(&mut stream, deadline)
@@ -306,9 +310,9 @@ pub fn connect(cluster: &Cluster, greeting: &Greeting) -> Result<Connected, Stri
                         .map(|p| format!("process {p} ({})", addresses[p]))
                         .collect();
                     return Err(format!(
-                        "{} never connected to process {me} within {:?}: is it started, with this hostfile?",
+                        "{} never connected to process {me} within {}: is it started, with this hostfile?",
                         missing.join(", "),
-                        cluster.connect_timeout
+                        humantime::format_duration(cluster.connect_timeout)
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(20));

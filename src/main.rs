@@ -2,7 +2,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Differential merges allocate and free large batches constantly; glibc returns them to the
 /// kernel each time (a page fault per fresh page). mimalloc keeps them.
@@ -14,6 +15,7 @@ use clickagg::cluster_local::cluster_local;
 use clickagg::config::{parse_duration_ms, parse_windows, read_blocklist};
 use clickagg::demo::{demo, render_summary};
 use clickagg::generate::{generate, GenConfig};
+use clickagg::model::Setting;
 use clickagg::run::{run, RunConfig};
 use clickagg::serve::{serve, ServingState, Settings};
 use clickagg::shell::{shell, Client};
@@ -73,7 +75,8 @@ enum Command {
     },
     /// Replay the logs with no lateness bound (every distinct click counts), compare every
     /// per-minute answer with a store or output directory, and report each difference with the
-    /// too-late rows that explain it. Exits non-zero when a difference is unexplained.
+    /// too-late rows that explain it. Exits non-zero when a difference is unexplained. Against a
+    /// store, the settings are the ones the store was written with (a flag given must agree).
     Reconcile(ReconcileArgs),
     /// Write synthetic click logs.
     Generate(GenerateArgs),
@@ -108,9 +111,7 @@ enum Command {
     },
 }
 
-/// `-h` is the hostfile, as in timely's own `-w/-n/-p/-h`; help is `--help`.
 #[derive(Args)]
-#[command(disable_help_flag = true)]
 struct RunArgs {
     /// Directory of part-NNNNN.csv files (in a cluster, every process must see the same files,
     /// unless --local-logs).
@@ -148,14 +149,16 @@ struct RunArgs {
     #[arg(short = 'p', long, default_value_t = 0)]
     process: usize,
     /// host:port of every process, one per line in process order (needed when --processes > 1).
-    #[arg(short = 'h', long)]
+    /// (`-H`: `-h` is help, as in every other command.)
+    #[arg(short = 'H', long)]
     hostfile: Option<PathBuf>,
     /// Give up when a peer process has not connected within this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
     connect_timeout: u64,
-    /// Print help.
-    #[arg(long, action = clap::ArgAction::Help)]
-    help: Option<bool>,
+    /// A partition whose header cannot be used (a column missing or named twice) has every line
+    /// dead-lettered as bad_header, instead of failing the run before it starts.
+    #[arg(long)]
+    dead_letter_bad_headers: bool,
     #[command(flatten)]
     answers: AnswerArgs,
     /// Print the summary when done.
@@ -201,6 +204,23 @@ struct AnswerArgs {
 }
 
 impl AnswerArgs {
+    /// The settings given on the command line `matches` (not left at their defaults).
+    fn given(matches: &ArgMatches) -> Vec<Setting> {
+        [
+            ("watermark_delay", Setting::WatermarkDelay),
+            ("allowed_lateness", Setting::AllowedLateness),
+            ("tick", Setting::Tick),
+            ("top_k", Setting::TopK),
+            ("windows", Setting::Windows),
+            ("max_clicks_per_minute", Setting::MaxClicksPerMinute),
+            ("blocklist", Setting::Blocklist),
+        ]
+        .into_iter()
+        .filter(|(id, _)| matches.value_source(id) == Some(ValueSource::CommandLine))
+        .map(|(_, setting)| setting)
+        .collect()
+    }
+
     /// Sets `config`'s rules and plan. The tick defaults to 1m for a replay, 250ms when following.
     fn configure(&self, config: &mut RunConfig, follow: bool) -> Result<(), String> {
         config.rules.watermark_delay_ms = self.watermark_delay;
@@ -239,6 +259,9 @@ struct ReconcileArgs {
     apply: bool,
     #[arg(short, long, default_value_t = 1)]
     workers: usize,
+    /// As for `run`: dead-letter the lines of a partition whose header cannot be used.
+    #[arg(long)]
+    dead_letter_bad_headers: bool,
     #[command(flatten)]
     answers: AnswerArgs,
 }
@@ -353,7 +376,7 @@ fn cluster_of(args: &RunArgs) -> Result<Option<Cluster>, String> {
     if args.processes <= 1 && args.process == 0 {
         return Ok(None);
     }
-    let hostfile = args.hostfile.as_ref().ok_or("--processes > 1 needs --hostfile (-h) with each process's host:port")?;
+    let hostfile = args.hostfile.as_ref().ok_or("--processes > 1 needs --hostfile (-H) with each process's host:port")?;
     let cluster = Cluster {
         processes: args.processes,
         process: args.process,
@@ -368,7 +391,9 @@ fn cluster_of(args: &RunArgs) -> Result<Option<Cluster>, String> {
 fn main() -> ExitCode {
     tune_allocator();
     install_panic_recorder();
-    match execute(Cli::parse().command) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match execute(cli.command, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("clickagg: {e}");
@@ -377,7 +402,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn execute(command: Command) -> Result<(), String> {
+fn execute(command: Command, matches: &ArgMatches) -> Result<(), String> {
     match command {
         Command::Demo { events, workers, dir } => {
             let temp;
@@ -392,7 +417,7 @@ fn execute(command: Command) -> Result<(), String> {
             let started = std::time::Instant::now();
             let summary = demo(&dir, events, workers)?;
             print!("{}", render_summary(&summary));
-            println!("done in {:.2?}; answers in {}", started.elapsed(), dir.join("out").display());
+            println!("done in {:.2} s; answers in {}", started.elapsed().as_secs_f64(), dir.join("out").display());
             println!(
                 "next: clickagg run --logs {} --out {} -w 2 --serve 127.0.0.1:8080   (then open http://127.0.0.1:8080/)",
                 dir.join("logs").display(),
@@ -409,6 +434,7 @@ fn execute(command: Command) -> Result<(), String> {
             args.answers.configure(&mut config, args.follow)?;
             config.store = args.store;
             config.sink = args.sink;
+            config.dead_letter_bad_headers = args.dead_letter_bad_headers;
             if args.follow {
                 config.follow = Some(clickagg::run::Follow {
                     idle_timeout: std::time::Duration::from_millis(args.idle_timeout),
@@ -465,6 +491,7 @@ fn execute(command: Command) -> Result<(), String> {
         Command::Reconcile(args) => {
             let mut run = RunConfig::new(args.logs, PathBuf::new());
             run.workers = args.workers;
+            run.dead_letter_bad_headers = args.dead_letter_bad_headers;
             args.answers.configure(&mut run, false)?;
             let config = clickagg::reconcile::ReconcileConfig {
                 run,
@@ -473,9 +500,10 @@ fn execute(command: Command) -> Result<(), String> {
                 from: args.from,
                 to: args.to,
                 apply: args.apply,
+                given: matches.subcommand_matches("reconcile").map(AnswerArgs::given).unwrap_or_default(),
             };
             let outcome = clickagg::reconcile::reconcile(&config)?;
-            println!("{}", outcome.line());
+            print!("{}", outcome.text());
             if outcome.unexplained > 0 {
                 return Err(format!(
                     "{} differences are not explained by too-late rows: see {}",
@@ -486,7 +514,7 @@ fn execute(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Export { store, out } => {
-            let store = clickagg::store::Store::open_read_only(&store)?;
+            let store = clickagg::storage::Store::open_read_only(&store)?;
             store.export(&out)?;
             eprintln!("clickagg: wrote the answers of {} to {}", store.path().display(), out.display());
             Ok(())

@@ -191,14 +191,19 @@ fn every_relative_link_reaches_a_file_of_the_repository() {
 /// The README is read in a clone, often offline: its links stay inside the repository (the
 /// pages of docs/ may cite upstream projects).
 #[test]
-fn the_readme_links_only_inside_the_repository() {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let outside: Vec<String> = link_targets(&readme)
-        .into_iter()
-        .filter(|(_, target)| target.contains("://") || target.trim().starts_with("mailto:"))
-        .map(|(line, target)| format!("README.md:{line}: {target}"))
-        .collect();
-    assert!(outside.is_empty(), "the README links outside the repository:\n{}", outside.join("\n"));
+fn the_readme_and_docs_link_only_inside_the_repository() {
+    let mut outside = Vec::new();
+    for path in documents(&root()) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let name = path.strip_prefix(root()).unwrap().display().to_string();
+        outside.extend(
+            link_targets(&text)
+                .into_iter()
+                .filter(|(_, target)| target.contains("://") || target.trim().starts_with("mailto:"))
+                .map(|(line, target)| format!("{name}:{line}: {target}")),
+        );
+    }
+    assert!(outside.is_empty(), "the docs link outside the repository:\n{}", outside.join("\n"));
 }
 
 #[test]

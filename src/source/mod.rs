@@ -2,7 +2,11 @@
 //! letters), and decides by the partition's own event-time rules when each click enters.
 
 pub mod parse;
+pub mod preflight;
 pub mod reader;
+pub mod tail;
+
+pub use tail::{discovered_partition_id, Follow};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -380,13 +384,13 @@ mod tests {
         while !source.is_finished() {
             source.read_some(&rules, 7, true, 0, &mut Discard).unwrap();
             let progress = source.progress();
-            assert_eq!(progress.head_hash, crate::store::head_hash(&path, progress.offset).unwrap(), "at {}", progress.offset);
+            assert_eq!(progress.head_hash, crate::storage::sqlite::head_hash(&path, progress.offset).unwrap(), "at {}", progress.offset);
             seen.push(progress.offset);
         }
         assert!(seen.iter().any(|&o| o < HEAD_BYTES) && seen.iter().any(|&o| o > HEAD_BYTES), "{seen:?}");
         // Resumed from a checkpoint, before any read.
         let checkpoint = PartitionProgress { offset: seen[2], head_hash: 0, ..source.progress() };
         let resumed = PartitionSource::open_at(0, &path, Some(checkpoint)).unwrap();
-        assert_eq!(resumed.progress().head_hash, crate::store::head_hash(&path, seen[2]).unwrap());
+        assert_eq!(resumed.progress().head_hash, crate::storage::sqlite::head_hash(&path, seen[2]).unwrap());
     }
 }
