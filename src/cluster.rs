@@ -32,6 +32,9 @@ pub struct Cluster {
     pub addresses: Vec<String>,
     /// How long to wait for every peer to come up.
     pub connect_timeout: Duration,
+    /// Each process reads a log directory of its own (`--local-logs`) instead of all seeing
+    /// the same one.
+    pub local_logs: bool,
 }
 
 impl Cluster {
@@ -95,26 +98,28 @@ pub struct Greeting {
     pub workers: usize,
     /// The run settings that change answers (a [`ClusterSettings`] as JSON).
     pub settings: String,
-    /// The partition files every process found, as a count and a fingerprint of their names:
-    /// worker `i` reads partitions `i, i + N·W, …`, which only works if all see the same list.
-    pub partitions: usize,
-    pub partitions_fingerprint: u64,
+    /// Whether each process reads a log directory of its own (`--local-logs`); every process
+    /// must say the same.
+    pub local_logs: bool,
+    /// The partition files this process found in its `--logs`, sorted: the processes agree on
+    /// who reads what from every process's list (see [`crate::layout::Layout::agree`]).
+    pub partition_names: Vec<String>,
 }
-
 const GREETING_TAG: &str = "clickagg-cluster/1";
-const MAX_GREETING_BYTES: usize = 64 * 1024;
+/// Room for the names of about a million partition files.
+const MAX_GREETING_BYTES: usize = 32 * 1024 * 1024;
 
 impl Greeting {
     fn encode(&self) -> String {
         format!(
-            "{GREETING_TAG} version={} process={} processes={} workers={} partitions={} fingerprint={:016x} settings={}\n",
+            "{GREETING_TAG} version={} process={} processes={} workers={} local_logs={} settings={} partitions={}\n",
             env!("CARGO_PKG_VERSION"),
             self.process,
             self.processes,
             self.workers,
-            self.partitions,
-            self.partitions_fingerprint,
+            u8::from(self.local_logs),
             self.settings.replace(['\n', ' '], "_"),
+            self.partition_names.iter().map(|name| escape_name(name)).collect::<Vec<_>>().join(","),
         )
     }
 
@@ -135,8 +140,16 @@ impl Greeting {
             processes: number("processes")?,
             workers: number("workers")?,
             settings: text("settings")?,
-            partitions: number("partitions")?,
-            partitions_fingerprint: u64::from_str_radix(&text("fingerprint")?, 16).map_err(|_| "greeting has a bad fingerprint")?,
+            local_logs: match text("local_logs")?.as_str() {
+                "0" => false,
+                "1" => true,
+                _ => return Err("greeting has a bad local_logs".into()),
+            },
+            partition_names: match get.get("partitions") {
+                None => return Err("greeting lacks partitions".into()),
+                Some(&"") => Vec::new(),
+                Some(list) => list.split(',').map(unescape_name).collect::<Result<_, _>>()?,
+            },
         };
         Ok((text("version")?, greeting))
     }
@@ -162,11 +175,12 @@ impl Greeting {
                 theirs.workers, self.workers
             ));
         }
-        if theirs.partitions != self.partitions || theirs.partitions_fingerprint != self.partitions_fingerprint {
+        if theirs.local_logs != self.local_logs {
+            let with = |local: bool| if local { "with --local-logs" } else { "without --local-logs" };
             return Some(format!(
-                "process {them} found {} partition file(s) in its --logs and process {me} found {} (or their names differ): \
-                 every process must see the same log directory",
-                theirs.partitions, self.partitions
+                "process {them} was started {} but process {me} {}: every process must be given --local-logs, or none",
+                with(theirs.local_logs),
+                with(self.local_logs)
             ));
         }
         if theirs.settings != self.settings.replace(['\n', ' '], "_") {
@@ -181,17 +195,57 @@ impl Greeting {
     }
 }
 
+/// A partition name as the greeting carries it: `%`, `,`, spaces and control bytes as `%XX`.
+fn escape_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if c == '%' || c == ',' || c.is_whitespace() || c.is_control() {
+            let mut bytes = [0u8; 4];
+            for byte in c.encode_utf8(&mut bytes).bytes() {
+                out.push_str(&format!("%{byte:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The inverse of [`escape_name`].
+fn unescape_name(text: &str) -> Result<String, String> {
+    let bad = || format!("greeting has a bad partition name {text:?}");
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.as_bytes();
+    while let Some((&first, tail)) = rest.split_first() {
+        if first == b'%' {
+            let hex = tail.get(..2).and_then(|h| std::str::from_utf8(h).ok()).ok_or_else(bad)?;
+            bytes.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(first);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).map_err(|_| bad())
+}
+
 /// Decodes a greeting line (for the fuzz targets): the sender's version and greeting.
 pub fn decode_greeting(line: &str) -> Result<(String, Greeting), String> {
     Greeting::decode(line)
 }
 
-/// Connects this process to every other one, exchanging greetings, and returns one socket per
-/// process in process order (`None` for this one), ready for timely.
+/// A process joined to every other one: one socket per process in process order (`None` for
+/// this one), ready for timely, and every process's greeting (this one's included).
+pub struct Connected {
+    pub sockets: Vec<Option<TcpStream>>,
+    pub greetings: Vec<Greeting>,
+}
+
+/// Connects this process to every other one, exchanging greetings.
 ///
 /// Process `i` connects to every `j < i` and accepts every `j > i`. Each connection starts with
 /// the connecting side's greeting and the accepting side's reply; both sides check the other's.
-pub fn connect(cluster: &Cluster, greeting: &Greeting) -> Result<Vec<Option<TcpStream>>, String> {
+pub fn connect(cluster: &Cluster, greeting: &Greeting) -> Result<Connected, String> {
     cluster.validate()?;
     let me = cluster.process;
     let deadline = Instant::now() + cluster.connect_timeout;
@@ -203,6 +257,8 @@ pub fn connect(cluster: &Cluster, greeting: &Greeting) -> Result<Vec<Option<TcpS
     })?;
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let mut sockets: Vec<Option<TcpStream>> = (0..cluster.processes).map(|_| None).collect();
+    let mut greetings: Vec<Option<Greeting>> = (0..cluster.processes).map(|_| None).collect();
+    greetings[me] = Some(greeting.clone());
 
     for (peer, address) in addresses.iter().enumerate().take(me) {
         let mut stream = connect_with_retry(address, deadline)
@@ -218,6 +274,7 @@ pub fn connect(cluster: &Cluster, greeting: &Greeting) -> Result<Vec<Option<TcpS
             return Err(why);
         }
         sockets[peer] = Some(stream);
+        greetings[peer] = Some(theirs);
     }
 
     while sockets.iter().enumerate().any(|(peer, s)| peer > me && s.is_none()) {
@@ -244,6 +301,7 @@ pub fn connect(cluster: &Cluster, greeting: &Greeting) -> Result<Vec<Option<TcpS
                     ));
                 }
                 sockets[peer] = Some(stream);
+                greetings[peer] = Some(theirs);
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
@@ -265,7 +323,12 @@ pub fn connect(cluster: &Cluster, greeting: &Greeting) -> Result<Vec<Option<TcpS
     for stream in sockets.iter().flatten() {
         stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     }
-    Ok(sockets)
+    // Every slot is filled: the loops above end only when each peer has answered.
+    let greetings = greetings.into_iter().flatten().collect::<Vec<_>>();
+    if greetings.len() != cluster.processes {
+        return Err("a process of the cluster sent no greeting".into());
+    }
+    Ok(Connected { sockets, greetings })
 }
 
 fn connect_with_retry(address: &str, deadline: Instant) -> Result<TcpStream, String> {
@@ -286,34 +349,45 @@ fn connect_with_retry(address: &str, deadline: Instant) -> Result<TcpStream, Str
     }
 }
 
-/// Reads one greeting line, byte by byte: whatever follows it belongs to timely.
+/// Reads one greeting line. Whatever follows it belongs to timely, so the socket is peeked at
+/// and only the line's own bytes are consumed.
 fn read_greeting(stream: &mut TcpStream, deadline: Instant) -> Result<(String, Greeting), String> {
     let mut line = Vec::new();
-    let mut byte = [0u8; 1];
+    let mut buffer = vec![0u8; 64 * 1024];
     loop {
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
         stream.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
-        match stream.read(&mut byte) {
+        let seen = match stream.peek(&mut buffer) {
             Ok(0) => return Err("the connection closed".into()),
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) if line.len() >= MAX_GREETING_BYTES => return Err("greeting too long".into()),
-            Ok(_) => line.push(byte[0]),
+            Ok(seen) => seen,
             Err(e) => return Err(e.to_string()),
+        };
+        let (take, done) = match buffer[..seen].iter().position(|&b| b == b'\n') {
+            Some(end) => (end + 1, true),
+            None => (seen, false),
+        };
+        stream.read_exact(&mut buffer[..take]).map_err(|e| e.to_string())?;
+        line.extend_from_slice(&buffer[..take]);
+        if done {
+            line.pop();
+            break;
+        }
+        if line.len() >= MAX_GREETING_BYTES {
+            return Err("greeting too long".into());
         }
     }
     Greeting::decode(&String::from_utf8_lossy(&line))
 }
 
-/// Starts `workers` timely workers in this process, joined to the cluster if there is one, each
-/// running `func`.
-pub fn execute<T, F>(workers: usize, cluster: Option<(&Cluster, &Greeting)>, func: F) -> Result<WorkerGuards<T>, String>
+/// Starts `workers` timely workers in this process, joined to the cluster if there is one
+/// (connected first with [`connect`]), each running `func`.
+pub fn execute<T, F>(workers: usize, cluster: Option<(&Cluster, Connected)>, func: F) -> Result<WorkerGuards<T>, String>
 where
     T: Send + 'static,
     F: Fn(&mut Worker) -> T + Send + Sync + 'static,
 {
     let (builders, others): (Vec<AllocatorBuilder>, Box<dyn std::any::Any + Send>) = match cluster {
-        Some((cluster, greeting)) if cluster.processes > 1 => {
-            let sockets = connect(cluster, greeting)?;
+        Some((cluster, connected)) if cluster.processes > 1 => {
             eprintln!(
                 "clickagg: process {} of {} connected; {} workers each, {} in all",
                 cluster.process,
@@ -323,7 +397,7 @@ where
             );
             let hooks = Hooks::default();
             let local = ProcessBuilder::new_typed_vector(workers, hooks.refill.clone(), hooks.spill.clone());
-            let (builders, guard) = initialize_networking_from_sockets(local, sockets, cluster.process, workers, hooks)
+            let (builders, guard) = initialize_networking_from_sockets(local, connected.sockets, cluster.process, workers, hooks)
                 .map_err(|e| format!("starting timely's communication: {e}"))?;
             (builders.into_iter().map(AllocatorBuilder::Tcp).collect(), Box::new(guard))
         }
@@ -411,7 +485,14 @@ mod tests {
     }
 
     fn greeting(process: usize) -> Greeting {
-        Greeting { process, processes: 2, workers: 2, settings: "delay=5000 windows=1,5".into(), partitions: 4, partitions_fingerprint: 7 }
+        Greeting {
+            process,
+            processes: 2,
+            workers: 2,
+            settings: "delay=5000 windows=1,5".into(),
+            local_logs: false,
+            partition_names: vec!["part-00000.csv".into(), "part 1,%x\n.csv".into(), "é".into()],
+        }
     }
 
     #[test]
@@ -419,13 +500,16 @@ mod tests {
         let ours = greeting(0);
         let (version, decoded) = Greeting::decode(&greeting(1).encode()).unwrap();
         assert_eq!(decoded.settings, "delay=5000_windows=1,5");
+        assert_eq!(decoded.partition_names, greeting(1).partition_names);
         assert_eq!(ours.mismatch(&version, &decoded), None);
+        let none = Greeting { partition_names: Vec::new(), ..greeting(1) };
+        assert_eq!(Greeting::decode(&none.encode()).unwrap().1.partition_names, Vec::<String>::new());
         // A change to our greeting, and what the mismatch it causes must say.
         type Case = (fn(&mut Greeting), &'static str);
         let cases: [Case; 4] = [
             (|g| g.workers = 1, "same --workers"),
             (|g| g.processes = 3, "same --processes"),
-            (|g| g.partitions_fingerprint = 8, "same log directory"),
+            (|g| g.local_logs = true, "--local-logs, or none"),
             (|g| g.settings = "delay=1".into(), "different settings"),
         ];
         for (change, needle) in cases {
@@ -447,9 +531,15 @@ mod tests {
         let ours = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = ours.local_addr().unwrap().to_string();
         drop(ours);
-        let cluster = Cluster { processes: 2, process: 1, addresses: vec![dead.clone(), address], connect_timeout: Duration::from_millis(500) };
+        let cluster = Cluster {
+            processes: 2,
+            process: 1,
+            addresses: vec![dead.clone(), address],
+            connect_timeout: Duration::from_millis(500),
+            local_logs: false,
+        };
         let started = Instant::now();
-        let error = connect(&cluster, &greeting(1)).unwrap_err();
+        let error = connect(&cluster, &greeting(1)).err().expect("an error");
         assert!(error.contains("process 0") && error.contains("did not come up"), "{error}");
         assert!(started.elapsed() < Duration::from_secs(5));
     }

@@ -12,6 +12,7 @@ pub mod feed;
 pub mod fuzzing;
 pub mod generate;
 pub mod introspect;
+pub mod layout;
 pub mod model;
 pub mod output;
 pub mod reconcile;

@@ -117,9 +117,14 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Directory of part-NNNNN.csv files (in a cluster, every process must see the same files).
+    /// Directory of part-NNNNN.csv files (in a cluster, every process must see the same files,
+    /// unless --local-logs).
     #[arg(long)]
     logs: PathBuf,
+    /// In a cluster, each process reads only the partition files of its own --logs (an ad
+    /// server's own disk): names must be unique across the cluster. Give it to every process.
+    #[arg(long)]
+    local_logs: bool,
     /// Output directory (created; its files are replaced). Process 0 needs it or --store.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -381,6 +386,7 @@ fn cluster_of(args: &RunArgs) -> Result<Option<Cluster>, String> {
         process: args.process,
         addresses: read_hostfile(hostfile)?,
         connect_timeout: std::time::Duration::from_millis(args.connect_timeout),
+        local_logs: args.local_logs,
     };
     cluster.validate()?;
     Ok(Some(cluster))

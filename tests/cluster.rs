@@ -241,3 +241,171 @@ fn a_serving_cluster_answers_filter_queries_from_every_process() {
         let _ = child.wait();
     }
 }
+
+/// Copies the partitions of `logs` into one directory per process, `dir/local-P`, process P
+/// getting the partitions numbered in `split[P]`: each process's own disk.
+fn split_logs(logs: &Path, dir: &Path, split: &[&[u32]]) -> Vec<std::path::PathBuf> {
+    split
+        .iter()
+        .enumerate()
+        .map(|(process, parts)| {
+            let local = dir.join(format!("local-{process}"));
+            std::fs::create_dir_all(&local).unwrap();
+            for part in *parts {
+                let name = format!("part-{part:05}.csv");
+                std::fs::copy(logs.join(&name), local.join(&name)).unwrap();
+            }
+            local
+        })
+        .collect()
+}
+
+/// Starts process `process` of a cluster whose processes each read their own `logs`.
+fn start_local(logs: &Path, workers: usize, processes: usize, process: usize, hostfile: &Path, extra: &[&str]) -> Child {
+    let mut command = clickagg();
+    command.args(["run", "--local-logs", "--logs", logs.to_str().unwrap(), "-w", &workers.to_string()]);
+    command.args(["-n", &processes.to_string(), "-p", &process.to_string(), "--hostfile", hostfile.to_str().unwrap()]);
+    command.args(extra).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Starts every process of a `--local-logs` cluster (the last first), each with `extra` and
+/// process 0 with `first` too, and waits for them all.
+fn local_cluster(dirs: &[std::path::PathBuf], workers: usize, hostfile: &Path, extra: &[&str], first: &[&str]) -> Vec<Output> {
+    let mut children: Vec<Child> = (1..dirs.len()).rev().map(|p| start_local(&dirs[p], workers, dirs.len(), p, hostfile, extra)).collect();
+    let zero_args: Vec<&str> = extra.iter().chain(first).copied().collect();
+    children.push(start_local(&dirs[0], workers, dirs.len(), 0, hostfile, &zero_args));
+    children.reverse();
+    children.into_iter().map(|child| finish(child, Duration::from_secs(120))).collect()
+}
+
+/// SPEC §5: each process reads only the partition files on its own disk, and the cluster writes
+/// exactly what one process writes over the union of the directories: every partition keeps
+/// its cluster-wide index (the dead letters name them), whichever process and worker reads it.
+#[test]
+fn processes_reading_their_own_directories_write_what_one_process_writes_over_the_union() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path(), 60_000, 8);
+    let expected = single_process_outputs(&logs, dir.path());
+    assert!(expected["dead_letter.csv"].contains("part-00006.csv"), "the dead letters should name partitions of process 1");
+    let hostfile = write_local_hostfile(dir.path(), 2).unwrap();
+    let halves: [&[u32]; 2] = [&[0, 1, 2, 3], &[4, 5, 6, 7]];
+    let interleaved: [&[u32]; 2] = [&[0, 2, 3, 7], &[1, 4, 5, 6]];
+    for (case, split, workers) in [("halves", halves, 1), ("halves", halves, 2), ("interleaved", interleaved, 2)] {
+        let case_dir = dir.path().join(format!("{case}-{workers}"));
+        let dirs = split_logs(Path::new(&logs), &case_dir, &split);
+        let out = case_dir.join("out");
+        let outputs = local_cluster(&dirs, workers, &hostfile, &SETTINGS, &["--out", out.to_str().unwrap()]);
+        for (process, output) in outputs.iter().enumerate() {
+            assert!(output.status.success(), "{case}, process {process}: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        assert_same_outputs(&expected, &read_outputs(&out), &format!("2 processes × {workers} workers on their own {case} vs 1 × 1 on all"));
+    }
+}
+
+/// A partition name on two processes' disks would be counted twice (or, were the directories
+/// taken for one shared one, each process's other files dropped): refused, naming the
+/// partitions and the processes. Without --local-logs, directories that differ are refused.
+#[test]
+fn directories_that_share_partitions_or_disagree_on_the_mode_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path(), 2_000, 8);
+    let hostfile = write_local_hostfile(dir.path(), 2).unwrap();
+    let out = dir.path().join("out");
+    let out = ["--out", out.to_str().unwrap()];
+    let run_both = |dirs: &[std::path::PathBuf], flags: [&[&str]; 2]| -> Vec<String> {
+        let mut second = clickagg();
+        second.args(["run", "--logs", dirs[1].to_str().unwrap(), "-n", "2", "-p", "1", "--hostfile", hostfile.to_str().unwrap()]);
+        let second = second.args(flags[1]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut first = clickagg();
+        first.args(["run", "--logs", dirs[0].to_str().unwrap(), "-n", "2", "-p", "0", "--hostfile", hostfile.to_str().unwrap()]);
+        let first = first.args(flags[0]).args(out).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        [first, second]
+            .into_iter()
+            .map(|child| {
+                let output = finish(child, Duration::from_secs(60));
+                let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+                assert!(!output.status.success(), "should be refused: {stderr}");
+                assert!(!stderr.contains("panicked"), "{stderr}");
+                stderr
+            })
+            .collect()
+    };
+    let local: &[&str] = &["--local-logs"];
+
+    let overlapping = split_logs(Path::new(&logs), &dir.path().join("overlapping"), &[&[0, 1, 2, 3, 4], &[3, 4, 5, 6, 7]]);
+    for stderr in run_both(&overlapping, [local, local]) {
+        assert!(stderr.contains("names must be unique") || stderr.contains("name must be unique"), "{stderr}");
+        for duplicate in ["part-00003.csv is on processes 0 and 1", "part-00004.csv is on processes 0 and 1"] {
+            assert!(stderr.contains(duplicate), "{stderr}");
+        }
+        assert!(!stderr.contains("part-00002.csv is on"), "{stderr}");
+    }
+
+    let disjoint = split_logs(Path::new(&logs), &dir.path().join("disjoint"), &[&[0, 1, 2, 3], &[4, 5, 6, 7]]);
+    for stderr in run_both(&disjoint, [&[], &[]]) {
+        assert!(stderr.contains("same log directory") && stderr.contains("process 1 lacks part-00000.csv"), "{stderr}");
+        assert!(stderr.contains("start every process with --local-logs"), "{stderr}");
+    }
+    let stderr = run_both(&disjoint, [local, &[]]).join("\n");
+    assert!(stderr.contains("every process must be given --local-logs, or none"), "{stderr}");
+}
+
+/// Following with --local-logs: process 0's store holds every process's partitions (their
+/// offsets and checkpoints, the heads hashed by the process that has the file), a partition that
+/// appears later on process 1's disk is read there and named in the store, and resuming the
+/// store is refused to the cluster (process 0 has not the other files) and done by one process
+/// over the union, after which the store equals a clean replay.
+#[test]
+fn a_following_local_logs_cluster_commits_every_partition_and_is_resumed_by_one_process() {
+    use common::follow::{self, clean_replay, export, run_ok, s, sigterm, wait_until_caught_up};
+    let dir = tempfile::tempdir().unwrap();
+    let union = dir.path().join("union");
+    follow::generate(&union, 20_000, 5, 12, 5);
+    // The partition that appears later: rows after every other row (so that a follower, whose
+    // watermark has moved on, admits them as a replay does), and one that is not a click.
+    let last_ts = (0..5)
+        .flat_map(|p| {
+            let bytes = std::fs::read(union.join(format!("part-{p:05}.csv"))).unwrap();
+            String::from_utf8_lossy(&bytes).lines().map(str::to_string).collect::<Vec<_>>()
+        })
+        .filter_map(|line| line.split(',').nth(1)?.parse::<u64>().ok())
+        .filter(|&ts| ts < 1_900_000_000_000)
+        .max()
+        .unwrap();
+    let mut late = String::from("event_id,ts,ad_id,campaign_id,user_id,ip,country\n");
+    for i in 0..3 {
+        late.push_str(&format!("late-{i},{},4242,7,{i},10.9.9.{i},US\n", last_ts + 120_000 + i));
+    }
+    late.push_str("not a click\n");
+    std::fs::write(union.join("part-00005.csv"), &late).unwrap();
+    let dirs = split_logs(&union, dir.path(), &[&[0, 1, 2], &[3, 4]]);
+    let store = dir.path().join("answers.db");
+    let hostfile = write_local_hostfile(dir.path(), 2).unwrap();
+    let mut extra = vec!["--follow", "--idle-timeout", "60s"];
+    extra.extend(follow::SETTINGS);
+    let second = start_local(&dirs[1], 2, 2, 1, &hostfile, &extra);
+    let first = start_local(&dirs[0], 2, 2, 0, &hostfile, &[extra.as_slice(), &["--store", s(&store)]].concat());
+    std::thread::sleep(Duration::from_millis(2000));
+    // Written under another name and renamed, as a log shipper would: it appears whole.
+    let staged = dirs[1].join("incoming.tmp");
+    std::fs::write(&staged, &late).unwrap();
+    std::fs::rename(&staged, dirs[1].join("part-00005.csv")).unwrap();
+    wait_until_caught_up(&union, &store, Duration::from_secs(90));
+    sigterm(&first);
+    let first = finish(first, Duration::from_secs(30));
+    sigterm(&second);
+    let second = finish(second, Duration::from_secs(30));
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("new partition part-00005.csv"), "process 1 should read its new partition: {stderr}");
+
+    let outputs = local_cluster(&dirs, 2, &hostfile, &extra, &["--store", s(&store)]);
+    let stderr = String::from_utf8_lossy(&outputs[0].stderr);
+    assert!(!outputs[0].status.success() && stderr.contains("gather every process's partition files"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let mut recover = vec!["run", "--logs", s(&union), "--store", s(&store), "-w", "2"];
+    recover.extend(follow::SETTINGS);
+    run_ok(&recover);
+    assert_same_outputs(&clean_replay(&union), &export(&store), "a local-logs follower's store, resumed over the union, vs a clean replay");
+}

@@ -213,6 +213,9 @@ pub struct PartitionProgress {
     /// Lines that are not clicks (every dead-letter reason but `too_late`).
     pub malformed: u64,
     pub finished: bool,
+    /// xxh3 of the partition's first `min(offset, 4096)` bytes, taken by the reader (the one
+    /// process sure to have the file): the store keeps it to recognize a replaced file.
+    pub head_hash: u64,
 }
 
 /// What the sources tell the sink besides clicks.
@@ -220,6 +223,10 @@ pub struct PartitionProgress {
 pub enum SourceNote {
     Dead(DeadLetter),
     Progress(PartitionProgress),
+    /// A partition found after the start (follow mode): its id and its name, sent by the worker
+    /// that reads it before any other note of it. The sink names it by this, as the process
+    /// that holds the sink need not see the file.
+    Found { partition: u32, name: String },
 }
 
 #[cfg(test)]

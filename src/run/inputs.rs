@@ -47,6 +47,10 @@ impl WorkerInput for Inputs {
         let now = *self.notes.time();
         self.notes.update_at(SourceNote::Progress(progress), now, 1);
     }
+    fn found(&mut self, partition: u32, name: String) {
+        let now = *self.notes.time();
+        self.notes.update_at(SourceNote::Found { partition, name }, now, 1);
+    }
 }
 
 impl Inputs {

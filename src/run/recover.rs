@@ -8,6 +8,7 @@ use clickagg_dataflows::{PartitionProgress, Time};
 
 use super::worker::{lower_thread_priority, WORKER_NICENESS};
 use super::RunConfig;
+use crate::layout::Layout;
 use crate::sink::{OutputSink, SinkRunner};
 use crate::source::{list_partitions, partition_name};
 use crate::storage::postgres::{MirroredStore, PostgresSink};
@@ -27,9 +28,12 @@ pub(super) struct Partitions {
 impl Partitions {
     /// Lists the log directory and checks what is there before any worker starts (see
     /// `source::preflight`); the reading starts at `config.start_at` when given.
-    pub fn list(config: &RunConfig) -> Result<Partitions, String> {
+    /// With `--local-logs` (`local_logs`) an empty directory is no error here: the cluster
+    /// refuses a replay only when no process has a partition.
+    pub fn list(config: &RunConfig, local_logs: bool) -> Result<Partitions, String> {
         let paths = list_partitions(&config.logs)?;
-        let warnings = crate::source::preflight::check_partitions(&config.logs, &paths, config.follow.is_some(), config.dead_letter_bad_headers)?;
+        let may_be_empty = config.follow.is_some() || local_logs;
+        let warnings = crate::source::preflight::check_partitions(&config.logs, &paths, may_be_empty, config.dead_letter_bad_headers)?;
         for warning in warnings.0 {
             eprintln!("clickagg: warning: {warning}");
         }
@@ -43,6 +47,17 @@ impl Partitions {
         };
         Ok(Partitions { paths, names, resume, uncommitted: None })
     }
+
+    /// With `--local-logs`: every partition of the cluster (`layout.names`, by id) now has a
+    /// place, read from its beginning; this process's own files keep their `paths`.
+    pub fn spread_over(&mut self, layout: &Layout, config: &RunConfig) -> Result<(), String> {
+        if config.start_at.is_some() {
+            return Err("start offsets are for one process reading every partition, not --local-logs".into());
+        }
+        self.names = layout.names.clone();
+        self.resume = vec![None; self.names.len()];
+        Ok(())
+    }
 }
 
 /// The sink of process 0, with everything it writes to opened (the store, resumed; the mirror;
@@ -52,12 +67,13 @@ pub(super) fn open_sink(config: &RunConfig, partitions: &mut Partitions) -> Resu
     if !config.is_sink_process() {
         return Ok(None);
     }
-    let mut sink = OutputSink::new(partitions.names.clone(), config.dataflow_rules(), &config.logs);
+    let mut sink = OutputSink::new(partitions.names.clone(), config.dataflow_rules());
     // The server first, so that the committer tells it of each commit.
     if let Some(state) = &config.serving {
         sink.serve_into(Arc::clone(state) as Arc<dyn crate::sink::Publish>);
     }
     if let Some(path) = &config.store {
+        refuse_local_resume(config, path)?;
         let (mut store, committed) = Store::open(path, &config.store_settings(), &config.logs, &partitions.paths)?;
         if let Some(committed) = &committed {
             recover(config, path, &store, committed, partitions)?;
@@ -118,6 +134,25 @@ fn recover(config: &RunConfig, path: &Path, store: &Store, committed: &Committed
         path.display(),
         committed.frontier
     );
+    Ok(())
+}
+
+/// A store being resumed needs one process that reads every partition: refused with a reason a
+/// `--local-logs` operator can act on, before the store's own checks look for partition files
+/// that are on other processes' disks.
+fn refuse_local_resume(config: &RunConfig, path: &Path) -> Result<(), String> {
+    if !config.cluster.as_ref().is_some_and(|c| c.processes > 1 && c.local_logs) || !path.exists() {
+        return Ok(());
+    }
+    let store = Store::open_read_only(path)?;
+    if store.committed()?.is_some() && !store.is_complete()? {
+        return Err(format!(
+            "the store {} holds committed answers, and resuming it needs one process that reads every partition \
+             (its checkpoints are on process 0; with --local-logs each process has only its own files): gather \
+             every process's partition files into one directory and resume with -n 1 over it",
+            path.display()
+        ));
+    }
     Ok(())
 }
 

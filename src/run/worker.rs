@@ -3,7 +3,6 @@
 //! process 0, finishes the sink.
 
 use std::cell::{Cell, RefCell};
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
@@ -30,7 +29,8 @@ use super::shutdown::{abandon, FlagOnPanic, WorkerResult};
 use super::RunConfig;
 use crate::serve::peek::{self, PeekRequest};
 use crate::sink::SinkRunner;
-use crate::source::tail::{Reader, WorkerInput};
+use crate::layout::Layout;
+use crate::source::tail::{Reader, Seen, WorkerInput};
 use crate::source::Follow;
 
 /// How much lower than the server's threads the workers run when serving (nice levels).
@@ -49,8 +49,11 @@ pub(super) fn lower_thread_priority(niceness: i32) {
 /// What every worker of this process shares.
 pub(super) struct Shared {
     pub config: RunConfig,
-    pub paths: Vec<PathBuf>,
-    pub names: Vec<String>,
+    /// Who reads which partition of the cluster; `layout.names[id]` names partition `id`.
+    pub layout: Layout,
+    /// The partitions this process listed in its own `--logs` at the start.
+    pub own_names: Vec<String>,
+    /// Where to start reading each partition, by id.
     pub resume: Vec<Option<PartitionProgress>>,
     /// Recovery: where each partition's committed lines end, and the committed frontier.
     pub uncommitted: Option<(Vec<u64>, Time)>,
@@ -102,12 +105,12 @@ pub(super) fn work(worker: &mut Worker, shared: &Shared) -> WorkerResult {
         crate::introspect::install(worker, Arc::clone(&state.introspection));
     }
     let mut dataflow = build(worker, shared);
-    let peers = worker.peers();
+    let processes = worker.peers() / config.workers;
     let mut reader = Reader::open(
-        &shared.paths,
-        &shared.names,
+        &config.logs,
+        &shared.layout.names,
         &shared.resume,
-        (index, peers),
+        shared.layout.partitions_of(index, config.workers, processes),
         config.hold_too_late_until,
         config.rules,
         config.batch_lines,
@@ -195,13 +198,17 @@ fn replay(worker: &mut Worker, shared: &Shared, dataflow: &mut Dataflow, reader:
 /// ends the process from its own thread).
 fn tail(worker: &mut Worker, shared: &Shared, dataflow: &mut Dataflow, reader: &mut Reader, follow: &Follow) {
     let failed = || shared.panicked.load(Ordering::SeqCst);
-    let (index, peers) = (worker.index(), worker.peers());
-    let mut known: std::collections::BTreeSet<String> = shared.names.iter().cloned().collect();
+    let (index, workers) = (worker.index(), shared.config.workers);
+    let processes = worker.peers() / workers;
+    let own: std::collections::BTreeSet<String> = shared.own_names.iter().cloned().collect();
+    let others = shared.layout.names.iter().filter(|name| !own.contains(*name)).cloned().collect();
+    let mut seen = Seen { own, others };
     let mut last_scan = Instant::now();
     while !failed() {
         if last_scan.elapsed() >= follow.rescan {
             last_scan = Instant::now();
-            reader.discover(&shared.config.logs, &mut known, index, peers);
+            let reads = |id| shared.layout.reads_discovered(id, index, workers, processes);
+            reader.discover(&shared.config.logs, &mut seen, reads, &mut dataflow.inputs);
         }
         let floor = dataflow.inputs.time();
         let frontier = match reader.follow_step(follow, floor, &mut dataflow.inputs) {

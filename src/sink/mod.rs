@@ -11,7 +11,7 @@ mod runner;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use clickagg_dataflows::{
@@ -53,7 +53,8 @@ pub struct OutputSink {
     partition_names: Vec<String>,
     /// Slots of the partitions found after the start, by id.
     discovered: BTreeMap<u32, usize>,
-    logs: PathBuf,
+    /// Notes of partitions found after the start that came before their names.
+    unnamed: Vec<(SourceNote, Time, isize)>,
     rules: EventTimeRules,
     files: Option<Files>,
     /// The durable store and what its next commit holds.
@@ -89,16 +90,25 @@ pub struct OutputSink {
     dead_letters_by_reason: BTreeMap<&'static str, u64>,
 }
 
+/// The partition a note is about.
+fn note_partition(note: &SourceNote) -> u32 {
+    match note {
+        SourceNote::Dead(dead) => dead.partition,
+        SourceNote::Progress(progress) => progress.partition,
+        SourceNote::Found { partition, .. } => *partition,
+    }
+}
+
 impl OutputSink {
     /// A sink that writes nowhere yet: add an output directory, a store, or a server.
-    pub fn new(partition_names: Vec<String>, rules: EventTimeRules, logs: &Path) -> OutputSink {
+    pub fn new(partition_names: Vec<String>, rules: EventTimeRules) -> OutputSink {
         let partitions = (0..partition_names.len() as u32)
             .map(|partition| PartitionProgress { partition, ..Default::default() })
             .collect();
         OutputSink {
             partition_names,
             discovered: BTreeMap::new(),
-            logs: logs.to_path_buf(),
+            unnamed: Vec::new(),
             rules,
             files: None,
             store: None,
@@ -151,42 +161,58 @@ impl OutputSink {
         self.serving = Some(state);
     }
 
-    /// The slot of partition `id`. A partition found after the start is named by listing the
-    /// log directory again (every process sees the same files).
-    fn slot(&mut self, id: u32) -> Option<usize> {
+    /// The slot of partition `id`; `None` for a partition found after the start whose name has
+    /// not come yet (see [`SourceNote::Found`]).
+    fn slot(&self, id: u32) -> Option<usize> {
         if id & 0x8000_0000 == 0 {
             return ((id as usize) < self.partition_names.len()).then_some(id as usize);
         }
-        if let Some(&slot) = self.discovered.get(&id) {
-            return Some(slot);
-        }
-        for path in crate::source::list_partitions(&self.logs).ok()? {
-            let name = crate::source::partition_name(&path);
-            let found = crate::source::discovered_partition_id(&name);
-            if !self.discovered.contains_key(&found) && !self.partition_names.contains(&name) {
-                let slot = self.partition_names.len();
-                self.partition_names.push(name.clone());
-                self.summary.partitions.push(PartitionProgress { partition: slot as u32, ..Default::default() });
-                self.discovered.insert(found, slot);
-                if let Some((_, batch)) = &mut self.store {
-                    batch.partition_names.push(name);
-                }
-            }
-        }
         self.discovered.get(&id).copied()
+    }
+
+    /// Names partition `id`, found after the start, and takes the notes of it that came first.
+    ///
+    /// One worker of the cluster reads each partition, and says so once. A second word of the
+    /// same id means two processes read files of one name (`--local-logs` needs names unique),
+    /// or two names share an id: either way its clicks would count twice, so the sink stops
+    /// before the frontier passes the time of the second reader's first click.
+    fn found(&mut self, id: u32, name: String) -> io::Result<()> {
+        let clash = self.discovered.get(&id).copied().or_else(|| self.partition_names.iter().position(|known| *known == name));
+        if let Some(slot) = clash {
+            let error = format!(
+                "partition {name} (found after the start) is read twice: two processes have a partition file of that name, \
+                 or it shares its id with {}; nothing after it is committed. Give every partition a name of its own and restart",
+                self.partition_names[slot]
+            );
+            eprintln!("clickagg: {error}");
+            return Err(io::Error::other(error));
+        }
+        let slot = self.partition_names.len();
+        self.partition_names.push(name.clone());
+        self.summary.partitions.push(PartitionProgress { partition: slot as u32, ..Default::default() });
+        self.discovered.insert(id, slot);
+        if let Some((_, batch)) = &mut self.store {
+            batch.partition_names.push(name);
+        }
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unnamed).into_iter().partition(|(note, _, _)| note_partition(note) == id);
+        self.unnamed = later;
+        for (note, time, diff) in now {
+            self.absorb(SinkRecord::Note(note), time, diff)?;
+        }
+        Ok(())
     }
 
     /// Takes one activation's batches of updates ([`absorb`](Self::absorb)), then applies what
     /// the frontier after it completes ([`advance`](Self::advance)).
     pub fn take_batches(&mut self, batches: Vec<Vec<(SinkRecord, Time, isize)>>, frontier: Option<Time>) -> io::Result<()> {
         for (record, time, diff) in batches.into_iter().flatten() {
-            self.absorb(record, time, diff);
+            self.absorb(record, time, diff)?;
         }
         self.advance(frontier)
     }
 
     /// Takes one update from the dataflow; it is applied once the frontier passes its time.
-    fn absorb(&mut self, record: SinkRecord, time: Time, diff: isize) {
+    fn absorb(&mut self, record: SinkRecord, time: Time, diff: isize) -> io::Result<()> {
         match record {
             SinkRecord::Answers(run) => {
                 // Sent with diff 1; were two equal runs ever consolidated, each change counts
@@ -195,10 +221,14 @@ impl OutputSink {
                 // Beside the other workers' runs of the time: `advance` merges them.
                 self.pending.entry(time).or_default().push(run);
             }
+            SinkRecord::Note(SourceNote::Found { partition, name }) => return self.found(partition, name),
+            SinkRecord::Note(note) if self.slot(note_partition(&note)).is_none() && note_partition(&note) & 0x8000_0000 != 0 => {
+                self.unnamed.push((note, time, diff));
+            }
             SinkRecord::Note(SourceNote::Dead(mut dead)) => {
                 debug_assert_eq!(diff, 1);
                 if time < self.committed_before {
-                    return;
+                    return Ok(());
                 }
                 dead.partition = self.slot(dead.partition).unwrap_or(u32::MAX as usize) as u32;
                 *self.dead_letters_by_reason.entry(dead.reason.as_str()).or_default() += 1;
@@ -216,7 +246,7 @@ impl OutputSink {
                 }
             }
             SinkRecord::Note(SourceNote::Progress(mut progress)) => {
-                let Some(slot) = self.slot(progress.partition) else { return };
+                let Some(slot) = self.slot(progress.partition) else { return Ok(()) };
                 progress.partition = slot as u32;
                 let known = &mut self.summary.partitions[slot];
                 if (progress.offset, progress.finished) >= (known.offset, known.finished) {
@@ -227,6 +257,7 @@ impl OutputSink {
                 }
             }
         }
+        Ok(())
     }
 
     /// Applies every update at times before `frontier` (`None`: the input is complete) in time

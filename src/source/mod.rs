@@ -67,7 +67,12 @@ pub struct PartitionSource {
     /// Recovery: lines from this offset on enter no earlier than this time (see
     /// `hold_uncommitted_lines`).
     uncommitted_from: Option<(u64, Time)>,
+    /// How many bytes `progress.head_hash` covers (`u64::MAX`: none taken yet).
+    head_bytes: u64,
 }
+
+/// A partition's head, hashed for the store: its first bytes, up to this many.
+pub const HEAD_BYTES: u64 = 4096;
 
 /// Where a source sends what it reads.
 pub trait SourceOutput {
@@ -97,6 +102,7 @@ impl PartitionSource {
             clock: PartitionClock::default(),
             too_late_at: None,
             uncommitted_from: None,
+            head_bytes: u64::MAX,
         };
         let Some(resume) = resume.filter(|r| r.offset > 0) else { return Ok(source) };
         // The header decides how every later line parses.
@@ -111,7 +117,31 @@ impl PartitionSource {
         source.reader = LineReader::new(file, resume.offset);
         source.progress = PartitionProgress { partition: index, finished: false, ..resume };
         source.clock = PartitionClock { max_ts: resume.max_ts };
+        source.progress.head_hash = 0;
+        source.take_head_hash().map_err(cannot)?;
         Ok(source)
+    }
+
+    /// How many bytes of the partition's beginning `progress.head_hash` covers: the first
+    /// `min(offset, HEAD_BYTES)`, so that the store can tell at a resume whether the file is the
+    /// one it read.
+    fn head_covered(&self) -> u64 {
+        self.reader.offset().min(HEAD_BYTES)
+    }
+
+    /// Hashes the head of the file again if the offset grew past what the hash covers (only
+    /// while in the first [`HEAD_BYTES`]: a partition's first read or two).
+    fn take_head_hash(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let wanted = self.head_covered();
+        if wanted == self.head_bytes {
+            return Ok(());
+        }
+        let mut head = vec![0u8; wanted as usize];
+        self.reader.get_ref().read_exact_at(&mut head, 0)?;
+        self.progress.head_hash = xxhash_rust::xxh3::xxh3_64(&head);
+        self.head_bytes = wanted;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -194,6 +224,20 @@ impl PartitionSource {
     /// behind it, and its rows then enter at `floor`, or go to the dead letter when their minute
     /// is already final there.
     pub fn read_some(
+        &mut self,
+        rules: &EventTimeRules,
+        max_lines: usize,
+        file_is_final: bool,
+        floor: Time,
+        out: &mut impl SourceOutput,
+    ) -> std::io::Result<usize> {
+        let read = self.read_lines(rules, max_lines, file_is_final, floor, out)?;
+        self.take_head_hash()?;
+        Ok(read)
+    }
+
+    /// [`read_some`](Self::read_some) but for the head's hash.
+    fn read_lines(
         &mut self,
         rules: &EventTimeRules,
         max_lines: usize,
@@ -329,4 +373,42 @@ pub fn parse_only(dir: &Path, threads: usize, rules: &EventTimeRules) -> Result<
         total.max_ts = total.max_ts.max(counts.max_ts);
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Discard;
+    impl SourceOutput for Discard {
+        fn click(&mut self, _click: Click, _time: Time) {}
+        fn dead_letter(&mut self, _dead: DeadLetter, _time: Time) {}
+    }
+
+    /// The reader hashes the head the store would hash from the file: the store checks it at a
+    /// resume, on the one process that then reads every partition.
+    #[test]
+    fn the_head_hash_is_the_stores_hash_of_the_bytes_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("part-00000.csv");
+        let mut text = String::from("event_id,ts,ad_id,campaign_id,user_id,ip,country\n");
+        for i in 0..200u64 {
+            text.push_str(&format!("e{i},{},{},7,1,10.0.0.1,US\n", 1_767_225_600_000 + i, i % 5));
+        }
+        std::fs::write(&path, &text).unwrap();
+        let rules = EventTimeRules::default();
+        let mut source = PartitionSource::open(0, &path).unwrap();
+        let mut seen = Vec::new();
+        while !source.is_finished() {
+            source.read_some(&rules, 7, true, 0, &mut Discard).unwrap();
+            let progress = source.progress();
+            assert_eq!(progress.head_hash, crate::storage::sqlite::head_hash(&path, progress.offset).unwrap(), "at {}", progress.offset);
+            seen.push(progress.offset);
+        }
+        assert!(seen.iter().any(|&o| o < HEAD_BYTES) && seen.iter().any(|&o| o > HEAD_BYTES), "{seen:?}");
+        // Resumed from a checkpoint, before any read.
+        let checkpoint = PartitionProgress { offset: seen[2], head_hash: 0, ..source.progress() };
+        let resumed = PartitionSource::open_at(0, &path, Some(checkpoint)).unwrap();
+        assert_eq!(resumed.progress().head_hash, crate::storage::sqlite::head_hash(&path, seen[2]).unwrap());
+    }
 }

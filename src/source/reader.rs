@@ -46,6 +46,11 @@ impl<R: Read> LineReader<R> {
         }
     }
 
+    /// The source being read.
+    pub fn get_ref(&self) -> &R {
+        &self.source
+    }
+
     /// Where the next line not yet returned starts: just past the last line returned. Always a
     /// line start, also while an overlong line is being skipped (its start, until its newline
     /// comes), so that a checkpoint taken here resumes at a line and never inside one.

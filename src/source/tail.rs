@@ -14,6 +14,15 @@ pub trait WorkerInput: SourceOutput {
     fn time(&self) -> Time;
     /// Notes a partition's progress at the inputs' time.
     fn progress(&mut self, progress: PartitionProgress);
+    /// Names a partition found after the start, before any other note of it.
+    fn found(&mut self, partition: u32, name: String);
+}
+
+/// The partition names a follower has seen: in its own `--logs`, and (with `--local-logs`)
+/// those the other processes listed at the start, which its own directory must not repeat.
+pub struct Seen {
+    pub own: std::collections::BTreeSet<String>,
+    pub others: std::collections::BTreeSet<String>,
 }
 
 /// Follow mode's settings.
@@ -75,23 +84,23 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Opens the partitions of worker `index` of `peers`: those at positions `index`,
-    /// `index + peers`, … of `paths`, each from its `resume` point. Partitions that cannot be
+    /// Opens the partitions `ids` (this worker's share, see `crate::layout::Layout`), each
+    /// `logs/names[id]` from its `resume` point. Partitions that cannot be
     /// opened are errors the run reports at its end. With `hold_too_late_until`, rows too late
     /// for `rules` are held to that time (reconciliation).
     pub fn open(
-        paths: &[std::path::PathBuf],
+        logs: &std::path::Path,
         names: &[String],
         resume: &[Option<PartitionProgress>],
-        (index, peers): (usize, usize),
+        ids: Vec<usize>,
         hold_too_late_until: Option<Time>,
         rules: EventTimeRules,
         batch_lines: usize,
     ) -> Reader {
         let mut errors = Vec::new();
         let mut tails = Vec::new();
-        for (i, path) in paths.iter().enumerate().skip(index).step_by(peers) {
-            match PartitionSource::open_at(i as u32, path, resume[i]) {
+        for i in ids {
+            match PartitionSource::open_at(i as u32, &logs.join(&names[i]), resume[i]) {
                 Ok(mut source) => {
                     if let Some(at) = hold_too_late_until {
                         source.hold_too_late_until(at);
@@ -200,22 +209,33 @@ impl Reader {
         self.tails.iter().any(|t| !t.source.is_finished() && (!t.at_end || now.duration_since(t.polled) >= follow.poll))
     }
 
-    /// Follow: lists the log directory and opens the new partitions that this worker owns.
-    pub fn discover(&mut self, logs: &std::path::Path, known: &mut std::collections::BTreeSet<String>, index: usize, peers: usize) {
+    /// Follow: lists the log directory and opens the new partitions that this worker `reads`,
+    /// telling the sink each one's name through `inputs`.
+    pub fn discover(&mut self, logs: &std::path::Path, seen: &mut Seen, reads: impl Fn(u32) -> bool, inputs: &mut impl WorkerInput) {
         let Ok(paths) = list_partitions(logs) else { return };
         for path in paths {
             let name = partition_name(&path);
-            if known.contains(&name) {
+            if seen.own.contains(&name) {
                 continue;
             }
-            known.insert(name.clone());
+            seen.own.insert(name.clone());
+            if seen.others.contains(&name) {
+                let error = format!(
+                    "partition {name} appeared in this process's --logs, but another process of the cluster has a partition \
+                     of that name: names must be unique across the cluster with --local-logs; this one is not read"
+                );
+                eprintln!("clickagg: {error}");
+                self.errors.push(error);
+                continue;
+            }
             let id = discovered_partition_id(&name);
-            if id as usize % peers != index {
+            if !reads(id) {
                 continue;
             }
             match PartitionSource::open(id, &path) {
                 Ok(source) => {
                     eprintln!("clickagg: new partition {name}");
+                    inputs.found(id, name);
                     self.tails.push(Tail::new(source));
                 }
                 Err(e) => self.errors.push(e),

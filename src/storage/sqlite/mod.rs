@@ -46,7 +46,6 @@ pub struct Store {
     frontier: Option<Time>,
     /// How many bytes of each partition's beginning its `head_hash` covers.
     head_hashes: BTreeMap<String, u64>,
-    logs: PathBuf,
     /// A store kept only to serve final minutes from (see `make_ephemeral`): its changelog has
     /// only the `ad_minute` rows (an ad-minute's history), and no window snapshots are kept.
     serving_only: bool,
@@ -128,7 +127,7 @@ impl Store {
             existing.check_partitions(paths)?;
         }
         let conn = open_writable(path, !exists)?;
-        let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: logs.to_path_buf(), serving_only: false };
+        let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), serving_only: false };
         if !exists {
             store.conn.execute_batch(SCHEMA).map_err(|e| sql_error(path, e))?;
             store.set_meta("schema_version", &SCHEMA_VERSION.to_string())?;
@@ -162,7 +161,7 @@ impl Store {
         }
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(|e| sql_error(path, e))?;
-        let store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new(), serving_only: false };
+        let store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), serving_only: false };
         let not_a_store = |why: String| format!("{} is not a clickagg store ({why}); it was left as it is", path.display());
         // Reading the schema fails on a file that is not SQLite, or one cut short.
         let tables: i64 = store
@@ -195,7 +194,7 @@ impl Store {
         let conn = open_writable(path, false)?;
         // A follower committing at the same time holds the write lock for a moment at a time.
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(|e| sql_error(path, e))?;
-        Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), logs: PathBuf::new(), serving_only: false })
+        Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), serving_only: false })
     }
 
     /// The store's identity, random at its creation: a mirror database records the store it
@@ -253,6 +252,11 @@ impl Store {
             .map_err(|e| sql_error(&self.path, e))
     }
 
+    /// Whether the store holds a finished replay (the end of the logs was committed).
+    pub fn is_complete(&self) -> Result<bool, String> {
+        Ok(self.meta("complete")?.is_some())
+    }
+
     /// What the last commit left, if anything was committed.
     pub fn committed(&self) -> Result<Option<Committed>, String> {
         let number = |key: &str| -> Result<Option<u64>, String> {
@@ -299,6 +303,8 @@ impl Store {
                             too_late: r.get::<_, i64>(5)? as u64,
                             malformed: r.get::<_, i64>(6)? as u64,
                             finished: false,
+                            // The source takes the hash again when it opens the file here.
+                            head_hash: 0,
                         },
                     })
                 },
