@@ -206,3 +206,28 @@ impl StoreTier {
         self.with(|conn| conn.query_row(MINUTES, [minute], |r| r.get::<_, i64>(0)).map(|n| n as u64))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every API query's plan uses an index or a primary key (no scan of a whole table), as
+    /// SQLite's `EXPLAIN QUERY PLAN` reports it.
+    #[test]
+    fn every_api_query_uses_an_index() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        crate::storage::sqlite::serving::create_all(&conn).unwrap();
+        for (sql, wanted) in QUERIES {
+            let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            // Parameters left unbound: the plan does not depend on their values.
+            let mut rows = statement.raw_query();
+            let mut plan = Vec::new();
+            while let Some(row) = rows.next().unwrap() {
+                plan.push(row.get::<_, String>(3).unwrap());
+            }
+            let plan = plan.join("; ");
+            assert!(plan.contains(wanted), "{sql}\n  plan: {plan}\n  wanted: {wanted}");
+            assert!(!plan.contains("SCAN"), "{sql} scans: {plan}");
+        }
+    }
+}

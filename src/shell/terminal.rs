@@ -109,7 +109,9 @@ pub fn candidates(before: &[&str], word: &str, arrangements: impl FnOnce() -> Ve
         ["peek", _, _] => vec!["limit".to_string()],
         _ => Vec::new(),
     };
-    options.into_iter().filter(|o| o.starts_with(word)).collect()
+    let mut matching: Vec<String> = options.into_iter().filter(|o| o.starts_with(word)).collect();
+    matching.sort();
+    matching
 }
 
 impl Completer for Completion<'_> {
@@ -205,7 +207,7 @@ mod tests {
 
     #[test]
     fn completes_commands_and_arrangement_names() {
-        assert_eq!(candidates(&[], "wa", names), ["watermark", "watch"]);
+        assert_eq!(candidates(&[], "wa", names), ["watch", "watermark"]);
         assert_eq!(candidates(&["peek"], "ClicksBy", names), ["ClicksByIp", "ClicksByUser"]);
         assert_eq!(candidates(&["watch", "3"], "pa", names), ["partitions"]);
         assert_eq!(candidates(&["watch"], "pe", names), ["peek"]);

@@ -74,6 +74,15 @@ pub struct PartitionSource {
 /// A partition's head, hashed for the store: its first bytes, up to this many.
 pub const HEAD_BYTES: u64 = 4096;
 
+/// The first bytes of a partition hashed, to tell at a restart that the file is still the one
+/// the store read (a replaced file fails this even when it is longer).
+pub fn head_hash(path: &Path, len: u64) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    File::open(path)?.take(len.min(HEAD_BYTES)).read_to_end(&mut head)?;
+    Ok(xxhash_rust::xxh3::xxh3_64(&head))
+}
+
 /// Where a source sends what it reads.
 pub trait SourceOutput {
     fn click(&mut self, click: Click, time: Time);
@@ -402,13 +411,13 @@ mod tests {
         while !source.is_finished() {
             source.read_some(&rules, 7, true, 0, &mut Discard).unwrap();
             let progress = source.progress();
-            assert_eq!(progress.head_hash, crate::storage::sqlite::head_hash(&path, progress.offset).unwrap(), "at {}", progress.offset);
+            assert_eq!(progress.head_hash, super::head_hash(&path, progress.offset).unwrap(), "at {}", progress.offset);
             seen.push(progress.offset);
         }
         assert!(seen.iter().any(|&o| o < HEAD_BYTES) && seen.iter().any(|&o| o > HEAD_BYTES), "{seen:?}");
         // Resumed from a checkpoint, before any read.
         let checkpoint = PartitionProgress { offset: seen[2], head_hash: 0, ..source.progress() };
         let resumed = PartitionSource::open_at(0, &path, Some(checkpoint)).unwrap();
-        assert_eq!(resumed.progress().head_hash, crate::storage::sqlite::head_hash(&path, seen[2]).unwrap());
+        assert_eq!(resumed.progress().head_hash, super::head_hash(&path, seen[2]).unwrap());
     }
 }

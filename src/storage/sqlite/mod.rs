@@ -20,7 +20,6 @@ mod schema;
 pub mod serving;
 
 use std::collections::BTreeMap;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -71,14 +70,7 @@ fn sql_error(path: &Path, e: rusqlite::Error) -> String {
     format!("store {}: {e}", path.display())
 }
 
-/// The first bytes of a partition hashed, to tell at a restart that the file is still the one
-/// the store read (a replaced file fails this even when it is longer).
-pub fn head_hash(path: &Path, len: u64) -> io::Result<u64> {
-    use std::io::Read;
-    let mut head = Vec::new();
-    std::fs::File::open(path)?.take(len.min(4096)).read_to_end(&mut head)?;
-    Ok(xxhash_rust::xxh3::xxh3_64(&head))
-}
+pub use crate::source::head_hash;
 
 impl Store {
     /// Opens the store at `path`, or creates it when nothing is there. `settings` are the
