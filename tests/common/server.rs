@@ -21,11 +21,25 @@ impl Drop for Served {
     }
 }
 
+impl Served {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 /// Starts `clickagg run --serve 127.0.0.1:0 args…` and waits until the replay is complete.
 pub fn serve_replay(logs: &Path, out: &Path, args: &[&str]) -> Served {
+    serve_replay_env(logs, out, args, &[])
+}
+
+/// [`serve_replay`] with these environment variables set.
+pub fn serve_replay_env(logs: &Path, out: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
         .args(["run", "--logs", logs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--serve", "127.0.0.1:0"])
         .args(args)
+        .env_remove("CLICKAGG_TOKEN")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
