@@ -202,7 +202,7 @@ pub fn connect(cluster: &Cluster, greeting: &Greeting) -> Result<Vec<Option<TcpS
 
     for (peer, address) in addresses.iter().enumerate().take(me) {
         let mut stream = connect_with_retry(address, deadline)
-            .map_err(|e| format!("process {peer} at {address} did not come up within {:?}: {e}", cluster.connect_timeout))?;
+            .map_err(|e| format!("process {peer} at {address} did not come up within {}: {e}", humantime::format_duration(cluster.connect_timeout)))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         stream.write_all(greeting.encode().as_bytes()).map_err(|e| format!("greeting process {peer} at {address}: {e}"))?;
         let (version, theirs) = read_greeting(&mut stream, deadline)
@@ -248,9 +248,9 @@ pub fn connect(cluster: &Cluster, greeting: &Greeting) -> Result<Vec<Option<TcpS
                         .map(|p| format!("process {p} ({})", addresses[p]))
                         .collect();
                     return Err(format!(
-                        "{} never connected to process {me} within {:?}: is it started, with this hostfile?",
+                        "{} never connected to process {me} within {}: is it started, with this hostfile?",
                         missing.join(", "),
-                        cluster.connect_timeout
+                        humantime::format_duration(cluster.connect_timeout)
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(20));

@@ -40,7 +40,7 @@ pub fn cluster_local(processes: usize, workers: usize, run_args: &[String]) -> R
     for process in 0..processes {
         let mut command = Command::new(&exe);
         command.arg("run").args(run_args).args(["-n", &processes.to_string(), "-p", &process.to_string()]);
-        command.args(["-w", &workers.to_string(), "-h"]).arg(&hostfile);
+        command.args(["-w", &workers.to_string(), "--hostfile"]).arg(&hostfile);
         match command.spawn() {
             Ok(child) => children.push((process, child)),
             Err(e) => {

@@ -112,9 +112,7 @@ enum Command {
     },
 }
 
-/// `-h` is the hostfile, as in timely's own `-w/-n/-p/-h`; help is `--help`.
 #[derive(Args)]
-#[command(disable_help_flag = true)]
 struct RunArgs {
     /// Directory of part-NNNNN.csv files (in a cluster, every process must see the same files).
     #[arg(long)]
@@ -147,14 +145,16 @@ struct RunArgs {
     #[arg(short = 'p', long, default_value_t = 0)]
     process: usize,
     /// host:port of every process, one per line in process order (needed when --processes > 1).
-    #[arg(short = 'h', long)]
+    /// (`-H`: `-h` is help, as in every other command.)
+    #[arg(short = 'H', long)]
     hostfile: Option<PathBuf>,
     /// Give up when a peer process has not connected within this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
     connect_timeout: u64,
-    /// Print help.
-    #[arg(long, action = clap::ArgAction::Help)]
-    help: Option<bool>,
+    /// A partition whose header cannot be used (a column missing or named twice) has every line
+    /// dead-lettered as bad_header, instead of failing the run before it starts.
+    #[arg(long)]
+    dead_letter_bad_headers: bool,
     #[command(flatten)]
     answers: AnswerArgs,
     /// Print the summary when done.
@@ -243,6 +243,9 @@ struct ReconcileArgs {
     apply: bool,
     #[arg(short, long, default_value_t = 1)]
     workers: usize,
+    /// As for `run`: dead-letter the lines of a partition whose header cannot be used.
+    #[arg(long)]
+    dead_letter_bad_headers: bool,
     #[command(flatten)]
     answers: AnswerArgs,
 }
@@ -357,7 +360,7 @@ fn cluster_of(args: &RunArgs) -> Result<Option<Cluster>, String> {
     if args.processes <= 1 && args.process == 0 {
         return Ok(None);
     }
-    let hostfile = args.hostfile.as_ref().ok_or("--processes > 1 needs --hostfile (-h) with each process's host:port")?;
+    let hostfile = args.hostfile.as_ref().ok_or("--processes > 1 needs --hostfile (-H) with each process's host:port")?;
     let cluster = Cluster {
         processes: args.processes,
         process: args.process,
@@ -395,7 +398,7 @@ fn execute(command: Command) -> Result<(), String> {
             let started = std::time::Instant::now();
             let summary = demo(&dir, events, workers)?;
             print!("{}", render_summary(&summary));
-            println!("done in {:.2?}; answers in {}", started.elapsed(), dir.join("out").display());
+            println!("done in {:.2} s; answers in {}", started.elapsed().as_secs_f64(), dir.join("out").display());
             println!(
                 "next: clickagg run --logs {} --out {} -w 2 --serve 127.0.0.1:8080   (then open http://127.0.0.1:8080/)",
                 dir.join("logs").display(),
@@ -412,6 +415,7 @@ fn execute(command: Command) -> Result<(), String> {
             args.answers.configure(&mut config, args.follow)?;
             config.store = args.store;
             config.sink = args.sink;
+            config.dead_letter_bad_headers = args.dead_letter_bad_headers;
             if args.follow {
                 config.follow = Some(clickagg::run::Follow {
                     idle_timeout: std::time::Duration::from_millis(args.idle_timeout),
@@ -469,6 +473,7 @@ fn execute(command: Command) -> Result<(), String> {
         Command::Reconcile(args) => {
             let mut run = RunConfig::new(args.logs, PathBuf::new());
             run.workers = args.workers;
+            run.dead_letter_bad_headers = args.dead_letter_bad_headers;
             args.answers.configure(&mut run, false)?;
             let config = clickagg::reconcile::ReconcileConfig {
                 run,

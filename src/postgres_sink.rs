@@ -98,7 +98,8 @@ impl PostgresSink {
         while !client.query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK]).map_err(err)?.get::<_, bool>(0) {
             if waiting_since.elapsed() > LOCK_WAIT {
                 return Err(format!(
-                    "PostgreSQL sink {place}: another clickagg is writing to this database (waited {LOCK_WAIT:?}); one writer at a time"
+                    "PostgreSQL sink {place}: another clickagg is writing to this database (waited {}); one writer at a time",
+                    humantime::format_duration(LOCK_WAIT)
                 ));
             }
             std::thread::sleep(std::time::Duration::from_millis(100));

@@ -76,6 +76,9 @@ pub struct RunConfig {
     /// retention), so that the answers before this time are `run`'s and those after it have no
     /// lateness bound. See `PartitionSource::hold_too_late_until`.
     pub hold_too_late_until: Option<Time>,
+    /// A partition whose header cannot be used has every line dead-lettered instead of failing
+    /// the run before it starts (see `source::preflight`).
+    pub dead_letter_bad_headers: bool,
 }
 
 /// Follow mode's settings.
@@ -148,6 +151,7 @@ impl RunConfig {
             follow: None,
             start_at: None,
             hold_too_late_until: None,
+            dead_letter_bad_headers: false,
         }
     }
 
@@ -342,6 +346,10 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
         stop_on_signal();
     }
     let paths = list_partitions(&config.logs)?;
+    let warnings = crate::source::preflight::check_partitions(&config.logs, &paths, config.follow.is_some(), config.dead_letter_bad_headers)?;
+    for warning in warnings.0 {
+        eprintln!("clickagg: warning: {warning}");
+    }
     let names: Vec<String> = paths.iter().map(|p| partition_name(p)).collect();
     // Open the store, and fail before starting workers if the output cannot be written.
     let mut resume: Vec<Option<PartitionProgress>> = match &config.start_at {

@@ -120,3 +120,44 @@ fn edge_errors_are_typed_and_say_what_to_do() {
     assert!(matches!(error, EdgeError::NotAPartition { .. }), "{error:?}");
     assert!(error.to_string().contains("move it out of the log directory"), "{error}");
 }
+
+/// `-h` is help in every subcommand, `run` included (its hostfile is `-H`).
+#[test]
+fn dash_h_is_help_everywhere() {
+    for command in ["run", "demo", "shell", "export", "reconcile", "generate", "feed", "parse-only", "cluster-local"] {
+        let result = clickagg(&[command, "-h"]);
+        let stdout = String::from_utf8_lossy(&result.stdout);
+        assert!(result.status.success(), "{command} -h: {}", String::from_utf8_lossy(&result.stderr));
+        assert!(stdout.contains("Usage: clickagg"), "{command} -h printed no usage: {stdout}");
+    }
+    let help = String::from_utf8_lossy(&clickagg(&["run", "-h"]).stdout).into_owned();
+    assert!(help.contains("-H, --hostfile"), "{help}");
+}
+
+/// A log directory without partition files is an error naming the pattern a partition must
+/// have, not a run over 0 partitions that exits 0.
+#[test]
+fn an_empty_log_directory_is_an_error_that_names_the_pattern() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("clicks.csv"), "event_id,ts,ad_id,campaign_id,user_id,ip,country\n").unwrap();
+    let out = dir.path().join("out");
+    let result = clickagg(&["run", "--logs", dir.path().to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "{stderr}");
+    assert!(stderr.contains("no partition files in") && stderr.contains("part-NNNNN.csv"), "{stderr}");
+}
+
+/// Timestamps in seconds are accepted as SPEC says (milliseconds), with a warning that says
+/// what they look like.
+#[test]
+fn timestamps_in_seconds_get_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    std::fs::write(logs.join("part-00000.csv"), "event_id,ts,ad_id,campaign_id,user_id,ip,country\ne1,1767225600,7,1,1,10.0.0.1,US\n").unwrap();
+    let out = dir.path().join("out");
+    let result = clickagg(&["run", "--logs", logs.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert!(stderr.contains("timestamps look like seconds") && stderr.contains("1970-01-21T10:53:45.600Z"), "{stderr}");
+}

@@ -39,7 +39,7 @@ fn single_process_outputs(logs: &str, dir: &Path) -> std::collections::BTreeMap<
 fn start(logs: &str, out: Option<&Path>, workers: usize, processes: usize, process: usize, hostfile: &Path, extra: &[&str]) -> Child {
     let mut command = clickagg();
     command.args(["run", "--logs", logs, "-w", &workers.to_string(), "-n", &processes.to_string()]);
-    command.args(["-p", &process.to_string(), "-h", hostfile.to_str().unwrap()]).args(SETTINGS).args(extra);
+    command.args(["-p", &process.to_string(), "-H", hostfile.to_str().unwrap()]).args(SETTINGS).args(extra);
     if let Some(out) = out {
         command.arg("--out").arg(out);
     }
@@ -173,10 +173,10 @@ fn cluster_flags_are_checked_before_anything_starts() {
     let o = out.to_str().unwrap();
     for (args, needle) in [
         (vec!["-n", "2", "-p", "0", "--out", o], "needs --hostfile"),
-        (vec!["-n", "2", "-p", "2", "-h", h, "--out", o], "out of range"),
-        (vec!["-n", "3", "-p", "0", "-h", h, "--out", o], "one host:port line per process"),
-        (vec!["-n", "2", "-p", "0", "-h", h], "--out DIR or --store PATH is required"),
-        (vec!["-n", "2", "-p", "0", "-h", "/nonexistent/hosts", "--out", o], "cannot read the hostfile"),
+        (vec!["-n", "2", "-p", "2", "-H", h, "--out", o], "out of range"),
+        (vec!["-n", "3", "-p", "0", "-H", h, "--out", o], "one host:port line per process"),
+        (vec!["-n", "2", "-p", "0", "-H", h], "--out DIR or --store PATH is required"),
+        (vec!["-n", "2", "-p", "0", "-H", "/nonexistent/hosts", "--out", o], "cannot read the hostfile"),
     ] {
         let output = clickagg().args(["run", "--logs", &logs]).args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);

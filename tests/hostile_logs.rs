@@ -97,7 +97,7 @@ fn garbage_in_every_form_becomes_dead_letters_and_the_run_goes_on() {
     }
     let out = dir.path().join("out");
     let result = Command::new(env!("CARGO_BIN_EXE_clickagg"))
-        .args(["run", "--logs", logs.to_str().unwrap(), "--out", out.to_str().unwrap(), "-w", "2", "--summary"])
+        .args(["run", "--logs", logs.to_str().unwrap(), "--out", out.to_str().unwrap(), "-w", "2", "--summary", "--dead-letter-bad-headers"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
@@ -158,4 +158,35 @@ fn a_missing_log_directory_and_an_unreadable_partition_are_clear_errors() {
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(!result.status.success() && stderr.contains("part-00001.csv"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A partition whose header names no usable columns fails the run before it starts, saying
+/// which partition and what to do; it does not exit 0 with every line dead-lettered.
+#[test]
+fn an_unusable_header_fails_the_run_unless_dead_lettering_is_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    std::fs::write(logs.join("part-00000.csv"), [HEADER, &good_lines(3)].concat()).unwrap();
+    std::fs::write(logs.join("part-00001.csv"), [b"id,when,ad\n".as_slice(), &good_lines(3)].concat()).unwrap();
+    let out = dir.path().join("out");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_clickagg"))
+            .args(["run", "--logs", logs.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = run(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a bad header ran to the end: {stderr}");
+    assert!(stderr.contains("part-00001.csv: the header lacks column(s)") && stderr.contains("--dead-letter-bad-headers"), "{stderr}");
+    assert!(!out.join("ad_minute.csv").exists(), "the refused run wrote answers");
+
+    let accepted = run(&["--dead-letter-bad-headers"]);
+    let stderr = String::from_utf8_lossy(&accepted.stderr);
+    assert!(accepted.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: part-00001.csv"), "{stderr}");
+    let dead = std::fs::read_to_string(out.join("dead_letter.csv")).unwrap();
+    assert_eq!(dead.lines().filter(|l| l.starts_with("part-00001.csv,") && l.contains(",bad_header,")).count(), 4, "{dead}");
 }

@@ -301,7 +301,7 @@ impl ServingState {
         let sender = self.peeks.lock().ok().and_then(|p| p.clone()).ok_or("filters by ip and user_id are not served here")?;
         let (reply, answer) = std::sync::mpsc::channel();
         sender.send(PeekRequest { key, reply }).map_err(|_| "the workers have stopped".to_string())?;
-        answer.recv_timeout(PEEK_TIMEOUT).map_err(|_| format!("the workers did not answer within {PEEK_TIMEOUT:?}"))
+        answer.recv_timeout(PEEK_TIMEOUT).map_err(|_| format!("the workers did not answer within {}", humantime::format_duration(PEEK_TIMEOUT)))
     }
 
     /// What to do once the replay is complete (print its summary, say so).

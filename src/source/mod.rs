@@ -2,6 +2,7 @@
 //! letters), and decides by the partition's own event-time rules when each click enters.
 
 pub mod parse;
+pub mod preflight;
 pub mod reader;
 
 use std::fs::File;

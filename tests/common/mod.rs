@@ -46,6 +46,8 @@ pub fn run_outputs(logs: &Path, workers: usize, config: &RefConfig, buckets: &[u
     let out = tempfile::tempdir().unwrap();
     let mut run_config = RunConfig::new(logs.to_path_buf(), out.path().to_path_buf());
     run_config.workers = workers;
+    // The reference model dead-letters the lines of a partition with a bad header.
+    run_config.dead_letter_bad_headers = true;
     run_config.rules.watermark_delay_ms = config.watermark_delay_ms;
     run_config.rules.allowed_lateness_ms = config.allowed_lateness_ms;
     run_config.rules.tick_ms = config.tick_ms;
