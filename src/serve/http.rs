@@ -22,10 +22,11 @@ use super::state::{top_of, Materialized, ServingState, Subject};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-/// How many event loops serve next to `workers` dataflow workers: the cores the workers leave,
-/// at least one. A loop that shares a core with a busy worker waits a scheduler tick (4 ms) at
-/// a time for it, and every connection on that loop waits too; on this project's two-core
-/// machine one loop measured a lower p99 than two (`bench/`, serving).
+/// How many threads the HTTP runtime has next to `workers` dataflow workers: the cores the
+/// workers leave, at least one. A thread that shares a core with a busy worker waits a
+/// scheduler tick (4 ms) at a time for it, and every connection it serves waits too; on this
+/// project's two-core machine one serving thread measured a lower p99 than two (`bench/`,
+/// serving, with the earlier epoll server).
 pub fn event_loops_beside(workers: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     cores.saturating_sub(workers).clamp(1, 8)
