@@ -80,32 +80,41 @@ pub fn bind_address(text: &str) -> String {
 
 /// Binds `address` and serves its connections with `handler` on a runtime of `threads` threads
 /// (at least one) until the process ends. Fails at once if the address cannot be bound.
+///
+/// One thread is a current-thread runtime on a thread of its own: every connection is served
+/// by that thread in turn, with no work-stealing scheduler to wake, which is what one core left
+/// by the workers can give.
 pub fn listen<H: Handler>(address: &str, handler: H, threads: usize) -> std::io::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(bind_address(address))?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
-        .max_blocking_threads(MAX_WAITING)
-        .thread_name("clickagg-http")
-        .enable_io()
-        .enable_time()
-        .build()?;
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    let runtime = builder.max_blocking_threads(MAX_WAITING).thread_name("clickagg-http").enable_io().enable_time().build()?;
     let listener = {
         let _entered = runtime.enter();
         tokio::net::TcpListener::from_std(listener)?
     };
     let shared = Arc::new(Shared { handler, open: Arc::new(AtomicUsize::new(0)), waiting: AtomicUsize::new(0) });
-    runtime.spawn(accept(listener, Arc::clone(&shared)));
-    runtime.spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            every.tick().await;
-            shared.handler.tick();
-        }
-    });
-    // The runtime serves until the process ends.
-    Box::leak(Box::new(runtime));
+    let ticking = Arc::clone(&shared);
+    let serving = async move {
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                ticking.handler.tick();
+            }
+        });
+        accept(listener, shared).await
+    };
+    // The runtime serves until the process ends, driven by a thread of its own (a current-thread
+    // runtime runs its tasks only there).
+    std::thread::Builder::new().name("clickagg-http".into()).spawn(move || runtime.block_on(serving))?;
     Ok(local)
 }
 
