@@ -19,6 +19,8 @@ use timely::communication::{AllocatorBuilder, Hooks, WorkerGuards};
 use timely::worker::Worker;
 use timely::WorkerConfig;
 
+use crate::model::ClusterSettings;
+
 /// Where this process sits in a cluster: plain data from the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cluster {
@@ -91,7 +93,7 @@ pub struct Greeting {
     pub process: usize,
     pub processes: usize,
     pub workers: usize,
-    /// The run settings that change answers (event-time rules, plan), in a readable form.
+    /// The run settings that change answers (a [`ClusterSettings`] as JSON).
     pub settings: String,
     /// The partition files every process found, as a count and a fingerprint of their names:
     /// worker `i` reads partitions `i, i + N·W, …`, which only works if all see the same list.
@@ -168,10 +170,12 @@ impl Greeting {
             ));
         }
         if theirs.settings != self.settings.replace(['\n', ' '], "_") {
-            return Some(format!(
-                "process {them} and process {me} were started with different settings:\n  process {them}: {}\n  process {me}: {}",
-                theirs.settings, self.settings
-            ));
+            let parse = |text: &str| serde_json::from_str::<ClusterSettings>(text).ok();
+            let differences = match (parse(&theirs.settings), parse(&self.settings)) {
+                (Some(their), Some(mine)) => their.differences(&format!("on process {them}"), &mine, &format!("on process {me}")),
+                _ => format!("  process {them}: {}\n  process {me}: {}", theirs.settings, self.settings),
+            };
+            return Some(format!("process {them} and process {me} were started with different settings:\n{differences}"));
         }
         None
     }

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::generate::{generate, GenConfig};
 use crate::run::{run, RunConfig};
-use crate::sink::Summary;
+use crate::model::Summary;
 
 /// Generates `events` clicks under `dir`, runs them with `workers`, and returns the summary.
 pub fn demo(dir: &Path, events: u64, workers: usize) -> Result<Summary, String> {

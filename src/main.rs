@@ -2,7 +2,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Differential merges allocate and free large batches constantly; glibc returns them to the
 /// kernel each time (a page fault per fresh page). mimalloc keeps them.
@@ -14,6 +15,7 @@ use clickagg::cluster_local::cluster_local;
 use clickagg::config::{parse_duration_ms, parse_windows, read_blocklist};
 use clickagg::demo::{demo, render_summary};
 use clickagg::generate::{generate, GenConfig};
+use clickagg::model::Setting;
 use clickagg::run::{run, RunConfig};
 use clickagg::serve::{serve, ServingState, Settings};
 use clickagg::shell::{shell, Client};
@@ -77,7 +79,8 @@ enum Command {
     },
     /// Replay the logs with no lateness bound (every distinct click counts), compare every
     /// per-minute answer with a store or output directory, and report each difference with the
-    /// too-late rows that explain it. Exits non-zero when a difference is unexplained.
+    /// too-late rows that explain it. Exits non-zero when a difference is unexplained. Against a
+    /// store, the settings are the ones the store was written with (a flag given must agree).
     Reconcile(ReconcileArgs),
     /// Write synthetic click logs.
     Generate(GenerateArgs),
@@ -205,6 +208,23 @@ struct AnswerArgs {
 }
 
 impl AnswerArgs {
+    /// The settings given on the command line `matches` (not left at their defaults).
+    fn given(matches: &ArgMatches) -> Vec<Setting> {
+        [
+            ("watermark_delay", Setting::WatermarkDelay),
+            ("allowed_lateness", Setting::AllowedLateness),
+            ("tick", Setting::Tick),
+            ("top_k", Setting::TopK),
+            ("windows", Setting::Windows),
+            ("max_clicks_per_minute", Setting::MaxClicksPerMinute),
+            ("blocklist", Setting::Blocklist),
+        ]
+        .into_iter()
+        .filter(|(id, _)| matches.value_source(id) == Some(ValueSource::CommandLine))
+        .map(|(_, setting)| setting)
+        .collect()
+    }
+
     /// Sets `config`'s rules and plan. The tick defaults to 1m for a replay, 250ms when following.
     fn configure(&self, config: &mut RunConfig, follow: bool) -> Result<(), String> {
         config.rules.watermark_delay_ms = self.watermark_delay;
@@ -374,7 +394,9 @@ fn cluster_of(args: &RunArgs) -> Result<Option<Cluster>, String> {
 fn main() -> ExitCode {
     tune_allocator();
     install_panic_recorder();
-    match execute(Cli::parse().command) {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match execute(cli.command, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("clickagg: {e}");
@@ -383,7 +405,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn execute(command: Command) -> Result<(), String> {
+fn execute(command: Command, matches: &ArgMatches) -> Result<(), String> {
     match command {
         Command::Demo { events, workers, dir } => {
             let temp;
@@ -482,9 +504,10 @@ fn execute(command: Command) -> Result<(), String> {
                 from: args.from,
                 to: args.to,
                 apply: args.apply,
+                given: matches.subcommand_matches("reconcile").map(AnswerArgs::given).unwrap_or_default(),
             };
             let outcome = clickagg::reconcile::reconcile(&config)?;
-            println!("{}", outcome.line());
+            print!("{}", outcome.text());
             if outcome.unexplained > 0 {
                 return Err(format!(
                     "{} differences are not explained by too-late rows: see {}",
@@ -495,7 +518,7 @@ fn execute(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Export { store, out } => {
-            let store = clickagg::store::Store::open_read_only(&store)?;
+            let store = clickagg::storage::Store::open_read_only(&store)?;
             store.export(&out)?;
             eprintln!("clickagg: wrote the answers of {} to {}", store.path().display(), out.display());
             Ok(())

@@ -22,68 +22,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use clickagg_dataflows::{minute_of, Answer, Country, Minute, PartitionProgress, View, MINUTE_MS};
+use clickagg_dataflows::{minute_of, Minute, PartitionProgress, View, MINUTE_MS};
 
 use crate::run::{run, RunConfig};
 use crate::source::parse::{Header, LineParser};
 use crate::source::{list_partitions, partition_name};
-use crate::store::Store;
-
-/// Which answer: one of the per-minute views (`View::PER_MINUTE`), the minute, and the key
-/// columns after it: a country (0 in the views without one) and an id (the ad, or the
-/// campaign). Ordered as the report lists answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct AnswerKey {
-    pub view: View,
-    pub minute: Minute,
-    pub country: u16,
-    pub id: u64,
-}
-
-impl AnswerKey {
-    pub fn view_name(&self) -> &'static str {
-        self.view.name()
-    }
-
-    /// The key columns after the minute, joined by `/` as in the changelog.
-    pub fn key_text(&self) -> String {
-        if self.view == View::CountryMinute {
-            format!("{}/{}", Country(self.country), self.id)
-        } else {
-            self.id.to_string()
-        }
-    }
-
-    /// This answer's row with `clicks`, as the dataflow and the store know it.
-    pub fn answer(&self, clicks: u64) -> Answer {
-        let (minute, id) = (self.minute, self.id);
-        match self.view {
-            View::AdMinute => Answer::AdMinute { minute, ad: id, clicks },
-            View::CampaignMinute => Answer::CampaignMinute { minute, campaign: id, clicks },
-            View::CountryMinute => Answer::CountryMinute { minute, country: Country(self.country), ad: id, clicks },
-            View::TopMinute => Answer::TopMinute { minute, ad: id, clicks },
-            View::FraudMinute => Answer::FraudMinute { minute, ad: id, clicks },
-            View::TopWindow => unreachable!("reconcile compares the per-minute views only"),
-        }
-    }
-
-    /// From a view and the key columns after the minute as the files and changelog write them.
-    fn parse(view: View, minute: Minute, text: &str) -> Option<AnswerKey> {
-        let (country, id) = match text.split_once('/') {
-            Some((country, id)) => (Country::parse(country.as_bytes())?.0, id),
-            None => (0, text),
-        };
-        Some(AnswerKey { view, minute, country, id: id.parse().ok()? })
-    }
-}
-
-/// The per-minute view of a changelog or file name.
-fn per_minute_view(name: &str) -> Option<View> {
-    View::PER_MINUTE.into_iter().find(|v| v.name() == name)
-}
-
-/// Answers with their clicks, sorted by key.
-pub type Answers = Vec<(AnswerKey, u64)>;
+use crate::model::{per_minute_view, AnswerKey, AnswerSettings, Answers, Setting};
+use crate::storage::Store;
 
 /// What `reconcile` is asked to do.
 #[derive(Clone, Debug)]
@@ -98,6 +43,9 @@ pub struct ReconcileConfig {
     pub to: Option<Minute>,
     /// Write the reconciled answers into the store as a new version.
     pub apply: bool,
+    /// The settings given on the command line. Against a store, the others are the store's;
+    /// these must be the store's too.
+    pub given: Vec<Setting>,
 }
 
 /// The figures a human reads first.
@@ -111,6 +59,8 @@ pub struct Outcome {
     pub unexplained: u64,
     /// Answers written by `--apply`.
     pub applied: u64,
+    /// Why no minute was compared, in words, when none was.
+    pub why_none: Option<String>,
 }
 
 impl Outcome {
@@ -125,6 +75,14 @@ impl Outcome {
             if self.applied > 0 { format!("; {} answers applied to the store", self.applied) } else { String::new() }
         )
     }
+
+    /// The report's summary: the line, and why no minute was compared when none was.
+    pub fn text(&self) -> String {
+        match &self.why_none {
+            Some(why) => format!("{}\nreconcile: no minute was compared: {why}\n", self.line()),
+            None => format!("{}\n", self.line()),
+        }
+    }
 }
 
 /// A too-late row, parsed, with where it was.
@@ -136,10 +94,9 @@ struct TooLate {
     line: String,
 }
 
+/// Replays the logs under the reconciliation rule, compares, writes the report (and, with
+/// `apply`, the reconciled answers into the store), and returns the figures.
 pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
-    if config.run.rules.allowed_lateness_ms.is_none() {
-        return Err("reconcile needs the allowed lateness the answers were made with".into());
-    }
     let is_store = config.against.is_file();
     if !is_store && !config.against.is_dir() {
         return Err(format!(
@@ -151,18 +108,18 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
         return Err("--apply writes a new version into a store: --against must be a store, not an output directory".into());
     }
     let store = is_store.then(|| Store::open_read_only(&config.against)).transpose()?;
+    let mut config = config.clone();
+    if let Some(store) = &store {
+        adopt_settings(&mut config.run, &store.settings()?, &config.given, &config.against)?;
+    }
+    let config = &config;
+    if config.run.rules.allowed_lateness_ms.is_none() {
+        return Err("reconcile needs the allowed lateness the answers were made with".into());
+    }
     // The minutes the committed answers are final for, and the offsets to start reading from.
     let mut compare = (config.from.unwrap_or(0), config.to.unwrap_or(Minute::MAX));
     let mut start_at = None;
     if let Some(store) = &store {
-        let settings = config.run.store_settings();
-        let stored = store.settings()?;
-        if stored != settings {
-            return Err(format!(
-                "the store {} was written with other settings; reconcile with the same flags as the run.\n  store: {stored}\n  now:   {settings}",
-                config.against.display()
-            ));
-        }
         if let Some(final_before) = store.final_minutes_before(&config.run.rules)? {
             compare.1 = compare.1.min(final_before);
         }
@@ -252,6 +209,9 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
         corrections.push((key, c, r));
     }
     outcome.minutes = minutes.len() as u64;
+    if outcome.minutes == 0 {
+        outcome.why_none = Some(why_none(config, store.as_ref(), compare)?);
+    }
     for mut file in [differences, unexplained, explanations] {
         file.flush().map_err(io)?;
     }
@@ -259,8 +219,79 @@ pub fn reconcile(config: &ReconcileConfig) -> Result<Outcome, String> {
         let mut store = Store::open_to_apply(&config.against)?;
         outcome.applied = store.apply_reconciliation(&corrections, compare, &config.run.logs)?;
     }
-    std::fs::write(config.report.join("summary.txt"), format!("{}\n", outcome.line())).map_err(io)?;
+    std::fs::write(config.report.join("summary.txt"), outcome.text()).map_err(io)?;
     Ok(outcome)
+}
+
+/// Takes the settings a store's answers were made with into `run`: each setting not `given` on
+/// the command line is the store's, and each given must be the store's. A blocklist cannot come
+/// from the store (it records only a fingerprint), so the same file must be given.
+fn adopt_settings(run: &mut RunConfig, stored: &AnswerSettings, given: &[Setting], store: &Path) -> Result<(), String> {
+    let flags = run.store_settings();
+    let conflicting: Vec<Setting> =
+        stored.differing(&flags).into_iter().filter(|s| given.contains(s) || *s == Setting::Blocklist).collect();
+    if conflicting.contains(&Setting::Blocklist) && flags.blocklist.networks == 0 {
+        return Err(format!(
+            "the answers in the store {} leave out the clicks of a blocklist of {} networks, which the store does not \
+             hold: give the same file with --blocklist",
+            store.display(),
+            stored.blocklist.networks
+        ));
+    }
+    if !conflicting.is_empty() {
+        let lines: Vec<String> = conflicting
+            .iter()
+            .map(|&s| format!("  {}: {} in the store, {} given", s.name(), stored.describe(s), flags.describe(s)))
+            .collect();
+        return Err(format!(
+            "the store {} was written with other settings than those given; leave those flags out to reconcile under \
+             the store's:\n{}",
+            store.display(),
+            lines.join("\n")
+        ));
+    }
+    run.rules.watermark_delay_ms = stored.watermark_delay_ms;
+    run.rules.allowed_lateness_ms = stored.allowed_lateness_ms;
+    run.rules.tick_ms = stored.tick_ms;
+    run.plan.top_k = stored.top_k;
+    run.plan.top_k_buckets = stored.top_k_buckets.clone();
+    run.plan.windows = stored.windows.clone();
+    run.plan.fraud.max_clicks_per_minute = stored.max_clicks_per_minute;
+    debug_assert_eq!(run.store_settings(), *stored);
+    Ok(())
+}
+
+/// Why no minute was compared, in words: a range with nothing in it, a store with no minute
+/// final yet, or no answers in the range on either side.
+fn why_none(config: &ReconcileConfig, store: Option<&Store>, compare: (Minute, Minute)) -> Result<String, String> {
+    let (from, to) = (config.from.unwrap_or(0), config.to.unwrap_or(Minute::MAX));
+    if from >= to {
+        return Ok(format!("--from (minute {from}) is not before --to (minute {to})"));
+    }
+    let lateness = config.run.rules.allowed_lateness_ms.map_or("none".into(), crate::model::settings::duration);
+    if let Some(store) = store {
+        if compare.1 <= from {
+            let watermark = store.committed()?.map(|c| c.frontier);
+            return Ok(match (watermark, compare.1) {
+                (None, _) => format!("the store {} has committed nothing yet", config.against.display()),
+                (Some(watermark), 0) => format!(
+                    "no minute of the store {} is final yet: it has committed up to watermark {watermark} (ms), and a \
+                     minute is final once the watermark passes its end by the allowed lateness ({lateness})",
+                    config.against.display()
+                ),
+                (Some(_), final_before) => format!(
+                    "the answers in the store {} are final only before minute {final_before}, and the comparison starts at \
+                     minute {from} (a minute is final once the watermark passes its end by the allowed lateness, {lateness})",
+                    config.against.display()
+                ),
+            });
+        }
+    }
+    let range = match (config.from, config.to) {
+        (None, None) => "in any minute".to_string(),
+        _ => format!("in minutes {from} to {}", compare.1.min(to).saturating_sub(1)),
+    };
+    Ok(format!("neither {} nor the logs hold an answer {range}", config.against.display()))
 }
 
 /// A scratch directory for the replays, beside the report (so on the same disk).

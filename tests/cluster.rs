@@ -147,7 +147,7 @@ fn processes_with_different_settings_refuse_each_other() {
     let output = finish(second, Duration::from_secs(60));
     finish(first, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && stderr.contains("different settings") && stderr.contains("top_k=6"), "{stderr}");
+    assert!(!output.status.success() && stderr.contains("different settings") && stderr.contains("top k: 5 on process 0, 6 on process 1"), "{stderr}");
 }
 
 #[test]

@@ -188,3 +188,33 @@ fn an_output_directory_and_a_range_give_the_same_report_as_the_store() {
     let output = clickagg(&reconcile_args(&logs, &out, &dir.path().join("x"), &["--apply"]));
     assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("must be a store"));
 }
+
+#[test]
+fn reconcile_takes_the_stores_settings_and_says_why_it_compared_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path());
+    let store = dir.path().join("answers.db");
+    let chosen = ["--tick", "10s", "--windows", "1m,2m"];
+    let mut args = run_args(&logs, "--store", &store);
+    args.extend(chosen);
+    ok(&args);
+    // Without the run's flags, the store's settings are used: the report is the one the
+    // flags give.
+    let (bare, flagged) = (dir.path().join("bare"), dir.path().join("flagged"));
+    let a = ok(&["reconcile", "--logs", s(&logs), "--against", s(&store), "--report", s(&bare), "-w", "2"]);
+    let b = ok(&reconcile_args(&logs, &store, &flagged, &chosen));
+    assert_eq!(a, b);
+    assert!(!differences(&bare).is_empty());
+    assert_eq!(differences(&bare), differences(&flagged));
+    // A flag that is not the store's is refused, in the command line's words.
+    let output = clickagg(&["reconcile", "--logs", s(&logs), "--against", s(&store), "--report", s(&bare), "--allowed-lateness", "5m"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("allowed lateness: 20s in the store, 5m given"), "{stderr}");
+    // No minute compared: said why.
+    let empty = ok(&reconcile_args(&logs, &store, &dir.path().join("empty"), &["--from", "100000", "--to", "100005"]));
+    assert!(empty.contains("0 minutes compared") && empty.contains("hold an answer in minutes 100000 to 100004"), "{empty}");
+    let backwards = ok(&reconcile_args(&logs, &store, &dir.path().join("backwards"), &["--from", "9", "--to", "9"]));
+    assert!(backwards.contains("--from (minute 9) is not before --to (minute 9)"), "{backwards}");
+    let summary = std::fs::read_to_string(dir.path().join("backwards").join("summary.txt")).unwrap();
+    assert!(summary.contains("no minute was compared"), "{summary}");
+}

@@ -221,3 +221,43 @@ fn stores_that_cannot_be_resumed_are_refused_and_left_alone() {
     std::fs::write(logs.join("part-00000.csv"), &original).unwrap();
     run_ok(&run_args(&committed, &[]).iter().map(String::as_str).collect::<Vec<_>>());
 }
+
+/// A store written before the settings were typed holds them as `key=value` text: it is read
+/// field by field, so it exports as before, and is compared as data when resumed.
+#[test]
+fn a_store_with_the_old_settings_text_reads_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    generate(&logs, 20_000, 2, 8, 3);
+    let store = dir.path().join("answers.db");
+    let exported = finish_and_export(&logs, &store);
+    let conn = rusqlite::Connection::open(&store).unwrap();
+    let json: String = conn.query_row("SELECT value FROM meta WHERE key = 'settings'", [], |r| r.get(0)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let optional = |v: &serde_json::Value| v.as_u64().map_or("None".to_string(), |n| format!("Some({n})"));
+    let list = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+    let legacy = format!(
+        "watermark_delay_ms={} allowed_lateness_ms={} tick_ms={} top_k={} buckets={} windows={} max_clicks_per_minute={} blocklist={}:{}",
+        v["watermark_delay_ms"],
+        optional(&v["allowed_lateness_ms"]),
+        v["tick_ms"],
+        v["top_k"],
+        list(&v["top_k_buckets"]),
+        list(&v["windows"]),
+        optional(&v["max_clicks_per_minute"]),
+        v["blocklist"]["networks"],
+        v["blocklist"]["fingerprint"].as_str().unwrap(),
+    );
+    assert!(legacy.contains("windows=1,5 ") && legacy.contains("max_clicks_per_minute=Some(40)"), "{legacy}");
+    conn.execute("UPDATE meta SET value = ?1 WHERE key = 'settings'", [&legacy]).unwrap();
+    drop(conn);
+    assert_eq!(export(&store), exported, "the window files come from the old text's windows");
+    // Compared as data: the same settings pass (the store is then refused for being finished),
+    // other ones are named in the command line's words.
+    let mut args = vec!["run", "--logs", s(&logs), "--store", s(&store)];
+    args.extend(SETTINGS);
+    assert!(run_err(&args).contains("finished replay"));
+    args.extend(["--top-k", "5"]);
+    let refused = run_err(&args);
+    assert!(refused.contains("written with other settings") && refused.contains("top k: 100 in the store, 5 now"), "{refused}");
+}

@@ -12,3 +12,21 @@ pub mod transport;
 
 pub use http::{serve, HttpServer};
 pub use state::{ServingState, Settings};
+
+use clickagg_dataflows::{Answer, ServingAnswer, Time};
+
+use crate::model::{Counters, SnapshotByWindow};
+
+/// The sink publishes each frontier advance into the server's copy of the answers.
+impl crate::sink::Publish for ServingState {
+    fn publish(
+        &self,
+        frontier: Option<Time>,
+        updates: &[(Time, Answer, isize)],
+        serving: &[(ServingAnswer, isize)],
+        snapshots: Vec<SnapshotByWindow>,
+        counters: Option<Counters>,
+    ) {
+        ServingState::publish(self, frontier, updates, serving, snapshots, counters)
+    }
+}

@@ -20,21 +20,10 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use clickagg_dataflows::render::filters::{FilterKey, PeekResult};
 
 use super::peek::PeekRequest;
-use crate::sink::{SnapshotByWindow, Summary};
+use crate::model::{Counters, SnapshotByWindow, Summary};
 use std::time::Instant;
 
-use clickagg_dataflows::{minute_of, Answer, Country, Minute, PartitionProgress, ServingAnswer, Time, MINUTE_MS};
-
-/// What one process has ingested, for `/v1/status` and `/metrics`.
-#[derive(Clone, Debug, Default)]
-pub struct Counters {
-    pub partitions: Vec<PartitionProgress>,
-    /// Distinct billable clicks applied (the sum of the ad counts).
-    pub billable: u64,
-    /// Distinct clicks excluded by the fraud rules.
-    pub excluded: u64,
-    pub changelog_rows: u64,
-}
+use clickagg_dataflows::{minute_of, Answer, Country, Minute, ServingAnswer, Time, MINUTE_MS};
 
 /// One update of one ad's count in one minute, as the changelog has it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

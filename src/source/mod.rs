@@ -4,6 +4,9 @@
 pub mod parse;
 pub mod preflight;
 pub mod reader;
+pub mod tail;
+
+pub use tail::{discovered_partition_id, Follow};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

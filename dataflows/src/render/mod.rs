@@ -7,6 +7,7 @@ pub mod filters;
 pub mod fraud;
 pub mod minute_state;
 pub mod partition;
+pub mod serving;
 pub mod temporal;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -24,8 +24,9 @@ use postgres::{Client, NoTls};
 
 use clickagg_dataflows::{Answer, Minute, Time, View};
 
-use crate::sink::changelog_fields;
-use crate::store::{AnswerRow, Batch, Committed, ANSWER_TABLES, SCHEMA_VERSION};
+use super::{AnswerRow, Batch, CommitStore, Committed, ANSWER_TABLES, SCHEMA_VERSION};
+use crate::model::AnswerSettings;
+use crate::output::changelog_fields;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS clickagg_meta (key text PRIMARY KEY, value text NOT NULL);
@@ -83,7 +84,7 @@ impl PostgresSink {
     /// Connects, creates the tables when missing, and checks that the database mirrors `store`:
     /// written by it alone, under the same settings, and holding at least what it committed.
     /// Nothing is written when it refuses.
-    pub fn connect(url: &str, settings: &str, store: &MirroredStore) -> Result<PostgresSink, String> {
+    pub fn connect(url: &str, settings: &AnswerSettings, store: &MirroredStore) -> Result<PostgresSink, String> {
         let mut config: postgres::Config = url.parse().map_err(|e| format!("--sink {}: {e}", redact(url)))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(std::time::Duration::from_secs(10));
@@ -114,12 +115,14 @@ impl PostgresSink {
             Some(v) => return Err(format!("PostgreSQL sink {place}: its tables are schema version {v}; this clickagg writes {SCHEMA_VERSION}")),
             None => {}
         }
-        let mine = meta(&mut tx, "settings")?;
-        if mine.as_deref().is_some_and(|m| m != settings) {
-            return Err(format!(
-                "PostgreSQL sink {place} holds answers written with other settings; mirroring would mix two sets of answers.\n  database: {}\n  now:      {settings}",
-                mine.unwrap_or_default()
-            ));
+        if let Some(text) = meta(&mut tx, "settings")? {
+            let theirs = AnswerSettings::parse(&text).map_err(|e| format!("PostgreSQL sink {place}: {e}"))?;
+            if theirs != *settings {
+                return Err(format!(
+                    "PostgreSQL sink {place} holds answers written with other settings; mirroring would mix two sets of answers:\n{}",
+                    theirs.differences("in the database", settings, "now")
+                ));
+            }
         }
         let frontier = match meta(&mut tx, "frontier")? {
             None => None,
@@ -149,7 +152,7 @@ impl PostgresSink {
         tx.execute(
             "INSERT INTO clickagg_meta (key, value) VALUES ('schema_version', $1), ('settings', $2),
              ('clickagg_version', $3), ('store_id', $4) ON CONFLICT (key) DO NOTHING",
-            &[&SCHEMA_VERSION.to_string(), &settings, &env!("CARGO_PKG_VERSION"), &store.id],
+            &[&SCHEMA_VERSION.to_string(), &settings.to_json(), &env!("CARGO_PKG_VERSION"), &store.id],
         )
         .map_err(err)?;
         tx.commit().map_err(err)?;
@@ -157,9 +160,12 @@ impl PostgresSink {
         Ok(PostgresSink { client, place, frontier })
     }
 
+}
+
+impl CommitStore for PostgresSink {
     /// Commits what of `batch` PostgreSQL does not hold yet, and `frontier` (`None`: the end of
     /// the input), in one transaction. Returns whether there was anything to commit.
-    pub fn commit(&mut self, frontier: Option<Time>, batch: &Batch) -> Result<bool, String> {
+    fn commit(&mut self, frontier: Option<Time>, batch: &Batch) -> Result<bool, String> {
         let place = self.place.clone();
         let err = |e: postgres::Error| format!("PostgreSQL sink {place}: {}", describe(&e));
         let copy_failed = |e: String| format!("PostgreSQL sink {place}: {e}");
