@@ -105,7 +105,7 @@ fn respond(request: &Request, state: &ServingState, token: Option<&Token>, rate:
     // A filter by ip or user_id waits on the workers, which may be waiting to publish: it must
     // not hold the answers' read guard meanwhile. So does a peek.
     if path == "/v1/introspection/peek" {
-        return match super::peek::answer(&params, state) {
+        return match super::peek::answer(&params, &state.peeks) {
             Ok(value) => (200, "application/json", value.to_string()),
             Err(failure) => error(failure),
         };
@@ -384,7 +384,7 @@ fn filtered(path: &str, params: &Params, state: &ServingState) -> Result<Value, 
         let (from, to) = count_range(params, w)?;
         (from, to, 0)
     };
-    let answer = state.peek(key).map_err(|e| Failure(503, e))?;
+    let answer = state.peeks.filter(key).map_err(|e| Failure(503, e))?;
     if from < answer.retained_from {
         return Err(bad(format!(
             "minute {from} is outside retention: filters by ip or user_id reach back to minute {} \

@@ -159,8 +159,8 @@ pub fn render(
     let batches = gauges::<i64, AtomicI64>(&mut registry, "arrangement_batches", "Batches held by each arrangement's trace, over this process's workers");
     for op in operators.iter().filter(|op| op.total.arranges) {
         let labels = vec![("name".to_string(), op.total.name.clone()), ("operator".to_string(), op.id.to_string())];
-        records.get_or_create(&labels).set(op.total.records as i64);
-        batches.get_or_create(&labels).set(op.total.batches as i64);
+        records.get_or_create(&labels).set(op.total.records);
+        batches.get_or_create(&labels).set(op.total.batches);
     }
 
     let mut text = String::new();

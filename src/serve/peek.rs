@@ -12,6 +12,8 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -26,7 +28,6 @@ use timely::dataflow::InputHandle;
 use timely::worker::Worker;
 
 use super::params::{bad, parse_id, Failure, Params};
-use super::state::ServingState;
 use crate::source::parse::parse_ip;
 
 /// What to look up.
@@ -66,7 +67,7 @@ const MAX_LIMIT: usize = 10_000;
 /// there are more. The filter arrangements (`ClicksByIp`, `ClicksByUser`) take one ip or
 /// user_id; any other takes the first fields of its key, comma-separated (`minute` or
 /// `minute,ad_id` for `AdMinute`), or nothing for its first rows.
-pub fn answer(params: &Params, state: &ServingState) -> Result<Value, Failure> {
+pub fn answer(params: &Params, peeks: &Peeks) -> Result<Value, Failure> {
     params.only(&["arrangement", "key", "limit"])?;
     let name = params.get("arrangement").ok_or_else(|| bad("peek needs arrangement= (a name /v1/introspection/arrangements lists)"))?;
     let text = params.get("key").unwrap_or("");
@@ -87,7 +88,7 @@ pub fn answer(params: &Params, state: &ServingState) -> Result<Value, Failure> {
         _ => None,
     };
     if let Some(filter_key) = filter_key {
-        let answer = state.peek(filter_key).map_err(|e| Failure(503, e))?;
+        let answer = peeks.filter(filter_key).map_err(|e| Failure(503, e))?;
         let mut rows = answer.rows;
         rows.sort();
         let more = rows.len() > limit;
@@ -107,7 +108,7 @@ pub fn answer(params: &Params, state: &ServingState) -> Result<Value, Failure> {
         }));
     }
     let prefix: Vec<String> = text.split(',').map(str::trim).filter(|f| !f.is_empty()).map(String::from).collect();
-    let answer = state.peek_any(PeekKey::State { name: short.to_string(), prefix, limit }).map_err(|e| Failure(503, e))?;
+    let answer = peeks.any(PeekKey::State { name: short.to_string(), prefix, limit }).map_err(|e| Failure(503, e))?;
     if !answer.state.found {
         return Err(Failure(
             404,
@@ -130,6 +131,41 @@ pub fn answer(params: &Params, state: &ServingState) -> Result<Value, Failure> {
         .collect();
     // Each worker's state as it holds it when the peek reaches it: no frontier is claimed.
     Ok(json!({ "arrangement": name, "key": text, "schema": schema, "rows": rows, "limit": limit, "more": more }))
+}
+
+/// How long a peek waits for the workers.
+const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server's end of the peek dataflow: where peeks go to the workers.
+#[derive(Default)]
+pub struct Peeks {
+    sender: Mutex<Option<Sender<PeekRequest>>>,
+}
+
+impl Peeks {
+    /// Creates the channel peeks travel on; worker 0 takes the receiving end.
+    pub fn channel(&self) -> Receiver<PeekRequest> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        if let Ok(mut peeks) = self.sender.lock() {
+            *peeks = Some(sender);
+        }
+        receiver
+    }
+
+    /// Reads `key` from every worker's filter arrangements.
+    pub fn filter(&self, key: FilterKey) -> Result<PeekResult, String> {
+        self.any(PeekKey::Filter(key)).map(|answer| answer.filter)
+    }
+
+    /// Asks every worker for what it holds under `key`, and waits for all of their answers.
+    pub fn any(&self, key: PeekKey) -> Result<PeekAnswer, String> {
+        let sender = self.sender.lock().ok().and_then(|p| p.clone()).ok_or("peeks are not served here")?;
+        let (reply, answer) = std::sync::mpsc::channel();
+        sender.send(PeekRequest { key, reply }).map_err(|_| "the workers have stopped".to_string())?;
+        answer
+            .recv_timeout(PEEK_TIMEOUT)
+            .map_err(|_| format!("the workers did not answer within {}", humantime::format_duration(PEEK_TIMEOUT)))
+    }
 }
 
 /// A peek from the server, and where to send its answer.
