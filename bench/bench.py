@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The harness copies the binary it built here, so that a rebuild during a long run cannot change it.
 BINARY = ROOT / "target" / "release" / "clickagg"
-GROUPS = ["floor", "throughput", "hotkey", "cluster", "peers", "serving", "recovery", "freshness"]
+GROUPS = ["floor", "throughput", "hotkey", "cluster", "peers", "serving", "lengths", "recovery", "freshness"]
 # The peers' rows, in the order they are reported, with the job that makes each.
 PEERS = {
     "DuckDB 2 threads, DISTINCT ON": ["duckdb_job.py", "--dedup", "distinct-on"],
@@ -272,6 +272,46 @@ def serving_replay(logs, scratch, runs):
     serve["time_ratio"] = statistics.median(s[0] / p[0] for s, p in zip(served, plain))
     serve["rss_ratio"] = statistics.median(s[1] / p[1] for s, p in zip(served, plain))
     return serve, beside
+
+
+def generated(data_dir, name, events, minutes, partitions=4):
+    """A generated set of `events` over `minutes` of event time under `data_dir`, made once."""
+    path = data_dir / name
+    marker = path / ".bench.json"
+    wanted = {"events": events, "minutes": minutes, "partitions": partitions}
+    if not (marker.exists() and json.loads(marker.read_text()) == wanted):
+        log(f"generating {name} ({events} events over {minutes} minutes)")
+        shutil.rmtree(path, ignore_errors=True)
+        subprocess.run([BINARY, "generate", "--out", path, "--events", str(events), "--minutes", str(minutes),
+                        "--partitions", str(partitions), "--seed", "1"], check=True)
+        marker.write_text(json.dumps(wanted))
+    return path
+
+
+def serving_lengths(data_dir, scratch, runs, rate_per_minute=33_334, short_minutes=60):
+    """Peak RSS of a `--serve` replay (2 workers, to its "replay complete") of two logs at the
+    same rate, `short_minutes` and four times as long (issue 25: memory bounded by retention,
+    not by the log's length); the two lengths alternate in each round. Returns the rows."""
+    sets = [(minutes, generated(data_dir, f"lengths-{minutes}m", rate_per_minute * minutes, minutes))
+            for minutes in (short_minutes, 4 * short_minutes)]
+    samples = {minutes: [] for minutes, _ in sets}
+    for i in range(runs):
+        for minutes, logs in sets:
+            process, _, seconds = start_served(logs, scratch, "replay complete")
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            rss = int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1]) * 1024
+            stop(process)
+            log(f"run -w 2 --serve, {minutes} min: run {i + 1}/{runs}: {seconds:.2f} s, peak {rss / 2**30:.2f} GiB")
+            samples[minutes].append((seconds, rss))
+    rows = []
+    for minutes, _ in sets:
+        times = sorted(t for t, _ in samples[minutes])
+        rows.append({"name": f"run, 1×2 with --serve, {minutes} min at {rate_per_minute:,} events/min",
+                     "median": statistics.median(times), "min": times[0], "max": times[-1],
+                     "rss": statistics.median(r for _, r in samples[minutes]), "runs": runs,
+                     "events": rate_per_minute * minutes, "minutes": minutes})
+    rows[1]["rss_ratio_to_short"] = rows[1]["rss"] / rows[0]["rss"]
+    return rows
 
 
 def rss_of(pid):
@@ -603,6 +643,10 @@ def render(results, lines, args, built_from, serving, saved):
         if "time_ratio" in served:
             checks.append(f"- `--serve` against the plain replay in the same rounds (issue 25): {served['time_ratio']:.2f}× the time "
                           f"(target 1.5×), {served['rss_ratio']:.2f}× the peak RSS, {served['rss'] / 2**30:.2f} GiB (target 2.5 GiB)")
+    for row in by_name.values():
+        if "rss_ratio_to_short" in row:
+            checks.append(f"- Peak RSS of a `--serve` replay four times as long at the same rate (issue 25): "
+                          f"{row['rss_ratio_to_short']:.2f}× (target 1.2×; {row['rss'] / 2**30:.2f} GiB at {row['minutes']} min)")
     if hot and w2:
         checks.append(f"- Hot-key set: {100 * hot / w2:.0f}% of the default set's speed (target within 15%)")
     if checks:
@@ -702,8 +746,8 @@ def main():
     frozen = args.data / "clickagg"
     shutil.copy2(BINARY, frozen)
     BINARY = frozen
-    # The soak writes its own logs: alone, it needs no generated set.
-    if groups - {"soak"}:
+    # The soak and the lengths use sets of their own: alone, they need no default set.
+    if groups - {"soak", "lengths"}:
         default, lines = dataset(args.data, f"default-{args.events}", args.events, "default")
     else:
         marker = args.data / f"default-{args.events}" / ".bench.json"
@@ -751,6 +795,9 @@ def main():
             served, beside = serving_replay(default, scratch, args.runs)
             add(served, 2)
             add(beside, 2)
+        if "lengths" in groups:
+            for row in serving_lengths(args.data, scratch, args.runs):
+                add(row, 2, row["events"])
         if "recovery" in groups:
             recovered = recovery(args.data, scratch, args.runs)
         if "freshness" in groups:
