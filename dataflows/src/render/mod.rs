@@ -10,6 +10,7 @@ pub mod partition;
 pub mod peekable;
 pub mod serving;
 pub mod temporal;
+pub mod traces;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod topk;

@@ -12,6 +12,7 @@
 //! pool runs short (`LocalTop`); a `reduce` over the workers' local tops gives the global one.
 //! The per-country minutes, served only, are ranked the same way ([`top_k_per_minute_in_groups`]).
 
+use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use differential_dataflow::VecCollection;
 use timely::dataflow::channels::pact::Pipeline;
 
@@ -20,6 +21,7 @@ use crate::hashing::{FastMap, ProbeMap, PREFETCH_AHEAD};
 use crate::plan::Plan;
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::render::peekable::FirstRows;
+use crate::render::traces::register_trace;
 use crate::render::partition::ByAd;
 use crate::types::{Country, Minute, Time};
 
@@ -61,16 +63,34 @@ where
         .map(|((group, _), r)| (group, unrank(r)))
 }
 
-/// Keeps the first `k` ranks of each key.
+/// Keeps the first `k` ranks of each key: differential's `reduce_named`, spelled out so that
+/// its input arrangement (`Arrange: {name}`) and its output (`name`) can be peeked at
+/// ([`register_trace`]).
 pub(crate) fn keep_top<'scope, K>(
     name: &str,
     ranked: VecCollection<'scope, Time, (K, Rank)>,
     k: usize,
 ) -> VecCollection<'scope, Time, (K, Rank)>
 where
-    K: differential_dataflow::ExchangeData + std::hash::Hash,
+    K: differential_dataflow::ExchangeData + std::hash::Hash + serde::Serialize,
 {
-    ranked.reduce_named(name, move |_key, input, output| {
+    let input = ranked.arrange_by_key_named(&format!("Arrange: {name}"));
+    register_trace(&format!("Arrange: {name}"), &input.trace);
+    let output = input.reduce_abelian::<_, ValBuilder<_, _, _, _>, ValSpine<K, Rank, Time, isize>, _, _>(
+        name,
+        keep_first(k),
+        |updates, key, values| {
+            updates.clear();
+            updates.extend(values.drain(..).map(|(v, t, r)| ((key.clone(), v), t, r)));
+        },
+    );
+    register_trace(name, &output.trace);
+    output.as_collection(|key, rank| (key.clone(), *rank))
+}
+
+/// The reduction of [`keep_top`]: the first `k` ranks of a key, from its ranks in order.
+fn keep_first<K>(k: usize) -> impl FnMut(&K, &[(&Rank, isize)], &mut Vec<(Rank, isize)>) + 'static {
+    move |_key, input, output| {
         // Input is sorted by rank; each (ad, clicks) occurs once, but stay exact if not.
         let mut remaining = k as isize;
         for (r, count) in input {
@@ -81,7 +101,7 @@ where
             output.push((**r, taken));
             remaining -= taken;
         }
-    })
+    }
 }
 
 /// The top `k` ads of each minute, from the clicks per `(minute, ad)` (with the clicks as their
