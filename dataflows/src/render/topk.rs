@@ -315,6 +315,13 @@ impl Count {
 const POOL_PER_K: usize = 4;
 
 impl LocalTop {
+    /// Calls `f` with each ad counted and its clicks, those at zero (until `settle`) left out.
+    pub(crate) fn for_each_count(&self, mut f: impl FnMut(u64, i64)) {
+        for (ad, count) in self.counts.iter().filter(|(_, c)| c.clicks != 0) {
+            f(*ad, count.clicks);
+        }
+    }
+
     /// A hint that `ad`'s count is changed soon (see [`ProbeMap::prefetch`]).
     pub(crate) fn prefetch(&self, ad: u64) {
         self.counts.prefetch(&ad);
