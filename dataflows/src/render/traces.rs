@@ -118,6 +118,8 @@ mod tests {
         let times: Vec<Time> = updates.iter().map(|(_, t, _)| *t).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         let peeked = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<(Time, Vec<String>), peekable::StateRows>::new()));
         let shared = std::sync::Arc::clone(&peeked);
+        let dropped_after = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let dropped = std::sync::Arc::clone(&dropped_after);
         timely::execute(timely::Config::process(workers), move |worker| {
             let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
                 let (input, clicks) = scope.new_collection::<(Minute, u64), isize>();
@@ -148,8 +150,14 @@ mod tests {
             }
             input.close();
             while worker.step() {}
+            // The dataflow is gone, and with it the trace: the registry never held it.
+            dropped.lock().unwrap().push(peekable::peek(name, &[], 3));
         })
         .unwrap();
+        for after in dropped_after.lock().unwrap().iter() {
+            assert!(after.found && after.rows.is_empty() && after.unreadable.as_deref() == Some(super::DROPPED), "{after:?}");
+        }
+        assert_eq!(dropped_after.lock().unwrap().len(), workers);
         let peeked = peeked.lock().unwrap();
         peeked.iter().map(|((t, p), rows)| (*t, p.clone(), rows.clone())).collect()
     }
