@@ -78,7 +78,7 @@ where
     register_trace(&format!("Arrange: {name}"), &input.trace);
     let output = input.reduce_abelian::<_, ValBuilder<_, _, _, _>, ValSpine<K, Rank, Time, isize>, _, _>(
         name,
-        keep_first(k),
+        move |_key, input, output| keep_first(k, input, output),
         |updates, key, values| {
             updates.clear();
             updates.extend(values.drain(..).map(|(v, t, r)| ((key.clone(), v), t, r)));
@@ -89,18 +89,16 @@ where
 }
 
 /// The reduction of [`keep_top`]: the first `k` ranks of a key, from its ranks in order.
-fn keep_first<K>(k: usize) -> impl FnMut(&K, &[(&Rank, isize)], &mut Vec<(Rank, isize)>) + 'static {
-    move |_key, input, output| {
-        // Input is sorted by rank; each (ad, clicks) occurs once, but stay exact if not.
-        let mut remaining = k as isize;
-        for (r, count) in input {
-            if remaining <= 0 {
-                break;
-            }
-            let taken = (*count).min(remaining);
-            output.push((**r, taken));
-            remaining -= taken;
+fn keep_first(k: usize, input: &[(&Rank, isize)], output: &mut Vec<(Rank, isize)>) {
+    // Input is sorted by rank; each (ad, clicks) occurs once, but stay exact if not.
+    let mut remaining = k as isize;
+    for (r, count) in input {
+        if remaining <= 0 {
+            break;
         }
+        let taken = (*count).min(remaining);
+        output.push((**r, taken));
+        remaining -= taken;
     }
 }
 
