@@ -5,6 +5,7 @@
     python3 bench/bench.py --only cluster  # one group: floor, throughput, hotkey, cluster, peers,
                                            # serving, recovery, freshness
     python3 bench/bench.py --events 1000000 --runs 1   # a quick look
+    python3 bench/bench.py --only serving --baseline OLD_BINARY   # latency of two builds, side by side
 
 Data sets are generated once by `clickagg generate` and cached under --data (default
 bench/.data, or $CLICKAGG_BENCH_DATA); a set is regenerated only when its parameters change.
@@ -187,12 +188,12 @@ def wrk_latency(url, seconds, connections):
     return ms("50%"), ms("99%"), rps, errors
 
 
-def start_served(logs, scratch, until):
-    """Starts `run -w 2 --serve` on a free port and reads its stderr up to a line containing
-    `until`; returns (process, port, seconds taken)."""
+def start_served(logs, scratch, until, binary=None):
+    """Starts `run -w 2 --serve` (of `binary`, default the build measured) on a free port and
+    reads its stderr up to a line containing `until`; returns (process, port, seconds taken)."""
     port = free_ports(1)[0]
     started = time.monotonic()
-    process = subprocess.Popen([BINARY, "run", "--logs", logs, "--out", scratch / "served", "-w", "2",
+    process = subprocess.Popen([binary or BINARY, "run", "--logs", logs, "--out", scratch / "served", "-w", "2",
                                 "--serve", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in process.stderr:
         if until in line:
@@ -212,28 +213,35 @@ def replay_is_complete(port):
         return json.load(response).get("complete") is True
 
 
-def serving_latency(logs, scratch, runs, seconds=8, connections=200):
+def serving_latency(logs, scratch, runs, seconds=8, connections=200, baseline=None):
     """p50/p99 of two endpoints at `connections` concurrent clients while a 2-worker replay
-    with --serve is ingesting; medians over runs."""
+    with --serve is ingesting; medians over runs. With a `baseline` binary, each round measures
+    it too, right before this build, so that both see the same minutes of this VM; returns
+    (this build's figures, the baseline's or None)."""
     ensure_wrk()
-    samples = {"popular_ads": [], "aggregated_count": []}
+    builds = {"this build": BINARY} | ({"baseline": baseline} if baseline else {})
+    samples = {build: {"popular_ads": [], "aggregated_count": []} for build in builds}
     for run in range(runs):
-        process, port, _ = start_served(logs, scratch, "serving on")
-        time.sleep(2)  # let the replay get going, so that every request is served while ingesting
-        base = f"http://127.0.0.1:{port}"
-        urls = {"popular_ads": base + "/v1/ads/popular_ads?window=5m&count=100",
-                "aggregated_count": base + "/v1/ads/2654435761/aggregated_count"}
-        for name, url in urls.items():
-            p50, p99, rps, errors = wrk_latency(url, seconds, connections)
-            log(f"serving {name}: run {run + 1}/{runs}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, {rps:.0f} req/s, {errors} non-2xx")
-            samples[name].append((p50, p99, rps, errors))
-        if replay_is_complete(port):
-            log("warning: the replay ended before the load did: not every request was served while ingesting")
-        stop(process)
-    return {name: {"p50": statistics.median(s[0] for s in v), "p99": statistics.median(s[1] for s in v),
-                   "rps": statistics.median(s[2] for s in v), "errors": sum(s[3] for s in v), "runs": runs,
-                   "p99_runs": [s[1] for s in v]}
-            for name, v in samples.items()}
+        for build, binary in reversed(builds.items()):
+            process, port, _ = start_served(logs, scratch, "serving on", binary)
+            time.sleep(2)  # let the replay get going, so that every request is served while ingesting
+            base = f"http://127.0.0.1:{port}"
+            urls = {"popular_ads": base + "/v1/ads/popular_ads?window=5m&count=100",
+                    "aggregated_count": base + "/v1/ads/2654435761/aggregated_count"}
+            for name, url in urls.items():
+                p50, p99, rps, errors = wrk_latency(url, seconds, connections)
+                log(f"serving {name} ({build}): run {run + 1}/{runs}: p50 {p50:.2f} ms, p99 {p99:.2f} ms, "
+                    f"{rps:.0f} req/s, {errors} non-2xx")
+                samples[build][name].append((p50, p99, rps, errors))
+            if replay_is_complete(port):
+                log("warning: the replay ended before the load did: not every request was served while ingesting")
+            stop(process)
+    def summary(by_endpoint):
+        return {name: {"p50": statistics.median(s[0] for s in v), "p99": statistics.median(s[1] for s in v),
+                       "rps": statistics.median(s[2] for s in v), "errors": sum(s[3] for s in v), "runs": runs,
+                       "p99_runs": [s[1] for s in v]}
+                for name, v in by_endpoint.items()}
+    return summary(samples["this build"]), (summary(samples["baseline"]) if baseline else None)
 
 
 def serving_replay(logs, scratch, runs):
@@ -607,6 +615,20 @@ def render(results, lines, args, built_from, serving, saved):
               f"| {v['rps']:.0f} | {v['errors']} |" for name, v in serving.items()],
             "",
         ]
+        baseline = saved.get("serving_baseline")
+        if baseline:
+            text += [
+                f"Side by side with `{baseline['binary']}` (`--baseline`), measured in the same rounds, right before",
+                "this build in each:",
+                "",
+                "| endpoint | build | p50 ms | p99 ms | each run's p99 ms | requests/s | non-2xx |",
+                "|---|---|---|---|---|---|---|",
+                *[f"| {name} | {build} | {v['p50']:.2f} | {v['p99']:.2f} | {', '.join(f'{p:.1f}' for p in v['p99_runs'])} "
+                  f"| {v['rps']:.0f} | {v['errors']} |"
+                  for name in serving for build, figures in (("baseline", baseline["figures"]), ("this build", serving))
+                  for v in [figures[name]]],
+                "",
+            ]
     if saved.get("recovery"):
         text += [
             "## Recovery after SIGKILL (issue 6)",
@@ -656,6 +678,9 @@ def main():
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("CLICKAGG_BENCH_DATA", ROOT / "bench" / ".data")))
     parser.add_argument("--only", default=",".join(GROUPS), help="comma-separated groups: " + ", ".join(GROUPS + OPTIONAL_GROUPS))
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser.add_argument("--baseline", type=Path,
+                        help="another clickagg binary (e.g. an earlier build) whose serving latency is measured in "
+                             "the same rounds as this build's, side by side")
     args = parser.parse_args()
     groups = set(args.only.split(","))
     if groups - set(GROUPS + OPTIONAL_GROUPS):
@@ -676,7 +701,7 @@ def main():
         marker = args.data / f"default-{args.events}" / ".bench.json"
         default, lines = None, json.loads(marker.read_text())["lines"] if marker.exists() else 0
     results = []
-    serving = recovered = fresh = peer_versions_seen = soaked = None
+    serving = serving_baseline = recovered = fresh = peer_versions_seen = soaked = None
     with tempfile.TemporaryDirectory(prefix="clickagg-bench-") as scratch:
         scratch = Path(scratch)
         out = scratch / "out"
@@ -714,7 +739,7 @@ def main():
             # Latency first: measured right after the three full --serve replays (each ends by
             # killing a 6 GiB process), the first latency run's p99 was 20-28 ms in four sets
             # of four, against ~8.5 ms for the others and for a first run measured alone.
-            serving = serving_latency(default, scratch, args.runs)
+            serving, serving_baseline = serving_latency(default, scratch, args.runs, baseline=args.baseline)
             served, beside = serving_replay(default, scratch, args.runs)
             add(served, 2)
             add(beside, 2)
@@ -740,6 +765,7 @@ def main():
         saved["peer_versions"] = peer_versions_seen
     if serving:
         saved["serving"] = serving
+        saved["serving_baseline"] = {"binary": str(args.baseline), "figures": serving_baseline} if serving_baseline else None
     if recovered:
         saved["recovery"] = recovered
     if fresh:

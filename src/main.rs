@@ -61,9 +61,13 @@ enum Command {
         /// The server's host:port.
         #[arg(long, default_value = "127.0.0.1:8080")]
         connect: String,
-        /// The server's bearer token, if it needs one.
-        #[arg(long)]
+        /// The server's bearer token, if it needs one (visible to other users in /proc: prefer
+        /// --token-file or $CLICKAGG_TOKEN).
+        #[arg(long, conflicts_with = "token_file")]
         token: Option<String>,
+        /// Read the bearer token from the first line of this file.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
     /// Write SPEC §4's files from a store (`run --store`): the answers as of its last commit,
     /// byte for byte what `run --out` writes for the same logs.
@@ -168,13 +172,18 @@ struct RunArgs {
     /// Print the summary when done.
     #[arg(long)]
     summary: bool,
-    /// Serve the HTTP API and dashboard here (e.g. 127.0.0.1:8080) during the replay, and keep
-    /// serving its final answers afterwards until interrupted. Process 0 only.
-    #[arg(long)]
+    /// Serve the HTTP API and dashboard here during the replay, and keep serving its final
+    /// answers afterwards until interrupted. Process 0 only. `--serve` alone is 127.0.0.1:8080;
+    /// a port alone (`8080` or `:8080`) is that port on 127.0.0.1.
+    #[arg(long, num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
     serve: Option<String>,
     /// Require `Authorization: Bearer TOKEN` on the API (the dashboard takes it as #token=).
-    #[arg(long)]
+    /// Visible to other users in /proc: prefer --token-file or $CLICKAGG_TOKEN.
+    #[arg(long, conflicts_with = "token_file")]
     token: Option<String>,
+    /// Read the token from the first line of this file.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 /// The settings that change answers: `run` and `reconcile` take the same, and a store is only
@@ -467,7 +476,8 @@ fn execute(command: Command, matches: &ArgMatches) -> Result<(), String> {
                         allowed_lateness_ms: config.rules.allowed_lateness_ms,
                     }));
                     let loops = clickagg::serve::http::event_loops_beside(config.workers);
-                    let server = serve(address, Arc::clone(&state), args.token.clone(), loops)?;
+                    let token = clickagg::serve::auth::resolve(args.token.clone(), args.token_file.as_deref())?;
+                    let server = serve(address, Arc::clone(&state), token, loops)?;
                     eprintln!("clickagg: serving on http://{}/", server.address);
                     Some(state)
                 }
@@ -529,7 +539,10 @@ fn execute(command: Command, matches: &ArgMatches) -> Result<(), String> {
             eprintln!("clickagg: wrote the answers of {} to {}", store.path().display(), out.display());
             Ok(())
         }
-        Command::Shell { connect, token } => shell(&Client { address: connect, token }),
+        Command::Shell { connect, token, token_file } => {
+            let token = clickagg::serve::auth::resolve(token, token_file.as_deref())?;
+            shell(&Client { address: connect, token })
+        }
         Command::ClusterLocal { processes, workers, run_args } => cluster_local(processes, workers, &run_args),
         Command::ParseOnly { logs, workers } => {
             let started = std::time::Instant::now();

@@ -271,18 +271,104 @@ fn bad_requests_get_clear_errors_and_the_server_keeps_answering() {
     assert_eq!(get_json(a, "/v1/status")["complete"], Value::Bool(true));
 }
 
+/// The API answers only `Bearer s3cret`, whichever way the server was given it; a refusal is a
+/// 401 with a JSON body.
+fn assert_guarded_by_s3cret(a: &str) {
+    for wrong in [None, Some("Bearer wrong"), Some("Bearer s3cre"), Some("Bearer s3cretx"), Some("bearer s3cret")] {
+        let headers: Vec<(&str, &str)> = wrong.map(|w| ("Authorization", w)).into_iter().collect();
+        let (status, body) = get(a, "/v1/status", &headers);
+        assert_eq!(status, 401, "{wrong:?}");
+        let json: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{wrong:?}: not JSON ({e}): {body}"));
+        assert_eq!(json["status"], 401);
+        assert!(json["error"].as_str().unwrap().contains("Bearer"), "{body}");
+    }
+    assert_eq!(get(a, "/v1/status", &[("Authorization", "Bearer s3cret")]).0, 200);
+    assert_eq!(get(a, "/metrics", &[]).0, 401);
+    assert_eq!(get(a, "/metrics", &[("Authorization", "Bearer s3cret")]).0, 200);
+    // The page itself is public; it sends the token it is given in its address.
+    assert_eq!(get(a, "/", &[]).0, 200);
+}
+
 #[test]
 fn a_token_guards_the_api() {
     let dir = tempfile::tempdir().unwrap();
     let logs = logs(dir.path());
     let served = serve_replay(&logs, &dir.path().join("out"), &["--token", "s3cret"]);
-    let a = served.address.as_str();
-    assert_eq!(get(a, "/v1/status", &[]).0, 401);
-    assert_eq!(get(a, "/v1/status", &[("Authorization", "Bearer wrong")]).0, 401);
-    assert_eq!(get(a, "/v1/status", &[("Authorization", "Bearer s3cret")]).0, 200);
-    assert_eq!(get(a, "/metrics", &[]).0, 401);
-    // The page itself is public; it sends the token it is given in its address.
-    assert_eq!(get(a, "/", &[]).0, 200);
+    assert_guarded_by_s3cret(&served.address);
+}
+
+#[test]
+fn the_token_can_come_from_a_file_or_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path());
+    let file = dir.path().join("token");
+    std::fs::write(&file, "s3cret\n").unwrap();
+    let from_file = serve_replay(&logs, &dir.path().join("out-file"), &["--token-file", file.to_str().unwrap()]);
+    assert_guarded_by_s3cret(&from_file.address);
+    drop(from_file);
+    let from_env = common::server::serve_replay_env(&logs, &dir.path().join("out-env"), &[], &[("CLICKAGG_TOKEN", "s3cret")]);
+    assert_guarded_by_s3cret(&from_env.address);
+    drop(from_env);
+    // A flag beats the environment; an empty or missing file is an error, not an open server.
+    let flag = common::server::serve_replay_env(&logs, &dir.path().join("out-flag"), &["--token", "s3cret"], &[("CLICKAGG_TOKEN", "other")]);
+    assert_guarded_by_s3cret(&flag.address);
+    drop(flag);
+    std::fs::write(&file, "").unwrap();
+    for token_file in [file.clone(), dir.path().join("missing")] {
+        let output = Command::new(env!("CARGO_BIN_EXE_clickagg"))
+            .args(["run", "--logs", logs.to_str().unwrap(), "--out", dir.path().join("out-bad").to_str().unwrap()])
+            .args(["--serve", "127.0.0.1:0", "--token-file", token_file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains("token file"), "{stderr}");
+    }
+}
+
+/// Resident memory of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[test]
+fn a_client_that_pipelines_and_never_reads_costs_the_server_little_memory() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path());
+    let served = serve_replay(&logs, &dir.path().join("out"), &[]);
+    let a = served.address.clone();
+    // Each answer is a few KiB: 100k of them held for the client would be hundreds of MiB.
+    let target = "/v1/ads/popular_ads?window=60m&count=100";
+    let (status, one) = get(&a, target, &[]);
+    assert_eq!(status, 200);
+    assert!(one.len() > 2000, "{one}");
+    let before = rss_bytes(served.pid());
+
+    let stream = std::net::TcpStream::connect(&a).unwrap();
+    stream.set_write_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+    let requests = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").repeat(100_000);
+    let mut writer = stream.try_clone().unwrap();
+    let mut sent = 0;
+    while sent < requests.len() {
+        match writer.write(&requests.as_bytes()[sent..]) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    // Whatever the kernel's buffers took, give the server time to read and answer what it will.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let after = rss_bytes(served.pid());
+    let grown = after.saturating_sub(before);
+    assert!(grown < 64 << 20, "RSS grew by {} MiB ({} of {} request bytes sent)", grown >> 20, sent, requests.len());
+    // The server answers others meanwhile, and the pipelining client its first requests, in order.
+    assert_eq!(get(&a, "/v1/status", &[]).0, 200);
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let mut head = [0u8; 12];
+    reader.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use clickagg::generate::{generate, GenConfig};
-use common::server::{get_json, serve_replay, serve_replay_with_env};
+use common::server::{get_json, serve_replay, serve_replay_env};
 
 /// Clicks per minute of event time: both lengths run at the same rate.
 const CLICKS_PER_MINUTE: u64 = 400;
@@ -27,7 +27,7 @@ fn served_entries_after(minutes: u64, keep_final_minutes: bool) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let logs = logs_of(dir.path(), minutes, 7);
     let fault = if keep_final_minutes { "1" } else { "" };
-    let served = serve_replay_with_env(
+    let served = serve_replay_env(
         &logs,
         &dir.path().join("out"),
         &["-w", "1", "--windows", "1m,5m"],

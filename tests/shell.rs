@@ -252,3 +252,41 @@ fn every_listed_arrangement_is_peekable_while_following() {
     assert!(out.contains("TopWindowLocal []: "), "{out}");
     assert!(out.contains("error: 404: no arrangement is named \"NoSuchArrangement\""), "{out}");
 }
+
+/// Runs the shell with `args` and `env` on `script`: (success, stdout, stderr).
+fn shell_with(address: &str, args: &[&str], env: &[(&str, &str)], script: &str) -> (bool, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
+        .args(["shell", "--connect", address])
+        .args(args)
+        .env_remove("CLICKAGG_TOKEN")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn the_shell_takes_its_token_from_a_flag_a_file_or_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    generate(&GenConfig { events: 5_000, partitions: 2, minutes: 5, ads: 50, seed: 7, ..GenConfig::default() }, &logs).unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret\n").unwrap();
+    let served = common::server::serve_replay_env(&logs, &dir.path().join("out"), &[], &[("CLICKAGG_TOKEN", "s3cret")]);
+    let a = served.address.as_str();
+    let file = token_file.to_str().unwrap();
+    for (args, env) in [(vec!["--token", "s3cret"], vec![]), (vec!["--token-file", file], vec![]), (vec![], vec![("CLICKAGG_TOKEN", "s3cret")])] {
+        let (ok, out, err) = shell_with(a, &args, &env, "watermark\nquit\n");
+        assert!(ok && out.contains("replay complete"), "{args:?} {env:?}: {out} {err}");
+    }
+    // Without the token, or with a wrong one, the server's 401 is the shell's error.
+    for (args, env) in [(vec![], vec![]), (vec!["--token", "wrong"], vec![]), (vec![], vec![("CLICKAGG_TOKEN", "wrong")])] {
+        let (ok, _, err) = shell_with(a, &args, &env, "watermark\nquit\n");
+        assert!(!ok && err.contains("401"), "{args:?} {env:?}: {err}");
+    }
+}

@@ -17,5 +17,5 @@ pub mod types;
 pub use answer::{Answer, ServingAnswer, SinkRecord, View};
 pub use event_time::{Admission, EventTimeRules, PartitionClock};
 pub use plan::{FraudRules, Plan};
-pub use render::fraud::IpNet;
+pub use plan::IpNet;
 pub use types::*;

@@ -3,9 +3,11 @@
 //! crate's own.
 
 pub mod answers;
+pub mod served;
 pub mod settings;
 pub mod summary;
 
 pub use answers::{per_minute_view, AnswerKey, Answers};
+pub use served::{HistoryEntry, Subject};
 pub use settings::{AnswerSettings, ClusterSettings, Setting};
 pub use summary::{BusiestMinute, Counters, SnapshotByWindow, Summary, WindowSnapshot};

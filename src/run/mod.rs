@@ -100,7 +100,7 @@ fn share(config: &RunConfig, partitions: Partitions, sink: Option<SinkRunner>, l
         resume: partitions.resume,
         uncommitted: partitions.uncommitted,
         sink: Mutex::new(sink),
-        peek_requests: Mutex::new(config.serving.as_ref().map(|state| state.peek_channel())),
+        peek_requests: Mutex::new(config.serving.as_ref().map(|state| state.peeks.channel())),
         process_watermark: AtomicU64::new(0),
         panicked: Arc::new(AtomicBool::new(false)),
     }

@@ -12,17 +12,20 @@ use serde_json::{json, Value};
 use clickagg_dataflows::{Minute, MINUTE_MS};
 
 
-use super::listener::{listen, Handler, Request, Response};
+use super::auth::Token;
+use super::metrics::Rate;
+use super::transport::{listen, Handler, Request, Response};
 use super::params::{bad, count_range, parse_id, parse_minute, parse_query, Failure, Params, TopSpan, MAX_COUNT, MAX_URL_BYTES};
 use super::state::{top_of, Materialized, ServingState, Subject};
 use super::tiers::Tiers;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-/// How many event loops serve next to `workers` dataflow workers: the cores the workers leave,
-/// at least one. A loop that shares a core with a busy worker waits a scheduler tick (4 ms) at
-/// a time for it, and every connection on that loop waits too; on this project's two-core
-/// machine one loop measured a lower p99 than two (`bench/`, serving).
+/// How many threads the HTTP runtime has next to `workers` dataflow workers: the cores the
+/// workers leave, at least one. A thread that shares a core with a busy worker waits a
+/// scheduler tick (4 ms) at a time for it, and every connection it serves waits too; on this
+/// project's two-core machine one serving thread measured a lower p99 than two (`bench/`,
+/// serving, with the earlier epoll server).
 pub fn event_loops_beside(workers: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     cores.saturating_sub(workers).clamp(1, 8)
@@ -33,27 +36,40 @@ pub struct HttpServer {
     pub address: std::net::SocketAddr,
 }
 
-/// Binds `address` and serves `state` on `event_loops` threads. Fails at once, with the
-/// reason, if the address cannot be bound.
+/// Binds `address` (a port alone means 127.0.0.1) and serves `state` on `event_loops`
+/// threads; with a `token`, the API needs `Authorization: Bearer TOKEN`. Fails at once, with the
+/// reason, if the address cannot be bound or the token is unusable.
 pub fn serve(
     address: &str,
     state: Arc<ServingState>,
     token: Option<String>,
     event_loops: usize,
 ) -> Result<HttpServer, crate::error::EdgeError> {
-    let local = listen(address, Api { state, token }, event_loops).map_err(|source| crate::error::EdgeError::Listen { address: address.to_string(), source })?;
+    let listen_error = |source| crate::error::EdgeError::Listen { address: address.to_string(), source };
+    let token = token
+        .map(|t| Token::new(&t))
+        .transpose()
+        .map_err(|e| listen_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let local = listen(address, Api { state, token, rate: Rate::default() }, event_loops).map_err(listen_error)?;
     Ok(HttpServer { address: local })
 }
 
 struct Api {
     state: Arc<ServingState>,
-    token: Option<String>,
+    token: Option<Token>,
+    /// Lines read, sampled each second, for `/metrics`' events/s.
+    rate: Rate,
 }
 
 impl Handler for Api {
     fn respond(&self, request: &Request) -> Response {
-        let (status, content_type, body) = respond(request, &self.state, self.token.as_deref());
+        let (status, content_type, body) = respond(request, &self.state, self.token.as_ref(), &self.rate);
         Response { status, content_type, body }
+    }
+
+    fn tick(&self) {
+        let lines = self.state.read().counters.partitions.iter().map(|p| p.lines).sum();
+        self.rate.record(std::time::Instant::now(), lines);
     }
 
     /// A peek, and a filter by ip or user_id (answered by a peek), wait on the workers. The
@@ -65,7 +81,7 @@ impl Handler for Api {
     }
 }
 
-fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16, &'static str, String) {
+fn respond(request: &Request, state: &ServingState, token: Option<&Token>, rate: &Rate) -> (u16, &'static str, String) {
     let url = request.target.as_str();
     if url.len() > MAX_URL_BYTES {
         return error(Failure(414, format!("the request target is longer than {MAX_URL_BYTES} bytes")));
@@ -78,9 +94,7 @@ fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16
         return (200, "text/html; charset=utf-8", DASHBOARD.to_string());
     }
     if let Some(token) = token {
-        let expected = format!("Bearer {token}");
-        let authorized = request.header("authorization") == Some(expected.as_str());
-        if !authorized {
+        if !token.admits(request.header("authorization").map(str::as_bytes)) {
             return error(Failure(401, "this server needs Authorization: Bearer <token>".into()));
         }
     }
@@ -91,7 +105,7 @@ fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16
     // A filter by ip or user_id waits on the workers, which may be waiting to publish: it must
     // not hold the answers' read guard meanwhile. So does a peek.
     if path == "/v1/introspection/peek" {
-        return match super::peek::answer(&params, state) {
+        return match super::peek::answer(&params, &state.peeks, &state.introspection) {
             Ok(value) => (200, "application/json", value.to_string()),
             Err(failure) => error(failure),
         };
@@ -111,7 +125,7 @@ fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16
             return (200, "application/json", body.to_string());
         }
     }
-    let result = route(path, &params, &answers, state);
+    let result = route(path, &params, &answers, state, rate);
     let version = answers.version;
     drop(answers);
     match result {
@@ -130,7 +144,7 @@ fn respond(request: &Request, state: &ServingState, token: Option<&str>) -> (u16
             }
             (200, "application/json", body)
         }
-        Ok(Body::Text(text)) => (200, "text/plain; version=0.0.4", text),
+        Ok(Body::Text(text)) => (200, super::metrics::CONTENT_TYPE, text),
         Err(failure) => error(failure),
     }
 }
@@ -147,7 +161,7 @@ enum Body {
     Text(String),
 }
 
-fn route(path: &str, params: &Params, answers: &Materialized, state: &ServingState) -> Result<Body, Failure> {
+fn route(path: &str, params: &Params, answers: &Materialized, state: &ServingState, rate: &Rate) -> Result<Body, Failure> {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     match segments.as_slice() {
         ["v1", "ads", "popular_ads"] => popular_ads(params, answers, state).map(Body::Json),
@@ -172,7 +186,9 @@ fn route(path: &str, params: &Params, answers: &Materialized, state: &ServingSta
         }
         ["metrics"] => {
             params.only(&[])?;
-            Ok(Body::Text(metrics(answers, state)))
+            let lines = answers.counters.partitions.iter().map(|p| p.lines).sum();
+            let per_second = rate.per_second(std::time::Instant::now(), lines);
+            Ok(Body::Text(super::metrics::render(answers, state, &operators(state), per_second, pending_behind_watermark(answers))))
         }
         _ => Err(Failure(404, format!("no such endpoint: {path}"))),
     }
@@ -368,7 +384,7 @@ fn filtered(path: &str, params: &Params, state: &ServingState) -> Result<Value, 
         let (from, to) = count_range(params, w)?;
         (from, to, 0)
     };
-    let answer = state.peek(key).map_err(|e| Failure(503, e))?;
+    let answer = state.peeks.filter(key).map_err(|e| Failure(503, e))?;
     if from < answer.retained_from {
         return Err(bad(format!(
             "minute {from} is outside retention: filters by ip or user_id reach back to minute {} \
@@ -559,50 +575,3 @@ fn dataflow(state: &ServingState) -> Value {
         .collect();
     json!({ "operators": list, "workers": workers })
 }
-
-fn metrics(answers: &Materialized, state: &ServingState) -> String {
-    let c = &answers.counters;
-    let mut text = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-        text.push_str(&format!("# HELP clickagg_{name} {help}\n# TYPE clickagg_{name} {kind}\n"));
-        for (labels, value) in samples {
-            text.push_str(&format!("clickagg_{name}{labels} {value}\n"));
-        }
-    };
-    let per_partition = |f: fn(&clickagg_dataflows::PartitionProgress) -> u64| -> Vec<(String, f64)> {
-        c.partitions
-            .iter()
-            .map(|p| {
-                let name = state.settings.partition_names.get(p.partition as usize).map_or("", |s| s.as_str());
-                (format!("{{partition=\"{name}\"}}"), f(p) as f64)
-            })
-            .collect()
-    };
-    metric("watermark_ms", "gauge", "Every answer is exact as of this event time.", vec![(String::new(), answers.watermark().unwrap_or(0) as f64)]);
-    metric("lines_total", "counter", "Lines read, per partition.", per_partition(|p| p.lines));
-    metric("accepted_total", "counter", "Clicks accepted (duplicates included), per partition.", per_partition(|p| p.accepted));
-    metric("late_total", "counter", "Accepted clicks that corrected a reported minute.", per_partition(|p| p.late));
-    metric("too_late_total", "counter", "Rows beyond the allowed lateness (dead letter).", per_partition(|p| p.too_late));
-    metric("malformed_total", "counter", "Lines that are not clicks (dead letter).", per_partition(|p| p.malformed));
-    metric("offset_bytes", "gauge", "Byte offset read to, per partition.", per_partition(|p| p.offset));
-    metric("clicks_total", "counter", "Distinct billable clicks counted.", vec![(String::new(), c.billable as f64)]);
-    metric("duplicates_total", "counter", "Accepted deliveries that de-duplication found to be copies of a click already held.", vec![(String::new(), c.duplicates as f64)]);
-    metric("pending_behind_watermark", "gauge", "Accepted deliveries not yet visible in the answers.", vec![(String::new(), pending_behind_watermark(answers) as f64)]);
-    let reasons: Vec<(String, f64)> = c.dead_letters.iter().map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), *n as f64)).collect();
-    metric("dead_letters_total", "counter", "Dead letters since this process started, by reason.", reasons);
-    metric("fraud_excluded_total", "counter", "Distinct clicks excluded by the fraud rules.", vec![(String::new(), c.excluded as f64)]);
-    metric("changelog_rows_total", "counter", "Updates the sink applied.", vec![(String::new(), c.changelog_rows as f64)]);
-    let lines: u64 = c.partitions.iter().map(|p| p.lines).sum();
-    let seconds = state.started.elapsed().as_secs_f64().max(1e-9);
-    metric("events_per_second", "gauge", "Lines read per second since start.", vec![(String::new(), lines as f64 / seconds)]);
-    metric("minutes_kept", "gauge", "Minutes with clicks whose answers the server holds in memory (older ones are read from the store).", vec![(String::new(), answers.ad.len() as f64)]);
-    metric("served_entries", "gauge", "Entries the server holds in memory (counts, top-K members, snapshots, history).", vec![(String::new(), answers.entries() as f64)]);
-    let arranged: Vec<(String, f64)> = operators(state)
-        .into_iter()
-        .filter(|op| op.total.arranges)
-        .map(|op| (format!("{{name=\"{}\",operator=\"{}\"}}", op.total.name.replace('"', "'"), op.id), op.total.records as f64))
-        .collect();
-    metric("arrangement_records", "gauge", "Updates held by each arrangement's trace, over this process's workers.", arranged);
-    text
-}
-

@@ -13,6 +13,8 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -27,7 +29,7 @@ use timely::dataflow::InputHandle;
 use timely::worker::Worker;
 
 use super::params::{bad, parse_id, Failure, Params};
-use super::state::ServingState;
+use crate::introspect::SharedIntrospection;
 use crate::source::parse::parse_ip;
 
 /// What to look up.
@@ -72,7 +74,7 @@ const MAX_LIMIT: usize = 10_000;
 /// or `X` when no other arrangement is named `X`. An unknown name is a 404 listing the names; an
 /// arrangement whose trace the dataflow has dropped (after a replay completes) is a 410 that says
 /// so, never an empty answer.
-pub fn answer(params: &Params, state: &ServingState) -> Result<Value, Failure> {
+pub fn answer(params: &Params, peeks: &Peeks, introspection: &SharedIntrospection) -> Result<Value, Failure> {
     params.only(&["arrangement", "key", "limit"])?;
     let given = params.get("arrangement").ok_or_else(|| bad("peek needs arrangement= (a name /v1/introspection/arrangements lists)"))?;
     let spelled = spelled_out(given);
@@ -97,7 +99,7 @@ pub fn answer(params: &Params, state: &ServingState) -> Result<Value, Failure> {
         _ => None,
     };
     if let Some(filter_key) = filter_key {
-        let answer = state.peek(filter_key).map_err(|e| Failure(503, e))?;
+        let answer = peeks.filter(filter_key).map_err(|e| Failure(503, e))?;
         let mut rows = answer.rows;
         rows.sort();
         let more = rows.len() > limit;
@@ -117,8 +119,8 @@ pub fn answer(params: &Params, state: &ServingState) -> Result<Value, Failure> {
         }));
     }
     let prefix: Vec<String> = text.split(',').map(str::trim).filter(|f| !f.is_empty()).map(String::from).collect();
-    let listed = listed_names(state);
-    let (name, answer) = peek_named(state, name, &listed, prefix, limit)?;
+    let listed = listed_names(introspection);
+    let (name, answer) = peek_named(peeks, name, &listed, prefix, limit)?;
     if let Some(why) = answer.state.unreadable {
         return Err(Failure(410, format!("{name} cannot be peeked: {why}")));
     }
@@ -145,8 +147,8 @@ fn spelled_out(name: &str) -> String {
 }
 
 /// The names `/v1/introspection/arrangements` lists, in its order (empty without introspection).
-fn listed_names(state: &ServingState) -> Vec<String> {
-    let operators = state.introspection.lock().map(|i| i.summary()).unwrap_or_default();
+fn listed_names(introspection: &SharedIntrospection) -> Vec<String> {
+    let operators = introspection.lock().map(|i| i.summary()).unwrap_or_default();
     let mut names: Vec<String> = Vec::new();
     for op in operators.into_iter().filter(|op| op.total.arranges) {
         if !names.contains(&op.total.name) {
@@ -159,7 +161,7 @@ fn listed_names(state: &ServingState) -> Vec<String> {
 /// Peeks at the state registered under `name`, or under `Arrange: {name}` when only that is
 /// listed: the name it was found under and every worker's rows. A name that is neither listed
 /// nor registered is a 404 that lists the names.
-fn peek_named(state: &ServingState, name: &str, listed: &[String], prefix: Vec<String>, limit: usize) -> Result<(String, PeekAnswer), Failure> {
+fn peek_named(peeks: &Peeks, name: &str, listed: &[String], prefix: Vec<String>, limit: usize) -> Result<(String, PeekAnswer), Failure> {
     let prefixed = format!("Arrange: {name}");
     let mut candidates = vec![name.to_string()];
     if !name.starts_with("Arrange: ") && !listed.iter().any(|l| l == name) {
@@ -167,7 +169,7 @@ fn peek_named(state: &ServingState, name: &str, listed: &[String], prefix: Vec<S
     }
     for candidate in candidates {
         let key = PeekKey::State { name: candidate.clone(), prefix: prefix.clone(), limit };
-        let answer = state.peek_any(key).map_err(|e| Failure(503, e))?;
+        let answer = peeks.any(key).map_err(|e| Failure(503, e))?;
         if answer.state.found {
             return Ok((candidate, answer));
         }
@@ -177,6 +179,41 @@ fn peek_named(state: &ServingState, name: &str, listed: &[String], prefix: Vec<S
         return Err(Failure(500, format!("{name} is listed but no worker registered it for peeks")));
     }
     Err(Failure(404, format!("no arrangement is named {name:?}; the arrangements are: {}", listed.join(", "))))
+}
+
+/// How long a peek waits for the workers.
+const PEEK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server's end of the peek dataflow: where peeks go to the workers.
+#[derive(Default)]
+pub struct Peeks {
+    sender: Mutex<Option<Sender<PeekRequest>>>,
+}
+
+impl Peeks {
+    /// Creates the channel peeks travel on; worker 0 takes the receiving end.
+    pub fn channel(&self) -> Receiver<PeekRequest> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        if let Ok(mut peeks) = self.sender.lock() {
+            *peeks = Some(sender);
+        }
+        receiver
+    }
+
+    /// Reads `key` from every worker's filter arrangements.
+    pub fn filter(&self, key: FilterKey) -> Result<PeekResult, String> {
+        self.any(PeekKey::Filter(key)).map(|answer| answer.filter)
+    }
+
+    /// Asks every worker for what it holds under `key`, and waits for all of their answers.
+    pub fn any(&self, key: PeekKey) -> Result<PeekAnswer, String> {
+        let sender = self.sender.lock().ok().and_then(|p| p.clone()).ok_or("peeks are not served here")?;
+        let (reply, answer) = std::sync::mpsc::channel();
+        sender.send(PeekRequest { key, reply }).map_err(|_| "the workers have stopped".to_string())?;
+        answer
+            .recv_timeout(PEEK_TIMEOUT)
+            .map_err(|_| format!("the workers did not answer within {}", humantime::format_duration(PEEK_TIMEOUT)))
+    }
 }
 
 /// A peek from the server, and where to send its answer.

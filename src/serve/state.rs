@@ -18,25 +18,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard};
 
-use clickagg_dataflows::render::filters::{FilterKey, PeekResult};
 
-use super::peek::{PeekAnswer, PeekKey, PeekRequest};
+use super::peek::Peeks;
 use crate::model::{Counters, SnapshotByWindow, Summary};
+pub use crate::model::{HistoryEntry, Subject};
 use std::time::Instant;
 
 use clickagg_dataflows::{minute_of, Answer, Country, Minute, ServingAnswer, Time, MINUTE_MS};
-
-/// One update of one ad's count in one minute, as the changelog has it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HistoryEntry {
-    /// The logical time of the update: the watermark at which it became visible.
-    pub time: Time,
-    pub clicks: u64,
-    pub diff: i64,
-}
 
 /// The materialized answers.
 #[derive(Debug, Default)]
@@ -291,16 +281,6 @@ pub fn top_of(mut all: Vec<(u64, u64)>, count: usize) -> Vec<(u64, u64)> {
     all
 }
 
-/// What a count is of.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Subject {
-    Ad(u64),
-    Campaign(u64),
-}
-
-/// How long a filter query waits for the workers.
-const PEEK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// How many minute boundaries' window snapshots the server keeps beyond the largest window:
 /// once every row is read, the frontier runs on past the boundary answers stand at while the
 /// windows empty (up to the largest window's length), and that boundary's snapshot is the one
@@ -332,8 +312,8 @@ pub struct ServingState {
     pub introspection: crate::introspect::SharedIntrospection,
     /// The settings the answers were computed with, for `/v1/status`.
     pub settings: Settings,
-    /// Where filter queries go to the workers (set by `peek_channel`).
-    peeks: Mutex<Option<Sender<PeekRequest>>>,
+    /// Where peeks go to the workers.
+    pub peeks: Peeks,
     /// Called once when the replay is complete, with its summary.
     #[allow(clippy::type_complexity)]
     on_complete: Mutex<Option<Box<dyn FnOnce(&Summary) + Send>>>,
@@ -369,34 +349,12 @@ impl ServingState {
             responses: RwLock::new(HashMap::new()),
             started: Instant::now(),
             introspection: Default::default(),
-            peeks: Mutex::new(None),
+            peeks: Peeks::default(),
             on_complete: Mutex::new(None),
             tiering: OnceLock::new(),
             writer: Mutex::new(None),
             settings,
         }
-    }
-
-    /// Creates the channel peeks travel on; worker 0 takes the receiving end.
-    pub fn peek_channel(&self) -> Receiver<PeekRequest> {
-        let (sender, receiver) = std::sync::mpsc::channel();
-        if let Ok(mut peeks) = self.peeks.lock() {
-            *peeks = Some(sender);
-        }
-        receiver
-    }
-
-    /// Reads `key` from every worker's filter arrangements.
-    pub fn peek(&self, key: FilterKey) -> Result<PeekResult, String> {
-        self.peek_any(PeekKey::Filter(key)).map(|answer| answer.filter)
-    }
-
-    /// Asks every worker for what it holds under `key`, and waits for all of their answers.
-    pub fn peek_any(&self, key: PeekKey) -> Result<PeekAnswer, String> {
-        let sender = self.peeks.lock().ok().and_then(|p| p.clone()).ok_or("peeks are not served here")?;
-        let (reply, answer) = std::sync::mpsc::channel();
-        sender.send(PeekRequest { key, reply }).map_err(|_| "the workers have stopped".to_string())?;
-        answer.recv_timeout(PEEK_TIMEOUT).map_err(|_| format!("the workers did not answer within {}", humantime::format_duration(PEEK_TIMEOUT)))
     }
 
     /// What to do once the replay is complete (print its summary, say so).

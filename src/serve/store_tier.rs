@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use clickagg_dataflows::{Country, Minute};
 use rusqlite::{Connection, OpenFlags};
 
-use super::state::{HistoryEntry, Subject};
+use crate::model::{HistoryEntry, Subject};
 use crate::storage::sqlite::serving::country_text;
 
 const AD_COUNT: &str = "SELECT coalesce(sum(clicks), 0) FROM ad_minute WHERE ad_id = ?1 AND minute >= ?2 AND minute < ?3";

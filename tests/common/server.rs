@@ -21,14 +21,23 @@ impl Drop for Served {
     }
 }
 
-/// Starts `clickagg run --serve 127.0.0.1:0 args…` and waits until the replay is complete.
-pub fn serve_replay(logs: &Path, out: &Path, args: &[&str]) -> Served {
-    serve_replay_with_env(logs, out, args, &[])
+impl Served {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
-/// [`serve_replay`] with environment variables set (an empty value removes the variable).
-pub fn serve_replay_with_env(logs: &Path, out: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
+/// Starts `clickagg run --serve 127.0.0.1:0 args…` and waits until the replay is complete.
+pub fn serve_replay(logs: &Path, out: &Path, args: &[&str]) -> Served {
+    serve_replay_env(logs, out, args, &[])
+}
+
+/// [`serve_replay`] with environment variables set (an empty value removes the variable);
+/// `CLICKAGG_TOKEN` is removed unless given.
+pub fn serve_replay_env(logs: &Path, out: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
     let mut command = Command::new(env!("CARGO_BIN_EXE_clickagg"));
+    command.env_remove("CLICKAGG_TOKEN");
     for (name, value) in env {
         match value.is_empty() {
             true => command.env_remove(name),

@@ -17,8 +17,12 @@ use differential_dataflow::VecCollection;
 use timely::dataflow::operators::generic::Operator;
 
 use crate::batches::exchange_updates;
-use crate::render::topk::bucket_of;
 use crate::types::{Country, Minute, Time};
+
+/// A well-mixed bucket of an ad id; ad ids themselves may be dense or patterned.
+pub(crate) fn bucket_of(ad: u64) -> u32 {
+    (ad.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
+}
 
 /// A record that belongs to one ad.
 pub trait OfAd: differential_dataflow::ExchangeData {

@@ -21,8 +21,8 @@ use crate::hashing::{FastMap, ProbeMap, PREFETCH_AHEAD};
 use crate::plan::Plan;
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::render::peekable::FirstRows;
+use crate::render::partition::{bucket_of, ByAd};
 use crate::render::traces::register_trace;
-use crate::render::partition::ByAd;
 use crate::types::{Country, Minute, Time};
 
 /// Sort key of a ranked entry: clicks descending, then ad ascending.
@@ -34,11 +34,6 @@ fn rank(ad: u64, clicks: u64) -> Rank {
 
 pub(crate) fn unrank((inverse_clicks, ad): Rank) -> (u64, u64) {
     (ad, u64::MAX - inverse_clicks)
-}
-
-/// A well-mixed bucket of an ad id; ad ids themselves may be dense or patterned.
-pub(crate) fn bucket_of(ad: u64) -> u32 {
-    (ad.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
 }
 
 /// The top `plan.top_k` of each group: from `(group, (ad, clicks))` (one record per ad of a
@@ -124,6 +119,9 @@ pub fn top_k_per_minute<'scope>(
     keep_top(name, local, k).map(|(minute, r)| (minute, unrank(r)))
 }
 
+/// The top K of each (minute, country): `((minute, country), (ad, clicks))`.
+pub type CountryMinuteTop<'scope> = VecCollection<'scope, Time, ((Minute, Country), (u64, u64))>;
+
 /// [`top_k_per_minute`] within countries: the top `k` ads of each `(minute, country)`, from the
 /// clicks per `(minute, country, ad)`, as `((minute, country), (ad, clicks))`; the same
 /// collection, time for time, as counting them and ranking them with [`top_k`].
@@ -136,7 +134,7 @@ pub fn top_k_per_minute_in_groups<'scope>(
     clicks: ByAd<'scope, (Minute, Country, u64)>,
     k: usize,
     rules: &EventTimeRules,
-) -> VecCollection<'scope, Time, ((Minute, Country), (u64, u64))> {
+) -> CountryMinuteTop<'scope> {
     let empty = move || TopOfMinuteInGroups { minute: 0, k, tops: FastMap::default(), touched: Vec::new(), ranked: Vec::new() };
     let local = per_minute(&format!("{name}Local"), clicks.into_collection(), Pipeline, |&(minute, _, _)| minute, rules, empty);
     keep_top(name, local, k).map(|(group, r)| (group, unrank(r)))
