@@ -634,3 +634,104 @@ mod tests {
         }
     }
 }
+
+/// Peeks at the top K trace through the registry ([`crate::render::traces`]).
+#[cfg(test)]
+mod trace_peeks {
+    use std::collections::BTreeMap;
+
+    use differential_dataflow::input::Input;
+    use timely::dataflow::operators::Probe;
+
+    use crate::render::peekable;
+    use crate::render::testing::{minute_updates, reference_top_k, rules_and_workers};
+    use crate::render::topk::top_k_per_minute;
+    use crate::render::partition::ByAd;
+    use crate::types::{Minute, Time};
+
+    /// Peeks at `name` on every worker after each time of `updates` is complete, and merges the
+    /// workers' rows, as the server's peek does: `(time, prefix, rows)` per peek.
+    type Peeked = Vec<(Time, Vec<String>, peekable::StateRows)>;
+
+    fn peek_top_minute(workers: usize, updates: Vec<((Minute, u64), Time, isize)>, rules: crate::event_time::EventTimeRules, k: usize, name: &'static str) -> Peeked {
+        let times: Vec<Time> = updates.iter().map(|(_, t, _)| *t).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let peeked = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<(Time, Vec<String>), peekable::StateRows>::new()));
+        let shared = std::sync::Arc::clone(&peeked);
+        let dropped_after = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let dropped = std::sync::Arc::clone(&dropped_after);
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, clicks) = scope.new_collection::<(Minute, u64), isize>();
+                let top = top_k_per_minute("TopMinute", ByAd::exchange(crate::render::testing::scattered(clicks)), k, &rules);
+                (input, top.inner.probe().0)
+            });
+            let mut at = 0;
+            for &time in &times {
+                if worker.index() == 0 {
+                    input.advance_to(time);
+                    while at < updates.len() && updates[at].1 == time {
+                        input.update(updates[at].0, updates[at].2);
+                        at += 1;
+                    }
+                }
+                input.advance_to(time + 1);
+                input.flush();
+                while probe.less_than(&(time + 1)) {
+                    worker.step();
+                }
+                // Each worker's peek at a minute that exists and at a minute prefix and none.
+                let minute = (time / crate::types::MINUTE_MS) as Minute;
+                for prefix in [vec![], vec![minute.to_string()], vec![(minute + 1000).to_string()]] {
+                    let rows = peekable::peek(name, &prefix, 3);
+                    let mut all = shared.lock().unwrap();
+                    all.entry((time, prefix)).or_default().merge(rows, 3);
+                }
+            }
+            input.close();
+            while worker.step() {}
+            // The dataflow is gone, and with it the trace: the registry never held it.
+            dropped.lock().unwrap().push(peekable::peek(name, &[], 3));
+        })
+        .unwrap();
+        for after in dropped_after.lock().unwrap().iter() {
+            assert!(after.found && after.rows.is_empty() && after.unreadable.as_deref() == Some(crate::render::traces::DROPPED), "{after:?}");
+        }
+        assert_eq!(dropped_after.lock().unwrap().len(), workers);
+        let peeked = peeked.lock().unwrap();
+        peeked.iter().map(|((t, p), rows)| (*t, p.clone(), rows.clone())).collect()
+    }
+
+    /// The global top K of each minute at `time`, as `(minute, rank)` rows, from scratch.
+    fn reference_rows(updates: &[((Minute, u64), Time, isize)], time: Time, k: usize) -> Vec<(String, String, isize)> {
+        let mut counts = BTreeMap::new();
+        for (key, _, diff) in updates.iter().filter(|(_, t, _)| *t <= time) {
+            *counts.entry(*key).or_insert(0) += diff;
+        }
+        counts.retain(|_, c| *c != 0);
+        // In key order, then value (rank) order.
+        let mut top: Vec<(Minute, (u64, u64), isize)> =
+            reference_top_k(&counts, k).into_iter().map(|((minute, (ad, clicks)), count)| (minute, (u64::MAX - clicks, ad), count)).collect();
+        top.sort();
+        top.into_iter().map(|(minute, rank, count)| (minute.to_string(), serde_json::to_string(&rank).unwrap(), count)).collect()
+    }
+
+    #[test]
+    fn peeks_at_the_top_k_trace_match_a_reference_at_every_time() {
+        for (rules, workers) in rules_and_workers() {
+            let updates = minute_updates(11, 400, &rules);
+            let k = 3;
+            let peeked = peek_top_minute(workers, updates.clone(), rules, k, "TopMinute");
+            assert!(!peeked.is_empty());
+            for (time, prefix, rows) in peeked {
+                assert!(rows.found, "TopMinute is registered");
+                let expected: Vec<(String, String, isize)> = reference_rows(&updates, time, k)
+                    .into_iter()
+                    .filter(|(minute, _, _)| prefix.first().is_none_or(|p| p == minute))
+                    .collect();
+                let got: Vec<(String, String, isize)> = rows.rows.iter().map(|r| (r.key.clone(), r.value.clone(), r.count)).collect();
+                // The first `limit + 1` rows in key order, and no more.
+                assert_eq!(got, expected[..expected.len().min(4)], "{workers} workers, time {time}, prefix {prefix:?}");
+            }
+        }
+    }
+}
