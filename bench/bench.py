@@ -280,6 +280,12 @@ def rss_of(pid):
     return int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1]) * 1024
 
 
+def cpu_seconds_of(pid):
+    """User and system CPU seconds a live process has used (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def served_watermark(port):
     """The follower's watermark (ms of event time) from /v1/status, or None before it has one."""
     import urllib.request
@@ -324,6 +330,7 @@ def soak(data_dir, scratch, results_dir, hours=6, time_scale=120, rate=10_000, e
                 log(f"soak: {hours_in:.2f} h of event time, RSS {samples[-1]['rss'] / 2**30:.2f} GiB")
             if hours_in >= hours or feeder.poll() is not None:
                 break
+        cpu_s = cpu_seconds_of(follower.pid)
     finally:
         feeder.kill()
         feeder.wait()
@@ -335,7 +342,7 @@ def soak(data_dir, scratch, results_dir, hours=6, time_scale=120, rate=10_000, e
         return next((s["rss"] for s in samples if s["event_hours"] >= h), None)
     reached = samples[-1]["event_hours"] if samples else 0
     result = {"hours": hours, "reached_hours": reached, "time_scale": time_scale, "rate": rate,
-              "wall_s": round(time.monotonic() - began), "rss_2h": rss_at(2), "rss_end": samples[-1]["rss"] if samples else None,
+              "wall_s": round(time.monotonic() - began), "cpu_s": cpu_s, "rss_2h": rss_at(2), "rss_end": samples[-1]["rss"] if samples else None,
               "peak": max((s["rss"] for s in samples), default=None), "samples": len(samples),
               "plot": "soak-rss.png"}
     if result["rss_2h"] and result["rss_end"]:
@@ -665,7 +672,8 @@ def render(results, lines, args, built_from, serving, saved):
             f"(at {k.get('commit', '?')}; {k['wall_s']} s of wall time; {k['reached_hours']:.2f} h reached). Plot: `{k['plot']}`.",
             "",
             f"- RSS at 2 h of event time {gib(k['rss_2h'])}, at the end {gib(k['rss_end'])}"
-            + (f": {k['ratio']:.2f}× (target 1.15×)" if "ratio" in k else "") + f"; peak {gib(k['peak'])}",
+            + (f": {k['ratio']:.2f}× (target 1.15×)" if "ratio" in k else "") + f"; peak {gib(k['peak'])}"
+            + (f"; the follower used {k['cpu_s']:.0f} s of CPU" if k.get("cpu_s") else ""),
             "",
         ]
     return "\n".join(text)

@@ -227,6 +227,11 @@ impl Store {
     pub fn make_ephemeral(&mut self, cache_kib: i64) -> Result<(), String> {
         self.serving_only = true;
         self.conn.pragma_update(None, "synchronous", "OFF").map_err(|e| sql_error(&self.path, e))?;
+        self.set_cache_kib(cache_kib)
+    }
+
+    /// Bounds the writer's page cache to `cache_kib` (it is part of the process's RSS).
+    pub fn set_cache_kib(&mut self, cache_kib: i64) -> Result<(), String> {
         self.conn.pragma_update(None, "cache_size", -cache_kib).map_err(|e| sql_error(&self.path, e))
     }
 
