@@ -3,11 +3,14 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use clickagg::generate::{generate, GenConfig};
-use common::server::{get_json, serve_replay};
+use common::server::{get, get_json, serve_replay};
+use serde_json::Value;
 
 fn shell(address: &str, script: &str) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
@@ -102,7 +105,8 @@ fn scripted_commands_answer_what_the_api_answers() {
     // The per-minute state is peekable, and after a replay holds nothing; the arrangements
     // inside differential's operators are not.
     assert!(out.contains("AdMinute [1]: 0 rows (as of what the workers hold now)"), "{out}");
-    assert!(out.contains("error: 404: TopWindow cannot be peeked"), "{out}");
+    // Differential's traces are dropped with the completed dataflow: a peek says so.
+    assert!(out.contains("error: 410: TopWindow cannot be peeked: its trace was dropped"), "{out}");
     // `watermark` and `watch 1 watermark` answer; the `watermark` after `quit` does not.
     assert_eq!(out.matches("), replay complete").count(), 2, "{out}");
 }
@@ -115,6 +119,138 @@ fn an_unreachable_server_is_a_clear_error() {
     let output = Command::new(env!("CARGO_BIN_EXE_clickagg")).args(["shell", "--connect", &address]).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("cannot connect"), "{stderr}");
+}
+
+/// `clickagg run --follow --serve` over fixed logs, with `args`, once it has read them all and
+/// its answers have stopped moving: its dataflow stays live, holding every arrangement. Killed
+/// when dropped.
+struct Follower {
+    child: Child,
+    address: String,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn follow(logs: &Path, store: &Path, args: &[&str]) -> Follower {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
+        .args(["run", "--follow", "--logs", logs.to_str().unwrap(), "--store", store.to_str().unwrap(), "--serve", "127.0.0.1:0"])
+        .args(["--idle-timeout", "10m"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let address = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "the follower ended before serving");
+        if let Some(rest) = line.trim().strip_prefix("clickagg: serving on http://") {
+            break rest.trim_end_matches('/').to_string();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let follower = Follower { child, address };
+    let started = Instant::now();
+    let mut last = None;
+    loop {
+        let status = get_json(&follower.address, "/v1/status");
+        let read = status["partitions"].as_array().is_some_and(|p| !p.is_empty() && p.iter().all(|p| p["lag_bytes"] == 0));
+        let now = (status["watermark"].clone(), status["clicks"].clone());
+        if read && status["clicks"].as_u64() > Some(0) && last.as_ref() == Some(&now) {
+            break;
+        }
+        last = Some(now);
+        assert!(started.elapsed() < Duration::from_secs(60), "not caught up after a minute: {status}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    follower
+}
+
+/// A peek at `name` (spaces escaped) with `key` and `limit`: `(status, body)`.
+fn peek(address: &str, name: &str, key: &str, limit: usize) -> (u16, Value) {
+    let (status, body) = get(address, &format!("/v1/introspection/peek?arrangement={}&key={key}&limit={limit}", name.replace(' ', "%20")), &[]);
+    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{name}: {e}: {body}")))
+}
+
+#[test]
+fn every_listed_arrangement_is_peekable_while_following() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    generate(&GenConfig { events: 20_000, partitions: 3, minutes: 15, ads: 200, seed: 5, ..GenConfig::default() }, &logs).unwrap();
+    // Two workers, and a fraud rule low enough to exclude some clicks, so that every kind of
+    // arrangement is built and holds rows.
+    let follower = follow(&logs, &dir.path().join("store.db"), &["-w", "2", "--max-clicks-per-minute", "3"]);
+    let a = follower.address.as_str();
+
+    let listing = get_json(a, "/v1/introspection/arrangements");
+    let names: Vec<String> = listing["arrangements"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap().to_string()).collect();
+    for expected in ["TopMinute", "Arrange: TopMinute", "TopWindow", "TopWindowLocal", "Arrange: CampaignWindowCounts", "Arrange: ExcludedClicks", "AdMinute", "Arrange: ClicksByIp"] {
+        assert!(names.iter().any(|n| n == expected), "{expected} is not listed: {names:?}");
+    }
+    for name in &names {
+        // Each listed arrangement, by the name it is listed under: its first rows, at most the
+        // limit, the first of all it holds, and `more` exactly when it holds more.
+        let (status, first) = peek(a, name, "", 3);
+        assert_eq!(status, 200, "{name}: {first}");
+        let rows = first["rows"].as_array().unwrap();
+        assert!(!rows.is_empty() && rows.len() <= 3, "{name}: {first}");
+        let (_, all) = peek(a, name, "", 10_000);
+        let all = all["rows"].as_array().unwrap();
+        assert_eq!(rows[..], all[..rows.len()], "{name}: the first rows of a larger peek");
+        assert_eq!(first["more"], Value::Bool(all.len() > 3), "{name}: {first}");
+        assert!(all.iter().all(|r| r["count"].as_i64() != Some(0)), "{name}: a row with no count");
+        // A key prefix: the first field of the first key, typed as a person would, gives every
+        // row whose key begins with it.
+        let first_field = |key: &Value| match key {
+            Value::Array(fields) => fields[0].clone(),
+            other => other.clone(),
+        };
+        let field = first_field(&rows[0]["key"]);
+        if let Some(typed) = field.as_u64().map(|f| f.to_string()) {
+            let (status, keyed) = peek(a, name, &typed, 10_000);
+            assert_eq!(status, 200, "{name} [{typed}]: {keyed}");
+            let expected: Vec<&Value> = all.iter().filter(|r| first_field(&r["key"]) == field).collect();
+            let keyed: Vec<&Value> = keyed["rows"].as_array().unwrap().iter().collect();
+            if name.starts_with("Arrange: ClicksBy") && !name.ends_with("Minute") {
+                // A filter arrangement read at one key gives its rows as columns.
+                let counts = |rows: &[&Value]| rows.iter().map(|r| r["count"].as_i64().unwrap()).collect::<Vec<_>>();
+                assert_eq!(counts(&keyed), counts(&expected), "{name} [{typed}]");
+            } else {
+                assert_eq!(keyed, expected, "{name} [{typed}]");
+            }
+        }
+    }
+
+    // The top K of a minute, as differential's reduce holds it, is the minute's answer.
+    let status = get_json(a, "/v1/status");
+    let (minute, k) = (status["as_of_minute"].as_u64().unwrap() - 2, status["top_k"].as_u64().unwrap());
+    let top = get_json(a, &format!("/v1/ads/popular_ads?minute={minute}&count={k}"));
+    let served: Vec<(u64, u64)> = top["ads"].as_array().unwrap().iter().map(|ad| (ad["ad_id"].as_u64().unwrap(), ad["clicks"].as_u64().unwrap())).collect();
+    assert!(!served.is_empty(), "{top}");
+    let (status, peeked) = peek(a, "TopMinute", &minute.to_string(), 10_000);
+    assert_eq!(status, 200, "{peeked}");
+    let peeked: Vec<(u64, u64)> = peeked["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["value"][1].as_u64().unwrap(), u64::MAX - r["value"][0].as_u64().unwrap()))
+        .collect();
+    assert_eq!(peeked, served);
+
+    // Unknown names list the names; `Arrange: X` is one name in the shell, and a key is optional.
+    let (status, unknown) = peek(a, "NoSuchArrangement", "", 3);
+    assert_eq!(status, 404, "{unknown}");
+    assert!(unknown["error"].as_str().unwrap().contains("the arrangements are: ") && unknown["error"].as_str().unwrap().contains("Arrange: TopMinute"), "{unknown}");
+    let out = shell(a, "peek Arrange: TopMinute limit 2\npeek TopWindowLocal\npeek NoSuchArrangement 1\n");
+    assert!(out.contains("Arrange: TopMinute []: 2 rows, the first 2 shown: more are held"), "{out}");
+    assert!(out.contains("TopWindowLocal []: "), "{out}");
+    assert!(out.contains("error: 404: no arrangement is named \"NoSuchArrangement\""), "{out}");
 }
 
 /// Runs the shell with `args` and `env` on `script`: (success, stdout, stderr).

@@ -101,7 +101,7 @@ fn a_person_at_a_terminal() {
     session.exp_string("type help").unwrap();
     session.exp_string(PROMPT).unwrap();
     let help = run(&mut session, "help");
-    assert!(help.contains("peek ARRANGEMENT KEY [limit N]") && help.contains("Ctrl-C"), "{help}");
+    assert!(help.contains("peek ARRANGEMENT [KEY] [limit N]") && help.contains("Ctrl-C"), "{help}");
 
     let top = run(&mut session, "top 60m 3");
     assert!(top.contains("rank  ad_id"), "{top}");

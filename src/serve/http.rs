@@ -105,7 +105,7 @@ fn respond(request: &Request, state: &ServingState, token: Option<&Token>, rate:
     // A filter by ip or user_id waits on the workers, which may be waiting to publish: it must
     // not hold the answers' read guard meanwhile. So does a peek.
     if path == "/v1/introspection/peek" {
-        return match super::peek::answer(&params, &state.peeks) {
+        return match super::peek::answer(&params, &state.peeks, &state.introspection) {
             Ok(value) => (200, "application/json", value.to_string()),
             Err(failure) => error(failure),
         };

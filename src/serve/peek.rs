@@ -1,6 +1,7 @@
 //! Peeks: a query with an `ip` or `user_id` filter reads the one key it needs from the
 //! arrangements of every worker (`Arrange: ClicksByIp`, `Arrange: ClicksByUser`); introspection
-//! reads the first rows of any per-minute state by name ([`peekable`]).
+//! reads the first rows of any arrangement `/v1/introspection/arrangements` lists, by that name:
+//! the per-minute state and differential's own traces register themselves ([`peekable`]).
 //!
 //! A peek travels through a small timely dataflow of its own, as Materialize sends commands
 //! to its workers: worker 0 gives it a timestamp (a sequence number) and broadcasts it; every
@@ -28,6 +29,7 @@ use timely::dataflow::InputHandle;
 use timely::worker::Worker;
 
 use super::params::{bad, parse_id, Failure, Params};
+use crate::introspect::SharedIntrospection;
 use crate::source::parse::parse_ip;
 
 /// What to look up.
@@ -63,13 +65,20 @@ const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 10_000;
 
 /// `GET /v1/introspection/peek?arrangement=NAME&key=FIELDS[&limit=N]`: the first N rows (in key
-/// order) that an arrangement or per-minute state holds for a key, over all workers, and whether
+/// order, then value order) that an arrangement holds for a key, over all workers, and whether
 /// there are more. The filter arrangements (`ClicksByIp`, `ClicksByUser`) take one ip or
-/// user_id; any other takes the first fields of its key, comma-separated (`minute` or
-/// `minute,ad_id` for `AdMinute`), or nothing for its first rows.
-pub fn answer(params: &Params, peeks: &Peeks) -> Result<Value, Failure> {
+/// user_id, or nothing for their first rows; any other takes the first fields of its key,
+/// comma-separated (`minute` or `minute,ad_id` for `AdMinute`), or nothing for its first rows.
+///
+/// `NAME` is a name the arrangements listing gives; `Arrange: X` may also be written `Arrange:X`,
+/// or `X` when no other arrangement is named `X`. An unknown name is a 404 listing the names; an
+/// arrangement whose trace the dataflow has dropped (after a replay completes) is a 410 that says
+/// so, never an empty answer.
+pub fn answer(params: &Params, peeks: &Peeks, introspection: &SharedIntrospection) -> Result<Value, Failure> {
     params.only(&["arrangement", "key", "limit"])?;
-    let name = params.get("arrangement").ok_or_else(|| bad("peek needs arrangement= (a name /v1/introspection/arrangements lists)"))?;
+    let given = params.get("arrangement").ok_or_else(|| bad("peek needs arrangement= (a name /v1/introspection/arrangements lists)"))?;
+    let spelled = spelled_out(given);
+    let name = spelled.as_str();
     let text = params.get("key").unwrap_or("");
     let limit = match params.get("limit") {
         None => DEFAULT_LIMIT,
@@ -82,7 +91,9 @@ pub fn answer(params: &Params, peeks: &Peeks) -> Result<Value, Failure> {
     let short = name.strip_prefix("Arrange: ").unwrap_or(name);
     let (key, value) = clickagg_dataflows::render::arrangement_schema(name).unwrap_or(("?", "?"));
     let schema = json!({ "key": key, "value": value });
+    // With a key, the filter arrangements are read at that key; without one, like any other.
     let filter_key = match short {
+        _ if text.trim().is_empty() => None,
         "ClicksByIp" => Some(FilterKey::Ip(parse_ip(text.as_bytes()).ok_or_else(|| bad(format!("{text:?} is not an ip")))?)),
         "ClicksByUser" => Some(FilterKey::User(parse_id(text, "user_id")?)),
         _ => None,
@@ -108,16 +119,10 @@ pub fn answer(params: &Params, peeks: &Peeks) -> Result<Value, Failure> {
         }));
     }
     let prefix: Vec<String> = text.split(',').map(str::trim).filter(|f| !f.is_empty()).map(String::from).collect();
-    let answer = peeks.any(PeekKey::State { name: short.to_string(), prefix, limit }).map_err(|e| Failure(503, e))?;
-    if !answer.state.found {
-        return Err(Failure(
-            404,
-            format!(
-                "{name} cannot be peeked: peeks read the filter arrangements (ClicksByIp, ClicksByUser) and the per-minute \
-                 state (DistinctClicks, AdMinute, CampaignMinute, CountryMinute, CampaignCountryMinute, TopMinuteLocal); \
-                 the other arrangements live inside differential's operators"
-            ),
-        ));
+    let listed = listed_names(introspection);
+    let (name, answer) = peek_named(peeks, name, &listed, prefix, limit)?;
+    if let Some(why) = answer.state.unreadable {
+        return Err(Failure(410, format!("{name} cannot be peeked: {why}")));
     }
     let mut rows = answer.state.rows;
     let more = rows.len() > limit;
@@ -131,6 +136,49 @@ pub fn answer(params: &Params, peeks: &Peeks) -> Result<Value, Failure> {
         .collect();
     // Each worker's state as it holds it when the peek reaches it: no frontier is claimed.
     Ok(json!({ "arrangement": name, "key": text, "schema": schema, "rows": rows, "limit": limit, "more": more }))
+}
+
+/// `Arrange:X` (as a shell user may type it, without the space) as the listing spells it.
+fn spelled_out(name: &str) -> String {
+    match name.strip_prefix("Arrange:") {
+        Some(rest) => format!("Arrange: {}", rest.trim()),
+        None => name.trim().to_string(),
+    }
+}
+
+/// The names `/v1/introspection/arrangements` lists, in its order (empty without introspection).
+fn listed_names(introspection: &SharedIntrospection) -> Vec<String> {
+    let operators = introspection.lock().map(|i| i.summary()).unwrap_or_default();
+    let mut names: Vec<String> = Vec::new();
+    for op in operators.into_iter().filter(|op| op.total.arranges) {
+        if !names.contains(&op.total.name) {
+            names.push(op.total.name);
+        }
+    }
+    names
+}
+
+/// Peeks at the state registered under `name`, or under `Arrange: {name}` when only that is
+/// listed: the name it was found under and every worker's rows. A name that is neither listed
+/// nor registered is a 404 that lists the names.
+fn peek_named(peeks: &Peeks, name: &str, listed: &[String], prefix: Vec<String>, limit: usize) -> Result<(String, PeekAnswer), Failure> {
+    let prefixed = format!("Arrange: {name}");
+    let mut candidates = vec![name.to_string()];
+    if !name.starts_with("Arrange: ") && !listed.iter().any(|l| l == name) {
+        candidates.push(prefixed);
+    }
+    for candidate in candidates {
+        let key = PeekKey::State { name: candidate.clone(), prefix: prefix.clone(), limit };
+        let answer = peeks.any(key).map_err(|e| Failure(503, e))?;
+        if answer.state.found {
+            return Ok((candidate, answer));
+        }
+    }
+    if listed.iter().any(|l| *l == name || l.strip_prefix("Arrange: ") == Some(name)) {
+        // Every arrangement the dataflow builds registers itself; this is a defect, said plainly.
+        return Err(Failure(500, format!("{name} is listed but no worker registered it for peeks")));
+    }
+    Err(Failure(404, format!("no arrangement is named {name:?}; the arrangements are: {}", listed.join(", "))))
 }
 
 /// How long a peek waits for the workers.

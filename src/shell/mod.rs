@@ -22,8 +22,9 @@ commands:
   status                                        everything /v1/status says, as JSON
   arrangements                                  each arrangement: name, key/value types, records (per worker), batches
   dataflow                                      every operator: records per worker of those holding state, time scheduled
-  peek ARRANGEMENT KEY [limit N]                the rows an arrangement holds for KEY (its first key fields,
-                                                comma-separated), at most N (default 100)
+  peek ARRANGEMENT [KEY] [limit N]              the rows any listed arrangement holds for KEY (its first key
+                                                fields, comma-separated; none: its first rows), at most N
+                                                (default 100), in key order, over all workers
   watch [N] COMMAND                             run COMMAND each time the watermark moves, until the answers
                                                 are complete, N times, or Ctrl-C
   get PATH                                      any API path, raw JSON
@@ -214,6 +215,23 @@ fn dataflow(json: &Value) -> Result<String, String> {
     Ok(text)
 }
 
+/// The words after `peek`: the arrangement (`Arrange: X` as listed, two words, is one name),
+/// the key (empty for the first rows) and the limit, if given; `None` if they do not fit.
+fn peek_words<'a>(words: &[&'a str]) -> Option<(String, &'a str, Option<&'a str>)> {
+    let (arrangement, rest) = match words {
+        ["Arrange:", name, rest @ ..] => (format!("Arrange: {name}"), rest),
+        [name, rest @ ..] => (name.to_string(), rest),
+        [] => return None,
+    };
+    match rest {
+        [] => Some((arrangement, "", None)),
+        ["limit", n] => Some((arrangement, "", Some(n))),
+        [key] => Some((arrangement, key, None)),
+        [key, "limit", n] => Some((arrangement, key, Some(n))),
+        _ => None,
+    }
+}
+
 /// A peek's rows: the filter arrangements' rows as columns, any other's as key, value and count.
 fn peek(arrangement: &str, key: &str, json: &Value) -> String {
     let rows = json["rows"].as_array().cloned().unwrap_or_default();
@@ -367,14 +385,11 @@ fn answer(client: &Client, words: &[&str]) -> Result<String, String> {
             Ok(text)
         }
         ["dataflow"] => dataflow(&client.get("/v1/introspection/dataflow")?),
-        ["peek", arrangement, key, rest @ ..] => {
-            let limit = match rest {
-                [] => String::new(),
-                ["limit", n] => format!("&limit={}", encode(n)),
-                _ => return Err("peek ARRANGEMENT KEY [limit N]".to_string()),
-            };
-            let target = format!("/v1/introspection/peek?arrangement={}&key={}{limit}", encode(arrangement), encode(key));
-            Ok(peek(arrangement, key, &client.get(&target)?))
+        ["peek", rest @ ..] => {
+            let (arrangement, key, limit) = peek_words(rest).ok_or("peek ARRANGEMENT [KEY] [limit N]")?;
+            let limit = limit.map_or(String::new(), |n| format!("&limit={}", encode(n)));
+            let target = format!("/v1/introspection/peek?arrangement={}&key={}{limit}", encode(&arrangement), encode(key));
+            Ok(peek(&arrangement, key, &client.get(&target)?))
         }
         ["status"] => client.get("/v1/status").map(|j| serde_json::to_string_pretty(&j).unwrap_or_default()),
         ["get", path] => client.get(path).map(|j| serde_json::to_string_pretty(&j).unwrap_or_default()),

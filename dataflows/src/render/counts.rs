@@ -17,6 +17,7 @@ use crate::hashing::{fast_hash, FastMap, ProbeMap, PREFETCH_AHEAD};
 use crate::radix::consolidate_words;
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::render::peekable::FirstRows;
+use crate::render::traces::register_trace;
 use crate::render::partition::{ByAd, OfAd};
 use crate::types::{ClickAttrs, ClickKey, Country, Minute, Time};
 
@@ -176,17 +177,19 @@ impl<K: MinuteKey> MinuteState for CountsOfMinute<K> {
 }
 
 /// Counts records per key (sums their multiplicities, which may be any weight), in an
-/// arrangement named `name`.
+/// arrangement named `Arrange: {name}`, which can be peeked at ([`register_trace`]).
 ///
 /// Updates are consolidated inside the worker before they are exchanged (two-stage aggregation):
 /// a key that gets many clicks at one time, a viral ad, costs one update per batch, not one per
 /// click. Times are totally ordered, so `count_total` needs no arrangement of its output.
 pub fn count_named<'scope, K>(name: &str, keys: VecCollection<'scope, Time, K>) -> VecCollection<'scope, Time, (K, u64)>
 where
-    K: differential_dataflow::ExchangeData + std::hash::Hash,
+    K: differential_dataflow::ExchangeData + std::hash::Hash + serde::Serialize,
 {
     let changes = pre_aggregate(&format!("PreAggregate: {name}"), keys);
-    changes.arrange_by_self_named(&format!("Arrange: {name}")).count_total_core::<isize>().map(|(key, clicks)| {
+    let arranged = changes.arrange_by_self_named(&format!("Arrange: {name}"));
+    register_trace(&format!("Arrange: {name}"), &arranged.trace);
+    arranged.count_total_core::<isize>().map(|(key, clicks)| {
         debug_assert!(clicks > 0);
         (key, clicks as u64)
     })

@@ -78,6 +78,9 @@ pub fn render_filters<'scope>(
     );
     let by_ip = retained.clone().map(|row| (row.ip, row)).arrange_by_key_named("Arrange: ClicksByIp").trace;
     let by_user = retained.map(|row| (row.user, row)).arrange_by_key_named("Arrange: ClicksByUser").trace;
+    // Their first rows, for a peek without a key (a peek with one reads `FilterArrangements`).
+    super::traces::register_trace("Arrange: ClicksByIp", &by_ip);
+    super::traces::register_trace("Arrange: ClicksByUser", &by_user);
     FilterArrangements { by_ip, by_user, expired_through, rules, horizon_minutes }
 }
 

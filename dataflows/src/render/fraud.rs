@@ -8,6 +8,7 @@ use differential_dataflow::{ExchangeData, VecCollection};
 
 use crate::plan::FraudRules;
 use crate::render::counts::count_named;
+use crate::render::traces::register_trace;
 use crate::types::{minute_of, ClickAttrs, ClickKey, Minute, Time};
 
 type Clicks<'scope> = VecCollection<'scope, Time, (ClickKey, ClickAttrs)>;
@@ -36,7 +37,9 @@ pub fn split_billable<'scope>(clicks: Clicks<'scope>, rules: &FraudRules) -> Bil
     }
     let scope = clicks.scope();
     // A click broken by several rules is excluded once.
-    let excluded = differential_dataflow::collection::concatenate(scope, exclusions).distinct_total();
+    let excluded = differential_dataflow::collection::concatenate(scope, exclusions).arrange_by_self_named("Arrange: ExcludedClicks");
+    register_trace("Arrange: ExcludedClicks", &excluded.trace);
+    let excluded = excluded.distinct_total();
     let billable = clicks.concat(excluded.clone().negate());
     Billing { billable, excluded }
 }
@@ -49,7 +52,7 @@ fn over_limit<'scope, G>(
     group_of: impl Fn(&ClickKey, &ClickAttrs) -> (Minute, G) + Clone + 'static,
 ) -> Clicks<'scope>
 where
-    G: ExchangeData + Hash,
+    G: ExchangeData + Hash + serde::Serialize,
 {
     let group = group_of.clone();
     let counts = count_named(&format!("{name}Minute"), clicks.clone().map(move |(key, attrs)| group(&key, &attrs)));
@@ -57,8 +60,10 @@ where
         .filter(move |(_, clicks)| *clicks > limit)
         .map(|(group, _)| group)
         .arrange_by_self_named(&format!("Arrange: {name}MinuteOverLimit"));
-    clicks
+    register_trace(&format!("Arrange: {name}MinuteOverLimit"), &flagged.trace);
+    let by_group = clicks
         .map(move |(key, attrs)| (group_of(&key, &attrs), (key, attrs)))
-        .arrange_by_key_named(&format!("Arrange: ClicksBy{name}Minute"))
-        .join_core(flagged, |_group, click, ()| Some(*click))
+        .arrange_by_key_named(&format!("Arrange: ClicksBy{name}Minute"));
+    register_trace(&format!("Arrange: ClicksBy{name}Minute"), &by_group.trace);
+    by_group.join_core(flagged, |_group, click, ()| Some(*click))
 }

@@ -62,10 +62,11 @@ type Minutes<S> = Rc<RefCell<FastMap<Minute, Live<S>>>>;
 struct PeekMinutes<S>(Minutes<S>);
 
 impl<S: MinuteState> Peekable for PeekMinutes<S> {
-    fn peek(&self, rows: &mut FirstRows) {
+    fn peek(&self, rows: &mut FirstRows) -> Result<(), String> {
         for (&minute, live) in self.0.borrow().iter() {
             live.state.peek(minute, rows);
         }
+        Ok(())
     }
 }
 

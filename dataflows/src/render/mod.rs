@@ -10,6 +10,7 @@ pub mod partition;
 pub mod peekable;
 pub mod serving;
 pub mod temporal;
+pub mod traces;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod topk;
@@ -42,12 +43,13 @@ pub fn arrangement_schema(name: &str) -> Option<(&'static str, &'static str)> {
         "UserMinute" | "UserMinuteOverLimit" => ("(minute, user_id)", "()"),
         "ClicksByIpMinute" => ("(minute, ip)", "(ClickKey, ClickAttrs)"),
         "ClicksByUserMinute" => ("(minute, user_id)", "(ClickKey, ClickAttrs)"),
+        "ExcludedClicks" => ("(ClickKey, ClickAttrs) excluded by a fraud rule", "()"),
         "ClicksByIp" => ("ip", "FilterRow (minute, ad_id, campaign_id, country, user_id, ip)"),
         "ClicksByUser" => ("user_id", "FilterRow (minute, ad_id, campaign_id, country, user_id, ip)"),
         "TopMinute" => ("minute", RANK),
         "TopMinuteLocal" => ("minute", "clicks per ad_id, this worker's share"),
-        "TopWindowLocal" => ("(window minutes, ())", "clicks per ad_id, this worker's share"),
-        "TopCountryWindowLocal" => ("(window minutes, country)", "clicks per ad_id, this worker's share"),
+        "TopWindowLocal" => ("(window minutes, (), ad_id)", "() with the ad's clicks in the window as its count, this worker's share"),
+        "TopCountryWindowLocal" => ("(window minutes, country, ad_id)", "() with the ad's clicks in the window as its count, this worker's share"),
         "TopWindow" => ("window minutes", RANK),
         _ => return None,
     })
@@ -69,7 +71,7 @@ pub fn sliding_counts<'scope, C, K>(
 ) -> VecCollection<'scope, Time, ((u32, K), u64)>
 where
     C: Clone + 'static,
-    K: differential_dataflow::ExchangeData + std::hash::Hash + Clone,
+    K: differential_dataflow::ExchangeData + std::hash::Hash + Clone + serde::Serialize,
 {
     let windows = windows.to_vec();
     let rules = *rules;

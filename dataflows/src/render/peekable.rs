@@ -78,11 +78,12 @@ pub fn fields(value: &Value, out: &mut Vec<Field>) {
     }
 }
 
-/// One row a peek found: its key's fields (the order rows are given in), the key and value as
-/// JSON text, and its multiplicity.
+/// One row a peek found: its key's fields and then its value's (the order rows are given in),
+/// the key and value as JSON text, and its multiplicity.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct StateRow {
     pub order: Vec<Field>,
+    pub value_order: Vec<Field>,
     pub key: String,
     pub value: String,
     pub count: isize,
@@ -95,12 +96,18 @@ pub struct StateRows {
     pub rows: Vec<StateRow>,
     /// Whether any worker holds state by this name.
     pub found: bool,
+    /// Why state registered under this name could not be read on some worker (its trace was
+    /// dropped), if it could not: the rows are then not the whole answer.
+    pub unreadable: Option<String>,
 }
 
 impl StateRows {
     /// Adds another worker's rows, keeping the first `limit + 1`.
     pub fn merge(&mut self, part: StateRows, limit: usize) {
         self.found |= part.found;
+        if self.unreadable.is_none() {
+            self.unreadable = part.unreadable;
+        }
         self.rows.extend(part.rows);
         self.rows.sort();
         self.rows.truncate(limit.saturating_add(1));
@@ -130,19 +137,37 @@ impl FirstRows {
         self.prefix.first().is_none_or(|first| Field::Integer(minute as i128).matches(first))
     }
 
-    /// Offers one row; kept if its key begins with the prefix and it is among the first.
-    pub fn offer(&mut self, key: &impl Serialize, value: &impl Serialize, count: isize) {
-        let Ok(key) = serde_json::to_value(key) else { return };
+    /// The fields of `key` if it begins with the prefix and may still be among the first rows.
+    fn key_fields(&self, key: &impl Serialize) -> Option<(Value, Vec<Field>)> {
+        let key = serde_json::to_value(key).ok()?;
         let mut order = Vec::new();
         fields(&key, &mut order);
         if order.len() < self.prefix.len() || !order.iter().zip(&self.prefix).all(|(f, t)| f.matches(t)) {
+            return None;
+        }
+        if self.heap.len() >= self.limit && self.heap.peek().is_some_and(|last| last.order < order) {
+            return None;
+        }
+        Some((key, order))
+    }
+
+    /// Whether rows with `key` may be kept: it begins with the prefix, and does not come after
+    /// every row kept when there are enough. A reader may skip a key's values when not.
+    pub fn key_may_match(&self, key: &impl Serialize) -> bool {
+        self.key_fields(key).is_some()
+    }
+
+    /// Offers one row; kept if its key begins with the prefix and it is among the first (by key
+    /// fields, then value fields).
+    pub fn offer(&mut self, key: &impl Serialize, value: &impl Serialize, count: isize) {
+        let Some((key, order)) = self.key_fields(key) else { return };
+        let Ok(value) = serde_json::to_value(value) else { return };
+        let mut value_order = Vec::new();
+        fields(&value, &mut value_order);
+        if self.heap.len() >= self.limit && self.heap.peek().is_some_and(|last| (&last.order, &last.value_order) <= (&order, &value_order)) {
             return;
         }
-        if self.heap.len() >= self.limit && self.heap.peek().is_some_and(|last| last.order <= order) {
-            return;
-        }
-        let value = serde_json::to_string(value).unwrap_or_default();
-        self.heap.push(StateRow { order, key: key.to_string(), value, count });
+        self.heap.push(StateRow { order, value_order, key: key.to_string(), value: value.to_string(), count });
         if self.heap.len() > self.limit {
             self.heap.pop();
         }
@@ -155,8 +180,9 @@ impl FirstRows {
 
 /// State that can be peeked at.
 pub trait Peekable {
-    /// Offers every row held whose key may begin with `rows.prefix()` to `rows`.
-    fn peek(&self, rows: &mut FirstRows);
+    /// Offers every row held whose key may begin with `rows.prefix()` to `rows`, or says why
+    /// the state can no longer be read.
+    fn peek(&self, rows: &mut FirstRows) -> Result<(), String>;
 }
 
 thread_local! {
@@ -178,14 +204,16 @@ pub fn names() -> Vec<String> {
 /// the fields `prefix`.
 pub fn peek(name: &str, prefix: &[String], limit: usize) -> StateRows {
     let mut rows = FirstRows::new(prefix, limit);
-    let mut found = false;
+    let (mut found, mut unreadable) = (false, None);
     REGISTRY.with(|r| {
         for (_, state) in r.borrow().iter().filter(|(n, _)| n == name) {
             found = true;
-            state.peek(&mut rows);
+            if let Err(why) = state.peek(&mut rows) {
+                unreadable = Some(why);
+            }
         }
     });
-    StateRows { rows: rows.finish(), found }
+    StateRows { rows: rows.finish(), found, unreadable }
 }
 
 #[cfg(test)]
@@ -207,7 +235,7 @@ mod tests {
         let found: Vec<(String, isize)> = rows.finish().into_iter().map(|r| (r.key, r.count)).collect();
         assert_eq!(found, [(format!("[7,{}]", u64::MAX), 3)]);
         let mut merged = StateRows::default();
-        merged.merge(StateRows { rows: FirstRows::new(&[], 1).finish(), found: true }, 1);
+        merged.merge(StateRows { rows: FirstRows::new(&[], 1).finish(), found: true, unreadable: None }, 1);
         assert!(merged.found && merged.rows.is_empty());
     }
 }

@@ -12,6 +12,7 @@
 //! pool runs short (`LocalTop`); a `reduce` over the workers' local tops gives the global one.
 //! The per-country minutes, served only, are ranked the same way ([`top_k_per_minute_in_groups`]).
 
+use differential_dataflow::trace::implementations::{ValBuilder, ValSpine};
 use differential_dataflow::VecCollection;
 use timely::dataflow::channels::pact::Pipeline;
 
@@ -21,6 +22,7 @@ use crate::plan::Plan;
 use crate::render::minute_state::{per_minute, MinuteState};
 use crate::render::peekable::FirstRows;
 use crate::render::partition::{bucket_of, ByAd};
+use crate::render::traces::register_trace;
 use crate::types::{Country, Minute, Time};
 
 /// Sort key of a ranked entry: clicks descending, then ad ascending.
@@ -56,27 +58,43 @@ where
         .map(|((group, _), r)| (group, unrank(r)))
 }
 
-/// Keeps the first `k` ranks of each key.
+/// Keeps the first `k` ranks of each key: differential's `reduce_named`, spelled out so that
+/// its input arrangement (`Arrange: {name}`) and its output (`name`) can be peeked at
+/// ([`register_trace`]).
 pub(crate) fn keep_top<'scope, K>(
     name: &str,
     ranked: VecCollection<'scope, Time, (K, Rank)>,
     k: usize,
 ) -> VecCollection<'scope, Time, (K, Rank)>
 where
-    K: differential_dataflow::ExchangeData + std::hash::Hash,
+    K: differential_dataflow::ExchangeData + std::hash::Hash + serde::Serialize,
 {
-    ranked.reduce_named(name, move |_key, input, output| {
-        // Input is sorted by rank; each (ad, clicks) occurs once, but stay exact if not.
-        let mut remaining = k as isize;
-        for (r, count) in input {
-            if remaining <= 0 {
-                break;
-            }
-            let taken = (*count).min(remaining);
-            output.push((**r, taken));
-            remaining -= taken;
+    let input = ranked.arrange_by_key_named(&format!("Arrange: {name}"));
+    register_trace(&format!("Arrange: {name}"), &input.trace);
+    let output = input.reduce_abelian::<_, ValBuilder<_, _, _, _>, ValSpine<K, Rank, Time, isize>, _, _>(
+        name,
+        move |_key, input, output| keep_first(k, input, output),
+        |updates, key, values| {
+            updates.clear();
+            updates.extend(values.drain(..).map(|(v, t, r)| ((key.clone(), v), t, r)));
+        },
+    );
+    register_trace(name, &output.trace);
+    output.as_collection(|key, rank| (key.clone(), *rank))
+}
+
+/// The reduction of [`keep_top`]: the first `k` ranks of a key, from its ranks in order.
+fn keep_first(k: usize, input: &[(&Rank, isize)], output: &mut Vec<(Rank, isize)>) {
+    // Input is sorted by rank; each (ad, clicks) occurs once, but stay exact if not.
+    let mut remaining = k as isize;
+    for (r, count) in input {
+        if remaining <= 0 {
+            break;
         }
-    })
+        let taken = (*count).min(remaining);
+        output.push((**r, taken));
+        remaining -= taken;
+    }
 }
 
 /// The top `k` ads of each minute, from the clicks per `(minute, ad)` (with the clicks as their
@@ -293,6 +311,13 @@ impl Count {
 const POOL_PER_K: usize = 4;
 
 impl LocalTop {
+    /// Calls `f` with each ad counted and its clicks, those at zero (until `settle`) left out.
+    pub(crate) fn for_each_count(&self, mut f: impl FnMut(u64, i64)) {
+        for (ad, count) in self.counts.iter().filter(|(_, c)| c.clicks != 0) {
+            f(*ad, count.clicks);
+        }
+    }
+
     /// A hint that `ad`'s count is changed soon (see [`ProbeMap::prefetch`]).
     pub(crate) fn prefetch(&self, ad: u64) {
         self.counts.prefetch(&ad);
@@ -605,6 +630,107 @@ mod tests {
                 assert_eq!(given.keys().copied().collect::<Vec<_>>(), expected, "seed {seed}, step {step}: what settle gave");
                 assert!(given.values().all(|&diff| diff == 1), "seed {seed}, step {step}");
                 assert_eq!(top.len(), counts.len(), "seed {seed}, step {step}");
+            }
+        }
+    }
+}
+
+/// Peeks at the top K trace through the registry ([`crate::render::traces`]).
+#[cfg(test)]
+mod trace_peeks {
+    use std::collections::BTreeMap;
+
+    use differential_dataflow::input::Input;
+    use timely::dataflow::operators::Probe;
+
+    use crate::render::peekable;
+    use crate::render::testing::{minute_updates, reference_top_k, rules_and_workers};
+    use crate::render::topk::top_k_per_minute;
+    use crate::render::partition::ByAd;
+    use crate::types::{Minute, Time};
+
+    /// Peeks at `name` on every worker after each time of `updates` is complete, and merges the
+    /// workers' rows, as the server's peek does: `(time, prefix, rows)` per peek.
+    type Peeked = Vec<(Time, Vec<String>, peekable::StateRows)>;
+
+    fn peek_top_minute(workers: usize, updates: Vec<((Minute, u64), Time, isize)>, rules: crate::event_time::EventTimeRules, k: usize, name: &'static str) -> Peeked {
+        let times: Vec<Time> = updates.iter().map(|(_, t, _)| *t).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let peeked = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<(Time, Vec<String>), peekable::StateRows>::new()));
+        let shared = std::sync::Arc::clone(&peeked);
+        let dropped_after = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let dropped = std::sync::Arc::clone(&dropped_after);
+        timely::execute(timely::Config::process(workers), move |worker| {
+            let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, clicks) = scope.new_collection::<(Minute, u64), isize>();
+                let top = top_k_per_minute("TopMinute", ByAd::exchange(crate::render::testing::scattered(clicks)), k, &rules);
+                (input, top.inner.probe().0)
+            });
+            let mut at = 0;
+            for &time in &times {
+                if worker.index() == 0 {
+                    input.advance_to(time);
+                    while at < updates.len() && updates[at].1 == time {
+                        input.update(updates[at].0, updates[at].2);
+                        at += 1;
+                    }
+                }
+                input.advance_to(time + 1);
+                input.flush();
+                while probe.less_than(&(time + 1)) {
+                    worker.step();
+                }
+                // Each worker's peek at a minute that exists and at a minute prefix and none.
+                let minute = (time / crate::types::MINUTE_MS) as Minute;
+                for prefix in [vec![], vec![minute.to_string()], vec![(minute + 1000).to_string()]] {
+                    let rows = peekable::peek(name, &prefix, 3);
+                    let mut all = shared.lock().unwrap();
+                    all.entry((time, prefix)).or_default().merge(rows, 3);
+                }
+            }
+            input.close();
+            while worker.step() {}
+            // The dataflow is gone, and with it the trace: the registry never held it.
+            dropped.lock().unwrap().push(peekable::peek(name, &[], 3));
+        })
+        .unwrap();
+        for after in dropped_after.lock().unwrap().iter() {
+            assert!(after.found && after.rows.is_empty() && after.unreadable.as_deref() == Some(crate::render::traces::DROPPED), "{after:?}");
+        }
+        assert_eq!(dropped_after.lock().unwrap().len(), workers);
+        let peeked = peeked.lock().unwrap();
+        peeked.iter().map(|((t, p), rows)| (*t, p.clone(), rows.clone())).collect()
+    }
+
+    /// The global top K of each minute at `time`, as `(minute, rank)` rows, from scratch.
+    fn reference_rows(updates: &[((Minute, u64), Time, isize)], time: Time, k: usize) -> Vec<(String, String, isize)> {
+        let mut counts = BTreeMap::new();
+        for (key, _, diff) in updates.iter().filter(|(_, t, _)| *t <= time) {
+            *counts.entry(*key).or_insert(0) += diff;
+        }
+        counts.retain(|_, c| *c != 0);
+        // In key order, then value (rank) order.
+        let mut top: Vec<(Minute, (u64, u64), isize)> =
+            reference_top_k(&counts, k).into_iter().map(|((minute, (ad, clicks)), count)| (minute, (u64::MAX - clicks, ad), count)).collect();
+        top.sort();
+        top.into_iter().map(|(minute, rank, count)| (minute.to_string(), serde_json::to_string(&rank).unwrap(), count)).collect()
+    }
+
+    #[test]
+    fn peeks_at_the_top_k_trace_match_a_reference_at_every_time() {
+        for (rules, workers) in rules_and_workers() {
+            let updates = minute_updates(11, 400, &rules);
+            let k = 3;
+            let peeked = peek_top_minute(workers, updates.clone(), rules, k, "TopMinute");
+            assert!(!peeked.is_empty());
+            for (time, prefix, rows) in peeked {
+                assert!(rows.found, "TopMinute is registered");
+                let expected: Vec<(String, String, isize)> = reference_rows(&updates, time, k)
+                    .into_iter()
+                    .filter(|(minute, _, _)| prefix.first().is_none_or(|p| p == minute))
+                    .collect();
+                let got: Vec<(String, String, isize)> = rows.rows.iter().map(|r| (r.key.clone(), r.value.clone(), r.count)).collect();
+                // The first `limit + 1` rows in key order, and no more.
+                assert_eq!(got, expected[..expected.len().min(4)], "{workers} workers, time {time}, prefix {prefix:?}");
             }
         }
     }

@@ -10,7 +10,9 @@
 //! enters and leaves each window; [`sliding_counts`](crate::render::sliding_counts) counts the
 //! same contributions where the counts themselves are the answer.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use differential_dataflow::collection::AsCollection;
 use differential_dataflow::VecCollection;
@@ -24,6 +26,7 @@ use crate::hashing::{FastMap, ProbeMap, PREFETCH_AHEAD};
 use crate::plan::Plan;
 use crate::render::minute_state::StateLog;
 use crate::render::partition::{ByAd, OfAd};
+use crate::render::peekable::{register, FirstRows, Peekable};
 use crate::render::topk::{keep_top, unrank, LocalTop, Rank};
 use crate::types::{Minute, Time, MINUTE_MS};
 
@@ -74,7 +77,7 @@ pub fn sliding_top_k<'scope, C, G>(
 ) -> WindowTops<'scope, G>
 where
     C: OfAd,
-    G: differential_dataflow::ExchangeData + std::hash::Hash,
+    G: differential_dataflow::ExchangeData + std::hash::Hash + serde::Serialize,
 {
     let windows = plan.windows.clone();
     let widest = windows.iter().copied().max().unwrap_or(0);
@@ -82,6 +85,9 @@ where
     let operator = format!("{name}Local");
     let clicks = clicks.into_collection();
     let logger = StateLog::logger(&clicks.scope());
+    // The window counts, shared with the peeks of this worker under the operator's name.
+    let shared: Rc<RefCell<Tops<G>>> = Rc::new(RefCell::new(FastMap::default()));
+    register(&operator, Rc::new(PeekWindows(Rc::clone(&shared))));
     let local = clicks.inner.unary_frontier(Pipeline, &operator, move |_, info| {
         // The window counts held, reported as one batch (see `StateLog`) until the input ends.
         let log = StateLog { logger, operator: info.global_id };
@@ -93,10 +99,11 @@ where
         let mut leaving: BTreeMap<Time, Capability<Time>> = BTreeMap::new();
         // What each minute still in a window contributed, per (group, ad).
         let mut minutes: BTreeMap<Minute, ProbeMap<(G, u64), i64>> = BTreeMap::new();
-        let mut tops: Tops<G> = FastMap::default();
         let mut touched: Vec<(u32, G)> = Vec::new();
         let mut ranked: Vec<Rank> = Vec::new();
         move |(input, frontier), output| {
+            let mut tops = shared.borrow_mut();
+            let tops = &mut *tops;
             input.for_each(|capability, data| {
                 let mut changes = data
                     .drain(..)
@@ -133,9 +140,9 @@ where
                         let mut ahead = contributed.iter().skip(PREFETCH_AHEAD);
                         for ((group, ad), &clicks) in contributed.iter() {
                             if let Some(((group, ad), _)) = ahead.next() {
-                                prefetch_top(&tops, window, group, *ad);
+                                prefetch_top(tops, window, group, *ad);
                             }
-                            change_top(&mut tops, &mut touched, window, group, *ad, -clicks);
+                            change_top(tops, &mut touched, window, group, *ad, -clicks);
                         }
                     }
                     // Out of the widest window, a minute is out of all of them.
@@ -154,7 +161,7 @@ where
                                 contributed.prefetch(&(group.clone(), *ad));
                             }
                             for &window in windows.iter().filter(|&&window| window_end(*minute, window) > time) {
-                                prefetch_top(&tops, window, group, *ad);
+                                prefetch_top(tops, window, group, *ad);
                             }
                         }
                         let (minute, group, ad, clicks) = changes[at].clone();
@@ -170,7 +177,7 @@ where
                         });
                         *contributed.get_or_insert_with((group.clone(), ad), || 0) += clicks;
                         for &window in windows.iter().filter(|&&window| end_of(window) > time) {
-                            change_top(&mut tops, &mut touched, window, &group, ad, clicks);
+                            change_top(tops, &mut touched, window, &group, ad, clicks);
                         }
                     }
                     capability = Some(held);
@@ -251,6 +258,20 @@ where
 
 /// Each (window, group)'s counts on one worker, with their local top K.
 type Tops<G> = FastMap<(u32, G), LocalTop>;
+
+/// A [`sliding_top_k`]'s window counts, as a peek reads them.
+struct PeekWindows<G>(Rc<RefCell<Tops<G>>>);
+
+impl<G: serde::Serialize> Peekable for PeekWindows<G> {
+    /// Each `(window, group, ad)` this worker counts, with its clicks in the window as its
+    /// multiplicity.
+    fn peek(&self, rows: &mut FirstRows) -> Result<(), String> {
+        for ((window, group), top) in self.0.borrow().iter() {
+            top.for_each_count(|ad, clicks| rows.offer(&(window, group, ad), &(), clicks as isize));
+        }
+        Ok(())
+    }
+}
 
 /// Adds `clicks` to `ad`'s count in the counts of `window` and `group`, noting them in `touched`
 /// at their first change of the time being processed.
