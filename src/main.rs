@@ -384,17 +384,18 @@ fn tune_allocator() {
     }
 }
 
-/// How long a follower's freed pages stay with it before mimalloc returns them (mimalloc 3's
-/// default). A follower runs for months: with freed pages kept forever its RSS was its heap's
-/// high mark, which rose at each transient peak (a large merge of a trace), 0.52 → 0.69 GiB from
-/// 2 h to 6 h of event time in the soak (bench/); returned after a second, it held at 0.36 →
-/// 0.40 GiB once the retention was full, for the same CPU time (154 against 157 s). A follower
-/// allocates at the rate clicks arrive, so the zeroing the replay avoids costs it little.
-const FOLLOW_PURGE_DELAY_MS: std::os::raw::c_long = 1000;
+/// How long a long-running process's freed pages stay with it before mimalloc returns them. A
+/// follower runs for months: with freed pages kept forever its RSS was its heap's high mark,
+/// which rose at each transient peak (a large merge of a trace), 0.52 → 0.69 GiB from 2 h to 6 h
+/// of event time in the soak (bench/); returned after a second, it held at 0.36 → 0.40 GiB once
+/// the retention was full, for the same CPU time (154 against 157 s). A `--serve` replay's peak
+/// RSS, 60 and 240 minutes at one rate (bench/ `lengths`): 1.47 → 3.28 GiB keeping freed pages,
+/// 1.39 → 2.29 GiB returning them after 1 s, 1.17 → 1.94 GiB after 100 ms, 1.05 → 1.62 GiB at
+/// once (for a fifth more CPU time); 100 ms cost no CPU time measurable beside 1 s.
+const LONG_RUNNING_PURGE_DELAY_MS: std::os::raw::c_long = 100;
 
-/// A long-running process (a follower, or a server once its replay is complete) returns freed
-/// pages to the kernel after [`FOLLOW_PURGE_DELAY_MS`], unless `MIMALLOC_PURGE_DELAY` says
-/// otherwise.
+/// A long-running process (a follower, or a server) returns freed pages to the kernel after
+/// [`LONG_RUNNING_PURGE_DELAY_MS`], unless `MIMALLOC_PURGE_DELAY` says otherwise.
 fn purge_freed_pages() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
         return;
@@ -403,7 +404,7 @@ fn purge_freed_pages() {
     // that option (set to -1 there).
     unsafe {
         if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == -1 {
-            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, FOLLOW_PURGE_DELAY_MS);
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, LONG_RUNNING_PURGE_DELAY_MS);
         }
     }
 }
@@ -472,8 +473,10 @@ fn execute(command: Command, matches: &ArgMatches) -> Result<(), String> {
             config.store = args.store;
             config.sink = args.sink;
             config.dead_letter_bad_headers = args.dead_letter_bad_headers;
-            if args.follow {
+            if args.follow || args.serve.is_some() {
                 purge_freed_pages();
+            }
+            if args.follow {
                 config.follow = Some(clickagg::run::Follow {
                     idle_timeout: std::time::Duration::from_millis(args.idle_timeout),
                     ..Default::default()
@@ -516,8 +519,6 @@ fn execute(command: Command, matches: &ArgMatches) -> Result<(), String> {
                         print!("{}", render_summary(summary));
                     }
                     eprintln!("clickagg: replay complete; serving its answers until interrupted");
-                    // From now on the process serves, for as long as a follower would.
-                    purge_freed_pages();
                 });
             }
             config.serving = serving;
