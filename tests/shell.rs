@@ -3,13 +3,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::process::{Command, Stdio};
 
 use clickagg::generate::{generate, GenConfig};
-use common::server::{get, get_json, serve_replay};
+use common::server::{follow_until_caught_up, get, get_json, serve_replay};
 use serde_json::Value;
 
 fn shell(address: &str, script: &str) -> String {
@@ -121,57 +119,6 @@ fn an_unreachable_server_is_a_clear_error() {
     assert!(!output.status.success() && stderr.contains("cannot connect"), "{stderr}");
 }
 
-/// `clickagg run --follow --serve` over fixed logs, with `args`, once it has read them all and
-/// its answers have stopped moving: its dataflow stays live, holding every arrangement. Killed
-/// when dropped.
-struct Follower {
-    child: Child,
-    address: String,
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn follow(logs: &Path, store: &Path, args: &[&str]) -> Follower {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
-        .args(["run", "--follow", "--logs", logs.to_str().unwrap(), "--store", store.to_str().unwrap(), "--serve", "127.0.0.1:0"])
-        .args(["--idle-timeout", "10m"])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let address = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "the follower ended before serving");
-        if let Some(rest) = line.trim().strip_prefix("clickagg: serving on http://") {
-            break rest.trim_end_matches('/').to_string();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    let follower = Follower { child, address };
-    let started = Instant::now();
-    let mut last = None;
-    loop {
-        let status = get_json(&follower.address, "/v1/status");
-        let read = status["partitions"].as_array().is_some_and(|p| !p.is_empty() && p.iter().all(|p| p["lag_bytes"] == 0));
-        let now = (status["watermark"].clone(), status["clicks"].clone());
-        if read && status["clicks"].as_u64() > Some(0) && last.as_ref() == Some(&now) {
-            break;
-        }
-        last = Some(now);
-        assert!(started.elapsed() < Duration::from_secs(60), "not caught up after a minute: {status}");
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    follower
-}
-
 /// A peek at `name` (spaces escaped) with `key` and `limit`: `(status, body)`.
 fn peek(address: &str, name: &str, key: &str, limit: usize) -> (u16, Value) {
     let (status, body) = get(address, &format!("/v1/introspection/peek?arrangement={}&key={key}&limit={limit}", name.replace(' ', "%20")), &[]);
@@ -185,7 +132,7 @@ fn every_listed_arrangement_is_peekable_while_following() {
     generate(&GenConfig { events: 20_000, partitions: 3, minutes: 15, ads: 200, seed: 5, ..GenConfig::default() }, &logs).unwrap();
     // Two workers, and a fraud rule low enough to exclude some clicks, so that every kind of
     // arrangement is built and holds rows.
-    let follower = follow(&logs, &dir.path().join("store.db"), &["-w", "2", "--max-clicks-per-minute", "3"]);
+    let follower = follow_until_caught_up(&logs, &dir.path().join("store.db"), &["-w", "2", "--max-clicks-per-minute", "3"]);
     let a = follower.address.as_str();
 
     let listing = get_json(a, "/v1/introspection/arrangements");

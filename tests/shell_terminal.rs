@@ -4,69 +4,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use clickagg::generate::{generate, GenConfig};
-use common::server::get_json;
+use common::server::{follow_until_caught_up, get_json};
 use rexpect::reader::Options;
 use rexpect::session::{spawn_with_options, PtySession};
 
 const PROMPT: &str = "clickagg> ";
 const UP: &str = "\x1b[A";
-
-/// `clickagg run --follow --serve` over fixed logs: its answers never become complete, so a
-/// `watch` runs until it is stopped. Killed when dropped.
-struct Follower {
-    child: Child,
-    address: String,
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn follow(logs: &Path, store: &Path) -> Follower {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
-        .args(["run", "--follow", "--logs", logs.to_str().unwrap(), "--store", store.to_str().unwrap(), "--serve", "127.0.0.1:0"])
-        .args(["--idle-timeout", "10m"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let address = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "the follower ended before serving");
-        if let Some(rest) = line.trim().strip_prefix("clickagg: serving on http://") {
-            break rest.trim_end_matches('/').to_string();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    let follower = Follower { child, address };
-    let started = Instant::now();
-    // Caught up: every partition read to its end, clicks counted, and the watermark and counts
-    // the same a second later. The idle timeout is long, so that they then stay put.
-    let mut last = None;
-    loop {
-        let status = get_json(&follower.address, "/v1/status");
-        let read = status["partitions"].as_array().is_some_and(|p| !p.is_empty() && p.iter().all(|p| p["lag_bytes"] == 0));
-        let now = (status["watermark"].clone(), status["clicks"].clone());
-        if read && status["clicks"].as_u64() > Some(0) && last.as_ref() == Some(&now) {
-            break;
-        }
-        last = Some(now);
-        assert!(started.elapsed() < Duration::from_secs(60), "not caught up after a minute: {status}");
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    follower
-}
 
 /// The shell in a fresh pseudo-terminal, with `home` as HOME and no XDG_DATA_HOME.
 fn shell(address: &str, home: &Path) -> PtySession {
@@ -92,7 +40,7 @@ fn a_person_at_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let logs = dir.path().join("logs");
     generate(&GenConfig { events: 20_000, partitions: 2, minutes: 10, ads: 100, seed: 9, ..GenConfig::default() }, &logs).unwrap();
-    let server = follow(&logs, &dir.path().join("store.db"));
+    let server = follow_until_caught_up(&logs, &dir.path().join("store.db"), &[]);
     let a = server.address.as_str();
     let home = dir.path().join("home");
     std::fs::create_dir(&home).unwrap();
@@ -171,7 +119,7 @@ fn a_home_where_history_cannot_be_kept_is_a_warning() {
     let dir = tempfile::tempdir().unwrap();
     let logs = dir.path().join("logs");
     generate(&GenConfig { events: 2_000, partitions: 1, minutes: 3, ads: 10, seed: 2, ..GenConfig::default() }, &logs).unwrap();
-    let server = follow(&logs, &dir.path().join("store.db"));
+    let server = follow_until_caught_up(&logs, &dir.path().join("store.db"), &[]);
     // HOME is a file: no directory can be made under it.
     let home = dir.path().join("not-a-directory");
     std::fs::write(&home, "").unwrap();

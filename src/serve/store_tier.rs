@@ -25,7 +25,7 @@ const CAMPAIGN_COUNT: &str = "SELECT coalesce(sum(clicks), 0) FROM campaign_minu
 const AD_COUNTRY_COUNT: &str = "SELECT coalesce(sum(clicks), 0) FROM country_minute \
      WHERE minute / 64 = ?4 AND ad_id = ?1 AND country = ?5 AND minute >= ?2 AND minute < ?3";
 const CAMPAIGN_COUNTRY_COUNT: &str = "SELECT coalesce(sum(clicks), 0) FROM campaign_country_minute \
-     WHERE campaign_id = ?1 AND country = ?5 AND minute >= ?2 AND minute < ?3";
+     WHERE minute / 64 = ?4 AND campaign_id = ?1 AND country = ?5 AND minute >= ?2 AND minute < ?3";
 const TOP_MINUTE: &str = "SELECT ad_id, clicks FROM top_minute WHERE minute = ?1";
 const TOP_COUNTRY_MINUTE: &str = "SELECT ad_id, clicks FROM top_country_minute WHERE minute = ?1 AND country = ?2";
 const AD_ROWS: &str = "SELECT ad_id, clicks FROM ad_minute WHERE minute >= ?1 AND minute < ?2";
@@ -40,7 +40,10 @@ pub const QUERIES: [(&str, &str); 10] = [
     (AD_COUNT, "USING COVERING INDEX ad_minute_by_span_ad (<expr>=? AND ad_id=? AND minute>? AND minute<?)"),
     (CAMPAIGN_COUNT, "USING COVERING INDEX campaign_minute_by_span_campaign (<expr>=? AND campaign_id=? AND minute>? AND minute<?)"),
     (AD_COUNTRY_COUNT, "USING COVERING INDEX country_minute_by_span_ad (<expr>=? AND ad_id=? AND country=? AND minute>? AND minute<?)"),
-    (CAMPAIGN_COUNTRY_COUNT, "USING PRIMARY KEY (campaign_id=? AND country=? AND minute>? AND minute<?)"),
+    (
+        CAMPAIGN_COUNTRY_COUNT,
+        "USING COVERING INDEX campaign_country_minute_by_span_campaign (<expr>=? AND campaign_id=? AND country=? AND minute>? AND minute<?)",
+    ),
     (TOP_MINUTE, "USING PRIMARY KEY (minute=?)"),
     (TOP_COUNTRY_MINUTE, "USING PRIMARY KEY (minute=? AND country=?)"),
     (AD_ROWS, "USING PRIMARY KEY (minute>? AND minute<?)"),
@@ -123,11 +126,7 @@ impl StoreTier {
             (Subject::Campaign(campaign), Some(_)) => (CAMPAIGN_COUNTRY_COUNT, campaign),
         };
         let letters = country.map(|c| c.as_bytes());
-        // The campaign-per-country table is keyed by campaign first: one query covers the range.
-        let spans = match sql == CAMPAIGN_COUNTRY_COUNT {
-            true => from / SPAN_MINUTES..=from / SPAN_MINUTES,
-            false => from / SPAN_MINUTES..=(to - 1) / SPAN_MINUTES,
-        };
+        let spans = from / SPAN_MINUTES..=(to - 1) / SPAN_MINUTES;
         self.with(|conn| {
             let mut statement = conn.prepare_cached(sql)?;
             // Ids are stored as the i64 bit patterns of u64s.

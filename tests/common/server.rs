@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -26,6 +26,47 @@ impl Served {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// Starts `clickagg run --follow --serve` over fixed logs with `args` and waits until it has
+/// caught up: every partition read to its end, clicks counted, and the watermark and counts
+/// the same a second later. The idle timeout is long, so that they then stay put; its answers
+/// never become complete, so a shell's `watch` runs until it is stopped.
+pub fn follow_until_caught_up(logs: &Path, store: &Path, args: &[&str]) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
+        .args(["run", "--follow", "--logs", logs.to_str().unwrap(), "--store", store.to_str().unwrap(), "--serve", "127.0.0.1:0"])
+        .args(["--idle-timeout", "10m"])
+        .args(args)
+        .env_remove("CLICKAGG_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let address = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "the follower ended before serving");
+        if let Some(rest) = line.trim().strip_prefix("clickagg: serving on http://") {
+            break rest.trim_end_matches('/').to_string();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let follower = Served { child, address };
+    let started = Instant::now();
+    let mut last = None;
+    loop {
+        let status = get_json(&follower.address, "/v1/status");
+        let read = status["partitions"].as_array().is_some_and(|p| !p.is_empty() && p.iter().all(|p| p["lag_bytes"] == 0));
+        let now = (status["watermark"].clone(), status["clicks"].clone());
+        if read && status["clicks"].as_u64() > Some(0) && last.as_ref() == Some(&now) {
+            break;
+        }
+        last = Some(now);
+        assert!(started.elapsed() < Duration::from_secs(60), "not caught up after a minute: {status}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    follower
 }
 
 /// Starts `clickagg run --serve 127.0.0.1:0 args…` and waits until the replay is complete.
