@@ -816,6 +816,9 @@ def main():
         saved["rows"][r["name"]] = r
     # The old DuckDB row came from a job no DuckDB user would write (a sort of every row): gone.
     saved["rows"].pop("DuckDB 2 threads, batch job", None)
+    # The default set's size, as last read (a run of the soak or lengths alone reads no set).
+    lines = lines or saved.get("lines", 0)
+    saved["lines"] = lines
     if peer_versions_seen:
         saved["peer_versions"] = peer_versions_seen
     if serving:
