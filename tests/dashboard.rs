@@ -6,14 +6,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clickagg::generate::{generate, GenConfig};
 use common::follow::{clickagg, s, sigterm};
-use common::server::{get, get_json, serve_replay};
+use common::server::{get, get_json, serve_replay, serving_address, start_feed};
 use serde_json::Value;
 
 /// The two viewports every screenshot is taken at: a desktop and a phone.
@@ -231,33 +230,14 @@ impl Drop for Follow {
 
 fn follow(dir: &Path, seconds: u32) -> Follow {
     let (logs, store) = (dir.join("logs"), dir.join("store.sqlite"));
-    let feed = clickagg()
-        .args(["feed", "--logs", s(&logs), "--partitions", "3", "--rate", "2000", "--duration", &format!("{seconds}s"), "--ads", "300"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while std::fs::read_dir(&logs).map_or(0, |d| d.count()) < 3 {
-        assert!(started.elapsed() < Duration::from_secs(10), "feed created no partitions");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let feed = start_feed(&logs, 3, &["--rate", "2000", "--duration", &format!("{seconds}s"), "--ads", "300"]);
     let mut follower = clickagg()
         .args(["run", "--logs", s(&logs), "--store", s(&store), "--follow", "--windows", "5m,60m", "--serve", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(follower.stderr.take().unwrap());
-    let mut line = String::new();
-    let address = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "the follower ended before serving");
-        if let Some(rest) = line.trim().strip_prefix("clickagg: serving on http://") {
-            break rest.trim_end_matches('/').to_string();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let address = serving_address(&mut follower);
     Follow { feed, follower, address }
 }
 

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use clickagg::generate::{generate, GenConfig};
 use common::reference::{reference_outputs, RefConfig};
-use common::server::{get, get_json, serve_replay};
+use common::server::{ads_of, get, get_json, rank, serve_replay};
 use serde_json::Value;
 
 /// Rows of a CSV file, header dropped, fields split.
@@ -56,16 +56,6 @@ fn logs(dir: &Path) -> std::path::PathBuf {
     let config = GenConfig { events: 40_000, partitions: 4, minutes: 20, ads: 300, seed: 11, ..GenConfig::default() };
     generate(&config, &logs).unwrap();
     logs
-}
-
-fn ads_of(json: &Value) -> Vec<(u64, u64)> {
-    json["ads"].as_array().unwrap().iter().map(|a| (a["ad_id"].as_u64().unwrap(), a["clicks"].as_u64().unwrap())).collect()
-}
-
-fn rank(mut all: Vec<(u64, u64)>, count: usize) -> Vec<(u64, u64)> {
-    all.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    all.truncate(count);
-    all
 }
 
 #[test]

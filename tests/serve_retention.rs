@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 
 use clickagg::generate::{generate, GenConfig};
-use common::server::{get_json, serve_replay, serve_replay_env};
+use common::server::{ads_of, get_json, rank, serve_replay, serve_replay_env};
 
 /// Clicks per minute of event time: both lengths run at the same rate.
 const CLICKS_PER_MINUTE: u64 = 400;
@@ -64,16 +64,6 @@ fn rows(text: &str) -> Vec<Vec<String>> {
 
 fn number(field: &str) -> u64 {
     field.parse().unwrap()
-}
-
-fn ads_of(json: &serde_json::Value) -> Vec<(u64, u64)> {
-    json["ads"].as_array().unwrap().iter().map(|a| (a["ad_id"].as_u64().unwrap(), a["clicks"].as_u64().unwrap())).collect()
-}
-
-fn rank(mut all: Vec<(u64, u64)>, count: usize) -> Vec<(u64, u64)> {
-    all.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    all.truncate(count);
-    all
 }
 
 /// A replay over 125 minutes with the default 5 minutes of allowed lateness: its first minutes

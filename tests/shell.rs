@@ -10,18 +10,11 @@ use clickagg::generate::{generate, GenConfig};
 use common::server::{follow_until_caught_up, get, get_json, serve_replay};
 use serde_json::Value;
 
+/// Runs the shell on `script`, which must succeed: its stdout.
 fn shell(address: &str, script: &str) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_clickagg"))
-        .args(["shell", "--connect", address])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap()
+    let (success, stdout, stderr) = shell_with(address, &[], &[], script);
+    assert!(success, "{stderr}");
+    stdout
 }
 
 #[test]
@@ -214,7 +207,7 @@ fn shell_with(address: &str, args: &[&str], env: &[(&str, &str)], script: &str) 
         .unwrap();
     child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
     let output = child.wait_with_output().unwrap();
-    (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+    (output.status.success(), String::from_utf8(output.stdout).unwrap(), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
 #[test]

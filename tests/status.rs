@@ -6,15 +6,14 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clickagg::generate::{generate, GenConfig};
 use common::follow::{clickagg, s, sigterm};
 use common::reference::{reference_duplicates, reference_outputs, RefConfig};
-use common::server::{get, get_json, serve_replay};
+use common::server::{get, get_json, serve_replay, serving_address, start_feed};
 use serde_json::Value;
 
 fn logs(dir: &Path) -> std::path::PathBuf {
@@ -132,34 +131,15 @@ fn a_series_is_one_request_with_every_minute_of_the_range() {
 fn a_follower_fed_without_duplicates_reports_none() {
     let dir = tempfile::tempdir().unwrap();
     let (logs, store) = (dir.path().join("logs"), dir.path().join("store.sqlite"));
-    let mut feed = clickagg()
-        .args(["feed", "--logs", s(&logs), "--partitions", "2", "--rate", "3000", "--duration", "14s", "--ads", "500"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // The feed creates the partitions at once; the follower lists them when it starts.
-    let started = Instant::now();
-    while std::fs::read_dir(&logs).map_or(0, |d| d.count()) < 2 {
-        assert!(started.elapsed() < Duration::from_secs(10), "feed created no partitions");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut feed = start_feed(&logs, 2, &["--rate", "3000", "--duration", "14s", "--ads", "500"]);
     let mut follower = clickagg()
         .args(["run", "--logs", s(&logs), "--store", s(&store), "--follow", "-w", "2", "--serve", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(follower.stderr.take().unwrap());
-    let mut line = String::new();
-    let address = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "the follower ended before serving");
-        if let Some(rest) = line.trim().strip_prefix("clickagg: serving on http://") {
-            break rest.trim_end_matches('/').to_string();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let address = serving_address(&mut follower);
     let mut most_pending = 0;
     while feed.try_wait().unwrap().is_none() {
         std::thread::sleep(Duration::from_millis(300));

@@ -28,6 +28,41 @@ impl Served {
     }
 }
 
+/// Reads a `clickagg run --serve` process's stderr (piped) up to its `serving on` line and
+/// returns the address; the rest of stderr is drained on a thread of its own, so that the
+/// process never blocks on a full pipe.
+pub fn serving_address(child: &mut Child) -> String {
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
+    let mut line = String::new();
+    let address = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "clickagg ended before serving");
+        if let Some(rest) = line.trim().strip_prefix("clickagg: serving on http://") {
+            break rest.trim_end_matches('/').to_string();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    address
+}
+
+/// Starts `clickagg feed --logs logs --partitions N args…` and waits until it has created the
+/// partition files (a follower lists the partitions when it starts).
+pub fn start_feed(logs: &Path, partitions: usize, args: &[&str]) -> Child {
+    let feed = Command::new(env!("CARGO_BIN_EXE_clickagg"))
+        .args(["feed", "--logs", logs.to_str().unwrap(), "--partitions", &partitions.to_string()])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::fs::read_dir(logs).map_or(0, |d| d.count()) < partitions {
+        assert!(started.elapsed() < Duration::from_secs(10), "feed created no partitions");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    feed
+}
+
 /// Starts `clickagg run --follow --serve` over fixed logs with `args` and waits until it has
 /// caught up: every partition read to its end, clicks counted, and the watermark and counts
 /// the same a second later. The idle timeout is long, so that they then stay put; its answers
@@ -42,16 +77,7 @@ pub fn follow_until_caught_up(logs: &Path, store: &Path, args: &[&str]) -> Serve
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let address = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "the follower ended before serving");
-        if let Some(rest) = line.trim().strip_prefix("clickagg: serving on http://") {
-            break rest.trim_end_matches('/').to_string();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let address = serving_address(&mut child);
     let follower = Served { child, address };
     let started = Instant::now();
     let mut last = None;
@@ -135,3 +161,14 @@ pub fn get_json(address: &str, target: &str) -> Value {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{target}: {e}: {body}"))
 }
 
+/// The `(ad_id, clicks)` pairs of a top-K answer's `ads`, in the order given.
+pub fn ads_of(json: &Value) -> Vec<(u64, u64)> {
+    json["ads"].as_array().unwrap().iter().map(|a| (a["ad_id"].as_u64().unwrap(), a["clicks"].as_u64().unwrap())).collect()
+}
+
+/// The first `count` of `all` as the contract ranks them: clicks descending, then ad ascending.
+pub fn rank(mut all: Vec<(u64, u64)>, count: usize) -> Vec<(u64, u64)> {
+    all.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    all.truncate(count);
+    all
+}
