@@ -7,15 +7,4 @@ set -euo pipefail
 if command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openssl; then
     exit 0
 fi
-if [ "$(id -u)" -eq 0 ]; then
-    as_root=()
-elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    as_root=(sudo -n)
-else
-    echo "OpenSSL's headers are missing and this user cannot install them: run 'apt-get install libssl-dev pkg-config' as root" >&2
-    exit 1
-fi
-echo "installing Debian's libssl-dev and pkg-config (once)..." >&2
-export DEBIAN_FRONTEND=noninteractive
-"${as_root[@]}" apt-get update -qq >&2 || true
-"${as_root[@]}" apt-get install -y -qq --no-install-recommends libssl-dev pkg-config >&2
+bash "$(dirname "$0")/apt-install.sh" "OpenSSL's headers (for PostgreSQL TLS)" libssl-dev pkg-config
