@@ -70,3 +70,14 @@ pub struct Counters {
     /// Dead letters taken since this process started, by reason.
     pub dead_letters: BTreeMap<&'static str, u64>,
 }
+
+impl Counters {
+    /// Accepted deliveries not yet visible in the answers: accepted, less the duplicates and the
+    /// distinct clicks (billable or excluded) at times before the frontier. Every accepted
+    /// delivery is one of the three once the frontier passes its time, so this is what waits
+    /// behind the watermark (0 once a replay is complete).
+    pub fn pending_behind_watermark(&self) -> u64 {
+        let accepted: u64 = self.partitions.iter().map(|p| p.accepted).sum();
+        accepted.saturating_sub(self.duplicates + self.billable + self.excluded)
+    }
+}

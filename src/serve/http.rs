@@ -188,7 +188,7 @@ fn route(path: &str, params: &Params, answers: &Materialized, state: &ServingSta
             params.only(&[])?;
             let lines = answers.counters.partitions.iter().map(|p| p.lines).sum();
             let per_second = rate.per_second(std::time::Instant::now(), lines);
-            Ok(Body::Text(super::metrics::render(answers, state, &operators(state), per_second, pending_behind_watermark(answers))))
+            Ok(Body::Text(super::metrics::render(answers, state, &operators(state), per_second)))
         }
         _ => Err(Failure(404, format!("no such endpoint: {path}"))),
     }
@@ -457,16 +457,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Accepted deliveries not yet visible in the answers: accepted, less the duplicates and the
-/// distinct clicks (billable or excluded) at times before the frontier. Every accepted delivery
-/// is one of the three once the frontier passes its time, so this is what waits behind the
-/// watermark (0 once a replay is complete).
-fn pending_behind_watermark(answers: &Materialized) -> u64 {
-    let c = &answers.counters;
-    let accepted: u64 = c.partitions.iter().map(|p| p.accepted).sum();
-    accepted.saturating_sub(c.duplicates + c.billable + c.excluded)
-}
-
 /// `/v1/status`. A partition's `lag_seconds` is how far its newest event time is behind the
 /// wall clock while it is still being read; `null` once it is read to the end (`finished`), as
 /// every partition of a completed replay is.
@@ -506,7 +496,7 @@ fn status(answers: &Materialized, state: &ServingState) -> Value {
         "accepted": total(|p| p.accepted),
         "clicks": c.billable,
         "duplicates": c.duplicates,
-        "pending_behind_watermark": pending_behind_watermark(answers),
+        "pending_behind_watermark": answers.counters.pending_behind_watermark(),
         "dead_letters": c.dead_letters,
         "finished": finished,
         "lag_seconds": if finished { None } else { lag_seconds },

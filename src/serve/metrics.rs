@@ -76,16 +76,8 @@ fn label(name: &str, value: &str) -> Labels {
 }
 
 /// Every figure as Prometheus text. `events_per_second` is the recent rate ([`Rate`]);
-/// `pending_behind_watermark` the deliveries accepted but not yet in the answers (as
-/// `/v1/status` reports it); `operators` the introspection's summary (arrangements are those
-/// that arrange).
-pub fn render(
-    answers: &Materialized,
-    state: &ServingState,
-    operators: &[OperatorSummary],
-    events_per_second: f64,
-    pending_behind_watermark: u64,
-) -> String {
+/// `operators` the introspection's summary (arrangements are those that arrange).
+pub fn render(answers: &Materialized, state: &ServingState, operators: &[OperatorSummary], events_per_second: f64) -> String {
     let c = &answers.counters;
     let mut registry = Registry::with_prefix("clickagg");
     let none = Labels::new;
@@ -133,7 +125,7 @@ pub fn render(
         counters(&mut registry, name, help).get_or_create(&none()).inc_by(value);
     }
     let pending = gauges::<i64, AtomicI64>(&mut registry, "pending_behind_watermark", "Accepted deliveries not yet visible in the answers");
-    pending.get_or_create(&none()).set(pending_behind_watermark as i64);
+    pending.get_or_create(&none()).set(c.pending_behind_watermark() as i64);
     let dead_letters = counters(&mut registry, "dead_letters", "Dead letters since this process started, by reason");
     for (reason, n) in &c.dead_letters {
         dead_letters.get_or_create(&label("reason", reason)).inc_by(*n);
