@@ -110,6 +110,19 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         time_scale: u64,
     },
+    /// Load a log directory into a Kafka topic: the lines of partition file i (in name order)
+    /// go to topic partition i, one message per line, without the header. The topic is created
+    /// with one partition per file when it does not exist. For tests, demos and benchmarks of
+    /// `run --kafka`.
+    Produce {
+        /// The brokers, host:port[,…].
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        logs: PathBuf,
+    },
     /// Read and parse the logs with no dataflow: the floor that `run` is measured against.
     ParseOnly {
         #[arg(long)]
@@ -123,8 +136,20 @@ enum Command {
 struct RunArgs {
     /// Directory of part-NNNNN.csv files (in a cluster, every process must see the same files,
     /// unless --local-logs).
-    #[arg(long)]
-    logs: PathBuf,
+    #[arg(long, required_unless_present = "kafka", conflicts_with = "kafka")]
+    logs: Option<PathBuf>,
+    /// Read the partitions of a Kafka topic instead of files: the brokers, host:port[,…]. Each
+    /// topic partition N is a partition named TOPIC-N; a replay reads each up to its end at the
+    /// start, --follow tails them. Offsets are committed in --store with the answers.
+    #[arg(long, value_name = "BROKERS", requires = "topic")]
+    kafka: Option<String>,
+    /// The topic to read, with --kafka.
+    #[arg(long, requires = "kafka")]
+    topic: Option<String>,
+    /// With --kafka: the column order of each message (a topic has no header line), e.g.
+    /// `ts,event_id,ad_id,campaign_id,user_id,ip,country`. Default: SPEC's order.
+    #[arg(long, requires = "kafka")]
+    columns: Option<String>,
     /// In a cluster, each process reads only the partition files of its own --logs (an ad
     /// server's own disk): names must be unique across the cluster. Give it to every process.
     #[arg(long)]
@@ -465,7 +490,10 @@ fn execute(command: Command, matches: &ArgMatches) -> Result<(), String> {
         }
         Command::Run(args) => {
             let cluster = cluster_of(&args)?;
-            let mut config = RunConfig::new(args.logs, PathBuf::new());
+            let mut config = RunConfig::new(args.logs.clone().unwrap_or_default(), PathBuf::new());
+            if let (Some(brokers), Some(topic)) = (&args.kafka, &args.topic) {
+                config.kafka = Some(clickagg::source::kafka::KafkaSpec::new(brokers, topic, args.columns.as_deref())?);
+            }
             config.out = args.out;
             config.workers = args.workers;
             config.cluster = cluster;
@@ -491,10 +519,13 @@ fn execute(command: Command, matches: &ArgMatches) -> Result<(), String> {
                     None
                 }
                 Some(address) => {
-                    let names = clickagg::source::list_partitions(&config.logs)?
-                        .iter()
-                        .map(|p| clickagg::source::partition_name(p))
-                        .collect();
+                    let names = match &config.kafka {
+                        Some(spec) => clickagg::source::kafka::describe(spec)?.names,
+                        None => clickagg::source::list_partitions(&config.logs)?
+                            .iter()
+                            .map(|p| clickagg::source::partition_name(p))
+                            .collect(),
+                    };
                     let state = Arc::new(ServingState::new(Settings {
                         top_k: config.plan.top_k,
                         windows: config.plan.windows.clone(),
@@ -572,6 +603,25 @@ fn execute(command: Command, matches: &ArgMatches) -> Result<(), String> {
             shell(&Client { address: connect, token })
         }
         Command::ClusterLocal { processes, workers, run_args } => cluster_local(processes, workers, &run_args),
+        Command::Produce { brokers, topic, logs } => {
+            let started = std::time::Instant::now();
+            let produced = clickagg::source::kafka::produce::produce(&brokers, &topic, &logs)?;
+            let seconds = started.elapsed().as_secs_f64();
+            eprintln!(
+                "produced {} messages from {} partition files to {topic}{} in {seconds:.2} s ({:.0} messages/s)",
+                produced.messages,
+                produced.partitions,
+                if produced.created { " (created)" } else { "" },
+                produced.messages as f64 / seconds.max(1e-9)
+            );
+            for name in &produced.unterminated {
+                eprintln!("clickagg: {name}: the last line has no newline yet and was not sent");
+            }
+            let spec_columns = clickagg::source::parse::COLUMNS.join(",");
+            let columns = if produced.columns == spec_columns { String::new() } else { format!(" --columns {}", produced.columns) };
+            eprintln!("next: clickagg run --kafka {brokers} --topic {topic}{columns} --out OUT");
+            Ok(())
+        }
         Command::ParseOnly { logs, workers } => {
             let started = std::time::Instant::now();
             let counts = clickagg::source::parse_only(&logs, workers, &Default::default())?;

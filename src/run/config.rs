@@ -8,12 +8,16 @@ use clickagg_dataflows::{EventTimeRules, PartitionProgress, Plan, Time};
 use crate::cluster::Cluster;
 use crate::model::{AnswerSettings, ClusterSettings};
 use crate::serve::ServingState;
+use crate::source::kafka::KafkaSpec;
 use crate::source::Follow;
 
 /// Everything `run` needs, as plain data.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
+    /// The log directory of partition files (unused when `kafka` is given).
     pub logs: PathBuf,
+    /// Read the partitions of a Kafka topic instead of files.
+    pub kafka: Option<KafkaSpec>,
     /// The output directory; only process 0 writes one.
     pub out: Option<PathBuf>,
     /// Worker threads in this process (the same in every process).
@@ -56,6 +60,7 @@ impl RunConfig {
     pub fn new(logs: PathBuf, out: PathBuf) -> RunConfig {
         RunConfig {
             logs,
+            kafka: None,
             out: Some(out),
             workers: 1,
             cluster: None,
@@ -108,6 +113,14 @@ impl RunConfig {
         }
         if self.hold_too_late_until.is_some() && (self.store.is_some() || self.follow.is_some()) {
             return Err("holding too-late rows to the end is for reconciling a replay, not for a store or follow mode".into());
+        }
+        if self.kafka.is_some() {
+            if self.cluster.as_ref().is_some_and(|c| c.local_logs) {
+                return Err("--local-logs is for partition files on each process's disk; every process reads the same topic".into());
+            }
+            if self.start_at.is_some() || self.hold_too_late_until.is_some() {
+                return Err("reconciliation reads partition files, not a Kafka topic".into());
+            }
         }
         if self.rules.tick_ms == 0 || 60_000 % self.rules.tick_ms != 0 {
             return Err(format!("the tick ({} ms) must divide a minute", self.rules.tick_ms));

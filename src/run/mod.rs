@@ -51,6 +51,7 @@ pub fn run(config: &RunConfig) -> Result<Option<Summary>, String> {
             open_sink(config, &mut partitions)?
         }
     };
+    recover::check_retained(&partitions)?;
     let shared = share(config, partitions, sink, layout, own_names);
     let cluster = config.cluster.as_ref().zip(connected);
     let guards = cluster::execute(config.workers, cluster, move |worker| worker::work(worker, &shared))?;
@@ -98,6 +99,7 @@ fn share(config: &RunConfig, partitions: Partitions, sink: Option<SinkRunner>, l
         layout,
         own_names,
         resume: partitions.resume,
+        ends: partitions.ends,
         uncommitted: partitions.uncommitted,
         sink: Mutex::new(sink),
         peek_requests: Mutex::new(config.serving.as_ref().map(|state| state.peeks.channel())),

@@ -10,14 +10,19 @@ use super::worker::{lower_thread_priority, WORKER_NICENESS};
 use super::RunConfig;
 use crate::layout::Layout;
 use crate::sink::{OutputSink, SinkRunner};
-use crate::source::{list_partitions, partition_name};
+use crate::source::kafka::TopicPartitions;
+use crate::source::{list_partitions, partition_name, Located};
 use crate::storage::postgres::{MirroredStore, PostgresSink};
 use crate::storage::{CommitStore, Committed, Store};
 
 /// The partitions listed at the start, by name order, and where each is read from.
 pub(super) struct Partitions {
     pub paths: Vec<PathBuf>,
+    /// A Kafka run's topic partitions, with their offsets at the start.
+    pub topic: Option<TopicPartitions>,
     pub names: Vec<String>,
+    /// A Kafka replay reads each partition up to here: its high watermark at the start.
+    pub ends: Vec<Option<u64>>,
     /// Where to start reading each partition (`None`: its beginning).
     pub resume: Vec<Option<PartitionProgress>>,
     /// Recovery: where each partition's committed lines end, and the committed frontier (see
@@ -31,6 +36,16 @@ impl Partitions {
     /// With `--local-logs` (`local_logs`) an empty directory is no error here: the cluster
     /// refuses a replay only when no process has a partition.
     pub fn list(config: &RunConfig, local_logs: bool) -> Result<Partitions, String> {
+        if let Some(spec) = &config.kafka {
+            let topic = crate::source::kafka::describe(spec)?;
+            let count = topic.names.len();
+            let ends = match config.follow {
+                Some(_) => vec![None; count],
+                None => topic.high.iter().map(|&h| Some(h)).collect(),
+            };
+            let names = topic.names.clone();
+            return Ok(Partitions { paths: Vec::new(), topic: Some(topic), names, ends, resume: vec![None; count], uncommitted: None });
+        }
         let paths = list_partitions(&config.logs)?;
         let may_be_empty = config.follow.is_some() || local_logs;
         let warnings = crate::source::preflight::check_partitions(&config.logs, &paths, may_be_empty, config.dead_letter_bad_headers)?;
@@ -45,7 +60,8 @@ impl Partitions {
             Some(start_at) => start_at.clone(),
             None => vec![None; paths.len()],
         };
-        Ok(Partitions { paths, names, resume, uncommitted: None })
+        let ends = vec![None; paths.len()];
+        Ok(Partitions { paths, topic: None, names, ends, resume, uncommitted: None })
     }
 
     /// With `--local-logs`: every partition of the cluster (`layout.names`, by id) now has a
@@ -56,6 +72,7 @@ impl Partitions {
         }
         self.names = layout.names.clone();
         self.resume = vec![None; self.names.len()];
+        self.ends = vec![None; self.names.len()];
         Ok(())
     }
 }
@@ -74,7 +91,15 @@ pub(super) fn open_sink(config: &RunConfig, partitions: &mut Partitions) -> Resu
     }
     if let Some(path) = &config.store {
         refuse_local_resume(config, path)?;
-        let (mut store, committed) = Store::open(path, &config.store_settings(), &config.logs, &partitions.paths)?;
+        let located = match &partitions.topic {
+            Some(topic) => Located::Topic(topic),
+            None => Located::Files(&partitions.paths),
+        };
+        let logs = match &config.kafka {
+            Some(spec) => spec.location(),
+            None => config.logs.display().to_string(),
+        };
+        let (mut store, committed) = Store::open(path, &config.store_settings(), &logs, &located)?;
         if let Some(committed) = &committed {
             recover(config, path, &store, committed, partitions)?;
         }
@@ -134,6 +159,26 @@ fn recover(config: &RunConfig, path: &Path, store: &Store, committed: &Committed
         path.display(),
         committed.frontier
     );
+    Ok(())
+}
+
+/// A Kafka run starts each partition at its resume point, or its first offset: offsets there
+/// that retention has deleted are clicks that can no longer be counted, an error naming them.
+pub(super) fn check_retained(partitions: &Partitions) -> Result<(), String> {
+    let Some(topic) = &partitions.topic else { return Ok(()) };
+    for (index, name) in topic.names.iter().enumerate() {
+        let Some(id) = partitions.names.iter().position(|n| n == name) else { continue };
+        let from = partitions.resume[id].map_or(0, |r| r.offset);
+        let low = topic.low[index];
+        if from < low {
+            return Err(format!(
+                "offsets {from} to {} of {name} were deleted from the topic (retention) before this run could read them: \
+                 their clicks cannot be counted. Nothing was skipped; to count from offset {low} on, load the data again \
+                 into a new topic",
+                low - 1
+            ));
+        }
+    }
     Ok(())
 }
 

@@ -30,7 +30,7 @@ use super::RunConfig;
 use crate::serve::peek::{self, PeekRequest};
 use crate::sink::SinkRunner;
 use crate::layout::Layout;
-use crate::source::tail::{Reader, Seen, WorkerInput};
+use crate::source::tail::{KafkaOrigin, Reader, Seen, WorkerInput};
 use crate::source::Follow;
 
 /// How much lower than the server's threads the workers run when serving (nice levels).
@@ -55,6 +55,8 @@ pub(super) struct Shared {
     pub own_names: Vec<String>,
     /// Where to start reading each partition, by id.
     pub resume: Vec<Option<PartitionProgress>>,
+    /// A Kafka replay's end for each partition, by id.
+    pub ends: Vec<Option<u64>>,
     /// Recovery: where each partition's committed lines end, and the committed frontier.
     pub uncommitted: Option<(Vec<u64>, Time)>,
     /// Process 0's sink, taken by worker 0.
@@ -106,8 +108,10 @@ pub(super) fn work(worker: &mut Worker, shared: &Shared) -> WorkerResult {
     }
     let mut dataflow = build(worker, shared);
     let processes = worker.peers() / config.workers;
+    let kafka = config.kafka.as_ref().map(|spec| KafkaOrigin { spec, ends: &shared.ends, worker: index });
     let mut reader = Reader::open(
         &config.logs,
+        kafka,
         &shared.layout.names,
         &shared.resume,
         shared.layout.partitions_of(index, config.workers, processes),

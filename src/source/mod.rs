@@ -1,6 +1,7 @@
 //! Sources: each worker reads its share of the partition files, turns lines into clicks (or dead
 //! letters), and decides by the partition's own event-time rules when each click enters.
 
+pub mod kafka;
 pub mod parse;
 pub mod preflight;
 pub mod reader;
@@ -10,12 +11,14 @@ pub use tail::{discovered_partition_id, Follow};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clickagg_dataflows::{
     Admission, Click, DeadLetter, EventTimeRules, PartitionClock, PartitionProgress, Reason, Time,
 };
 
 use crate::error::EdgeError;
+use kafka::feed::KafkaFeed;
 use parse::{Header, LineParser};
 use reader::{Line, LineReader};
 
@@ -41,6 +44,15 @@ pub fn list_partitions(dir: &Path) -> Result<Vec<PathBuf>, EdgeError> {
     Ok(files)
 }
 
+/// The partitions a run found at its start, where they live: a store being resumed checks that
+/// each one it read is still there and still the one it read.
+pub enum Located<'a> {
+    /// Partition files.
+    Files(&'a [PathBuf]),
+    /// A Kafka topic's partitions, with their offsets at the start.
+    Topic(&'a kafka::TopicPartitions),
+}
+
 /// The name a partition is known by in outputs: its file name.
 pub fn partition_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
@@ -52,13 +64,26 @@ enum HeaderState {
     Bad,
 }
 
+/// Where a partition's lines come from.
+enum Feed {
+    /// A partition file, read from a byte offset.
+    File {
+        path: PathBuf,
+        /// The inode of the file opened, to tell a replaced file from a grown one.
+        inode: u64,
+        reader: LineReader<File>,
+        /// How many bytes `progress.head_hash` covers (`u64::MAX`: none taken yet).
+        head_bytes: u64,
+    },
+    /// A Kafka topic partition, read from an offset (see [`kafka::feed`]).
+    Kafka(KafkaFeed),
+}
+
 /// One partition being read by one worker.
 pub struct PartitionSource {
     progress: PartitionProgress,
-    path: PathBuf,
-    /// The inode of the file opened, to tell a replaced file from a grown one.
-    inode: u64,
-    reader: LineReader<File>,
+    name: String,
+    feed: Feed,
     header: HeaderState,
     clock: PartitionClock,
     /// Reconciliation: rows too late for `run` still enter, all at this time, after every other
@@ -67,9 +92,10 @@ pub struct PartitionSource {
     /// Recovery: lines from this offset on enter no earlier than this time (see
     /// `hold_uncommitted_lines`).
     uncommitted_from: Option<(u64, Time)>,
-    /// How many bytes `progress.head_hash` covers (`u64::MAX`: none taken yet).
-    head_bytes: u64,
 }
+
+/// How long a replay's read of a topic partition waits for the first message of a batch.
+const KAFKA_FIRST_WAIT: Duration = Duration::from_millis(20);
 
 /// A partition's head, hashed for the store: its first bytes, up to this many.
 pub const HEAD_BYTES: u64 = 4096;
@@ -94,6 +120,18 @@ impl PartitionSource {
         Self::open_at(index, path, None)
     }
 
+    fn with_feed(index: u32, name: String, feed: Feed, header: HeaderState) -> PartitionSource {
+        PartitionSource {
+            progress: PartitionProgress { partition: index, ..Default::default() },
+            name,
+            feed,
+            header,
+            clock: PartitionClock::default(),
+            too_late_at: None,
+            uncommitted_from: None,
+        }
+    }
+
     /// Opens a partition to read from a checkpoint: `resume.offset` just past a line, with the
     /// partition's largest ts and counters as they were there. The header is read first.
     pub fn open_at(index: u32, path: &Path, resume: Option<PartitionProgress>) -> Result<PartitionSource, String> {
@@ -102,20 +140,17 @@ impl PartitionSource {
         let cannot = |e: std::io::Error| format!("cannot open partition {}: {e}", path.display());
         let mut file = File::open(path).map_err(cannot)?;
         let inode = file.metadata().map_err(cannot)?.ino();
-        let mut source = PartitionSource {
-            progress: PartitionProgress { partition: index, ..Default::default() },
+        let feed = Feed::File {
             path: path.to_path_buf(),
             inode,
             reader: LineReader::new(File::open(path).map_err(cannot)?, 0),
-            header: HeaderState::Unread,
-            clock: PartitionClock::default(),
-            too_late_at: None,
-            uncommitted_from: None,
             head_bytes: u64::MAX,
         };
+        let mut source = Self::with_feed(index, partition_name(path), feed, HeaderState::Unread);
         let Some(resume) = resume.filter(|r| r.offset > 0) else { return Ok(source) };
+        let Feed::File { reader, .. } = &mut source.feed else { unreachable!("a file's feed") };
         // The header decides how every later line parses.
-        source.header = match source.reader.next_line(false).map_err(cannot)? {
+        source.header = match reader.next_line(false).map_err(cannot)? {
             Some(Line::Complete { bytes, .. }) => match Header::parse(bytes) {
                 Ok(header) => HeaderState::Good(LineParser::new(header)),
                 Err(_) => HeaderState::Bad,
@@ -123,38 +158,64 @@ impl PartitionSource {
             _ => HeaderState::Bad,
         };
         file.seek(SeekFrom::Start(resume.offset)).map_err(cannot)?;
-        source.reader = LineReader::new(file, resume.offset);
-        source.progress = PartitionProgress { partition: index, finished: false, ..resume };
-        source.clock = PartitionClock { max_ts: resume.max_ts };
-        source.progress.head_hash = 0;
+        *reader = LineReader::new(file, resume.offset);
+        source.resume_from(index, resume);
         source.take_head_hash().map_err(cannot)?;
         Ok(source)
     }
 
-    /// How many bytes of the partition's beginning `progress.head_hash` covers: the first
-    /// `min(offset, HEAD_BYTES)`, so that the store can tell at a resume whether the file is the
-    /// one it read.
-    fn head_covered(&self) -> u64 {
-        self.reader.offset().min(HEAD_BYTES)
+    /// A Kafka topic partition (`feed`, positioned at `resume.offset` when given), whose
+    /// messages are lines in `header`'s column order.
+    pub fn open_kafka(index: u32, name: String, feed: KafkaFeed, header: Header, resume: Option<PartitionProgress>) -> PartitionSource {
+        let mut source = Self::with_feed(index, name, Feed::Kafka(feed), HeaderState::Good(LineParser::new(header)));
+        if let Some(resume) = resume {
+            source.resume_from(index, resume);
+        }
+        source
+    }
+
+    fn resume_from(&mut self, index: u32, resume: PartitionProgress) {
+        self.progress = PartitionProgress { partition: index, finished: false, head_hash: 0, ..resume };
+        self.clock = PartitionClock { max_ts: resume.max_ts };
+    }
+
+    /// Where the next line starts: a byte offset in a file, a Kafka offset in a topic partition.
+    fn offset(&self) -> u64 {
+        match &self.feed {
+            Feed::File { reader, .. } => reader.offset(),
+            Feed::Kafka(feed) => feed.offset(),
+        }
     }
 
     /// Hashes the head of the file again if the offset grew past what the hash covers (only
-    /// while in the first [`HEAD_BYTES`]: a partition's first read or two).
+    /// while in the first [`HEAD_BYTES`]: a partition's first read or two). The hash covers the
+    /// first `min(offset, HEAD_BYTES)` bytes, so that the store can tell at a resume whether the
+    /// file is the one it read. A topic partition has none: its offsets name its messages.
     fn take_head_hash(&mut self) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let wanted = self.head_covered();
-        if wanted == self.head_bytes {
+        let Feed::File { reader, head_bytes, .. } = &mut self.feed else { return Ok(()) };
+        let wanted = reader.offset().min(HEAD_BYTES);
+        if wanted == *head_bytes {
             return Ok(());
         }
         let mut head = vec![0u8; wanted as usize];
-        self.reader.get_ref().read_exact_at(&mut head, 0)?;
+        reader.get_ref().read_exact_at(&mut head, 0)?;
         self.progress.head_hash = xxhash_rust::xxh3::xxh3_64(&head);
-        self.head_bytes = wanted;
+        *head_bytes = wanted;
         Ok(())
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The file read, for a partition file.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.feed {
+            Feed::File { path, .. } => Some(path),
+            Feed::Kafka(_) => None,
+        }
+    }
+
+    /// The partition's name: its file name, or `TOPIC-N`.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Reconciliation: a row too late for `run` is still dead-lettered as `too_late` (so that it
@@ -179,11 +240,14 @@ impl PartitionSource {
     /// has not shrunk. `Some(description)` when it was truncated, replaced or deleted.
     pub fn rotation(&self) -> Option<String> {
         use std::os::unix::fs::MetadataExt;
-        let position = self.reader.read_position();
-        match std::fs::metadata(&self.path) {
+        // A topic partition is never truncated or replaced under its offsets: what retention
+        // deletes is a gap, which the feed reports.
+        let Feed::File { path, inode, reader, .. } = &self.feed else { return None };
+        let position = reader.read_position();
+        match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("the partition file was deleted".into()),
             Err(e) => Some(format!("the partition file cannot be read: {e}")),
-            Ok(meta) if meta.ino() != self.inode => Some("the partition file was replaced by another file".into()),
+            Ok(meta) if meta.ino() != *inode => Some("the partition file was replaced by another file".into()),
             Ok(meta) if meta.len() < position => {
                 Some(format!("the partition file was truncated from {position} to {} bytes", meta.len()))
             }
@@ -195,7 +259,7 @@ impl PartitionSource {
     pub fn report_rotation(&mut self, description: String, rules: &EventTimeRules, floor: Time, out: &mut impl SourceOutput) {
         let dead = DeadLetter {
             partition: self.progress.partition,
-            offset: self.reader.offset(),
+            offset: self.offset(),
             reason: Reason::PartitionRotated,
             line: description.into_bytes(),
         };
@@ -204,7 +268,7 @@ impl PartitionSource {
     }
 
     pub fn progress(&self) -> PartitionProgress {
-        PartitionProgress { offset: self.reader.offset(), max_ts: self.clock.max_ts, ..self.progress }
+        PartitionProgress { offset: self.offset(), max_ts: self.clock.max_ts, ..self.progress }
     }
 
     /// Stops reading after an IO error: the partition no longer holds the watermark back.
@@ -256,8 +320,21 @@ impl PartitionSource {
     ) -> std::io::Result<usize> {
         let partition = self.progress.partition;
         for read in 0..max_lines {
-            let Some(line) = self.reader.next_line(file_is_final)? else {
-                if file_is_final {
+            let line = match &mut self.feed {
+                Feed::File { reader, .. } => reader.next_line(file_is_final)?,
+                // A replay waits a moment for a batch's first message, which is usually on its
+                // way (librdkafka fetches ahead); then it takes only what is there.
+                Feed::Kafka(feed) => {
+                    let wait = if read == 0 && feed.is_bounded() { KAFKA_FIRST_WAIT } else { Duration::ZERO };
+                    feed.next_line(wait)?
+                }
+            };
+            let Some(line) = line else {
+                let at_end = match &self.feed {
+                    Feed::File { .. } => file_is_final,
+                    Feed::Kafka(feed) => feed.at_end(),
+                };
+                if at_end {
                     self.progress.finished = true;
                 }
                 return Ok(read);

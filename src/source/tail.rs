@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use clickagg_dataflows::{EventTimeRules, PartitionProgress, Time};
 
+use super::kafka::feed::{Assigned, WorkerConsumer};
+use super::kafka::{partition_count, partition_name as topic_partition_name, partition_number, KafkaSpec};
 use super::{list_partitions, partition_name, PartitionSource, SourceOutput};
 
 /// What a worker's reader feeds: the dataflow's inputs, at the time they stand at.
@@ -74,6 +76,22 @@ impl Tail {
     }
 }
 
+/// Where a worker's partitions are when they are Kafka topic partitions.
+pub struct KafkaOrigin<'a> {
+    pub spec: &'a KafkaSpec,
+    /// A replay's end for each partition, by id: its high watermark at the start.
+    pub ends: &'a [Option<u64>],
+    /// The worker's index in the cluster (it names the worker's client).
+    pub worker: usize,
+}
+
+/// A worker's Kafka client, and how many partitions its topic had when last looked at.
+struct KafkaReader {
+    consumer: WorkerConsumer,
+    spec: KafkaSpec,
+    partitions: usize,
+}
+
 /// A worker's partitions and how it reads them.
 pub struct Reader {
     tails: Vec<Tail>,
@@ -81,15 +99,18 @@ pub struct Reader {
     errors: Vec<String>,
     rules: EventTimeRules,
     batch_lines: usize,
+    kafka: Option<KafkaReader>,
 }
 
 impl Reader {
     /// Opens the partitions `ids` (this worker's share, see `crate::layout::Layout`), each
-    /// `logs/names[id]` from its `resume` point. Partitions that cannot be
-    /// opened are errors the run reports at its end. With `hold_too_late_until`, rows too late
-    /// for `rules` are held to that time (reconciliation).
+    /// `logs/names[id]` (or topic partition `names[id]` of `kafka`) from its `resume` point.
+    /// Partitions that cannot be opened are errors the run reports at its end. With
+    /// `hold_too_late_until`, rows too late for `rules` are held to that time (reconciliation).
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         logs: &std::path::Path,
+        kafka: Option<KafkaOrigin<'_>>,
         names: &[String],
         resume: &[Option<PartitionProgress>],
         ids: Vec<usize>,
@@ -97,20 +118,48 @@ impl Reader {
         rules: EventTimeRules,
         batch_lines: usize,
     ) -> Reader {
-        let mut errors = Vec::new();
-        let mut tails = Vec::new();
-        for i in ids {
-            match PartitionSource::open_at(i as u32, &logs.join(&names[i]), resume[i]) {
-                Ok(mut source) => {
-                    if let Some(at) = hold_too_late_until {
-                        source.hold_too_late_until(at);
-                    }
-                    tails.push(Tail::new(source))
-                }
-                Err(e) => errors.push(e),
+        let mut reader = Reader { tails: Vec::new(), names: names.to_vec(), errors: Vec::new(), rules, batch_lines, kafka: None };
+        let sources = match kafka {
+            None => ids
+                .into_iter()
+                .filter_map(|i| {
+                    PartitionSource::open_at(i as u32, &logs.join(&names[i]), resume[i]).map_err(|e| reader.errors.push(e)).ok()
+                })
+                .collect(),
+            Some(origin) => reader.open_kafka(origin, &ids, resume).unwrap_or_else(|e| {
+                reader.errors.push(e);
+                Vec::new()
+            }),
+        };
+        for mut source in sources {
+            if let Some(at) = hold_too_late_until {
+                source.hold_too_late_until(at);
             }
+            reader.tails.push(Tail::new(source));
         }
-        Reader { tails, names: names.to_vec(), errors, rules, batch_lines }
+        reader
+    }
+
+    /// The topic partitions `ids` through one consumer for this worker.
+    fn open_kafka(&mut self, origin: KafkaOrigin<'_>, ids: &[usize], resume: &[Option<PartitionProgress>]) -> Result<Vec<PartitionSource>, String> {
+        let consumer = WorkerConsumer::new(origin.spec, origin.worker)?;
+        let mut assigned = Vec::new();
+        for &id in ids {
+            let name = &self.names[id];
+            let number = partition_number(&origin.spec.topic, name)
+                .ok_or_else(|| format!("{name} is not a partition of topic {}", origin.spec.topic))?;
+            let from = resume[id].map_or(0, |r| r.offset);
+            assigned.push(Assigned { name: name.clone(), number, from, end: origin.ends.get(id).copied().flatten() });
+        }
+        let feeds = consumer.assign(assigned)?;
+        let header = origin.spec.header();
+        let sources = ids
+            .iter()
+            .zip(feeds)
+            .map(|(&id, feed)| PartitionSource::open_kafka(id as u32, self.names[id].clone(), feed, header.clone(), resume[id]))
+            .collect();
+        self.kafka = Some(KafkaReader { consumer, spec: origin.spec.clone(), partitions: self.names.len() });
+        Ok(sources)
     }
 
     /// Recovery: the lines of partition `i` from `offsets[i]` on enter no earlier than
@@ -136,8 +185,7 @@ impl Reader {
     }
 
     fn name(&self, tail: &Tail) -> String {
-        let partition = tail.source.progress().partition as usize;
-        self.names.get(partition).cloned().unwrap_or_else(|| partition_name(tail.source.path()))
+        tail.source.name().to_string()
     }
 
     /// Replay: reads a batch from the partition furthest behind in event time, so that
@@ -151,8 +199,7 @@ impl Reader {
         let floor = inputs.time();
         let tail = &mut self.tails[position];
         if let Err(e) = tail.source.read_some(&rules, self.batch_lines, true, floor, inputs) {
-            let name = self.names.get(tail.source.progress().partition as usize).cloned().unwrap_or_default();
-            self.errors.push(format!("reading {name}: {e}"));
+            self.errors.push(format!("reading {}: {e}", tail.source.name()));
             // An unreadable partition stops holding the watermark back; the run fails at the end.
             tail.source.give_up();
         }
@@ -212,6 +259,9 @@ impl Reader {
     /// Follow: lists the log directory and opens the new partitions that this worker `reads`,
     /// telling the sink each one's name through `inputs`.
     pub fn discover(&mut self, logs: &std::path::Path, seen: &mut Seen, reads: impl Fn(u32) -> bool, inputs: &mut impl WorkerInput) {
+        if self.kafka.is_some() {
+            return self.discover_topic_partitions(reads, inputs);
+        }
         let Ok(paths) = list_partitions(logs) else { return };
         for path in paths {
             let name = partition_name(&path);
@@ -242,4 +292,45 @@ impl Reader {
             }
         }
     }
+
+    /// Follow mode over a topic: partitions added to it since the start (Kafka only ever adds
+    /// them) are read from their first offset, each by one worker, as new files are.
+    fn discover_topic_partitions(&mut self, reads: impl Fn(u32) -> bool, inputs: &mut impl WorkerInput) {
+        let Some(kafka) = self.kafka.as_mut() else { return };
+        let Some(count) = partition_count(kafka.consumer.client(), &kafka.spec, Duration::from_secs(1)) else { return };
+        if count <= kafka.partitions {
+            return;
+        }
+        let mut assigned = Vec::new();
+        for number in kafka.partitions as i32..count as i32 {
+            let name = topic_partition_name(&kafka.spec.topic, number);
+            let id = discovered_partition_id(&name);
+            if reads(id) {
+                assigned.push((id, Assigned { name, number, from: 0, end: None }));
+            }
+        }
+        eprintln!("clickagg: topic {} has {count} partitions now, {} before; reading the new ones", kafka.spec.topic, kafka.partitions);
+        kafka.partitions = count;
+        let (ids, assigned): (Vec<u32>, Vec<Assigned>) = assigned.into_iter().unzip();
+        match kafka.consumer.assign(assigned) {
+            Ok(feeds) => {
+                let header = kafka.spec.header();
+                for (id, feed) in ids.into_iter().zip(feeds) {
+                    let name = feed_name(&kafka.spec, &feed);
+                    eprintln!("clickagg: new partition {name}");
+                    inputs.found(id, name.clone());
+                    self.tails.push(Tail::new(PartitionSource::open_kafka(id, name, feed, header.clone(), None)));
+                }
+            }
+            Err(e) => {
+                eprintln!("clickagg: {e}");
+                self.errors.push(e);
+            }
+        }
+    }
+}
+
+/// The name of a topic partition's feed.
+fn feed_name(spec: &KafkaSpec, feed: &super::kafka::feed::KafkaFeed) -> String {
+    topic_partition_name(&spec.topic, feed.number())
 }

@@ -28,6 +28,8 @@ use clickagg_dataflows::{Minute, PartitionProgress, Time};
 
 use super::{Committed, SCHEMA_VERSION};
 use crate::model::AnswerSettings;
+use crate::source::kafka::TopicPartitions;
+use crate::source::Located;
 use header::check_length;
 use schema::SCHEMA;
 
@@ -82,9 +84,9 @@ impl Store {
     /// settings that change answers: a store written under other settings is refused, as is a
     /// file that is not a store of this version, and such a file is never written to.
     /// Returns what was committed before, if anything.
-    /// `paths` are the partition files now in the log directory: each one the store has read must
-    /// still be the file it read.
-    pub fn open(path: &Path, settings: &AnswerSettings, logs: &Path, paths: &[PathBuf]) -> Result<(Store, Option<Committed>), String> {
+    /// `partitions` are the partitions there now (files in the log directory, or a topic's): each
+    /// one the store has read must still be the one it read. `logs` says where they are.
+    pub fn open(path: &Path, settings: &AnswerSettings, logs: &str, partitions: &Located<'_>) -> Result<(Store, Option<Committed>), String> {
         let exists = path.exists();
         if !exists {
             let mut wal = path.as_os_str().to_owned();
@@ -121,7 +123,10 @@ impl Store {
                     path.display()
                 ));
             }
-            existing.check_partitions(paths)?;
+            match partitions {
+                Located::Files(paths) => existing.check_partitions(paths)?,
+                Located::Topic(topic) => existing.check_topic_partitions(topic)?,
+            }
         }
         let conn = open_writable(path, !exists)?;
         let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), serving_only: false };
@@ -130,7 +135,7 @@ impl Store {
             store.set_meta("schema_version", &SCHEMA_VERSION.to_string())?;
             store.set_meta("clickagg_version", env!("CARGO_PKG_VERSION"))?;
             store.set_meta("settings", &settings.to_json())?;
-            store.set_meta("logs", &logs.display().to_string())?;
+            store.set_meta("logs", logs)?;
             store.set_meta("store_id", &new_store_id())?;
             return Ok((store, None));
         }
@@ -349,6 +354,36 @@ impl Store {
                     "partition {name} does not begin with the bytes the store {} read: it was replaced; \
                      resuming would count or lose clicks",
                     self.path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that each topic partition the store has read is still in the topic, and has not
+    /// gone back below the offset committed (a topic deleted and created again under the same
+    /// name). Offsets deleted by retention are checked where reading starts.
+    pub fn check_topic_partitions(&self, topic: &TopicPartitions) -> Result<(), String> {
+        let mut statement = self.conn.prepare("SELECT name, offset FROM partitions").map_err(|e| sql_error(&self.path, e))?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| sql_error(&self.path, e))?;
+        for (name, offset) in rows {
+            let Some(index) = topic.index_of(&name) else {
+                return Err(format!(
+                    "partition {name} was read into the store {} but the topic has no such partition now \
+                     (it has {}): resume with the topic the store was made from, or start a new store",
+                    self.path.display(),
+                    topic.names.len()
+                ));
+            };
+            if topic.high[index] < offset {
+                return Err(format!(
+                    "the store {} committed reading {name} up to offset {offset}, but the partition ends at offset {}: \
+                     the topic was deleted and created again, and resuming would count or lose clicks",
+                    self.path.display(),
+                    topic.high[index]
                 ));
             }
         }
