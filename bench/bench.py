@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The harness copies the binary it built here, so that a rebuild during a long run cannot change it.
 BINARY = ROOT / "target" / "release" / "clickagg"
-GROUPS = ["floor", "throughput", "hotkey", "cluster", "peers", "serving", "lengths", "recovery", "freshness"]
+GROUPS = ["floor", "throughput", "hotkey", "cluster", "peers", "kafka", "serving", "lengths", "recovery", "freshness"]
 # The peers' rows, in the order they are reported, with the job that makes each.
 PEERS = {
     "DuckDB 2 threads, DISTINCT ON": ["duckdb_job.py", "--dedup", "distinct-on"],
@@ -517,6 +517,48 @@ def freshness(scratch, runs, rate=200_000, seconds=20, tick="250ms", delay_ms=5_
             "p99": statistics.median(s[1] for s in samples), "rss": max(s[2] for s in samples), "runs": runs}
 
 
+class KafkaBroker:
+    """A nisshi broker of the harness's own (scripts/kafka.sh, which builds it when missing),
+    stopped on exit."""
+
+    def __init__(self, scratch):
+        self.dir = scratch / "kafka"
+        port = free_ports(1)[0]
+        started = subprocess.run(["bash", ROOT / "scripts" / "kafka.sh", "start", self.dir, str(port)],
+                                 capture_output=True, text=True)
+        if started.returncode != 0:
+            raise SystemExit(f"the Kafka broker did not start: {started.stderr}")
+        self.address = started.stdout.strip()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        subprocess.run(["bash", ROOT / "scripts" / "kafka.sh", "stop", self.dir], capture_output=True)
+
+
+def kafka_rounds(logs, scratch, runs):
+    """Issue 29: the default set loaded into a topic of the harness's own broker (`produce`, timed
+    once), then replayed from it (`run --kafka -w 2`) in the same rounds as the file replay of the
+    same set. The broker runs on the same 2 cores: its work is in the Kafka replay's time."""
+    with KafkaBroker(scratch) as broker:
+        log(f"loading {logs} into topic clicks on {broker.address}")
+        started = time.monotonic()
+        subprocess.run([BINARY, "produce", "--brokers", broker.address, "--topic", "clicks", "--logs", logs], check=True,
+                       stderr=subprocess.DEVNULL)
+        produce_s = time.monotonic() - started
+        out = scratch / "out-kafka"
+        configs = [
+            ("run, 1×2 (in the Kafka rounds)", [[BINARY, "run", "--logs", logs, "--out", out, "-w", "2"]]),
+            ("run, 1×2 from Kafka (broker on the same cores)",
+             [[BINARY, "run", "--kafka", broker.address, "--topic", "clicks", "--out", out, "-w", "2"]]),
+        ]
+        files, kafka = interleaved(configs, runs)
+        kafka["produce_s"] = produce_s
+        kafka["time_ratio"] = kafka["median"] / files["median"]
+        return files, kafka
+
+
 def harness_python_with(scratch_root, packages):
     """A virtual environment of the harness's own, made once, with `packages` installed."""
     venv = scratch_root / "venv"
@@ -647,6 +689,12 @@ def render(results, lines, args, built_from, serving, saved):
         if "rss_ratio_to_short" in row:
             checks.append(f"- Peak RSS of a `--serve` replay four times as long at the same rate (issue 25): "
                           f"{row['rss_ratio_to_short']:.2f}× (target 1.2×; {row['rss'] / 2**30:.2f} GiB at {row['minutes']} min)")
+    kafka = by_name.get("run, 1×2 from Kafka (broker on the same cores)")
+    if kafka:
+        rate = kafka["lines"] / kafka["median"]
+        checks.append(f"- Replay from Kafka (issue 29): {rate / 1e6:.2f}M events/s, broker included (target 1M/s); "
+                      f"{kafka.get('time_ratio', 0):.2f}× the file replay's time in the same rounds"
+                      + (f"; `produce` loaded the set in {kafka['produce_s']:.1f} s" if kafka.get("produce_s") else ""))
     if hot and w2:
         checks.append(f"- Hot-key set: {100 * hot / w2:.0f}% of the default set's speed (target within 15%)")
     if checks:
@@ -782,6 +830,10 @@ def main():
                 compared.append((2, name, [job]))
         for (threads, _, _), result in zip(compared, interleaved([(name, commands) for _, name, commands in compared], args.runs)):
             add(result, threads)
+        if "kafka" in groups:
+            files, kafka = kafka_rounds(default, scratch, args.runs)
+            add(files, 2)
+            add(kafka, 2)
         if "hotkey" in groups:
             hot, hot_lines = dataset(args.data, f"hot-key-{args.events}", args.events, "hot-key")
             add(repeat("run, 1×2, hot-key set", [[BINARY, "run", "--logs", hot, "--out", out, "-w", "2"]], args.runs), 2, hot_lines)
@@ -833,7 +885,8 @@ def main():
         saved["soak"] = soaked
     store.write_text(json.dumps(saved, indent=1))
     order = ["parse-only, 1 thread", "parse-only, 2 threads", "run, 1×1 (processes × workers)", "run, 1×2",
-             "run, 1×2, hot-key set", "run, 2×1 (two processes on loopback)", "run, 1×2 (in the --serve rounds)",
+             "run, 1×2, hot-key set", "run, 2×1 (two processes on loopback)", "run, 1×2 (in the Kafka rounds)",
+             "run, 1×2 from Kafka (broker on the same cores)", "run, 1×2 (in the --serve rounds)",
              "run, 1×2 with --serve (to replay complete)", *PEERS]
     merged = sorted(saved["rows"].values(), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     report = render(merged, lines, args, built_from, saved["serving"], saved)
