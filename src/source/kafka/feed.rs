@@ -76,6 +76,7 @@ impl WorkerConsumer {
                 queue,
                 consumer: Arc::clone(&self.consumer),
                 name: p.name,
+                topic: self.spec.topic.clone(),
                 number: p.number,
                 next: p.from,
                 end: p.end,
@@ -129,6 +130,7 @@ pub struct KafkaFeed {
     queue: Queue,
     consumer: Arc<BaseConsumer>,
     name: String,
+    topic: String,
     number: i32,
     /// The offset of the next message expected.
     next: u64,
@@ -154,6 +156,31 @@ impl KafkaFeed {
     /// The Kafka partition number.
     pub fn number(&self) -> i32 {
         self.number
+    }
+
+    /// Whether every message the partition had at the last fetch is read: the offset has reached
+    /// the high watermark the broker sent with its latest fetch response. `false` before the
+    /// first response: an empty queue then says nothing about the partition (the fetch is on its
+    /// way), and taking the partition for idle would let the watermark pass its messages.
+    pub fn caught_up(&self) -> bool {
+        if self.at_end() {
+            return true;
+        }
+        let (mut low, mut high) = (-1i64, -1i64);
+        let Ok(topic) = std::ffi::CString::new(self.topic.as_str()) else { return false };
+        // SAFETY: the client outlives this call (`self.consumer`), `topic` is a valid C string
+        // for its duration, and librdkafka only writes the two integers (its cached watermarks,
+        // no request is made).
+        let error = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                self.number,
+                &mut low,
+                &mut high,
+            )
+        };
+        error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0 && self.next >= high as u64
     }
 
     /// Whether this feed is a replay's (it has an end).
