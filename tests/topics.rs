@@ -148,6 +148,32 @@ fn a_replay_of_produced_logs_writes_what_the_file_replay_writes() {
     args.extend(SETTINGS);
     run_ok(&args);
     assert_same_outputs(&expected, &common::read_outputs(&out), "kafka replay, 2 processes");
+
+    // Served: the status names the topic's partitions, each read to its end, with its lag in
+    // messages (a topic partition has no file size); /metrics has the same.
+    let out = dir.path().join("out-served");
+    let mut args = vec!["--kafka", &broker.address, "--topic", "clicks", "--out", s(&out), "-w", "2"];
+    args.extend(SETTINGS);
+    let served = common::server::serve_until_complete(&args, &[]);
+    let address = served.address.clone();
+    let status = common::server::get_json(&address, "/v1/status");
+    assert_eq!(status["complete"], true, "{status}");
+    let messages = line_starts(&logs);
+    let partitions = status["partitions"].as_array().unwrap();
+    assert_eq!(partitions.len(), 4, "{status}");
+    for (p, (_, lines)) in partitions.iter().zip(&messages) {
+        let name = p["partition"].as_str().unwrap();
+        assert!(name.starts_with("clicks-"), "{p}");
+        assert_eq!(p["end_offset"], lines.len() as u64, "{p}");
+        assert_eq!(p["offset"], lines.len() as u64, "{p}");
+        assert_eq!(p["lag_messages"], 0, "{p}");
+        assert!(p["size"].is_null() && p["lag_bytes"].is_null(), "{p}");
+    }
+    let (code, metrics) = common::server::get(&address, "/metrics", &[]);
+    assert_eq!(code, 200);
+    assert!(metrics.contains("lag_messages{partition=\"clicks-0\"} 0"), "{metrics}");
+    drop(served);
+    assert_same_outputs(&expected, &common::read_outputs(&out), "served kafka replay");
 }
 
 #[test]

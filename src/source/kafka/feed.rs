@@ -161,14 +161,17 @@ impl KafkaFeed {
     /// first response: an empty queue then says nothing about the partition (the fetch is on its
     /// way), and taking the partition for idle would let the watermark pass its messages.
     pub fn caught_up(&self) -> bool {
-        if self.at_end() {
-            return true;
-        }
+        self.at_end() || self.high_watermark().is_some_and(|high| self.next >= high)
+    }
+
+    /// The partition's high watermark from the broker's latest fetch response (librdkafka's
+    /// cached value: no request is made), `None` before the first. Recorded for the server's
+    /// lag in messages ([`crate::model::positions`]).
+    fn high_watermark(&self) -> Option<u64> {
         let (mut low, mut high) = (-1i64, -1i64);
-        let Ok(topic) = std::ffi::CString::new(self.topic.as_str()) else { return false };
+        let topic = std::ffi::CString::new(self.topic.as_str()).ok()?;
         // SAFETY: the client outlives this call (`self.consumer`), `topic` is a valid C string
-        // for its duration, and librdkafka only writes the two integers (its cached watermarks,
-        // no request is made).
+        // for its duration, and librdkafka only writes the two integers.
         let error = unsafe {
             rdkafka::bindings::rd_kafka_get_watermark_offsets(
                 self.consumer.client().native_ptr(),
@@ -178,7 +181,9 @@ impl KafkaFeed {
                 &mut high,
             )
         };
-        error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0 && self.next >= high as u64
+        let high = (error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high as u64)?;
+        crate::model::positions::record_end(&self.name, high);
+        Some(high)
     }
 
     /// Whether this feed is a replay's (it has an end).
@@ -191,6 +196,7 @@ impl KafkaFeed {
     pub fn next_line(&mut self, wait: Duration) -> io::Result<Option<Line<'_>>> {
         loop {
             if self.at_end() {
+                self.high_watermark();
                 return Ok(None);
             }
             let (offset, taken) = match self.early.pop_front() {
@@ -243,6 +249,10 @@ impl KafkaFeed {
                 )));
             }
             self.next = offset + 1;
+            if self.next % 4096 == 0 {
+                // The lag the server reports stays current while messages keep coming.
+                self.high_watermark();
+            }
             return Ok(Some(if taken > MAX_LINE_BYTES {
                 Line::TooLong { offset, prefix: &self.line[..MAX_LINE_BYTES] }
             } else {
