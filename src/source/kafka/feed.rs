@@ -249,7 +249,7 @@ impl KafkaFeed {
                 )));
             }
             self.next = offset + 1;
-            if self.next % 4096 == 0 {
+            if self.next.is_multiple_of(4096) {
                 // The lag the server reports stays current while messages keep coming.
                 self.high_watermark();
             }
