@@ -347,3 +347,57 @@ fn a_follower_killed_again_and_again_while_messages_arrive_ends_equal_to_a_clean
     let stderr = run_err(&args);
     assert!(stderr.contains("were deleted from the topic"), "{stderr}");
 }
+
+/// Sends `signal` to `child`.
+fn signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: a signal to a child this test started and has not reaped.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+#[test]
+fn offsets_deleted_while_a_follower_reads_are_an_error_naming_them() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    generate(&logs, 3_000, 1, 3, 9);
+    let chunks = chunked(&logs, dir.path(), 3);
+    let count = |chunk: &Path| line_starts(chunk).values().map(|v| v.len() as u64).sum::<u64>();
+    produce(&broker, "gap", &chunks[0]);
+    let store = dir.path().join("store.db");
+    let mut follower = start_follower(&broker, "gap", &store);
+    let started = Instant::now();
+    while committed_messages(&store) < count(&chunks[0]) {
+        assert!(started.elapsed() < Duration::from_secs(60), "the follower did not read the first messages");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // While the follower is stopped, more messages come and retention deletes them: when it
+    // goes on, the offset it reads from is gone.
+    signal(&follower, libc::SIGSTOP);
+    produce(&broker, "gap", &chunks[1]);
+    let deleted_to = count(&chunks[0]) + count(&chunks[1]);
+    broker.delete_before("gap", 0, rdkafka::Offset::Offset(deleted_to as i64));
+    produce(&broker, "gap", &chunks[2]);
+    signal(&follower, libc::SIGCONT);
+    let stderr = std::io::BufReader::new(follower.stderr.take().unwrap());
+    let (lines, said) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(stderr).map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let wanted = format!("offsets {} to {} of gap-0 were deleted", count(&chunks[0]), deleted_to - 1);
+    let mut seen = String::new();
+    while !seen.contains(&wanted) {
+        match said.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => seen.push_str(&(line + "\n")),
+            Err(_) => panic!("the follower did not say {wanted:?} within 30 s; it said: {seen}"),
+        }
+    }
+    // Nothing after the gap was counted: the store stays at the offset before it.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(committed_messages(&store), count(&chunks[0]));
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+}

@@ -186,6 +186,23 @@ impl KafkaFeed {
         Some(high)
     }
 
+    /// An error the partition's queue reported, with the offsets it lost when the position to
+    /// read from is no longer in the partition (retention deleted it while this run read it:
+    /// librdkafka's `auto.offset.reset=error` reports it instead of jumping ahead).
+    fn explain(&self, error: &str) -> String {
+        let low = self.consumer.fetch_watermarks(&self.topic, self.number, Duration::from_secs(5)).ok().map(|(low, _)| low.max(0) as u64);
+        match low {
+            Some(low) if low > self.next => format!(
+                "offsets {} to {} of {} were deleted from the topic (retention) before this run read them: their \
+                 clicks cannot be counted, and are not skipped ({error})",
+                self.next,
+                low - 1,
+                self.name
+            ),
+            _ => error.to_string(),
+        }
+    }
+
     /// Whether this feed is a replay's (it has an end).
     pub fn is_bounded(&self) -> bool {
         self.end.is_some()
@@ -199,6 +216,7 @@ impl KafkaFeed {
                 self.high_watermark();
                 return Ok(None);
             }
+            let mut failed = None;
             let (offset, taken) = match self.early.pop_front() {
                 Some(message) => (message.offset(), take_value(&mut self.line, message.payload())),
                 None => match self.queue.next(wait) {
@@ -228,11 +246,17 @@ impl KafkaFeed {
                         return Ok(None);
                     }
                     Some(message) => match message.error() {
-                        Some(e) => return Err(io::Error::other(format!("{}: {e}", self.name))),
+                        Some(e) => {
+                            failed = Some(e);
+                            (0, 0)
+                        }
                         None => (message.offset(), take_value(&mut self.line, message.payload())),
                     },
                 },
             };
+            if let Some(error) = failed {
+                return Err(io::Error::other(self.explain(&error)));
+            }
             let offset = offset.max(0) as u64;
             self.waiting_since = None;
             if offset < self.next {
