@@ -213,6 +213,16 @@ impl PartitionSource {
         }
     }
 
+    /// After a read that found no line: whether that means the partition has no more now. A
+    /// file at its end has none; a topic partition's empty queue means so only once the broker
+    /// has said where the partition ends (see [`KafkaFeed::caught_up`]).
+    pub fn is_caught_up(&self) -> bool {
+        match &self.feed {
+            Feed::File { .. } => true,
+            Feed::Kafka(feed) => feed.caught_up(),
+        }
+    }
+
     /// The partition's name: its file name, or `TOPIC-N`.
     pub fn name(&self) -> &str {
         &self.name

@@ -58,6 +58,9 @@ pub struct Tail {
     last_data: Instant,
     /// At the end of the data on the last read; read again after the poll interval.
     at_end: bool,
+    /// Known to be at the end of its data on the last read (see
+    /// [`PartitionSource::is_caught_up`]): only then can it be idle.
+    caught_up: bool,
     polled: Instant,
     rotation_checked: Instant,
 }
@@ -65,14 +68,16 @@ pub struct Tail {
 impl Tail {
     fn new(source: PartitionSource) -> Tail {
         let now = Instant::now();
-        Tail { source, last_data: now, at_end: false, polled: now, rotation_checked: now }
+        Tail { source, last_data: now, at_end: false, caught_up: false, polled: now, rotation_checked: now }
     }
 
     /// Follow mode: whether this partition holds the watermark back. One at its end with no
     /// new line for the idle timeout does not, nor one that has not had a row yet.
     fn holds_watermark(&self, follow: &Follow) -> bool {
         !self.source.is_finished()
-            && !(self.at_end && (self.source.progress().max_ts.is_none() || self.last_data.elapsed() >= follow.idle_timeout))
+            && !(self.at_end
+                && self.caught_up
+                && (self.source.progress().max_ts.is_none() || self.last_data.elapsed() >= follow.idle_timeout))
     }
 }
 
@@ -226,6 +231,7 @@ impl Reader {
             match tail.source.read_some(&rules, self.batch_lines, false, floor, inputs) {
                 Ok(0) => {
                     tail.at_end = true;
+                    tail.caught_up = tail.source.is_caught_up();
                     tail.polled = now;
                     if now.duration_since(tail.rotation_checked) >= Duration::from_secs(1) {
                         tail.rotation_checked = now;
@@ -237,6 +243,7 @@ impl Reader {
                 }
                 Ok(_) => {
                     tail.at_end = false;
+                    tail.caught_up = false;
                     tail.last_data = now;
                 }
                 Err(e) => {

@@ -17,11 +17,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
+use super::queue::PartitionQueue;
 use super::{consumer_config, KafkaSpec};
 use crate::source::parse::MAX_LINE_BYTES;
 use crate::source::reader::Line;
-
-type Queue = rdkafka::consumer::base_consumer::PartitionQueue<rdkafka::consumer::DefaultConsumerContext>;
 
 /// How long a replay waits without a message, below the end it saw at the start, before it
 /// calls the partition unreadable (the broker went away, or the partition's leader has none).
@@ -68,20 +67,19 @@ impl WorkerConsumer {
         self.consumer.incremental_assign(&list).map_err(|e| format!("cannot assign partitions of {}: {e}", self.spec.topic))?;
         let mut feeds = Vec::new();
         for p in partitions {
-            let queue = self
-                .consumer
-                .split_partition_queue(&self.spec.topic, p.number)
+            let queue = PartitionQueue::split(&self.consumer, &self.spec.topic, p.number)
                 .ok_or_else(|| format!("cannot read {}: the client has no queue for it", p.name))?;
             feeds.push(KafkaFeed {
                 queue,
                 consumer: Arc::clone(&self.consumer),
                 name: p.name,
+                topic: self.spec.topic.clone(),
                 number: p.number,
                 next: p.from,
                 end: p.end,
                 early: VecDeque::new(),
                 line: Vec::new(),
-                last_message: Instant::now(),
+                waiting_since: None,
             });
         }
         for message in self.drain()? {
@@ -126,9 +124,10 @@ fn is_transient(code: rdkafka::error::RDKafkaErrorCode) -> bool {
 
 /// One partition's messages, as lines.
 pub struct KafkaFeed {
-    queue: Queue,
+    queue: PartitionQueue,
     consumer: Arc<BaseConsumer>,
     name: String,
+    topic: String,
     number: i32,
     /// The offset of the next message expected.
     next: u64,
@@ -137,7 +136,8 @@ pub struct KafkaFeed {
     early: VecDeque<OwnedMessage>,
     /// The current line's bytes (a message's value, without a trailing line end).
     line: Vec<u8>,
-    last_message: Instant,
+    /// Since when polls have found no message (`None` after a message).
+    waiting_since: Option<Instant>,
 }
 
 impl KafkaFeed {
@@ -156,6 +156,31 @@ impl KafkaFeed {
         self.number
     }
 
+    /// Whether every message the partition had at the last fetch is read: the offset has reached
+    /// the high watermark the broker sent with its latest fetch response. `false` before the
+    /// first response: an empty queue then says nothing about the partition (the fetch is on its
+    /// way), and taking the partition for idle would let the watermark pass its messages.
+    pub fn caught_up(&self) -> bool {
+        if self.at_end() {
+            return true;
+        }
+        let (mut low, mut high) = (-1i64, -1i64);
+        let Ok(topic) = std::ffi::CString::new(self.topic.as_str()) else { return false };
+        // SAFETY: the client outlives this call (`self.consumer`), `topic` is a valid C string
+        // for its duration, and librdkafka only writes the two integers (its cached watermarks,
+        // no request is made).
+        let error = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                self.consumer.client().native_ptr(),
+                topic.as_ptr(),
+                self.number,
+                &mut low,
+                &mut high,
+            )
+        };
+        error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0 && self.next >= high as u64
+    }
+
     /// Whether this feed is a replay's (it has an end).
     pub fn is_bounded(&self) -> bool {
         self.end.is_some()
@@ -170,7 +195,7 @@ impl KafkaFeed {
             }
             let (offset, taken) = match self.early.pop_front() {
                 Some(message) => (message.offset(), take_value(&mut self.line, message.payload())),
-                None => match self.queue.poll(wait) {
+                None => match self.queue.next(wait) {
                     None => {
                         // Errors of the client as a whole arrive on its own queue.
                         for message in drain(&self.consumer).map_err(io::Error::other)? {
@@ -181,7 +206,10 @@ impl KafkaFeed {
                         if !self.early.is_empty() {
                             continue;
                         }
-                        if self.end.is_some() && self.last_message.elapsed() >= STALLED_AFTER {
+                        // Timed from the first empty poll since the last message (a clock read per
+                        // message cost 5% of a replay's CPU).
+                        let waiting = *self.waiting_since.get_or_insert_with(Instant::now);
+                        if self.end.is_some() && waiting.elapsed() >= STALLED_AFTER {
                             return Err(io::Error::other(format!(
                                 "no message for {} s at offset {} of {}, below the end {} it had at the start \
                                  (is the broker up?)",
@@ -193,12 +221,14 @@ impl KafkaFeed {
                         }
                         return Ok(None);
                     }
-                    Some(Err(e)) => return Err(io::Error::other(format!("{}: {e}", self.name))),
-                    Some(Ok(message)) => (message.offset(), take_value(&mut self.line, message.payload())),
+                    Some(message) => match message.error() {
+                        Some(e) => return Err(io::Error::other(format!("{}: {e}", self.name))),
+                        None => (message.offset(), take_value(&mut self.line, message.payload())),
+                    },
                 },
             };
-            self.last_message = Instant::now();
             let offset = offset.max(0) as u64;
+            self.waiting_since = None;
             if offset < self.next {
                 // Already read (librdkafka may fetch a message twice across a reconnection).
                 continue;
