@@ -148,6 +148,32 @@ fn a_replay_of_produced_logs_writes_what_the_file_replay_writes() {
     args.extend(SETTINGS);
     run_ok(&args);
     assert_same_outputs(&expected, &common::read_outputs(&out), "kafka replay, 2 processes");
+
+    // Served: the status names the topic's partitions, each read to its end, with its lag in
+    // messages (a topic partition has no file size); /metrics has the same.
+    let out = dir.path().join("out-served");
+    let mut args = vec!["--kafka", &broker.address, "--topic", "clicks", "--out", s(&out), "-w", "2"];
+    args.extend(SETTINGS);
+    let served = common::server::serve_until_complete(&args, &[]);
+    let address = served.address.clone();
+    let status = common::server::get_json(&address, "/v1/status");
+    assert_eq!(status["complete"], true, "{status}");
+    let messages = line_starts(&logs);
+    let partitions = status["partitions"].as_array().unwrap();
+    assert_eq!(partitions.len(), 4, "{status}");
+    for (p, (_, lines)) in partitions.iter().zip(&messages) {
+        let name = p["partition"].as_str().unwrap();
+        assert!(name.starts_with("clicks-"), "{p}");
+        assert_eq!(p["end_offset"], lines.len() as u64, "{p}");
+        assert_eq!(p["offset"], lines.len() as u64, "{p}");
+        assert_eq!(p["lag_messages"], 0, "{p}");
+        assert!(p["size"].is_null() && p["lag_bytes"].is_null(), "{p}");
+    }
+    let (code, metrics) = common::server::get(&address, "/metrics", &[]);
+    assert_eq!(code, 200);
+    assert!(metrics.contains("lag_messages{partition=\"clicks-0\"} 0"), "{metrics}");
+    drop(served);
+    assert_same_outputs(&expected, &common::read_outputs(&out), "served kafka replay");
 }
 
 #[test]
@@ -320,4 +346,68 @@ fn a_follower_killed_again_and_again_while_messages_arrive_ends_equal_to_a_clean
     args.extend(SETTINGS);
     let stderr = run_err(&args);
     assert!(stderr.contains("were deleted from the topic"), "{stderr}");
+}
+
+/// Sends `signal` to `child`.
+fn signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: a signal to a child this test started and has not reaped.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+#[test]
+fn offsets_deleted_while_a_follower_reads_are_an_error_naming_them() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    generate(&logs, 3_000, 1, 3, 9);
+    let chunks = chunked(&logs, dir.path(), 3);
+    let count = |chunk: &Path| line_starts(chunk).values().map(|v| v.len() as u64).sum::<u64>();
+    produce(&broker, "gap", &chunks[0]);
+    let store = dir.path().join("store.db");
+    let mut follower = start_follower(&broker, "gap", &store);
+    let started = Instant::now();
+    while committed_messages(&store) < count(&chunks[0]) {
+        assert!(started.elapsed() < Duration::from_secs(60), "the follower did not read the first messages");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // While the follower is stopped, more messages come and retention deletes them: when it
+    // goes on, the offset it reads from is gone.
+    signal(&follower, libc::SIGSTOP);
+    produce(&broker, "gap", &chunks[1]);
+    let deleted_to = count(&chunks[0]) + count(&chunks[1]);
+    broker.delete_before("gap", 0, rdkafka::Offset::Offset(deleted_to as i64));
+    produce(&broker, "gap", &chunks[2]);
+    signal(&follower, libc::SIGCONT);
+    let stderr = std::io::BufReader::new(follower.stderr.take().unwrap());
+    let (lines, said) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(stderr).map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let wanted = format!("offsets {} to {} of gap-0 were deleted", count(&chunks[0]), deleted_to - 1);
+    let mut seen = String::new();
+    while !seen.contains(&wanted) {
+        match said.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => seen.push_str(&(line + "\n")),
+            Err(_) => panic!("the follower did not say {wanted:?} within 30 s; it said: {seen}"),
+        }
+    }
+    // Nothing after the gap was counted: the store stays at the offset before it.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(committed_messages(&store), count(&chunks[0]));
+    // With its broker gone too, SIGTERM still stops it at its last commit.
+    drop(broker);
+    sigterm(&follower);
+    let started = Instant::now();
+    while follower.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(15) {
+            follower.kill().unwrap();
+            panic!("SIGTERM did not stop the follower within 15 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(follower.wait().unwrap().success());
 }

@@ -3,6 +3,7 @@
 //! crate's own.
 
 pub mod answers;
+pub mod positions;
 pub mod served;
 pub mod settings;
 pub mod summary;

@@ -33,7 +33,12 @@ pub(super) fn stop_on_signal() {
             // PostgreSQL's lock first, as its thread commits first; neither thread holds both.
             let _mirroring = MIRROR_LOCK.lock();
             let _committing = COMMIT_LOCK.lock();
-            eprintln!("clickagg: stopped; the store holds every answer before the last committed watermark");
+            // Not `eprintln!`, which panics when stderr is gone (a closed pipe): the process
+            // would then never exit.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                b"clickagg: stopped; the store holds every answer before the last committed watermark\n",
+            );
             std::process::exit(0);
         }
     });

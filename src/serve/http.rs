@@ -468,12 +468,17 @@ fn status(answers: &Materialized, state: &ServingState) -> Value {
         .iter()
         .map(|p| {
             let name = state.settings.partition_names.get(p.partition as usize).cloned().unwrap_or_default();
-            let size = std::fs::metadata(state.settings.logs.join(&name)).map(|m| m.len()).ok();
+            let files = !state.settings.logs.as_os_str().is_empty();
+            let size = files.then(|| std::fs::metadata(state.settings.logs.join(&name)).map(|m| m.len()).ok()).flatten();
+            // A topic partition's end is its high watermark, as its reader last saw it.
+            let end = crate::model::positions::end_of(&name);
             json!({
                 "partition": name,
                 "offset": p.offset,
                 "size": size,
                 "lag_bytes": size.map(|s| s.saturating_sub(p.offset)),
+                "end_offset": end,
+                "lag_messages": end.map(|e| e.saturating_sub(p.offset)),
                 "max_ts": p.max_ts,
                 "lag_seconds": p.max_ts.filter(|_| !p.finished).map(|ts| now.saturating_sub(ts) as f64 / 1000.0),
                 "lines": p.lines,

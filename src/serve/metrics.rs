@@ -92,6 +92,11 @@ pub fn render(answers: &Materialized, state: &ServingState, operators: &[Operato
     let malformed = counters(&mut registry, "malformed", "Lines that are not clicks (dead letter), per partition");
     let offset = gauges::<i64, AtomicI64>(&mut registry, "offset_bytes", "Byte offset read to, per partition");
     let lag_bytes = gauges::<i64, AtomicI64>(&mut registry, "lag_bytes", "Bytes of the partition file not yet read");
+    let lag_messages = gauges::<i64, AtomicI64>(
+        &mut registry,
+        "lag_messages",
+        "Messages of the Kafka topic partition not yet read (its high watermark as last fetched, minus the offset)",
+    );
     let lag_seconds = gauges::<f64, AtomicU64>(
         &mut registry,
         "lag_seconds",
@@ -107,8 +112,11 @@ pub fn render(answers: &Materialized, state: &ServingState, operators: &[Operato
         too_late.get_or_create(&labels).inc_by(p.too_late);
         malformed.get_or_create(&labels).inc_by(p.malformed);
         offset.get_or_create(&labels).set(p.offset as i64);
-        if let Ok(meta) = std::fs::metadata(state.settings.logs.join(name)) {
+        if let Some(meta) = (!state.settings.logs.as_os_str().is_empty()).then(|| std::fs::metadata(state.settings.logs.join(name)).ok()).flatten() {
             lag_bytes.get_or_create(&labels).set(meta.len().saturating_sub(p.offset) as i64);
+        }
+        if let Some(end) = crate::model::positions::end_of(name) {
+            lag_messages.get_or_create(&labels).set(end.saturating_sub(p.offset) as i64);
         }
         if let Some(ts) = p.max_ts {
             lag_seconds.get_or_create(&labels).set(now_ms.saturating_sub(ts) as f64 / 1000.0);

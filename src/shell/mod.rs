@@ -342,14 +342,20 @@ fn answer(client: &Client, words: &[&str]) -> Result<String, String> {
             ))
         }
         ["partitions"] => {
+            // A file's lag is in bytes, a topic partition's in messages.
+            let lag_of = |p: &Value| match (&p["lag_bytes"], &p["lag_messages"]) {
+                (Value::Number(bytes), _) => format!("{bytes} B"),
+                (_, Value::Number(messages)) => format!("{messages} msg"),
+                _ => "-".to_string(),
+            };
             let json = client.get("/v1/status")?;
-            let mut text = "partition         offset     lag_bytes  max_ts         lines     accepted  late    too_late  malformed".to_string();
+            let mut text = "partition         offset     lag        max_ts         lines     accepted  late    too_late  malformed".to_string();
             for p in json["partitions"].as_array().into_iter().flatten() {
                 text.push_str(&format!(
                     "\n{:<17} {:<10} {:<10} {:<14} {:<9} {:<9} {:<7} {:<9} {}",
                     plain(&p["partition"]),
                     plain(&p["offset"]),
-                    plain(&p["lag_bytes"]),
+                    lag_of(p),
                     plain(&p["max_ts"]),
                     plain(&p["lines"]),
                     plain(&p["accepted"]),

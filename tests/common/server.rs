@@ -103,6 +103,15 @@ pub fn serve_replay(logs: &Path, out: &Path, args: &[&str]) -> Served {
 /// [`serve_replay`] with environment variables set (an empty value removes the variable);
 /// `CLICKAGG_TOKEN` is removed unless given.
 pub fn serve_replay_env(logs: &Path, out: &Path, args: &[&str], env: &[(&str, &str)]) -> Served {
+    let mut all = vec!["--logs", logs.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    all.extend(args);
+    serve_until_complete(&all, env)
+}
+
+/// Starts `clickagg run --serve 127.0.0.1:0 args…` (its input and output in `args`), with
+/// environment variables set as [`serve_replay_env`] does, and waits until the replay is
+/// complete (its output files written).
+pub fn serve_until_complete(args: &[&str], env: &[(&str, &str)]) -> Served {
     let mut command = Command::new(env!("CARGO_BIN_EXE_clickagg"));
     command.env_remove("CLICKAGG_TOKEN");
     for (name, value) in env {
@@ -112,7 +121,7 @@ pub fn serve_replay_env(logs: &Path, out: &Path, args: &[&str], env: &[(&str, &s
         };
     }
     let mut child = command
-        .args(["run", "--logs", logs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--serve", "127.0.0.1:0"])
+        .args(["run", "--serve", "127.0.0.1:0"])
         .args(args)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())

@@ -161,14 +161,17 @@ impl KafkaFeed {
     /// first response: an empty queue then says nothing about the partition (the fetch is on its
     /// way), and taking the partition for idle would let the watermark pass its messages.
     pub fn caught_up(&self) -> bool {
-        if self.at_end() {
-            return true;
-        }
+        self.at_end() || self.high_watermark().is_some_and(|high| self.next >= high)
+    }
+
+    /// The partition's high watermark from the broker's latest fetch response (librdkafka's
+    /// cached value: no request is made), `None` before the first. Recorded for the server's
+    /// lag in messages ([`crate::model::positions`]).
+    fn high_watermark(&self) -> Option<u64> {
         let (mut low, mut high) = (-1i64, -1i64);
-        let Ok(topic) = std::ffi::CString::new(self.topic.as_str()) else { return false };
+        let topic = std::ffi::CString::new(self.topic.as_str()).ok()?;
         // SAFETY: the client outlives this call (`self.consumer`), `topic` is a valid C string
-        // for its duration, and librdkafka only writes the two integers (its cached watermarks,
-        // no request is made).
+        // for its duration, and librdkafka only writes the two integers.
         let error = unsafe {
             rdkafka::bindings::rd_kafka_get_watermark_offsets(
                 self.consumer.client().native_ptr(),
@@ -178,7 +181,26 @@ impl KafkaFeed {
                 &mut high,
             )
         };
-        error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0 && self.next >= high as u64
+        let high = (error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high as u64)?;
+        crate::model::positions::record_end(&self.name, high);
+        Some(high)
+    }
+
+    /// An error the partition's queue reported, with the offsets it lost when the position to
+    /// read from is no longer in the partition (retention deleted it while this run read it:
+    /// librdkafka's `auto.offset.reset=error` reports it instead of jumping ahead).
+    fn explain(&self, error: &str) -> String {
+        let low = self.consumer.fetch_watermarks(&self.topic, self.number, Duration::from_secs(5)).ok().map(|(low, _)| low.max(0) as u64);
+        match low {
+            Some(low) if low > self.next => format!(
+                "offsets {} to {} of {} were deleted from the topic (retention) before this run read them: their \
+                 clicks cannot be counted, and are not skipped ({error})",
+                self.next,
+                low - 1,
+                self.name
+            ),
+            _ => error.to_string(),
+        }
     }
 
     /// Whether this feed is a replay's (it has an end).
@@ -191,8 +213,10 @@ impl KafkaFeed {
     pub fn next_line(&mut self, wait: Duration) -> io::Result<Option<Line<'_>>> {
         loop {
             if self.at_end() {
+                self.high_watermark();
                 return Ok(None);
             }
+            let mut failed = None;
             let (offset, taken) = match self.early.pop_front() {
                 Some(message) => (message.offset(), take_value(&mut self.line, message.payload())),
                 None => match self.queue.next(wait) {
@@ -222,11 +246,17 @@ impl KafkaFeed {
                         return Ok(None);
                     }
                     Some(message) => match message.error() {
-                        Some(e) => return Err(io::Error::other(format!("{}: {e}", self.name))),
+                        Some(e) => {
+                            failed = Some(e);
+                            (0, 0)
+                        }
                         None => (message.offset(), take_value(&mut self.line, message.payload())),
                     },
                 },
             };
+            if let Some(error) = failed {
+                return Err(io::Error::other(self.explain(&error)));
+            }
             let offset = offset.max(0) as u64;
             self.waiting_since = None;
             if offset < self.next {
@@ -243,6 +273,10 @@ impl KafkaFeed {
                 )));
             }
             self.next = offset + 1;
+            if self.next.is_multiple_of(4096) {
+                // The lag the server reports stays current while messages keep coming.
+                self.high_watermark();
+            }
             return Ok(Some(if taken > MAX_LINE_BYTES {
                 Line::TooLong { offset, prefix: &self.line[..MAX_LINE_BYTES] }
             } else {
