@@ -91,7 +91,9 @@ pub fn remove_on_signal() {
         if STOP.load(Ordering::SeqCst) {
             let _committing = crate::storage::committer::COMMIT_LOCK.lock();
             remove_temporary();
-            eprintln!("clickagg: stopped; the embedded store was removed");
+            // Not `eprintln!`, which panics when stderr is gone (a closed pipe): the process
+            // would then never exit.
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), b"clickagg: stopped; the embedded store was removed\n");
             std::process::exit(0);
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
