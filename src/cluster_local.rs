@@ -5,6 +5,8 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Writes a hostfile of `processes` free loopback ports into `dir` and returns its path.
@@ -49,8 +51,24 @@ pub fn cluster_local(processes: usize, workers: usize, run_args: &[String]) -> R
             }
         }
     }
+    // SIGTERM or SIGINT to this process goes on to every process of the cluster, which each stop
+    // as they would alone (a follower at its last commit); then this one exits with them.
+    let stop_requested = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        let _ = signal_hook::flag::register(signal, Arc::clone(&stop_requested));
+    }
+    let mut forwarded = false;
     let mut failure = None;
     while !children.is_empty() {
+        if stop_requested.load(Ordering::SeqCst) && !forwarded {
+            forwarded = true;
+            for (_, child) in &children {
+                // SAFETY: a signal to a child this process started and has not reaped.
+                unsafe {
+                    libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+                }
+            }
+        }
         let mut index = 0;
         while index < children.len() {
             let (process, child) = &mut children[index];

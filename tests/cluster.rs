@@ -409,3 +409,45 @@ fn a_following_local_logs_cluster_commits_every_partition_and_is_resumed_by_one_
     run_ok(&recover);
     assert_same_outputs(&clean_replay(&union), &export(&store), "a local-logs follower's store, resumed over the union, vs a clean replay");
 }
+
+/// The processes whose command line mentions `needle` (from /proc).
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn sigterm_to_cluster_local_stops_every_process_of_its_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path(), 5_000, 4);
+    let store = dir.path().join("answers.db");
+    let parent = clickagg()
+        .args(["cluster-local", "-n", "2", "-w", "1", "--", "--logs", &logs, "--store", store.to_str().unwrap(), "--follow"])
+        .args(SETTINGS)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its processes name the cluster's hostfile, in a directory named after the parent.
+    let marker = format!("clickagg-cluster-{}", parent.id());
+    let started = Instant::now();
+    while processes_mentioning(&marker).len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(20), "the cluster's processes did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: a signal to a child this test started and has not reaped.
+    unsafe {
+        libc::kill(parent.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let status = finish(parent, Duration::from_secs(20)).status;
+    assert!(status.success(), "the cluster should stop cleanly on SIGTERM: {status}");
+    assert_eq!(processes_mentioning(&marker), Vec::<u32>::new(), "processes of the cluster outlived cluster-local");
+}
