@@ -556,7 +556,7 @@ fn execute(command: Command, matches: &ArgMatches) -> Result<(), String> {
             // A server reads final minutes from a store: without --store, one of its own.
             let _embedded = clickagg::serve::embedded::RemoveAtExit;
             if config.serving.is_some() && config.store.is_none() && config.follow.is_none() {
-                config.store = Some(clickagg::serve::embedded::create(config.out.as_deref())?);
+                config.embedded = Some(clickagg::serve::embedded::create(config.out.as_deref())?);
                 clickagg::serve::embedded::remove_on_signal();
             }
             // When serving, the workers keep answering after the replay and this does not return.

@@ -194,3 +194,28 @@ fn minutes_long_past_retention_answer_what_the_reference_model_computes() {
         assert_eq!(got["clicks"].as_u64(), ad.get(&(number(minute), number(id))).copied(), "clicks of {key}");
     }
 }
+
+/// A server without `--store` keeps its segment store in `.clickagg-serve-PID/` beside the
+/// output directory, writes the final minutes there, and removes it on SIGTERM; a directory
+/// left by a process that is gone is removed by the next server started beside it.
+#[test]
+fn the_embedded_store_lives_beside_the_output_and_goes_with_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs_of(dir.path(), 30, 5);
+    // Above any Linux pid_max: no process has it.
+    let abandoned = dir.path().join(".clickagg-serve-999999999");
+    std::fs::create_dir(&abandoned).unwrap();
+    std::fs::write(abandoned.join("segment-000000"), b"left behind").unwrap();
+    let served = serve_replay(&logs, &dir.path().join("out"), &["-w", "1"]);
+    let store = dir.path().join(format!(".clickagg-serve-{}", served.pid()));
+    let files: Vec<String> = std::fs::read_dir(&store).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(files, vec!["segment-000000".to_string()], "the final minutes are in {}", store.display());
+    assert!(!abandoned.exists(), "the abandoned store {} was removed", abandoned.display());
+    let status = std::process::Command::new("kill").args(["-TERM", &served.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    while store.exists() && started.elapsed() < std::time::Duration::from_secs(20) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!store.exists(), "{} was removed on SIGTERM", store.display());
+}

@@ -38,6 +38,9 @@ pub struct RunConfig {
     pub max_ahead_ms: u64,
     /// The durable store the answers are committed to (process 0), and resumed from.
     pub store: Option<PathBuf>,
+    /// A server without `--store` keeps the final minutes in a segment store in this directory
+    /// (`serve::embedded`), which nothing resumes from.
+    pub embedded: Option<PathBuf>,
     /// A PostgreSQL database (`postgres://…`) that receives every advance the store commits.
     pub sink: Option<String>,
     /// Tail the partitions as they grow instead of replaying them to their end.
@@ -71,6 +74,7 @@ impl RunConfig {
             batch_lines: 50_000,
             max_ahead_ms: 5 * 60_000,
             store: None,
+            embedded: None,
             sink: None,
             follow: None,
             start_at: None,
@@ -100,7 +104,7 @@ impl RunConfig {
                     .into());
             }
         }
-        if self.is_sink_process() && self.out.is_none() && self.store.is_none() {
+        if self.is_sink_process() && self.out.is_none() && self.store.is_none() && self.embedded.is_none() {
             return Err("--out DIR or --store PATH is required (on process 0, which writes the answers)".into());
         }
         if self.follow.is_some() {

@@ -13,6 +13,7 @@ use crate::sink::{OutputSink, SinkRunner};
 use crate::source::kafka::TopicPartitions;
 use crate::source::{list_partitions, partition_name, Located};
 use crate::storage::postgres::{MirroredStore, PostgresSink};
+use crate::storage::segments::SegmentStore;
 use crate::storage::{CommitStore, Committed, Store};
 
 /// The partitions listed at the start, by name order, and where each is read from.
@@ -109,7 +110,13 @@ pub(super) fn open_sink(config: &RunConfig, partitions: &mut Partitions) -> Resu
             crate::serve::embedded::prepare_store(&mut store)?;
             state.attach_store(path, committed.as_ref().map(|c| c.frontier), config.dataflow_rules())?;
         }
-        sink.commit_to(store, committed, mirror);
+        sink.commit_to(Box::new(store), committed, mirror);
+    }
+    if let (Some(dir), Some(state)) = (&config.embedded, &config.serving) {
+        // A server without --store: the final minutes go to a segment store of its own.
+        let (store, reader) = SegmentStore::create(dir, config.dataflow_rules());
+        state.attach_cold(Box::new(reader), None, config.dataflow_rules())?;
+        sink.commit_to(Box::new(store), None, None);
     }
     if let Some(out) = &config.out {
         sink.write_files(out, &config.plan.windows).map_err(|e| e.to_string())?;

@@ -1,12 +1,13 @@
 //! The store a server uses when `run --serve` is given no `--store` (SPEC §6: final minutes are
-//! read from a store, so a server always has one).
+//! read from a store, so a server always has one): a segment store
+//! ([`crate::storage::segments`]), append-only files of final minutes.
 //!
-//! It lives in a directory of its own, `.clickagg-serve-<pid>/store.db`, next to `--out` (beside
-//! the output, on the same disk: the system's temporary directory is often memory, which is what
+//! It lives in a directory of its own, `.clickagg-serve-<pid>/`, next to `--out` (beside the
+//! output, on the same disk: the system's temporary directory is often memory, which is what
 //! the store is there to spare), or in the temporary directory without `--out`. Nothing is
-//! recovered from it, so it commits without syncing, and it is removed when the process ends
-//! normally or on SIGINT/SIGTERM. A directory left by a process that was killed is removed by the
-//! next server that starts beside it.
+//! recovered from it, and it is removed when the process ends normally or on SIGINT/SIGTERM. A
+//! directory left by a process that was killed is removed by the next server that starts
+//! beside it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,16 +16,16 @@ use std::sync::Mutex;
 /// The prefix of an embedded store's directory name; the process id follows.
 const PREFIX: &str = ".clickagg-serve-";
 
-/// The embedded store's page cache. Each commit touches the pages of the minutes still open and
-/// of the by-ad indexes; a larger cache is memory that grows with the store (it counts in the
-/// server's RSS), a smaller one re-reads pages from the operating system's cache.
+/// A served `--store`'s writer page cache. Each commit touches the pages of the minutes still
+/// open and of the by-ad indexes; a larger cache is memory that grows with the store (it counts
+/// in the server's RSS), a smaller one re-reads pages from the operating system's cache.
 pub const CACHE_KIB: i64 = 32 * 1024;
 
 /// The directories to remove at exit.
 static TEMPORARY: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// Creates an embedded store's directory next to `out` (or in the temporary directory) and
-/// returns the store's path in it, to be opened as any store is. Says where it is.
+/// returns it, for the segment store's files. Says where it is.
 pub fn create(out: Option<&Path>) -> Result<PathBuf, String> {
     let parent = match out.map(std::path::absolute) {
         Some(Ok(out)) => out.parent().map_or_else(std::env::temp_dir, Path::to_path_buf),
@@ -39,29 +40,19 @@ pub fn create(out: Option<&Path>) -> Result<PathBuf, String> {
     if let Ok(mut temporary) = TEMPORARY.lock() {
         temporary.push(dir.clone());
     }
-    let path = dir.join("store.db");
-    eprintln!("clickagg: no --store: final minutes are served from an embedded store at {} (removed at exit)", path.display());
-    Ok(path)
+    eprintln!("clickagg: no --store: final minutes are served from an embedded segment store in {} (removed at exit)", dir.display());
+    Ok(dir)
 }
 
-/// Whether `path` is an embedded store of this process.
-pub fn is_embedded(path: &Path) -> bool {
-    TEMPORARY.lock().is_ok_and(|dirs| dirs.iter().any(|dir| path.starts_with(dir)))
-}
-
-/// Readies a store the server reads final minutes from: its serving tables and indexes, the
-/// page cache of [`CACHE_KIB`], and for an embedded store, commits without syncs and only what
-/// is served.
+/// Readies a `--store` the server reads final minutes from: its serving tables and indexes, and
+/// the page cache of [`CACHE_KIB`].
 ///
 /// A served store's writer cache is bounded as the embedded one's is: in the soak (bench/, 6 h
 /// of event time), a `--store` follower with the replay's 256 MiB cache grew by the cache's
 /// size over hours as the store grew, and levelled off only once it was full.
 pub fn prepare_store(store: &mut crate::storage::Store) -> Result<(), String> {
     store.prepare_for_serving()?;
-    match is_embedded(store.path()) {
-        true => store.make_ephemeral(CACHE_KIB),
-        false => store.set_cache_kib(CACHE_KIB),
-    }
+    store.set_cache_kib(CACHE_KIB)
 }
 
 /// Removes the embedded stores' directories (at exit).
@@ -100,7 +91,9 @@ pub fn remove_on_signal() {
         if STOP.load(Ordering::SeqCst) {
             let _committing = crate::storage::committer::COMMIT_LOCK.lock();
             remove_temporary();
-            eprintln!("clickagg: stopped; the embedded store was removed");
+            // Not `eprintln!`, which panics when stderr is gone (a closed pipe): the process
+            // would then never exit.
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), b"clickagg: stopped; the embedded store was removed\n");
             std::process::exit(0);
         }
         std::thread::sleep(std::time::Duration::from_millis(20));

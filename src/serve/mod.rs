@@ -2,6 +2,7 @@
 //! dashboard over them ([`http`]).
 
 pub mod auth;
+pub mod cold;
 pub mod embedded;
 pub mod guard;
 pub mod http;

@@ -7,7 +7,7 @@
 //! Memory holds only the minutes that can still change, and the sliding windows (SPEC §6). Once
 //! a minute is final and the store has committed it, it is dropped from here: `hot_from` is the
 //! first minute held, and the minutes before it are read from the store
-//! ([`super::store_tier`]), where they can no longer change. Retention retractions are never
+//! ([`super::cold`]), where they can no longer change. Retention retractions are never
 //! applied, so a minute is answered the same from either tier.
 //!
 //! There are two copies (the "left-right" scheme): the sink applies an advance to the copy no
@@ -290,7 +290,7 @@ const SNAPSHOTS_BEYOND_WINDOWS: usize = 4;
 /// The store tier and the rules that say which minutes are final.
 #[derive(Debug)]
 pub struct Tiering {
-    pub store: super::store_tier::StoreTier,
+    pub store: Box<dyn super::cold::ColdTier>,
     rules: clickagg_dataflows::EventTimeRules,
     /// Fault injection for the tests (`CLICKAGG_FAULT_KEEP_FINAL_MINUTES`, with the
     /// `fault-injection` feature only): never drop a minute
@@ -388,7 +388,16 @@ impl ServingState {
     /// the store had already committed (a resumed store), whose final minutes the dataflow will
     /// not rebuild. Minutes are dropped from memory as the store commits them ([`Self::committed`]).
     pub fn attach_store(&self, path: &std::path::Path, committed: Option<Time>, rules: clickagg_dataflows::EventTimeRules) -> Result<(), String> {
-        let store = super::store_tier::StoreTier::open(path)?;
+        self.attach_cold(Box::new(super::store_tier::StoreTier::open(path)?), committed, rules)
+    }
+
+    /// Reads the final minutes from `store` from now on (see [`Self::attach_store`]).
+    pub fn attach_cold(
+        &self,
+        store: Box<dyn super::cold::ColdTier>,
+        committed: Option<Time>,
+        rules: clickagg_dataflows::EventTimeRules,
+    ) -> Result<(), String> {
         let mut writer = self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(committed) = committed {
             let hot_from = rules.final_minutes_before(committed);
@@ -407,8 +416,8 @@ impl ServingState {
     }
 
     /// The store the final minutes are read from, if one is attached.
-    pub fn store(&self) -> Option<&super::store_tier::StoreTier> {
-        self.tiering.get().map(|t| &t.store)
+    pub fn store(&self) -> Option<&dyn super::cold::ColdTier> {
+        self.tiering.get().map(|t| t.store.as_ref())
     }
 
     /// Called by the committer once the store has committed every update before `frontier`

@@ -1,5 +1,6 @@
 //! The API's per-minute queries over both tiers (SPEC §6): minutes from `hot_from` on are read
-//! from memory ([`Materialized`]), the ones before it from the store ([`StoreTier`]).
+//! from memory ([`Materialized`]), the ones before it from the store ([`ColdTier`]: the SQLite
+//! store of `--store`, or the segment store of a server without one).
 //!
 //! The split is taken from the copy of the answers the reader holds, so every minute of a query
 //! comes from exactly one tier, and the answer is the one as of that copy's watermark: the
@@ -11,12 +12,12 @@ use std::collections::HashMap;
 use clickagg_dataflows::{Country, Minute};
 
 use super::state::{top_of, HistoryEntry, Materialized, Subject};
-use super::store_tier::StoreTier;
+use super::cold::ColdTier;
 
 /// One reader's view of both tiers.
 pub struct Tiers<'a> {
     pub hot: &'a Materialized,
-    pub cold: Option<&'a StoreTier>,
+    pub cold: Option<&'a dyn ColdTier>,
 }
 
 impl<'a> Tiers<'a> {
@@ -29,7 +30,7 @@ impl<'a> Tiers<'a> {
 
     /// The store, which holds every minute before `hot_from` (memory drops minutes only once
     /// one is attached).
-    fn cold(&self) -> Result<&'a StoreTier, String> {
+    fn cold(&self) -> Result<&'a dyn ColdTier, String> {
         self.cold.ok_or_else(|| "minutes before the ones in memory need a store, and none is attached".to_string())
     }
 

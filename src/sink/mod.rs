@@ -21,7 +21,7 @@ use clickagg_dataflows::{
 use crate::model::{Counters, SnapshotByWindow, Summary};
 use crate::output::changelog::write_change;
 use crate::output::Files;
-use crate::storage::{Batch, CommitStore, Committed, Committer, Store};
+use crate::storage::{Batch, CommitStore, Committed, Committer, RunStore};
 use merge::MergedRuns;
 pub use runner::{SinkRunner, SinkThread};
 
@@ -139,7 +139,7 @@ impl OutputSink {
     /// Commits every advance to `store`. With `committed`, the store already holds the updates
     /// before `committed.frontier`: this run rebuilds its state from them without writing them.
     /// `mirror` receives every advance too, before the store does.
-    pub fn commit_to(&mut self, store: Store, committed: Option<Committed>, mirror: Option<Box<dyn CommitStore>>) {
+    pub fn commit_to(&mut self, store: Box<dyn RunStore>, committed: Option<Committed>, mirror: Option<Box<dyn CommitStore>>) {
         if let Some(committed) = committed {
             self.committed_before = committed.frontier;
             self.recovering_since = Some(std::time::Instant::now());

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use clickagg_dataflows::{PartitionProgress, Time};
 
-use super::{Batch, CommitStore, Store};
+use super::{Batch, CommitStore, RunStore};
 
 /// Held while a transaction commits to the store: a clean shutdown takes it, so the process never
 /// exits half-way through a commit (SQLite would roll that back anyway; this keeps the exit
@@ -34,7 +34,7 @@ type Advance = (Option<Time>, Batch);
 /// the stores write and sync this one.
 pub struct Committer {
     queue: Option<SyncSender<Advance>>,
-    thread: Option<std::thread::JoinHandle<Result<Store, String>>>,
+    thread: Option<std::thread::JoinHandle<Result<Box<dyn RunStore>, String>>>,
     mirror_thread: Option<std::thread::JoinHandle<Result<(), String>>>,
     /// The frontier of the last batch sent.
     sent: Option<Time>,
@@ -50,7 +50,7 @@ impl Committer {
     /// Starts the commit threads: `mirror`'s first, when there is one, then `store`'s.
     /// `on_commit` is called on the commit thread after each of the store's commits, with its
     /// frontier (the server then drops the minutes that are final and committed).
-    pub fn start(store: Store, mirror: Option<Box<dyn CommitStore>>, on_commit: Option<OnCommit>) -> Committer {
+    pub fn start(store: Box<dyn RunStore>, mirror: Option<Box<dyn CommitStore>>, on_commit: Option<OnCommit>) -> Committer {
         let sent = store.frontier();
         let (queue, batches) = std::sync::mpsc::sync_channel::<Advance>(1);
         let (store_batches, mirror_thread) = match mirror {
@@ -113,11 +113,11 @@ impl Committer {
     }
 
     /// Waits for every queued commit and returns the store.
-    pub fn finish(mut self) -> Result<Store, String> {
+    pub fn finish(mut self) -> Result<Box<dyn RunStore>, String> {
         self.join()
     }
 
-    fn join(&mut self) -> Result<Store, String> {
+    fn join(&mut self) -> Result<Box<dyn RunStore>, String> {
         self.queue = None;
         // The mirror's error first: when it stops, the store's thread just sees its queue end.
         if let Some(mirror) = self.mirror_thread.take() {

@@ -1,18 +1,20 @@
 //! Durable storage of the answers: one trait for a store that commits each watermark advance
 //! ([`CommitStore`]), the embedded SQLite store that recovery restarts from ([`sqlite`]), the
-//! PostgreSQL mirror ([`postgres`]), and the [`committer`] that chains them on threads of their
+//! PostgreSQL mirror ([`postgres`]), the append-only [`segments`] of final minutes a server
+//! without `--store` reads from, and the [`committer`] that chains them on threads of their
 //! own. Storage knows the answers and the tables; it knows nothing of the dataflow, the sink or
 //! the server.
 
 pub mod committer;
 pub mod postgres;
+pub mod segments;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
 
 use clickagg_dataflows::{Answer, DeadLetter, Minute, PartitionProgress, ServingAnswer, Time, View};
 
-use crate::model::WindowSnapshot;
+use crate::model::{Summary, WindowSnapshot};
 
 pub use committer::Committer;
 pub use sqlite::{Checkpoint, Store};
@@ -26,6 +28,17 @@ pub trait CommitStore: Send + 'static {
     /// the input), in one transaction. Returns whether there was anything to commit. A frontier
     /// behind the one committed (during recovery) moves nothing back.
     fn commit(&mut self, frontier: Option<Time>, batch: &Batch) -> Result<bool, String>;
+}
+
+/// The store a run commits to on the commit thread ([`Committer`]): the SQLite store, or the
+/// segment store of a server without `--store`.
+pub trait RunStore: CommitStore {
+    /// The frontier of the last commit, if any.
+    fn frontier(&self) -> Option<Time>;
+
+    /// Fills the summary's totals (clicks, excluded, minutes, the busiest minute) from what the
+    /// store holds, once the whole input is committed: for a run that writes no files.
+    fn summarize(&self, summary: &mut Summary) -> Result<(), String>;
 }
 
 /// Everything one watermark advance commits.

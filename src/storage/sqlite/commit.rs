@@ -23,12 +23,7 @@ impl CommitStore for Store {
         let err = |e: rusqlite::Error| sql_error(&path, e);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
         {
-            if self.serving_only {
-                let history: Vec<_> = batch.changes.iter().filter(|c| matches!(c.1, Answer::AdMinute { .. })).copied().collect();
-                insert_changelog(&tx, &history).map_err(err)?;
-            } else {
-                insert_changelog(&tx, &batch.changes).map_err(err)?;
-            }
+            insert_changelog(&tx, &batch.changes).map_err(err)?;
             // Time by time, retractions first: within one time a changed answer is `-old`,
             // `+new` of one key, and the insertion replaces the row, so only retractions of
             // keys with no insertion at that time are deletes.
@@ -53,8 +48,7 @@ impl CommitStore for Store {
             let mut snapshot = tx
                 .prepare_cached("INSERT OR REPLACE INTO top_window (window_minutes, as_of, ad_id, clicks) VALUES (?1, ?2, ?3, ?4)")
                 .map_err(err)?;
-            let snapshots: &[crate::model::WindowSnapshot] = if self.serving_only { &[] } else { &batch.snapshots };
-            for (boundary, members) in snapshots {
+            for (boundary, members) in &batch.snapshots {
                 for &(window, ad, clicks) in members {
                     snapshot.execute(params![window, boundary, ad as i64, clicks as i64]).map_err(err)?;
                 }

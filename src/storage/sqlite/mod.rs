@@ -47,9 +47,6 @@ pub struct Store {
     frontier: Option<Time>,
     /// How many bytes of each partition's beginning its `head_hash` covers.
     head_hashes: BTreeMap<String, u64>,
-    /// A store kept only to serve final minutes from (see `make_ephemeral`): its changelog has
-    /// only the `ad_minute` rows (an ad-minute's history), and no window snapshots are kept.
-    serving_only: bool,
 }
 
 /// A read-write connection in the mode every commit relies on: write-ahead log, and a sync of
@@ -129,7 +126,7 @@ impl Store {
             }
         }
         let conn = open_writable(path, !exists)?;
-        let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), serving_only: false };
+        let mut store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new() };
         if !exists {
             store.conn.execute_batch(SCHEMA).map_err(|e| sql_error(path, e))?;
             store.set_meta("schema_version", &SCHEMA_VERSION.to_string())?;
@@ -163,7 +160,7 @@ impl Store {
         }
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(|e| sql_error(path, e))?;
-        let store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), serving_only: false };
+        let store = Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new() };
         let not_a_store = |why: String| format!("{} is not a clickagg store ({why}); it was left as it is", path.display());
         // Reading the schema fails on a file that is not SQLite, or one cut short.
         let tables: i64 = store
@@ -196,7 +193,7 @@ impl Store {
         let conn = open_writable(path, false)?;
         // A follower committing at the same time holds the write lock for a moment at a time.
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(|e| sql_error(path, e))?;
-        Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new(), serving_only: false })
+        Ok(Store { conn, path: path.to_path_buf(), frontier: None, head_hashes: BTreeMap::new() })
     }
 
     /// The store's identity, random at its creation: a mirror database records the store it
@@ -228,16 +225,6 @@ impl Store {
     /// Adds the tables and indexes the server reads final minutes through (`serving`).
     pub fn prepare_for_serving(&self) -> Result<(), String> {
         serving::ensure(&self.conn).map_err(|e| sql_error(&self.path, e))
-    }
-
-    /// For a store that lives only as long as this process (`--serve` without `--store`): no
-    /// sync per commit (nothing is recovered from it), a page cache of `cache_kib`, and only what
-    /// the server reads (`serving_only`): a served replay's committer spent more CPU than
-    /// either worker writing every changelog row, and the sink waited for it.
-    pub fn make_ephemeral(&mut self, cache_kib: i64) -> Result<(), String> {
-        self.serving_only = true;
-        self.conn.pragma_update(None, "synchronous", "OFF").map_err(|e| sql_error(&self.path, e))?;
-        self.set_cache_kib(cache_kib)
     }
 
     /// Bounds the writer's page cache to `cache_kib` (it is part of the process's RSS).
@@ -390,9 +377,15 @@ impl Store {
         Ok(())
     }
 
-    /// The frontier of the last commit, if any.
-    pub(crate) fn frontier(&self) -> Option<Time> {
+}
+
+impl super::RunStore for Store {
+    fn frontier(&self) -> Option<Time> {
         self.frontier
+    }
+
+    fn summarize(&self, summary: &mut crate::model::Summary) -> Result<(), String> {
+        Store::summarize(self, summary)
     }
 }
 
