@@ -411,3 +411,71 @@ fn offsets_deleted_while_a_follower_reads_are_an_error_naming_them() {
     }
     assert!(follower.wait().unwrap().success());
 }
+
+/// The committed offset of each partition the store has read, by name.
+fn committed_offsets(store: &Path) -> BTreeMap<String, u64> {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return BTreeMap::new();
+    };
+    let Ok(mut statement) = conn.prepare("SELECT name, offset FROM partitions") else { return BTreeMap::new() };
+    statement
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
+}
+
+/// The test broker cannot add partitions to a topic, so the topic is deleted and made again
+/// with one more (the old partitions hold the same messages again): the follower finds the new
+/// partition and reads it from its first offset.
+#[test]
+fn a_follower_reads_the_partitions_a_topic_gains() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    generate(&logs, 3_000, 3, 3, 13);
+    let two = dir.path().join("two");
+    std::fs::create_dir_all(&two).unwrap();
+    for name in ["part-00000.csv", "part-00001.csv"] {
+        std::fs::copy(logs.join(name), two.join(name)).unwrap();
+    }
+    produce(&broker, "grow", &two);
+    let store = dir.path().join("store.db");
+    let mut follower = start_follower(&broker, "grow", &store);
+    let stderr = std::io::BufReader::new(follower.stderr.take().unwrap());
+    let (lines, said) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(stderr).map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let messages = line_starts(&logs);
+    let count = |name: &str| messages[name].len() as u64;
+    let started = Instant::now();
+    while committed_offsets(&store).get("grow-1") != Some(&count("part-00001.csv")) {
+        assert!(started.elapsed() < Duration::from_secs(60), "the follower did not read the first partitions");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &broker.address).create().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for result in runtime.block_on(admin.delete_topics(&["grow"], &AdminOptions::new())).unwrap() {
+        result.unwrap();
+    }
+    produce(&broker, "grow", &logs);
+    let wanted = ["has 3 partitions now, 2 before", "new partition grow-2"];
+    let mut seen = String::new();
+    while !wanted.iter().all(|w| seen.contains(w)) {
+        match said.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => seen.push_str(&(line + "\n")),
+            Err(_) => panic!("the follower did not find the new partition within 30 s; it said: {seen}"),
+        }
+    }
+    let started = Instant::now();
+    while committed_offsets(&store).get("grow-2") != Some(&count("part-00002.csv")) {
+        assert!(started.elapsed() < Duration::from_secs(60), "the new partition was not read: {:?}", committed_offsets(&store));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The old partitions, made again with the same messages, are not read twice.
+    assert!(committed_offsets(&store)["grow-0"] == count("part-00000.csv"), "{:?}", committed_offsets(&store));
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+}
