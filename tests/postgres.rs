@@ -263,7 +263,7 @@ fn kill_9_while_following_leaves_postgres_equal_to_the_store() {
     let store = dir.path().join("answers.db");
     generate(&source, 40_000, 4, 20, 17);
     let writer = Writer::start(&source, &logs, 9, 150, Duration::from_millis(25));
-    let kills = kill_at_random_moments(&writer, 8, 77, 200, || start_follower(&logs, &store, &["--sink", &url]), || {});
+    let kills = kill_at_random_moments(|| writer.is_done(), 8, 77, 200, || start_follower(&logs, &store, &["--sink", &url]), || {});
     writer.join();
     follow_to_the_end(&logs, &store, &url);
     assert_not_behind(&store, &url);

@@ -51,7 +51,7 @@ fn kill_9_at_random_moments_while_following_loses_and_doubles_nothing() {
     generate(&source, 60_000, 4, 30, 11);
     let writer = Writer::start(&source, &logs, 5, 250, Duration::from_millis(25));
     let mut frontiers = Vec::new();
-    let kills = kill_at_random_moments(&writer, 12, 2026, 150, || start_follower(&logs, &store, &[]), || {
+    let kills = kill_at_random_moments(|| writer.is_done(), 12, 2026, 150, || start_follower(&logs, &store, &[]), || {
         frontiers.push(store_position(&store).map(|p| p.0))
     });
     writer.join();

@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::assert_same_outputs;
-use common::follow::{clean_replay, clickagg, export, generate, run_err, run_ok, s, sigterm, SETTINGS};
+use common::follow::{clean_replay, clickagg, export, generate, kill_at_random_moments, run_err, run_ok, s, sigterm, SETTINGS};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -296,22 +296,8 @@ fn a_follower_killed_again_and_again_while_messages_arrive_ends_equal_to_a_clean
         })
     };
     let store = dir.path().join("store.db");
-    let mut rng = clickagg::generate::Rng::new(3);
-    let mut kills = 0;
-    while kills < 5 || !producer.is_finished() {
-        let mut follower = start_follower(&broker, "live", &store);
-        std::thread::sleep(Duration::from_millis(600 + rng.below(900)));
-        if let Ok(Some(status)) = follower.try_wait() {
-            let mut stderr = String::new();
-            std::io::Read::read_to_string(follower.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-            panic!("the follower exited on its own ({status}): {stderr}");
-        }
-        follower.kill().unwrap();
-        follower.wait().unwrap();
-        kills += 1;
-    }
+    let kills = kill_at_random_moments(|| producer.is_finished(), 5, 3, 600, || start_follower(&broker, "live", &store), || {});
     producer.join().unwrap();
-    assert!(committed_messages(&store) < total || kills >= 5);
     // The last follower reads to the end and stops cleanly.
     let mut follower = start_follower(&broker, "live", &store);
     std::thread::sleep(Duration::from_millis(700));
@@ -348,6 +334,29 @@ fn a_follower_killed_again_and_again_while_messages_arrive_ends_equal_to_a_clean
     assert!(stderr.contains("were deleted from the topic"), "{stderr}");
 }
 
+/// The lines `child` writes to its stderr (piped), read on a thread of their own.
+fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (lines, said) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(stderr).map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    said
+}
+
+/// Waits until the lines `said` hold every one of `wanted`, failing after 30 s with no new line.
+fn wait_for_saying(said: &std::sync::mpsc::Receiver<String>, wanted: &[&str]) {
+    let mut seen = String::new();
+    while !wanted.iter().all(|w| seen.contains(w)) {
+        match said.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => seen.push_str(&(line + "\n")),
+            Err(_) => panic!("expected {wanted:?} within 30 s; it said: {seen}"),
+        }
+    }
+}
+
 /// Sends `signal` to `child`.
 fn signal(child: &Child, signal: libc::c_int) {
     // SAFETY: a signal to a child this test started and has not reaped.
@@ -380,21 +389,8 @@ fn offsets_deleted_while_a_follower_reads_are_an_error_naming_them() {
     broker.delete_before("gap", 0, rdkafka::Offset::Offset(deleted_to as i64));
     produce(&broker, "gap", &chunks[2]);
     signal(&follower, libc::SIGCONT);
-    let stderr = std::io::BufReader::new(follower.stderr.take().unwrap());
-    let (lines, said) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(stderr).map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
-    let wanted = format!("offsets {} to {} of gap-0 were deleted", count(&chunks[0]), deleted_to - 1);
-    let mut seen = String::new();
-    while !seen.contains(&wanted) {
-        match said.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => seen.push_str(&(line + "\n")),
-            Err(_) => panic!("the follower did not say {wanted:?} within 30 s; it said: {seen}"),
-        }
-    }
+    let said = stderr_lines(&mut follower);
+    wait_for_saying(&said, &[&format!("offsets {} to {} of gap-0 were deleted", count(&chunks[0]), deleted_to - 1)]);
     // Nothing after the gap was counted: the store stays at the offset before it.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(committed_messages(&store), count(&chunks[0]));
@@ -441,13 +437,7 @@ fn a_follower_reads_the_partitions_a_topic_gains() {
     produce(&broker, "grow", &two);
     let store = dir.path().join("store.db");
     let mut follower = start_follower(&broker, "grow", &store);
-    let stderr = std::io::BufReader::new(follower.stderr.take().unwrap());
-    let (lines, said) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(stderr).map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
+    let said = stderr_lines(&mut follower);
     let messages = line_starts(&logs);
     let count = |name: &str| messages[name].len() as u64;
     let started = Instant::now();
@@ -461,14 +451,7 @@ fn a_follower_reads_the_partitions_a_topic_gains() {
         result.unwrap();
     }
     produce(&broker, "grow", &logs);
-    let wanted = ["has 3 partitions now, 2 before", "new partition grow-2"];
-    let mut seen = String::new();
-    while !wanted.iter().all(|w| seen.contains(w)) {
-        match said.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => seen.push_str(&(line + "\n")),
-            Err(_) => panic!("the follower did not find the new partition within 30 s; it said: {seen}"),
-        }
-    }
+    wait_for_saying(&said, &["has 3 partitions now, 2 before", "new partition grow-2"]);
     let started = Instant::now();
     while committed_offsets(&store).get("grow-2") != Some(&count("part-00002.csv")) {
         assert!(started.elapsed() < Duration::from_secs(60), "the new partition was not read: {:?}", committed_offsets(&store));

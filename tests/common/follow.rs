@@ -178,7 +178,7 @@ pub fn start_follower(logs: &Path, store: &Path, extra: &[&str]) -> Child {
 /// `after_each` runs after each kill. A follower that exits on its own fails the test. Returns
 /// how many times it was killed.
 pub fn kill_at_random_moments(
-    writer: &Writer,
+    writer_done: impl Fn() -> bool,
     at_least: u32,
     seed: u64,
     pause_ms: u64,
@@ -187,7 +187,7 @@ pub fn kill_at_random_moments(
 ) -> u32 {
     let mut rng = Rng::new(seed);
     let mut kills = 0;
-    while kills < at_least || !writer.is_done() {
+    while kills < at_least || !writer_done() {
         let mut follower = start();
         std::thread::sleep(Duration::from_millis(pause_ms + rng.below(900)));
         if let Ok(Some(status)) = follower.try_wait() {
