@@ -468,8 +468,7 @@ fn status(answers: &Materialized, state: &ServingState) -> Value {
         .iter()
         .map(|p| {
             let name = state.settings.partition_names.get(p.partition as usize).cloned().unwrap_or_default();
-            let files = !state.settings.logs.as_os_str().is_empty();
-            let size = files.then(|| std::fs::metadata(state.settings.logs.join(&name)).map(|m| m.len()).ok()).flatten();
+            let size = state.settings.partition_file_size(&name);
             // A topic partition's end is its high watermark, as its reader last saw it.
             let end = crate::model::positions::end_of(&name);
             json!({

@@ -112,8 +112,8 @@ pub fn render(answers: &Materialized, state: &ServingState, operators: &[Operato
         too_late.get_or_create(&labels).inc_by(p.too_late);
         malformed.get_or_create(&labels).inc_by(p.malformed);
         offset.get_or_create(&labels).set(p.offset as i64);
-        if let Some(meta) = (!state.settings.logs.as_os_str().is_empty()).then(|| std::fs::metadata(state.settings.logs.join(name)).ok()).flatten() {
-            lag_bytes.get_or_create(&labels).set(meta.len().saturating_sub(p.offset) as i64);
+        if let Some(size) = state.settings.partition_file_size(name) {
+            lag_bytes.get_or_create(&labels).set(size.saturating_sub(p.offset) as i64);
         }
         if let Some(end) = crate::model::positions::end_of(name) {
             lag_messages.get_or_create(&labels).set(end.saturating_sub(p.offset) as i64);

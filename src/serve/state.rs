@@ -341,6 +341,17 @@ pub struct Settings {
     pub allowed_lateness_ms: Option<u64>,
 }
 
+impl Settings {
+    /// The size of partition `name`'s file, when the partitions are files (a topic partition's
+    /// end is in [`crate::model::positions`]).
+    pub fn partition_file_size(&self, name: &str) -> Option<u64> {
+        if self.logs.as_os_str().is_empty() {
+            return None;
+        }
+        std::fs::metadata(self.logs.join(name)).map(|m| m.len()).ok()
+    }
+}
+
 impl ServingState {
     pub fn new(settings: Settings) -> ServingState {
         ServingState {

@@ -141,13 +141,7 @@ impl Store {
         }
         let committed = store.committed()?;
         store.frontier = committed.as_ref().map(|c| c.frontier);
-        let mut statement = store.conn.prepare("SELECT name, offset FROM partitions").map_err(|e| sql_error(path, e))?;
-        let rows = statement
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| sql_error(path, e))?;
-        drop(statement);
-        for (name, offset) in rows {
+        for (name, offset) in store.read_offsets()? {
             store.head_hashes.insert(name, offset.min(4096));
         }
         Ok((store, committed))
@@ -347,16 +341,21 @@ impl Store {
         Ok(())
     }
 
-    /// Checks that each topic partition the store has read is still in the topic, and has not
-    /// gone back below the offset committed (a topic deleted and created again under the same
-    /// name). Offsets deleted by retention are checked where reading starts.
-    pub fn check_topic_partitions(&self, topic: &TopicPartitions) -> Result<(), String> {
+    /// Each partition the store has read, with where its committed lines end.
+    fn read_offsets(&self) -> Result<Vec<(String, u64)>, String> {
         let mut statement = self.conn.prepare("SELECT name, offset FROM partitions").map_err(|e| sql_error(&self.path, e))?;
         let rows = statement
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| sql_error(&self.path, e))?;
-        for (name, offset) in rows {
+            .map_err(|e| sql_error(&self.path, e));
+        rows
+    }
+
+    /// Checks that each topic partition the store has read is still in the topic, and has not
+    /// gone back below the offset committed (a topic deleted and created again under the same
+    /// name). Offsets deleted by retention are checked where reading starts.
+    pub fn check_topic_partitions(&self, topic: &TopicPartitions) -> Result<(), String> {
+        for (name, offset) in self.read_offsets()? {
             let Some(index) = topic.index_of(&name) else {
                 return Err(format!(
                     "partition {name} was read into the store {} but the topic has no such partition now \
