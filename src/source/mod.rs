@@ -205,14 +205,6 @@ impl PartitionSource {
         Ok(())
     }
 
-    /// The file read, for a partition file.
-    pub fn path(&self) -> Option<&Path> {
-        match &self.feed {
-            Feed::File { path, .. } => Some(path),
-            Feed::Kafka(_) => None,
-        }
-    }
-
     /// After a read that found no line: whether that means the partition has no more now. A
     /// file at its end has none; a topic partition's empty queue means so only once the broker
     /// has said where the partition ends (see [`KafkaFeed::caught_up`]).

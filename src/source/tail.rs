@@ -93,7 +93,6 @@ pub struct KafkaOrigin<'a> {
 /// A worker's Kafka client, and how many partitions its topic had when last looked at.
 struct KafkaReader {
     consumer: WorkerConsumer,
-    spec: KafkaSpec,
     partitions: usize,
 }
 
@@ -163,7 +162,7 @@ impl Reader {
             .zip(feeds)
             .map(|(&id, feed)| PartitionSource::open_kafka(id as u32, self.names[id].clone(), feed, header.clone(), resume[id]))
             .collect();
-        self.kafka = Some(KafkaReader { consumer, spec: origin.spec.clone(), partitions: self.names.len() });
+        self.kafka = Some(KafkaReader { consumer, partitions: self.names.len() });
         Ok(sources)
     }
 
@@ -187,10 +186,6 @@ impl Reader {
     /// The errors met reading, taken.
     pub fn take_errors(&mut self) -> Vec<String> {
         std::mem::take(&mut self.errors)
-    }
-
-    fn name(&self, tail: &Tail) -> String {
-        tail.source.name().to_string()
     }
 
     /// Replay: reads a batch from the partition furthest behind in event time, so that
@@ -226,7 +221,7 @@ impl Reader {
             })
             .min_by_key(|&i| self.tails[i].source.watermark(&rules));
         if let Some(position) = ready {
-            let name = self.name(&self.tails[position]);
+            let name = self.tails[position].source.name().to_string();
             let tail = &mut self.tails[position];
             match tail.source.read_some(&rules, self.batch_lines, false, floor, inputs) {
                 Ok(0) => {
@@ -304,26 +299,27 @@ impl Reader {
     /// them) are read from their first offset, each by one worker, as new files are.
     fn discover_topic_partitions(&mut self, reads: impl Fn(u32) -> bool, inputs: &mut impl WorkerInput) {
         let Some(kafka) = self.kafka.as_mut() else { return };
-        let Some(count) = partition_count(kafka.consumer.client(), &kafka.spec, Duration::from_secs(1)) else { return };
+        let spec = kafka.consumer.spec();
+        let Some(count) = partition_count(kafka.consumer.client(), spec, Duration::from_secs(1)) else { return };
         if count <= kafka.partitions {
             return;
         }
         let mut assigned = Vec::new();
         for number in kafka.partitions as i32..count as i32 {
-            let name = topic_partition_name(&kafka.spec.topic, number);
+            let name = topic_partition_name(&spec.topic, number);
             let id = discovered_partition_id(&name);
             if reads(id) {
                 assigned.push((id, Assigned { name, number, from: 0, end: None }));
             }
         }
-        eprintln!("clickagg: topic {} has {count} partitions now, {} before; reading the new ones", kafka.spec.topic, kafka.partitions);
+        eprintln!("clickagg: topic {} has {count} partitions now, {} before; reading the new ones", spec.topic, kafka.partitions);
         kafka.partitions = count;
         let (ids, assigned): (Vec<u32>, Vec<Assigned>) = assigned.into_iter().unzip();
         match kafka.consumer.assign(assigned) {
             Ok(feeds) => {
-                let header = kafka.spec.header();
+                let header = kafka.consumer.spec().header();
                 for (id, feed) in ids.into_iter().zip(feeds) {
-                    let name = feed_name(&kafka.spec, &feed);
+                    let name = feed.name().to_string();
                     eprintln!("clickagg: new partition {name}");
                     inputs.found(id, name.clone());
                     self.tails.push(Tail::new(PartitionSource::open_kafka(id, name, feed, header.clone(), None)));
@@ -335,9 +331,4 @@ impl Reader {
             }
         }
     }
-}
-
-/// The name of a topic partition's feed.
-fn feed_name(spec: &KafkaSpec, feed: &super::kafka::feed::KafkaFeed) -> String {
-    topic_partition_name(&spec.topic, feed.number())
 }

@@ -38,7 +38,7 @@ pub struct Assigned {
 }
 
 /// The consumer of one worker: its partitions' queues are split off it, and what reaches its
-/// own queue (errors, and messages fetched before a split) is served by [`Consumer::drain`].
+/// own queue (errors, and messages fetched before a split) is served by [`drain`].
 pub struct WorkerConsumer {
     consumer: Arc<BaseConsumer>,
     spec: KafkaSpec,
@@ -82,7 +82,7 @@ impl WorkerConsumer {
                 waiting_since: None,
             });
         }
-        for message in self.drain()? {
+        for message in drain(&self.consumer)? {
             if let Some(feed) = feeds.iter_mut().find(|f| f.number == message.partition()) {
                 feed.early.push_back(message);
             }
@@ -90,11 +90,9 @@ impl WorkerConsumer {
         Ok(feeds)
     }
 
-    /// Serves the consumer's own queue: the messages on it (fetched before their partition's
-    /// queue was split off), and its errors, of which the fatal one is returned and the
-    /// transient ones (a broker down for a moment) are reported, since librdkafka retries them.
-    pub fn drain(&self) -> Result<Vec<OwnedMessage>, String> {
-        drain(&self.consumer)
+    /// What the consumer reads.
+    pub fn spec(&self) -> &KafkaSpec {
+        &self.spec
     }
 
     /// The underlying client, for metadata.
@@ -103,6 +101,9 @@ impl WorkerConsumer {
     }
 }
 
+/// Serves a consumer's own queue: the messages on it (fetched before their partition's queue was
+/// split off), and its errors, of which the fatal one is returned and the transient ones (a
+/// broker down for a moment) are reported, since librdkafka retries them.
 fn drain(consumer: &BaseConsumer) -> Result<Vec<OwnedMessage>, String> {
     let mut messages = Vec::new();
     while let Some(result) = consumer.poll(Duration::ZERO) {
@@ -151,9 +152,9 @@ impl KafkaFeed {
         self.end.is_some_and(|end| self.next >= end)
     }
 
-    /// The Kafka partition number.
-    pub fn number(&self) -> i32 {
-        self.number
+    /// The partition's name, `TOPIC-N`.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Whether every message the partition had at the last fetch is read: the offset has reached
@@ -168,20 +169,7 @@ impl KafkaFeed {
     /// cached value: no request is made), `None` before the first. Recorded for the server's
     /// lag in messages ([`crate::model::positions`]).
     fn high_watermark(&self) -> Option<u64> {
-        let (mut low, mut high) = (-1i64, -1i64);
-        let topic = std::ffi::CString::new(self.topic.as_str()).ok()?;
-        // SAFETY: the client outlives this call (`self.consumer`), `topic` is a valid C string
-        // for its duration, and librdkafka only writes the two integers.
-        let error = unsafe {
-            rdkafka::bindings::rd_kafka_get_watermark_offsets(
-                self.consumer.client().native_ptr(),
-                topic.as_ptr(),
-                self.number,
-                &mut low,
-                &mut high,
-            )
-        };
-        let high = (error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high as u64)?;
+        let high = self.queue.cached_high_watermark()?;
         crate::model::positions::record_end(&self.name, high);
         Some(high)
     }

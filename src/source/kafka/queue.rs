@@ -23,9 +23,11 @@ pub struct PartitionQueue {
     /// Messages taken from the queue and not yet handed out: `batch[taken..]`.
     batch: Vec<*mut rd::rd_kafka_message_t>,
     taken: usize,
+    topic: CString,
+    partition: i32,
     /// The client the queue belongs to, which must outlive it (fields drop in order: the
     /// queue and its messages first).
-    _client: Arc<BaseConsumer>,
+    client: Arc<BaseConsumer>,
 }
 
 /// One message, destroyed when dropped.
@@ -80,7 +82,7 @@ impl PartitionQueue {
             rd::rd_kafka_queue_forward(queue.as_ptr(), std::ptr::null_mut());
             queue
         };
-        Some(PartitionQueue { queue, batch: Vec::with_capacity(BATCH), taken: 0, _client: Arc::clone(consumer) })
+        Some(PartitionQueue { queue, batch: Vec::with_capacity(BATCH), taken: 0, topic, partition, client: Arc::clone(consumer) })
     }
 
     /// The next message, waiting up to `wait` for one when none is taken yet; `None` if none came.
@@ -94,6 +96,18 @@ impl PartitionQueue {
         let message = *self.batch.get(self.taken)?;
         self.taken += 1;
         Some(Taken { message: NonNull::new(message)?, _queue: std::marker::PhantomData })
+    }
+
+    /// The partition's high watermark from the broker's latest fetch response (librdkafka's
+    /// cached value: no request is made), `None` before the first.
+    pub fn cached_high_watermark(&self) -> Option<u64> {
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the client is live (`client`), `topic` is a valid C string, and librdkafka
+        // only writes the two integers.
+        let error = unsafe {
+            rd::rd_kafka_get_watermark_offsets(self.client.client().native_ptr(), self.topic.as_ptr(), self.partition, &mut low, &mut high)
+        };
+        (error == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high as u64)
     }
 
     /// Takes what the queue holds, up to [`BATCH`] messages, waiting up to `wait` for them.
