@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::assert_same_outputs;
-use common::follow::{clean_replay, clickagg, export, generate, kill_at_random_moments, run_err, run_ok, s, sigterm, SETTINGS};
+use common::follow::{clean_replay, clickagg, export, generate, kill_at_random_moments, run_err, run_ok, s, signal, sigterm, SETTINGS};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -354,14 +354,6 @@ fn wait_for_saying(said: &std::sync::mpsc::Receiver<String>, wanted: &[&str]) {
             Ok(line) => seen.push_str(&(line + "\n")),
             Err(_) => panic!("expected {wanted:?} within 30 s; it said: {seen}"),
         }
-    }
-}
-
-/// Sends `signal` to `child`.
-fn signal(child: &Child, signal: libc::c_int) {
-    // SAFETY: a signal to a child this test started and has not reaped.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, signal);
     }
 }
 

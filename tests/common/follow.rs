@@ -122,9 +122,14 @@ pub fn nth_line_end(bytes: &[u8], from: usize, lines: usize) -> usize {
 }
 
 pub fn sigterm(child: &Child) {
+    signal(child, libc::SIGTERM);
+}
+
+/// Sends `signal` to `child`.
+pub fn signal(child: &Child, signal: libc::c_int) {
     // SAFETY: sending a signal to a child this test started and has not reaped.
     unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        libc::kill(child.id() as libc::pid_t, signal);
     }
 }
 
